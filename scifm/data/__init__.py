@@ -1,0 +1,1 @@
+"""Documents -> featurized samples -> packed batches; mixture sampling; the built-in corpus."""

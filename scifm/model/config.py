@@ -1,0 +1,117 @@
+"""Typed model configuration, mirrored by configs/model/*.yaml.
+
+Plain dataclasses with primitive fields so Hydra/OmegaConf can type-check every override.
+`validate()` raises ConfigError naming the key path; Hydra does not run __post_init__ during
+merging, so validation is called explicitly after the config is resolved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from scifm.errors import ConfigError
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 8
+    top_k: int = 2
+    n_groups: int = 1  # experts are split into groups; a token may use only topk_groups of them
+    topk_groups: int = 1
+    expert_ffn: int = 128
+    n_shared_experts: int = 0
+    score_func: str = "softmax"  # softmax | sigmoid
+    route_scale: float = 1.0
+    aux_loss_coef: float = 0.01  # load-balancing loss
+    z_loss_coef: float = 0.001  # router z-loss
+    bias_update_rate: float = 0.0  # >0 enables the auxiliary-loss-free bias update
+    capacity_factor: float = 0.0  # 0 = no capacity limit (dropless)
+
+    def validate(self, prefix: str = "model.moe") -> None:
+        _require(self.n_experts >= 1, f"{prefix}.n_experts", f"must be >= 1, got {self.n_experts}")
+        _require(1 <= self.top_k <= self.n_experts, f"{prefix}.top_k",
+                 f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        _require(self.n_experts % self.n_groups == 0, f"{prefix}.n_groups",
+                 f"n_experts={self.n_experts} is not divisible by n_groups={self.n_groups}")
+        _require(1 <= self.topk_groups <= self.n_groups, f"{prefix}.topk_groups",
+                 f"must be in [1, n_groups={self.n_groups}], got {self.topk_groups}")
+        _require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), f"{prefix}.top_k",
+                 f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups")
+        _require(self.score_func in ("softmax", "sigmoid"), f"{prefix}.score_func",
+                 f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        _require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
+        _require(self.expert_ffn >= 1, f"{prefix}.expert_ffn", "must be >= 1")
+
+
+@dataclass
+class EncoderConfig:
+    """One modality encoder: a small transformer (or message-passing net) of its own width."""
+
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    slots: int = 8  # k embedding slots this modality fills in the decoder sequence
+    max_len: int = 256  # longest input (residues, LaTeX tokens, table cells, patches, atoms)
+
+
+@dataclass
+class FigureEncoderConfig(EncoderConfig):
+    patch_size: int = 8
+    max_side: int = 64  # images are resized so the longer side is this many pixels, aspect kept
+
+
+@dataclass
+class EncodersConfig:
+    latex: EncoderConfig = field(default_factory=EncoderConfig)
+    molecule: EncoderConfig = field(default_factory=EncoderConfig)
+    protein: EncoderConfig = field(default_factory=EncoderConfig)
+    table: EncoderConfig = field(default_factory=EncoderConfig)
+    figure: FigureEncoderConfig = field(default_factory=FigureEncoderConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 0  # 0 = taken from the tokenizer at build time
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 0  # 0 = d_model // n_heads
+    ffn_hidden: int = 384  # dense SwiGLU blocks
+    n_dense_layers: int = 1  # the first k blocks are dense, the rest MoE
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    encoders: EncodersConfig = field(default_factory=EncodersConfig)
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        _require(self.d_model >= 1, "model.d_model", "must be >= 1")
+        _require(self.n_heads >= 1 and self.n_kv_heads >= 1, "model.n_heads", "heads must be >= 1")
+        _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+                 f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        _require(self.head_dim > 0 or self.d_model % self.n_heads == 0, "model.n_heads",
+                 f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set model.head_dim")
+        _require(self.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+        _require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
+                 f"must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
+        _require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
+        self.moe.validate()
+        for name in ("latex", "molecule", "protein", "table", "figure"):
+            enc = getattr(self.encoders, name)
+            key = f"model.encoders.{name}"
+            _require(enc.width % enc.heads == 0, f"{key}.width",
+                     f"width={enc.width} is not divisible by heads={enc.heads}")
+            _require(enc.slots >= 1, f"{key}.slots", "must be >= 1")

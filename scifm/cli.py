@@ -1,0 +1,82 @@
+"""The `scifm` command: train | data build | params."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from scifm.errors import ScifmError
+
+USAGE = """usage: scifm COMMAND [ARGS]
+
+commands:
+  train [KEY=VALUE ...]     train (Hydra overrides, e.g. experiment=tiny trainer.max_steps=100)
+  data build [--out DIR]    build the built-in corpus from data shipped in pip packages
+  params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
+                            meta device (e.g. scifm params model=paper_1t)
+"""
+
+
+def data_main(argv: list[str]) -> None:
+    from scifm.data.corpus import build_corpus, default_corpus_dir
+
+    parser = argparse.ArgumentParser(prog="scifm data")
+    sub = parser.add_subparsers(dest="action", required=True)
+    build = sub.add_parser("build", help="build the built-in corpus")
+    build.add_argument("--out", default=None, help="output directory (default: the cache)")
+    build.add_argument("--max-docs-per-source", type=int, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or default_corpus_dir()
+    report = build_corpus(out, max_docs_per_source=args.max_docs_per_source)
+    n_docs = sum(report["docs_per_source"].values())
+    print(f"built-in corpus: {n_docs} documents from {len(report['docs_per_source'])} sources in {out}")
+    for source, n in sorted(report["docs_per_source"].items()):
+        print(f"  {source:28s} {n:6d}")
+
+
+def params_main(overrides: list[str]) -> None:
+    import torch
+
+    from scifm.model.multimodal import ScientificMoE
+    from scifm.model.transformer import count_params
+    from scifm.train.entry import compose_run_config
+
+    cfg = compose_run_config(overrides).model
+    cfg.validate()
+    vocab = cfg.vocab_size or 32000
+    # encoder input vocabularies come from a tokenizer; for counting, typical sizes suffice
+    sizes = {"total": vocab, "text": vocab, "latex": 1024, "protein": 32}
+    with torch.device("meta"):
+        model = ScientificMoE(cfg, sizes)
+    total, active = count_params(model, cfg)
+    print(f"model {cfg.name}: total {total:,} parameters ({total / 1e9:.3f} B), "
+          f"active per token {active:,} ({active / 1e9:.3f} B)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            from scifm.train.entry import hydra_train
+
+            sys.argv = ["scifm train", *rest]  # Hydra reads its overrides from sys.argv
+            hydra_train()
+        elif command == "data":
+            data_main(rest)
+        elif command == "params":
+            params_main(rest)
+        else:
+            print(f"scifm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            sys.exit(2)
+    except ScifmError as err:
+        from scifm.train.entry import exit_on_user_error
+
+        exit_on_user_error(err)
+
+
+if __name__ == "__main__":
+    main()

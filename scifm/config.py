@@ -1,0 +1,126 @@
+"""Typed run configuration: the schema Hydra checks every YAML file and override against.
+
+configs/config.yaml names `run_schema` (registered below) first in its defaults, so an unknown
+key or a value of the wrong type fails while Hydra composes, naming the key's path. Range checks
+that types cannot express live in `validate()`, called before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from scifm.errors import ConfigError
+from scifm.model.config import ModelConfig
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class SourceConfig:
+    path: str = "builtin"  # "builtin" = the built-in corpus; else a .jsonl(.gz) file or a directory
+    weight: float = 1.0
+    name: str = ""  # defaults to the file or directory stem
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    seq_len: int = 256
+    temperature: float = 1.0  # source probabilities ~ weight ** (1 / temperature)
+    balance_skills: bool = False  # sample skills within a source uniformly instead of by count
+    max_bad_fraction: float = 0.05
+    corpus_dir: str = ""  # where the built-in corpus is built; "" = $SCIFM_CACHE or ~/.cache/scifm
+    corpus_max_docs_per_source: int = 0  # 0 = all
+    tokenizer_vocab_size: int = 2048  # BPE text vocabulary
+    tokenizer_train_docs: int = 20000  # documents of the train split the BPE is trained on
+    val_batches: int = 4
+
+    def validate(self) -> None:
+        _require(len(self.sources) > 0, "data.sources", "list at least one source")
+        for i, src in enumerate(self.sources):
+            _require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
+        _require(self.temperature > 0, "data.temperature", "must be > 0")
+        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+        _require(self.tokenizer_vocab_size >= 300, "data.tokenizer_vocab_size",
+                 "must be >= 300 (256 byte symbols plus merges)")
+        _require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+
+
+@dataclass
+class TrainerConfig:
+    seed: int = 0
+    max_steps: int = 300
+    batch_size: int = 16  # packed rows per micro-batch, global over data-parallel ranks
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    val_every: int = 100
+    ckpt_every: int = 100  # 0 = only at the end
+
+    def validate(self) -> None:
+        _require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        _require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
+        _require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
+        _require(self.lr > 0, "trainer.lr", "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0")
+        _require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision",
+                 f"must be auto, fp32 or bf16, got {self.precision!r}")
+        _require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
+                 f"must be auto, cpu or cuda, got {self.device!r}")
+        for key in ("log_every", "val_every"):
+            _require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
+        _require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0")
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "native"
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+
+    def validate(self) -> None:
+        _require(self.engine == "native", "parallel.engine",
+                 f"only 'native' is available in this version, got {self.engine!r}")
+        for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
+            value = getattr(self, key)
+            _require(value == 1, f"parallel.{key}",
+                     f"multi-process layouts are not available in this version (got {value}); use 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    resume: str = ""  # "" = fresh run; "latest" = newest checkpoint of this run dir; or a checkpoint path
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.data.validate()
+        self.trainer.validate()
+        self.parallel.validate()
+        _require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
+                 f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)

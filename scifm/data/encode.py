@@ -1,0 +1,52 @@
+"""One document -> token ids with marked slot spans and the featurized items that fill them.
+
+Layout (DESIGN.md "Sequence layout"): [BOS] text... [START_X] k x [SLOT_X] [END_X] text... [EOS].
+The model learns next-token prediction on the document's own tokens, so a document of L ids
+yields L - 1 (input, target) pairs; targets that are markers or slots carry no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scifm.data.documents import MODALITIES, Document
+from scifm.data.features import featurize_segment
+from scifm.model.config import EncodersConfig
+
+
+@dataclass
+class EncodedItem:
+    modality: str
+    slot_start: int  # index of the first slot id in EncodedDocument.ids
+    n_slots: int
+    features: dict
+
+
+@dataclass
+class EncodedDocument:
+    doc_id: str
+    source: str
+    skill: str
+    ids: list[int]
+    items: list[EncodedItem] = field(default_factory=list)
+
+
+def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir: Path) -> EncodedDocument:
+    """Raises DocumentFormatError (with a counted reason) when any segment is bad."""
+    ids = [tokenizer.bos_id]
+    items: list[EncodedItem] = []
+    for seg in doc.segments:
+        kind = seg["type"]
+        if kind == "text":
+            ids.extend(tokenizer.encode_text(seg["text"]))
+            continue
+        assert kind in MODALITIES, kind  # Document.from_dict already rejected other types
+        features = featurize_segment(seg, tokenizer, enc_cfg, base_dir)
+        k = getattr(enc_cfg, kind).slots
+        ids.append(tokenizer.start_id(kind))
+        items.append(EncodedItem(kind, len(ids), k, features))
+        ids.extend([tokenizer.slot_id(kind)] * k)
+        ids.append(tokenizer.end_id(kind))
+    ids.append(tokenizer.eos_id)
+    return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)

@@ -1,0 +1,84 @@
+"""Figures -> RGB patches with their (row, col) grid positions, aspect ratio kept.
+
+Images are converted to RGB (grayscale is replicated into three channels): plots and micrographs
+carry meaning in colour, and one channel count keeps the patch embedding a single Linear.
+Pixel values are floats in [0, 1].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from scifm.data.features.padding import Groups
+from scifm.errors import DocumentFormatError
+from scifm.model.config import FigureEncoderConfig
+
+# collate output: patches [B, N, patch_size * patch_size * CHANNELS] float32,
+# patch_pos [B, N, 2] (row, col), patch_mask [B, N]
+GROUPS: Groups = {"patch_mask": ("patches", "patch_pos")}
+CHANNELS = 3
+
+
+def grid_side(cfg: FigureEncoderConfig) -> int:
+    """Patches along the longer side of every resized image."""
+    return max(1, round(cfg.max_side / cfg.patch_size))
+
+
+def target_size(height: int, width: int, cfg: FigureEncoderConfig) -> tuple[int, int]:
+    """(height, width) with the longer side at max_side and both sides multiples of patch_size."""
+    long_cells = grid_side(cfg)
+    scale = long_cells / max(height, width)
+    rows = max(1, round(height * scale))
+    cols = max(1, round(width * scale))
+    return rows * cfg.patch_size, cols * cfg.patch_size
+
+
+def _from_array(data: object) -> Image.Image:
+    try:
+        arr = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):  # ragged nesting or non-numbers
+        raise DocumentFormatError("bad_figure", "'array' must be a rectangular nested list of numbers") from None
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))) or arr.size == 0:
+        raise DocumentFormatError("bad_figure", f"'array' must be HxW or HxWxC with C in 1, 3, 4; got {arr.shape}")
+    if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+        raise DocumentFormatError("bad_figure", "'array' values must be finite and in 0..1 or 0..255")
+    if arr.max() <= 1.0:  # values in 0..1
+        arr = arr * 255.0
+    return Image.fromarray(np.rint(arr).astype(np.uint8)).convert("RGB")
+
+
+def _from_path(path: object, base_dir: Path) -> Image.Image:
+    if not isinstance(path, str) or not path:
+        raise DocumentFormatError("bad_figure", "'path' must be a non-empty string")
+    full = base_dir / path
+    try:
+        with Image.open(full) as im:
+            return im.convert("RGB")
+    except Exception as e:  # PIL decoders raise many types (OSError, ValueError, SyntaxError, bombs)
+        raise DocumentFormatError("bad_figure", f"cannot read image {full}: {type(e).__name__}: {e}") from None
+
+
+def patchify(pixels_HWC: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
+    """Row-major patches [N, P*P*C] and their (row, col) positions [N, 2]."""
+    h, w, c = pixels_HWC.shape
+    rows, cols = h // patch_size, w // patch_size
+    patches = (
+        pixels_HWC.reshape(rows, patch_size, cols, patch_size, c)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(rows * cols, patch_size * patch_size * c)
+    )
+    pos = np.stack(np.divmod(np.arange(rows * cols, dtype=np.int64), cols), axis=1)
+    return {"patches": np.ascontiguousarray(patches, dtype=np.float32), "patch_pos": pos}
+
+
+def featurize_figure(seg: dict, cfg: FigureEncoderConfig, base_dir: Path) -> dict[str, np.ndarray]:
+    image = _from_array(seg["array"]) if "array" in seg else _from_path(seg.get("path"), base_dir)
+    height, width = target_size(image.height, image.width, cfg)
+    resized = image.resize((width, height), Image.Resampling.BICUBIC)
+    pixels_HWC = np.asarray(resized, dtype=np.float32) / 255.0
+    return patchify(pixels_HWC, cfg.patch_size)

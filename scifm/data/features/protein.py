@@ -1,0 +1,24 @@
+"""Protein sequences -> residue ids in the protein domain vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from scifm.data.features.sequence import encode_domain
+from scifm.errors import DocumentFormatError
+
+# the 20 standard residues, ambiguity codes B Z X, selenocysteine U, pyrrolysine O
+AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYBZXUO")
+
+
+def featurize_protein(sequence: object, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
+    if not isinstance(sequence, str) or not sequence:
+        raise DocumentFormatError("bad_protein", "'sequence' must be a non-empty string")
+    bad = sorted(set(sequence) - AMINO_ACIDS)
+    if bad:
+        raise DocumentFormatError("bad_protein", f"letters outside the amino-acid alphabet: {''.join(bad)!r}")
+    if len(sequence) > max_len:  # cropping would silently change the protein
+        raise DocumentFormatError("too_long", f"{len(sequence)} residues > max_len {max_len}")
+    return encode_domain(tokenizer, "protein", sequence, max_len, "bad_protein")

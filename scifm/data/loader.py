@@ -1,0 +1,140 @@
+"""Deterministic, resumable loader of packed batches from a mixture of streamed sources.
+
+Every data-parallel rank runs the same global sequence of rows (seeded mixture draws, streamed
+documents, greedy packing) and keeps rows rank, rank + W, ...: the global batch is then the
+same for every layout, which is what lets a parallel run equal the single-process one.
+`state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
+a resumed run continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from scifm.config import DataConfig
+from scifm.data.documents import Document
+from scifm.data.encode import encode_document
+from scifm.data.mixture import stream_probabilities
+from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows
+from scifm.data.skips import SkipCounter
+from scifm.data.sources import DocumentStream, SourceSpec, skill_counts
+from scifm.errors import CheckpointError, ConfigError, DocumentFormatError
+from scifm.model.config import EncodersConfig
+
+
+class PackedLoader:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        specs: list[SourceSpec],
+        tokenizer,
+        enc_cfg: EncodersConfig,
+        *,
+        split: str,
+        batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+    ):
+        if batch_size % dp_size:
+            raise ConfigError(f"trainer.batch_size: {batch_size} is not divisible by {dp_size} data-parallel ranks")
+        self.cfg, self.tokenizer, self.enc_cfg = cfg, tokenizer, enc_cfg
+        self.split, self.batch_size = split, batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        skills = [skill_counts(s, split) for s in specs] if cfg.balance_skills else None
+        self.probs, layout = stream_probabilities([s.weight for s in specs], cfg.temperature, skills)
+        self.streams = [DocumentStream(specs[i], split, skill) for i, skill in layout]
+        self.rng = np.random.Generator(np.random.PCG64(seed))
+        self.skips = SkipCounter(cfg.max_bad_fraction)
+        self.tokens_by_source: dict[str, int] = defaultdict(int)
+        self.tokens_by_skill: dict[str, int] = defaultdict(int)
+        # the document being emitted: (stream index, its cursor, next chunk index) and its chunks
+        self.pending: tuple[int, tuple, int] | None = None
+        self.pending_chunks: list[Chunk] = []
+
+    # --- documents -> chunks ------------------------------------------------------------------
+    def _encode(self, doc: Document, stream: DocumentStream, where: str) -> list[Chunk]:
+        base_dir = Path(where.rsplit(":", 1)[0]).parent  # figure paths are relative to the file
+        enc = encode_document(doc, self.tokenizer, self.enc_cfg, base_dir)
+        return chunk_document(enc, self.cfg.seq_len)
+
+    def _next_document(self) -> None:
+        while True:
+            i = int(self.rng.choice(len(self.streams), p=self.probs))
+            stream = self.streams[i]
+            cursor, doc, where = stream.next()
+            source = stream.spec.name
+            if isinstance(doc, DocumentFormatError):
+                self.skips.skip(source, doc.reason, where)
+                continue
+            try:
+                chunks = self._encode(doc, stream, where)
+            except DocumentFormatError as err:
+                self.skips.skip(source, err.reason, doc.id)
+                continue
+            self.skips.ok(source)
+            self.pending, self.pending_chunks = (i, cursor, 0), chunks
+            return
+
+    def _peek_chunk(self) -> Chunk:
+        if self.pending is None:
+            self._next_document()
+        return self.pending_chunks[self.pending[2]]
+
+    def _pop_chunk(self) -> None:
+        i, cursor, k = self.pending
+        self.pending = (i, cursor, k + 1) if k + 1 < len(self.pending_chunks) else None
+
+    # --- chunks -> rows -> batches --------------------------------------------------------------
+    def _next_row(self) -> Row:
+        row = Row()
+        while True:
+            chunk = self._peek_chunk()
+            if row.used + chunk.length > self.cfg.seq_len and row.chunks:
+                return row
+            self.tokens_by_source[self.streams[self.pending[0]].spec.name] += chunk.length
+            self._pop_chunk()
+            row.chunks.append(chunk)
+            row.used += chunk.length
+            self.tokens_by_skill[chunk.doc.skill] += chunk.length
+            if row.used == self.cfg.seq_len:
+                return row
+
+    def next_batch(self) -> Batch:
+        rows = [self._next_row() for _ in range(self.batch_size)]
+        mine = rows[self.dp_rank :: self.dp_size]
+        return collate_rows(mine, self.cfg.seq_len, self.tokenizer)
+
+    # --- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "rng": self.rng.bit_generator.state,
+            "cursors": [list(s.cursor) for s in self.streams],
+            "pending": [self.pending[0], list(self.pending[1]), self.pending[2]] if self.pending else None,
+            "skips": self.skips.state_dict(),
+            "tokens_by_source": dict(self.tokens_by_source),
+            "tokens_by_skill": dict(self.tokens_by_skill),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["cursors"]) != len(self.streams):
+            raise CheckpointError(
+                f"the checkpoint's loader had {len(state['cursors'])} streams, this config has "
+                f"{len(self.streams)}: data.sources or data.balance_skills changed"
+            )
+        self.rng.bit_generator.state = state["rng"]
+        for stream, cursor in zip(self.streams, state["cursors"]):
+            stream.seek(tuple(cursor))
+        self.skips.load_state_dict(state["skips"])
+        self.tokens_by_source = defaultdict(int, state["tokens_by_source"])
+        self.tokens_by_skill = defaultdict(int, state["tokens_by_skill"])
+        self.pending, self.pending_chunks = None, []
+        if state["pending"] is not None:
+            i, cursor, k = state["pending"]
+            stream = self.streams[i]
+            doc = stream.read_at(tuple(cursor))
+            where = f"{stream.spec.files[cursor[1]]}:{cursor[2]}"
+            self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream, where)

@@ -1,0 +1,110 @@
+"""Packing encoded documents into fixed-length rows, and rows into a model batch.
+
+A document longer than a row is cut into chunks of at most `seq_len` (input, target) pairs;
+a cut never falls inside a modality item's [START_X] slots [END_X] span, and each chunk is
+its own attention segment with positions restarting at 0. Chunks are placed greedily: one that
+does not fit the rest of a row starts the next row, and the rest is padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from scifm.data.encode import EncodedDocument, EncodedItem
+from scifm.data.features import collate
+from scifm.errors import DocumentFormatError
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Chunk:
+    doc: EncodedDocument
+    start: int  # inputs are doc.ids[start:stop], targets doc.ids[start + 1:stop + 1]
+    stop: int
+
+    @property
+    def length(self) -> int:
+        return self.stop - self.start
+
+    def items(self) -> list[EncodedItem]:
+        return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
+
+
+def chunk_document(doc: EncodedDocument, seq_len: int) -> list[Chunk]:
+    last = len(doc.ids) - 1  # index of the final target
+    chunks, start = [], 0
+    while start < last:
+        stop = min(start + seq_len, last)
+        for item in doc.items:
+            # a cut may fall on the START marker (slot_start - 1) or after the slots, not between
+            if item.slot_start - 1 < stop < item.slot_start + item.n_slots:
+                stop = item.slot_start - 1
+                if stop <= start:
+                    raise DocumentFormatError(
+                        "too_long", f"a {item.modality} item of {item.n_slots} slots does not fit "
+                        f"data.seq_len={seq_len}")
+        chunks.append(Chunk(doc, start, stop))
+        start = stop
+    return chunks
+
+
+@dataclass
+class Row:
+    chunks: list[Chunk] = field(default_factory=list)
+    used: int = 0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, S] long
+    labels: torch.Tensor  # [B, S] long, IGNORE_INDEX where no loss is taken
+    positions: torch.Tensor  # [B, S] long, restarting at 0 in every chunk
+    doc_ids: torch.Tensor  # [B, S] long, attention segment id; padding gets its own id
+    items: dict[str, dict[str, torch.Tensor]]  # modality -> collated encoder inputs
+    slot_index: dict[str, torch.Tensor]  # modality -> [N, k] flat indices b * S + s of the slots
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(
+            self.input_ids.to(device), self.labels.to(device), self.positions.to(device),
+            self.doc_ids.to(device),
+            {m: {k: v.to(device) for k, v in feats.items()} for m, feats in self.items.items()},
+            {m: v.to(device) for m, v in self.slot_index.items()},
+        )
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def collate_rows(rows: list[Row], seq_len: int, tokenizer) -> Batch:
+    n_rows = len(rows)
+    input_ids = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
+    targets = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, seq_len), dtype=torch.long)
+    doc_ids = torch.full((n_rows, seq_len), -1, dtype=torch.long)
+    features: dict[str, list[dict]] = {}
+    slots: dict[str, list[torch.Tensor]] = {}
+    for r, row in enumerate(rows):
+        offset = 0
+        for seg_id, chunk in enumerate(row.chunks):
+            n = chunk.length
+            ids = torch.tensor(chunk.doc.ids[chunk.start : chunk.stop + 1], dtype=torch.long)
+            input_ids[r, offset : offset + n] = ids[:-1]
+            targets[r, offset : offset + n] = ids[1:]
+            positions[r, offset : offset + n] = torch.arange(n)
+            doc_ids[r, offset : offset + n] = seg_id
+            for item in chunk.items():
+                first = r * seq_len + offset + item.slot_start - chunk.start
+                features.setdefault(item.modality, []).append(item.features)
+                slots.setdefault(item.modality, []).append(torch.arange(first, first + item.n_slots))
+            offset += n
+    is_target = tokenizer.loss_target_mask(targets) & (doc_ids >= 0)
+    labels = torch.where(is_target, targets, torch.full_like(targets, IGNORE_INDEX))
+    return Batch(
+        input_ids, labels, positions, doc_ids,
+        {m: collate(m, feats) for m, feats in features.items()},
+        {m: torch.stack(idx) for m, idx in slots.items()},
+    )

@@ -1,0 +1,42 @@
+"""Training the run's tokenizer on the train split of its own sources."""
+
+from __future__ import annotations
+
+import itertools
+
+from scifm.config import DataConfig
+from scifm.data.documents import Document
+from scifm.data.sources import DocumentStream, SourceSpec
+from scifm.tokenizers import ScientificTokenizer
+
+
+def _train_documents(specs: list[SourceSpec], limit: int):
+    """Round-robin over sources (one pass each) so every source shapes the vocabulary."""
+    def one_pass(spec: SourceSpec):
+        stream = DocumentStream(spec, "train")
+        while stream.cursor[0] == 0:
+            _, doc, _ = stream.next()
+            if isinstance(doc, Document) and stream.cursor[0] == 0:
+                yield doc
+
+    passes = [one_pass(s) for s in specs]
+    docs = (d for group in itertools.zip_longest(*passes) for d in group if d is not None)
+    return itertools.islice(docs, limit)
+
+
+def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> ScientificTokenizer:
+    texts, smiles, latex = [], [], []
+    for doc in _train_documents(specs, cfg.tokenizer_train_docs):
+        for seg in doc.segments:
+            kind = seg["type"]
+            if kind == "text":
+                texts.append(seg["text"])
+            elif kind == "molecule":
+                smiles.append(seg["smiles"])
+            elif kind == "latex":
+                latex.append(seg["latex"])
+            elif kind == "table":
+                texts.append(" ".join(str(c) for c in seg["columns"]))
+                texts.extend(" ".join(str(c) for c in row) for row in seg["rows"])
+                texts.append(str(seg.get("caption", "")))
+    return ScientificTokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size, smiles=smiles, latex=latex)

@@ -1,0 +1,60 @@
+"""Grouped-query self-attention through SDPA, with document-causal masks for packed sequences.
+
+Shape suffixes: B batch, S sequence (query), T sequence (key), H query heads, K kv heads,
+D head_dim (in attention tensors) or d_model (in block inputs/outputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scifm.model.layers import apply_rope
+
+
+def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, S, S]; True where query i may attend key j: same document and j <= i.
+
+    Every token sees at least itself, so no row is all False (no NaN from softmax).
+    """
+    S = doc_ids_BS.shape[1]
+    same_doc_BSS = doc_ids_BS[:, :, None] == doc_ids_BS[:, None, :]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=doc_ids_BS.device).tril()
+    return (same_doc_BSS & causal_SS)[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.head_dim = head_dim
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_B1SS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """mask_B1SS: bool, True = may attend; None = plain causal."""
+        B, S, _ = x_BSD.shape
+        # -1, not n_heads: a tensor-parallel rank holds only its own slice of heads
+        q_BSHD = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), cos, sin)
+        k_BSKD = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), cos, sin)
+        v_BSKD = self.wv(x_BSD).view(B, S, -1, self.head_dim)
+
+        q_BHSD = q_BSHD.transpose(1, 2)
+        # explicit repeat (query head h uses kv head h // n_rep) keeps the fused masked kernels usable
+        n_rep = q_BSHD.shape[2] // k_BSKD.shape[2]
+        k_BHTD = k_BSKD.transpose(1, 2).repeat_interleave(n_rep, dim=1)
+        v_BHTD = v_BSKD.transpose(1, 2).repeat_interleave(n_rep, dim=1)
+
+        if mask_B1SS is None:
+            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, is_causal=True)
+        else:
+            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, attn_mask=mask_B1SS)
+        return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))

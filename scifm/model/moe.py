@@ -1,0 +1,254 @@
+"""Mixture-of-experts feed-forward: router, grouped experts, shared experts, local dispatch.
+
+Shape suffixes: B batch, S sequence, D d_model, F expert hidden, E experts, G expert groups,
+T tokens (B*S), K top_k, A assignments (T*K, or the kept ones after capacity drops).
+
+Parallelism is applied from outside (parallel/): `experts` takes tokens already sorted by expert
+plus per-expert counts, so expert parallelism can wrap it with all-to-all dispatch unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scifm.model.config import MoEConfig
+from scifm.model.layers import SwiGLU
+
+
+def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-style E * sum_e f_e * P_e; 1.0 when routing is uniform.
+
+    f_e: share of the T*K top-k assignments that chose e; P_e: mean router probability of e.
+    """
+    T, E = probs_TE.shape
+    f_E = tokens_per_expert_E.float() / (T * top_k)
+    return E * (f_E * probs_TE.float().mean(dim=0)).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+class Router(nn.Module):
+    """Top-k routing with optional group limit and an auxiliary-loss-free balancing bias."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.top_k = cfg.top_k
+        self.n_groups = cfg.n_groups
+        self.topk_groups = cfg.topk_groups
+        self.score_func = cfg.score_func
+        self.route_scale = cfg.route_scale
+        self.bias_update_rate = cfg.bias_update_rate
+        self.gate = nn.Linear(d_model, cfg.n_experts, bias=False)
+        # used only to choose experts, never in the weights; persistent so resumed runs route alike
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> weights_TK (fp32), experts_TK (long), probs_TE (rows sum to 1, for the balance loss), logits_TE."""
+        logits_TE = self.gate(x_TD).float()
+        if self.score_func == "softmax":
+            scores_TE = logits_TE.softmax(dim=-1)
+            probs_TE = scores_TE
+        else:
+            scores_TE = logits_TE.sigmoid()
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+        choice_TE = scores_TE.detach() + self.expert_bias
+        if self.n_groups > 1:
+            choice_TE = self._mask_groups(choice_TE)
+        experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(-1, experts_TK)
+        if self.score_func == "sigmoid":
+            weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.route_scale, experts_TK, probs_TE, logits_TE
+
+    def _mask_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 group limit: experts outside the topk_groups best groups get -inf."""
+        T = choice_TE.shape[0]
+        choice_TGE = choice_TE.view(T, self.n_groups, -1)
+        if self.score_func == "sigmoid":
+            top2 = min(2, choice_TGE.shape[-1])
+            group_score_TG = choice_TGE.topk(top2, dim=-1).values.sum(dim=-1)
+        else:
+            group_score_TG = choice_TGE.amax(dim=-1)
+        top_groups_TG = group_score_TG.topk(self.topk_groups, dim=-1).indices
+        drop_TG = torch.ones_like(group_score_TG, dtype=torch.bool).scatter_(1, top_groups_TG, False)
+        return choice_TGE.masked_fill(drop_TG[:, :, None], float("-inf")).view(T, -1)
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """bias += rate * sign(mean_load - load): raises under-loaded experts, lowers busy ones.
+
+        Pass counts summed over every data-parallel rank so that all ranks keep the same bias.
+        """
+        if self.bias_update_rate == 0:
+            return
+        load_E = tokens_per_expert_E.to(self.expert_bias)
+        self.expert_bias.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
+
+
+def _grouped_mm_available() -> bool:
+    return hasattr(torch, "_grouped_mm")
+
+
+_GROUPED_MM_OK: dict[tuple[str, torch.dtype, int, int], bool] = {}
+
+
+def _grouped_mm_works(w_EIO: torch.Tensor) -> bool:
+    """Probe once per (device, dtype, shape): kernels differ in dtypes and alignment they accept."""
+    key = (w_EIO.device.type, w_EIO.dtype, w_EIO.shape[1], w_EIO.shape[2])
+    if key not in _GROUPED_MM_OK:
+        try:
+            x_1I = torch.zeros(1, w_EIO.shape[1], dtype=w_EIO.dtype, device=w_EIO.device)
+            w_1IO = torch.zeros(1, *w_EIO.shape[1:], dtype=w_EIO.dtype, device=w_EIO.device)
+            offs = torch.ones(1, dtype=torch.int32, device=w_EIO.device)
+            torch._grouped_mm(x_1I, w_1IO, offs=offs)
+            _GROUPED_MM_OK[key] = True
+        except (RuntimeError, NotImplementedError):
+            _GROUPED_MM_OK[key] = False
+    return _GROUPED_MM_OK[key]
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights, run as one grouped GEMM over expert-sorted tokens."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        # False forces the per-expert fallback (tests, builds without a usable grouped GEMM)
+        self.use_grouped_mm = _grouped_mm_available()
+        for w in (self.w1, self.w3, self.w2):
+            bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default range, per expert
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """x_AD sorted by expert; tokens_per_expert_E[e] rows belong to expert e (zeros allowed)."""
+        if self.use_grouped_mm and all(_grouped_mm_works(w) for w in (self.w1, self.w3, self.w2)):
+            return self._forward_grouped(x_AD, tokens_per_expert_E)
+        return self._forward_per_expert(x_AD, tokens_per_expert_E)
+
+    def _forward_grouped(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # same three ops whatever the counts, so every rank issues identical work under EP/TP
+        offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+        h_AF = F.silu(torch._grouped_mm(x_AD, self.w1, offs=offs_E)) * torch._grouped_mm(x_AD, self.w3, offs=offs_E)
+        return torch._grouped_mm(h_AF, self.w2, offs=offs_E)
+
+    def _forward_per_expert(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        # loop over experts, not tokens; empty slices still run so the op sequence is fixed
+        chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
+        out = [
+            (F.silu(x_ND @ self.w1[e]) * (x_ND @ self.w3[e])) @ self.w2[e]
+            for e, x_ND in enumerate(chunks)
+        ]
+        return torch.cat(out, dim=0)
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on the hidden state; backward also sends d(total)/d(aux) = 1 to the aux loss.
+
+    This lets the router's auxiliary losses reach the optimizer without being returned, so
+    pipeline stages pass only hidden states.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad_x, torch.ones((), dtype=torch.float32, device=grad_x.device)
+
+
+class MoE(nn.Module):
+    """Routed experts (+ optional shared experts) replacing the dense feed-forward.
+
+    After each forward, `last_stats` holds detached tensors:
+      tokens_per_expert [E] float: top-k assignments routed to each expert (before capacity drops)
+      dropped_tokens    scalar: assignments dropped by the capacity limit
+      load_balance_loss scalar: already multiplied by aux_loss_coef
+      z_loss            scalar: already multiplied by z_loss_coef
+    Training forwards also add tokens_per_expert into `tokens_per_expert_acc` for the bias update.
+    Activation-checkpoint recompute counts a layer twice, which does not change sign(mean - load).
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        self.router = Router(d_model, cfg)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_ffn)
+        self.shared_experts = (
+            SwiGLU(d_model, cfg.n_shared_experts * cfg.expert_ffn) if cfg.n_shared_experts > 0 else None
+        )
+        self.register_buffer("tokens_per_expert_acc", torch.zeros(cfg.n_experts), persistent=False)
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(-1, D)
+        weights_TK, experts_TK, probs_TE, logits_TE = self.router(x_TD)
+
+        experts_A = experts_TK.reshape(-1)
+        weights_A = weights_TK.reshape(-1)
+        routed_E = torch.zeros(self.n_experts, dtype=torch.long, device=x_TD.device)
+        routed_E.scatter_add_(0, experts_A, torch.ones_like(experts_A))
+        order_A, counts_E = self._sort_assignments(experts_A, weights_A, routed_E)
+
+        token_A = order_A // self.top_k
+        y_AD = self.experts(x_TD[token_A], counts_E)
+        y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+
+        lb_loss = self.aux_loss_coef * load_balance_loss(probs_TE, routed_E, self.top_k)
+        z_loss = self.z_loss_coef * router_z_loss(logits_TE)
+        self._record_stats(routed_E, experts_A.numel() - order_A.numel(), lb_loss, z_loss)
+        return _AttachAuxLoss.apply(out_TD.view(B, S, D), lb_loss + z_loss)
+
+    def _sort_assignments(
+        self, experts_A: torch.Tensor, weights_A: torch.Tensor, routed_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> assignment indices sorted by expert (capacity drops removed), rows per expert."""
+        if self.capacity_factor <= 0:
+            return torch.argsort(experts_A, stable=True), routed_E
+        # within each expert, highest router weight first, so the limit keeps the strongest
+        by_weight_A = torch.argsort(weights_A.detach(), descending=True, stable=True)
+        order_A = by_weight_A[torch.argsort(experts_A[by_weight_A], stable=True)]
+        n_tokens = experts_A.numel() // self.top_k
+        capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
+        start_E = torch.cumsum(routed_E, dim=0) - routed_E
+        rank_A = torch.arange(order_A.numel(), device=order_A.device) - start_E[experts_A[order_A]]
+        return order_A[rank_A < capacity], routed_E.clamp(max=capacity)
+
+    @torch.no_grad()
+    def _record_stats(
+        self, routed_E: torch.Tensor, n_dropped: int, lb_loss: torch.Tensor, z_loss: torch.Tensor
+    ) -> None:
+        routed_E = routed_E.float()
+        if self.training:
+            self.tokens_per_expert_acc.add_(routed_E)
+        self.last_stats = {
+            "tokens_per_expert": routed_E,
+            "dropped_tokens": torch.tensor(float(n_dropped), device=routed_E.device),
+            "load_balance_loss": lb_loss.detach(),
+            "z_loss": z_loss.detach(),
+        }
+
+    def pop_tokens_per_expert(self) -> torch.Tensor:
+        """Counts accumulated since the last call (over micro-batches), then reset to zero."""
+        counts_E = self.tokens_per_expert_acc.clone()
+        self.tokens_per_expert_acc.zero_()
+        return counts_E

@@ -1,0 +1,66 @@
+"""The whole model: token embeddings, modality encoders spliced in at their slots, MoE decoder.
+
+Layers live in a ModuleDict keyed by layer index so that a pipeline stage can delete the layers
+it does not own and keep the full model's parameter names (checkpoints reshard by name).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from scifm.model.attention import document_causal_mask
+from scifm.model.config import ModelConfig
+from scifm.model.encoders import build_encoders
+from scifm.model.layers import RMSNorm, rope_cos_sin
+from scifm.model.transformer import TransformerBlock
+
+
+class ScientificMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_sizes: dict[str, int]):
+        """`vocab_sizes`: "total" (decoder vocabulary), "text", "latex", "protein" (encoder inputs)."""
+        super().__init__()
+        self.cfg = cfg
+        vocab = cfg.vocab_size or vocab_sizes["total"]
+        self.tok_embeddings = nn.Embedding(vocab, cfg.d_model)
+        self.encoders = build_encoders(cfg.encoders, cfg.d_model, vocab_sizes)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def embed(self, input_ids_BS: torch.Tensor, items: dict, slot_index: dict) -> torch.Tensor:
+        """Token embeddings with every item's projected encoder output written into its slots."""
+        h_BSD = self.tok_embeddings(input_ids_BS)
+        B, S, D = h_BSD.shape
+        h_TD = h_BSD.reshape(B * S, D)
+        for modality, batch in items.items():
+            out_NKD = self.encoders[modality](batch)
+            idx_NK = slot_index[modality]
+            h_TD = h_TD.index_copy(0, idx_NK.reshape(-1), out_NKD.reshape(-1, D).to(h_TD.dtype))
+        return h_TD.reshape(B, S, D)
+
+    def forward(
+        self,
+        input_ids_BS: torch.Tensor,
+        positions_BS: torch.Tensor,
+        doc_ids_BS: torch.Tensor,
+        items: dict[str, dict[str, torch.Tensor]],
+        slot_index: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        h_BSD = self.embed(input_ids_BS, items, slot_index)
+        cos, sin = rope_cos_sin(positions_BS, self.cfg.dim_per_head, self.cfg.rope_theta)
+        mask_B1SS = document_causal_mask(doc_ids_BS)
+        for layer in self.layers.values():
+            h_BSD = layer(h_BSD, cos, sin, mask_B1SS)
+        return self.output(self.norm(h_BSD))
+
+
+def vocab_sizes_of(tokenizer) -> dict[str, int]:
+    return {
+        "total": tokenizer.vocab_size,
+        "text": tokenizer.text_vocab_size,
+        "latex": tokenizer.domain("latex").size,
+        "protein": tokenizer.domain("protein").size,
+    }

@@ -1,0 +1,173 @@
+"""ScientificTokenizer: prose BPE + special tokens + SMILES/protein/LaTeX vocabularies in one id space.
+
+Id layout (total `vocab_size`):
+  [0, B)                         byte-level BPE for prose (HF `tokenizer.json`, B <= the trained target)
+  [B, text_vocab_size)           special tokens in `specials.SPECIAL_TOKENS` order: PAD, BOS, EOS,
+                                 START/END/SLOT per modality, inline tags (<smiles>, ..., $$, $)
+  then one block per domain      smiles, protein, latex (`domain_offset(name)`), each ending in 256
+                                 byte-fallback ids
+The special tokens are not in the BPE: a `$` special would take the id of the byte `$`, and a literal
+"[PAD]" in prose would be read as padding. Prose is always plain bytes to the BPE.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer
+
+from scifm.errors import ScifmError
+from scifm.tokenizers.bpe import BYTE_ALPHABET_SIZE, train_bpe
+from scifm.tokenizers.domain import DOMAINS, DomainVocab
+from scifm.tokenizers.spans import split_spans
+from scifm.tokenizers.specials import BOS, EOS, NON_TARGETS, PAD, SPECIAL_TOKENS, marker
+
+BPE_FILE = "tokenizer.json"
+DOMAINS_FILE = "domains.json"
+FORMAT = "scifm-tokenizer/1"
+
+
+class TokenizerError(ScifmError):
+    """A tokenizer directory is missing or corrupt, or training was asked for an impossible size."""
+
+
+class ScientificTokenizer:
+    def __init__(self, bpe: Tokenizer, domains: Sequence[DomainVocab], special_tokens: Sequence[str]):
+        self._bpe = bpe
+        self._domains = {d.name: d for d in domains}
+        if tuple(self._domains) != DOMAINS:
+            raise ValueError(f"domains must be {DOMAINS} in that order, got {tuple(self._domains)}")
+        missing = set(SPECIAL_TOKENS) - set(special_tokens)
+        if missing or len(set(special_tokens)) != len(special_tokens):
+            raise ValueError(f"special tokens are duplicated or lack {sorted(missing)}")
+        self._specials = list(special_tokens)
+        self._bpe_size = bpe.get_vocab_size()
+        self._special_ids = {t: self._bpe_size + i for i, t in enumerate(self._specials)}
+        self.text_vocab_size = self._bpe_size + len(self._specials)
+        self._offsets: dict[str, int] = {}
+        end = self.text_vocab_size
+        for d in domains:
+            self._offsets[d.name] = end
+            end += d.size
+        self.vocab_size = end
+        self.pad_id = self._special_ids[PAD]
+        self.bos_id = self._special_ids[BOS]
+        self.eos_id = self._special_ids[EOS]
+        self._non_targets = [self._special_ids[t] for t in NON_TARGETS]
+        # Block starts and what each block holds, for decode.
+        self._starts = [0, self._bpe_size, *self._offsets.values()]
+        self._kinds = ["text", "special", *self._offsets]
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int = 4096,
+        smiles: Iterable[str] = (),
+        latex: Iterable[str] = (),
+    ) -> "ScientificTokenizer":
+        """`vocab_size` is the BPE target; inline domain spans in `texts` feed the domain vocabularies."""
+        if vocab_size < BYTE_ALPHABET_SIZE:
+            raise TokenizerError(f"vocab_size {vocab_size} is below the {BYTE_ALPHABET_SIZE} byte tokens; use 256 or more")
+        seen: dict[str, list[str]] = {"smiles": list(smiles), "protein": [], "latex": list(latex)}
+
+        def prose() -> Iterable[str]:
+            # Domain spans are kept out of the BPE so its merges are spent on prose.
+            for text in texts:
+                for kind, piece in split_spans(text):
+                    if kind == "text":
+                        yield piece
+                    elif kind in seen:
+                        seen[kind].append(piece)
+
+        bpe = train_bpe(prose(), vocab_size)
+        return cls(bpe, [DomainVocab.build(name, seen[name]) for name in DOMAINS], SPECIAL_TOKENS)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._bpe.save(str(directory / BPE_FILE))
+        meta = {
+            "format": FORMAT,
+            "special_tokens": self._specials,
+            "domains": [d.to_dict() for d in self._domains.values()],
+        }
+        (directory / DOMAINS_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "ScientificTokenizer":
+        directory = Path(directory)
+        for name in (BPE_FILE, DOMAINS_FILE):
+            if not (directory / name).is_file():
+                raise TokenizerError(
+                    f"tokenizer file {directory / name} not found; point to a directory written by "
+                    "ScientificTokenizer.save, or train one with ScientificTokenizer.train"
+                )
+        try:
+            meta = json.loads((directory / DOMAINS_FILE).read_text(encoding="utf-8"))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+            bpe = Tokenizer.from_file(str(directory / BPE_FILE))
+            domains = [DomainVocab.from_dict(d) for d in meta["domains"]]
+            return cls(bpe, domains, meta["special_tokens"])
+        except Exception as e:  # HF raises a bare Exception on a bad tokenizer.json
+            raise TokenizerError(f"tokenizer in {directory} is corrupt ({e}); save or train it again") from e
+
+    def domain(self, name: str) -> DomainVocab:
+        if name not in self._domains:
+            raise ValueError(f"unknown domain {name!r}; expected one of {DOMAINS}")
+        return self._domains[name]
+
+    def domain_offset(self, name: str) -> int:
+        self.domain(name)
+        return self._offsets[name]
+
+    def encode_domain(self, name: str, s: str) -> list[int]:
+        offset = self.domain_offset(name)
+        return [offset + i for i in self._domains[name].encode(s)]
+
+    def encode_text(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for kind, piece in split_spans(text):
+            if kind == "text":
+                ids += self._bpe.encode(piece, add_special_tokens=False).ids
+            elif kind == "tag":
+                ids.append(self._special_ids[piece])
+            else:
+                ids += self.encode_domain(kind, piece)
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        out: list[str] = []
+        for kind, group in itertools.groupby((int(i) for i in ids), key=self._kind):
+            run = list(group)
+            if kind == "text":
+                out.append(self._bpe.decode(run, skip_special_tokens=False))
+            elif kind == "special":
+                out += [self._specials[i - self._bpe_size] for i in run]
+            else:
+                out.append(self._domains[kind].decode([i - self._offsets[kind] for i in run]))
+        return "".join(out)
+
+    def start_id(self, modality: str) -> int:
+        return self._special_ids[marker("START", modality)]
+
+    def end_id(self, modality: str) -> int:
+        return self._special_ids[marker("END", modality)]
+
+    def slot_id(self, modality: str) -> int:
+        return self._special_ids[marker("SLOT", modality)]
+
+    def loss_target_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        """False for pad, bos, slot and START/END ids; True for everything the LM should predict."""
+        return ~torch.isin(ids, torch.tensor(self._non_targets, dtype=ids.dtype, device=ids.device))
+
+    def _kind(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (size {self.vocab_size})")
+        return self._kinds[bisect.bisect_right(self._starts, i) - 1]

@@ -1,0 +1,37 @@
+"""metrics.jsonl (one JSON object per logged step) and the live progress line."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.max_steps = max_steps
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        step = record["step"]
+        done = step - self.start_step
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.max_steps - step)
+        line = (
+            f"step {step}/{self.max_steps} | loss {record['loss']:.4f} | aux {record['aux_loss']:.4f}"
+            f" | {record['tokens_per_s'] / 1000:.1f}k tok/s | lr {record['lr']:.2e} | ETA {format_duration(eta)}"
+        )
+        if "val_loss" in record:
+            line += f" | val {record['val_loss']:.4f}"
+        print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,176 @@
+"""Featurizers and modality encoders: invariances, padding, bad inputs, gradients."""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from rdkit import Chem
+
+from scifm.data.features import collate, featurize_segment
+from scifm.data.features.molecule import featurize_molecule, mol_features
+from scifm.errors import DocumentFormatError
+from scifm.model.config import EncodersConfig
+from scifm.model.encoders import build_encoders
+
+D_MODEL = 32
+SKIMAGE_DATA = Path(str(importlib.resources.files("skimage") / "data"))
+NCI_SMILES = Path(str(importlib.resources.files("rdkit") / "Data" / "NCI" / "first_5K.smi"))
+
+
+class FakeDomain:
+    """Per-character ids 1..len(alphabet); refuses characters outside it, as a domain vocab may."""
+
+    def __init__(self, alphabet: str):
+        self.alphabet = alphabet
+        self.size = len(alphabet) + 1
+
+    def encode(self, s: str) -> list[int]:
+        return [self.alphabet.index(ch) + 1 for ch in s]
+
+
+class FakeTokenizer:
+    text_vocab_size = 257
+
+    def __init__(self) -> None:
+        printable = "".join(chr(c) for c in range(32, 127))
+        self.domains = {"protein": FakeDomain("ACDEFGHIKLMNPQRSTVWYBZXUO"), "latex": FakeDomain(printable)}
+
+    def domain(self, name: str) -> FakeDomain:
+        return self.domains[name]
+
+    def encode_text(self, s: str) -> list[int]:
+        return [b + 1 for b in s.encode()]
+
+
+TOK = FakeTokenizer()
+CFG = EncodersConfig()
+
+# per modality: a small item and a larger one (the padding test batches the small one with it)
+SEGMENTS = {
+    "latex": [{"latex": r"\frac{a}{b}"}, {"latex": r"\int_0^1 x^{2}\,dx = \frac{1}{3} \{ \}"}],
+    "molecule": [{"smiles": "CCO"}, {"smiles": "CC(=O)Oc1ccccc1C(=O)O"}],
+    "protein": [{"sequence": "MKT"}, {"sequence": "MKTAYIAKQRQISFVKSHFSRQ"}],
+    "table": [
+        {"columns": ["x"], "rows": [[1]]},
+        {"columns": ["name", "mass"], "rows": [["H", 1.008], ["He", None]], "caption": "Atomic masses"},
+    ],
+    "figure": [{"array": [[0.0, 1.0, 0.5, 0.25, 1.0, 0.0]] * 2}, {"path": "camera.png"}],  # 3x8 vs 8x8 patches
+}
+
+
+def featurize(kind: str, seg: dict) -> dict[str, np.ndarray]:
+    return featurize_segment({"type": kind, **seg}, TOK, CFG, SKIMAGE_DATA)
+
+
+@pytest.fixture(scope="module")
+def encoders() -> torch.nn.ModuleDict:
+    torch.manual_seed(0)
+    vocab = {"latex": TOK.domain("latex").size, "protein": TOK.domain("protein").size, "text": TOK.text_vocab_size}
+    return build_encoders(CFG, D_MODEL, vocab).eval()
+
+
+def test_molecule_output_is_invariant_to_atom_order(encoders):
+    mol = Chem.MolFromSmiles("C[C@H](N)C(=O)Oc1ccc(/C=C/Cl)cc1")
+    perm = np.random.default_rng(0).permutation(mol.GetNumAtoms()).tolist()
+    permuted = Chem.RenumberAtoms(mol, perm)
+    a, b = mol_features(mol), mol_features(permuted)
+    assert not np.array_equal(a["atom_feats"], b["atom_feats"])  # the order really changed
+    np.testing.assert_array_equal(a["atom_feats"][perm], b["atom_feats"])
+    with torch.no_grad():
+        out_a = encoders["molecule"](collate("molecule", [a]))
+        out_b = encoders["molecule"](collate("molecule", [b]))
+    assert out_a.shape == (1, CFG.molecule.slots, D_MODEL)
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", list(SEGMENTS))
+def test_padding_does_not_change_an_item(encoders, kind):
+    small, large = (featurize(kind, seg) for seg in SEGMENTS[kind])
+    slots = getattr(CFG, kind).slots
+    batch = collate(kind, [large, small, large])
+    assert any(not m[1].all() for k, m in batch.items() if k.endswith("mask")), "nothing was padded"
+    with torch.no_grad():
+        alone = encoders[kind](collate(kind, [small]))
+        batched = encoders[kind](batch)
+    assert alone.shape == (1, slots, D_MODEL) and batched.shape == (3, slots, D_MODEL)
+    assert (alone - batched[0]).abs().max() > 1e-4  # the two items really differ
+    torch.testing.assert_close(batched[1:2], alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kind", "seg", "reason"),
+    [
+        ("molecule", {"smiles": "C1CC(=O"}, "bad_smiles"),
+        ("molecule", {"smiles": "C" * (CFG.molecule.max_len + 1)}, "too_long"),
+        ("protein", {"sequence": "MKTJ1"}, "bad_protein"),
+        ("protein", {"sequence": "A" * (CFG.protein.max_len + 1)}, "too_long"),
+        ("latex", {"latex": "\\frac{a}{b"}, "bad_latex"),
+        ("latex", {"latex": "a}{"}, "bad_latex"),
+        ("latex", {"latex": "  "}, "bad_latex"),
+        ("latex", {"latex": "\u00e9"}, "bad_latex"),  # outside the domain vocabulary
+        ("table", {"columns": ["a", "b"], "rows": [[1, 2], [3]]}, "bad_table"),
+        ("table", {"columns": ["a"], "rows": [[{"x": 1}]]}, "bad_table"),
+        ("table", {"columns": ["a"], "rows": [[i] for i in range(CFG.table.max_len)]}, "too_long"),
+        ("figure", {"path": "no_such_image.png"}, "bad_figure"),
+        ("figure", {"path": "README.txt"}, "bad_figure"),
+        ("figure", {"array": [[0.1, 0.2], [0.3]]}, "bad_figure"),
+        ("figure", {"array": [[-5.0]]}, "bad_figure"),
+    ],
+)
+def test_bad_inputs_raise_their_reason(kind, seg, reason):
+    with pytest.raises(DocumentFormatError) as info:
+        featurize(kind, seg)
+    assert info.value.reason == reason
+
+
+def test_aspect_ratio_sets_the_patch_grid():
+    rng = np.random.default_rng(0)
+    wide = featurize("figure", {"array": rng.random((30, 90)).tolist()})
+    tall = featurize("figure", {"array": rng.random((90, 30, 3)).tolist()})
+    p, side = CFG.figure.patch_size, CFG.figure.max_side // CFG.figure.patch_size
+    short = round(30 * side / 90)  # 30 px scaled by 64/90, in whole patches
+    for feats, (rows, cols) in ((wide, (short, side)), (tall, (side, short))):
+        assert feats["patches"].shape == (rows * cols, p * p * 3)
+        expected = np.array([(r, c) for r in range(rows) for c in range(cols)])
+        np.testing.assert_array_equal(feats["patch_pos"], expected)
+
+
+def test_molecule_features_match_rdkit():
+    feats = featurize_molecule("C=CC#N", CFG.molecule.max_len)
+    assert feats["atom_feats"].shape == (4, 7)
+    assert feats["edge_index"].shape == (6, 2) and feats["bond_feats"].shape == (6, 4)
+    assert {tuple(e) for e in feats["edge_index"]} == {(0, 1), (1, 0), (1, 2), (2, 1), (2, 3), (3, 2)}
+
+
+def real_batches() -> dict[str, dict[str, torch.Tensor]]:
+    smiles = [line.split()[0] for line in NCI_SMILES.read_text().splitlines()[:16]]
+    segments = {
+        "molecule": [{"smiles": s} for s in smiles],
+        "figure": [{"path": "camera.png"}, {"path": "astronaut.png"}, {"array": np.eye(12).tolist()}],
+        **{k: v for k, v in SEGMENTS.items() if k not in ("molecule", "figure")},
+    }
+    return {kind: collate(kind, [featurize(kind, seg) for seg in segs]) for kind, segs in segments.items()}
+
+
+def test_gradient_reaches_every_encoder_parameter():
+    torch.manual_seed(0)
+    vocab = {"latex": TOK.domain("latex").size, "protein": TOK.domain("protein").size, "text": TOK.text_vocab_size}
+    encoders = build_encoders(CFG, D_MODEL, vocab)
+    loss = sum((encoders[kind](batch) * torch.randn(D_MODEL)).sum() for kind, batch in real_batches().items())
+    loss.backward()
+    for name, p in encoders.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_build_is_deterministic_given_the_seed():
+    vocab = {"latex": 10, "protein": 10, "text": 10}
+    torch.manual_seed(3)
+    a = build_encoders(CFG, D_MODEL, vocab).state_dict()
+    torch.manual_seed(3)
+    b = build_encoders(CFG, D_MODEL, vocab).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -231,7 +231,7 @@ class MoE(nn.Module):
         capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
         start_E = torch.cumsum(routed_E, dim=0) - routed_E
         rank_A = torch.arange(order_A.numel(), device=order_A.device) - start_E[experts_A[order_A]]
-        return order_A[rank_A < capacity], routed_E.clamp(max=capacity)
+        return order_A[rank_A <= capacity], routed_E.clamp(max=capacity+1)
 
     @torch.no_grad()
     def _record_stats(

@@ -32,4 +32,6 @@ _COMMANDS = (
 _SYMBOLS = ["\\\\", "\\{", "\\}", "\\,", "\\;", "\\:", "\\!", "\\ ", "\\|", "\\%", "\\$", "\\&", "\\#", "\\_"]
 _WHITESPACE = ["  ", "\n\n"]
 
-BASE_TOKENS: list[str] = PRINTABLE_ASCII + ["\\" + c for c in (_GREEK + " " + _COMMANDS).split()] + _SYMBOLS + _WHITESPACE
+_CONTROL_WORDS = ["\\" + name for name in (_GREEK + " " + _COMMANDS).split()]
+
+BASE_TOKENS: list[str] = PRINTABLE_ASCII + _CONTROL_WORDS + _SYMBOLS + _WHITESPACE

@@ -16,7 +16,7 @@ import bisect
 import itertools
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -73,10 +73,12 @@ class ScientificTokenizer:
     ) -> "ScientificTokenizer":
         """`vocab_size` is the BPE target; inline domain spans in `texts` feed the domain vocabularies."""
         if vocab_size < BYTE_ALPHABET_SIZE:
-            raise TokenizerError(f"vocab_size {vocab_size} is below the {BYTE_ALPHABET_SIZE} byte tokens; use 256 or more")
+            raise TokenizerError(
+                f"vocab_size {vocab_size} is below the {BYTE_ALPHABET_SIZE} byte tokens; use 256 or more"
+            )
         seen: dict[str, list[str]] = {"smiles": list(smiles), "protein": [], "latex": list(latex)}
 
-        def prose() -> Iterable[str]:
+        def prose() -> Iterator[str]:
             # Domain spans are kept out of the BPE so its merges are spent on prose.
             for text in texts:
                 for kind, piece in split_spans(text):
@@ -97,7 +99,8 @@ class ScientificTokenizer:
             "special_tokens": self._specials,
             "domains": [d.to_dict() for d in self._domains.values()],
         }
-        (directory / DOMAINS_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1), encoding="utf-8")
+        text = json.dumps(meta, ensure_ascii=False, indent=1)
+        (directory / DOMAINS_FILE).write_text(text, encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path) -> "ScientificTokenizer":

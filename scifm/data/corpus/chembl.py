@@ -80,8 +80,8 @@ ACTIVITY_TEMPLATES = (
     "In the CHEMBL2321810 series, {mol} reaches a pActivity of {act}.",
 )
 RANK_TEMPLATES = (
-    "Two compounds from CHEMBL2321810: A is {a} and B is {b} . Which is more potent? {winner} is, "
-    "with an activity of {hi} against {lo} (−log10 molar).",
+    "Compound A, {a} and compound B, {b} were both tested in CHEMBL2321810. Which is more potent? "
+    "{winner} is, with an activity of {hi} against {lo} (−log10 molar).",
     "Comparing {a} with {b} in the CHEMBL2321810 assay, the more active compound is {winner_long} "
     "({hi} versus {lo} on the −log10 molar scale).",
 )

@@ -118,13 +118,3 @@ class TokenSequenceEncoder(nn.Module):
         x_BLD = self.tokens(ids_BL) + self.positions(pos_L)
         return self.head(self.transformer(x_BLD, mask_BL), mask_BL)
 
-
-def init_weights(module: nn.Module, std: float) -> None:
-    """Small normal init for every matrix (linear, embedding, queries), zero biases, unit norms."""
-    for name, p in module.named_parameters():
-        if p.dim() >= 2:
-            nn.init.normal_(p, std=std)
-        elif name.endswith("bias"):
-            nn.init.zeros_(p)
-        else:
-            nn.init.ones_(p)

@@ -1,0 +1,45 @@
+"""Shared fixtures: a small built-in corpus and a tokenizer trained on it, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# keep every cache a test run makes inside pytest's temp area, never in the user's home
+os.environ.setdefault("SCIFM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "scifm-test-cache"))
+
+SMALL_CORPUS_DOCS = 150  # per source
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    from scifm.data.corpus import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(out, max_docs_per_source=SMALL_CORPUS_DOCS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_config(corpus_dir):
+    """compose_run_config with the small corpus and any extra overrides."""
+    from scifm.train.entry import compose_run_config
+
+    def make(*overrides: str):
+        return compose_run_config(
+            ["experiment=tiny", f"data.corpus_dir={corpus_dir}",
+             f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", *overrides]
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tokenizer(make_config):
+    from scifm.data.sources import resolve_sources
+    from scifm.data.tokenizer_training import train_tokenizer
+
+    cfg = make_config()
+    return train_tokenizer(resolve_sources(cfg.data), cfg.data)

@@ -19,7 +19,7 @@ CAFFEINE = "Cn1cnc2c1c(=O)n(C)c(=O)n2C"
 
 def build(cfg, tokenizer, seed=0) -> ScientificMoE:
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
-    init_parameters(model, seed, cfg.model.init_std)
+    init_parameters(model, seed, cfg.model.init_std, cfg.model.n_layers)
     return model.eval()
 
 

@@ -165,6 +165,9 @@ def test_update_bias_moves_toward_underloaded_experts() -> None:
     router = Router(4, MoEConfig(n_experts=4, top_k=1, bias_update_rate=0.1))
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))  # mean 5
     torch.testing.assert_close(router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    moe = MoE(4, MoEConfig(n_experts=4, top_k=1, expert_ffn=4, bias_update_rate=0.1))
+    moe.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
+    torch.testing.assert_close(moe.router.expert_bias, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
     off = Router(4, MoEConfig(n_experts=4, top_k=1, bias_update_rate=0.0))
     off.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]))
     assert off.expert_bias.abs().sum() == 0
@@ -264,3 +267,31 @@ def test_shared_experts_change_output_and_get_gradients() -> None:
     y_BSD.pow(2).sum().backward()
     for p in moe.shared_experts.parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_capacity_matches_per_token_reference_top2(use_grouped_mm: bool) -> None:
+    if use_grouped_mm and not HAS_GROUPED_MM:
+        pytest.skip("this torch build has no torch._grouped_mm")
+    torch.manual_seed(6)
+    cfg = MoEConfig(n_experts=4, top_k=2, expert_ffn=8, capacity_factor=0.75)
+    moe = MoE(8, cfg)
+    moe.experts.use_grouped_mm = use_grouped_mm
+    x_TD = torch.randn(12, 8)
+    y_TD = moe(x_TD[None])[0]
+
+    weights_TK, experts_TK, _, _ = moe.router(x_TD)
+    capacity = math.ceil(0.75 * 12 * 2 / 4)
+    kept = set()
+    for e in range(4):
+        mine = [(t, k) for t in range(12) for k in range(2) if experts_TK[t, k] == e]
+        mine.sort(key=lambda tk: -weights_TK[tk].item())
+        kept.update(mine[:capacity])
+    w = moe.experts
+    y_ref = torch.stack([
+        sum((weights_TK[t, k] * _expert_ref(x_TD[t], int(experts_TK[t, k]), w.w1, w.w2, w.w3)
+             for k in range(2) if (t, k) in kept), torch.zeros(8))
+        for t in range(12)
+    ])
+    assert moe.last_stats["dropped_tokens"].item() == 24 - len(kept) > 0
+    torch.testing.assert_close(y_TD, y_ref, atol=1e-5, rtol=1e-5)

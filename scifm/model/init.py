@@ -2,12 +2,15 @@
 
 Each full parameter is drawn from its own generator seeded by a hash of the run seed and the
 parameter's name, so the same seed gives the same weights whatever else is built, in whatever
-order, and however the parameter is later sharded.
+order, and however the parameter is later sharded. Matrices are normal(0, std); those that
+write into the residual stream (attention `wo`, SwiGLU and expert `w2`) get std / sqrt(2 * n_layers)
+so the residual's variance does not grow with depth; norms start at 1 and biases at 0.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import torch
 import torch.nn as nn
@@ -22,8 +25,13 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
+def _writes_residual(full_name: str) -> bool:
+    return full_name.endswith((".wo.weight", ".w2.weight", "experts.w2"))
+
+
 @torch.no_grad()
-def init_parameters(model: nn.Module, seed: int, std: float) -> None:
+def init_parameters(model: nn.Module, seed: int, std: float, n_layers: int) -> None:
+    residual_std = std / math.sqrt(2 * n_layers)
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{param_name}" if module_name else param_name
@@ -33,4 +41,5 @@ def init_parameters(model: nn.Module, seed: int, std: float) -> None:
                 param.zero_()
             else:
                 gen = torch.Generator().manual_seed(_seed_for(seed, full_name))
-                param.copy_(torch.randn(param.shape, generator=gen) * std)
+                scale = residual_std if _writes_residual(full_name) else std
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)

@@ -41,7 +41,8 @@ def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tup
     Positions are given rather than implied by the index so that packed documents each start at 0.
     Uses the rotate-half layout: frequency i drives dims i and i + head_dim/2.
     """
-    inv_freq_R = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float32) / head_dim)
+    dims_R = torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float32)
+    inv_freq_R = 1.0 / theta ** (dims_R / head_dim)
     angles_BSR = positions_BS.float()[..., None] * inv_freq_R
     angles_BSD = torch.cat([angles_BSR, angles_BSR], dim=-1)
     return angles_BSD.cos(), angles_BSD.sin()

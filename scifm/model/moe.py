@@ -94,10 +94,6 @@ class Router(nn.Module):
         self.expert_bias.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
 
 
-def _grouped_mm_available() -> bool:
-    return hasattr(torch, "_grouped_mm")
-
-
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype, int, int], bool] = {}
 
 
@@ -125,16 +121,24 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         # False forces the per-expert fallback (tests, builds without a usable grouped GEMM)
-        self.use_grouped_mm = _grouped_mm_available()
+        self.use_grouped_mm = hasattr(torch, "_grouped_mm")
         for w in (self.w1, self.w3, self.w2):
             bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default range, per expert
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by expert; tokens_per_expert_E[e] rows belong to expert e (zeros allowed)."""
-        if self.use_grouped_mm and all(_grouped_mm_works(w) for w in (self.w1, self.w3, self.w2)):
+        if self._grouped_mm_usable():
             return self._forward_grouped(x_AD, tokens_per_expert_E)
         return self._forward_per_expert(x_AD, tokens_per_expert_E)
+
+    def _grouped_mm_usable(self) -> bool:
+        if not self.use_grouped_mm:
+            return False
+        if torch.compiler.is_compiling():
+            # compile traces _grouped_mm's meta kernel, which accepts only bf16 (eager CPU also takes fp32)
+            return self.w1.dtype == torch.bfloat16
+        return all(_grouped_mm_works(w) for w in (self.w1, self.w3, self.w2))
 
     def _forward_grouped(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         # same three ops whatever the counts, so every rank issues identical work under EP/TP
@@ -160,12 +164,13 @@ class _AttachAuxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, aux_loss: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
         return x
 
     @staticmethod
-    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return grad_x, torch.ones((), dtype=torch.float32, device=grad_x.device)
+    def backward(ctx, grad_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad_x, torch.full((), ctx.scale, dtype=torch.float32, device=grad_x.device), None
 
 
 class MoE(nn.Module):
@@ -194,6 +199,8 @@ class MoE(nn.Module):
         )
         self.register_buffer("tokens_per_expert_acc", torch.zeros(cfg.n_experts), persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
+        # the trainer sets 1 / micro-batches per step, so aux losses are averaged like the LM loss
+        self.aux_grad_scale = 1.0
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -216,7 +223,7 @@ class MoE(nn.Module):
         lb_loss = self.aux_loss_coef * load_balance_loss(probs_TE, routed_E, self.top_k)
         z_loss = self.z_loss_coef * router_z_loss(logits_TE)
         self._record_stats(routed_E, experts_A.numel() - order_A.numel(), lb_loss, z_loss)
-        return _AttachAuxLoss.apply(out_TD.view(B, S, D), lb_loss + z_loss)
+        return _AttachAuxLoss.apply(out_TD.view(B, S, D), lb_loss + z_loss, self.aux_grad_scale)
 
     def _sort_assignments(
         self, experts_A: torch.Tensor, weights_A: torch.Tensor, routed_E: torch.Tensor
@@ -231,7 +238,7 @@ class MoE(nn.Module):
         capacity = math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts)
         start_E = torch.cumsum(routed_E, dim=0) - routed_E
         rank_A = torch.arange(order_A.numel(), device=order_A.device) - start_E[experts_A[order_A]]
-        return order_A[rank_A <= capacity], routed_E.clamp(max=capacity+1)
+        return order_A[rank_A < capacity], routed_E.clamp(max=capacity)
 
     @torch.no_grad()
     def _record_stats(
@@ -246,6 +253,10 @@ class MoE(nn.Module):
             "load_balance_loss": lb_loss.detach(),
             "z_loss": z_loss.detach(),
         }
+
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """See Router.update_bias; typically fed with pop_tokens_per_expert() after each step."""
+        self.router.update_bias(tokens_per_expert_E)
 
     def pop_tokens_per_expert(self) -> torch.Tensor:
         """Counts accumulated since the last call (over micro-batches), then reset to zero."""

@@ -19,9 +19,8 @@ from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.sources import resolve_sources
 from scifm.data.tokenizer_training import train_tokenizer
 from scifm.model.init import init_parameters
-from scifm.model.moe import MoE
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
-from scifm.model.transformer import count_params
+from scifm.model.transformer import count_params, moe_layers
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
     latest_checkpoint,
@@ -60,10 +59,6 @@ def lm_loss_sum(model: ScientificMoE, batch: Batch, autocast) -> torch.Tensor:
     return F.cross_entropy(
         logits_BSV.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-
-
-def moe_modules(model: torch.nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 @dataclass
@@ -108,7 +103,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         tokenizer.save(run_dir / "tokenizer")
 
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
-    init_parameters(model, tc.seed, cfg.model.init_std)
+    init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
     model.to(device)
     total_params, active_params = count_params(model, cfg.model)
     optimizer = build_optimizer(model, tc)
@@ -153,6 +148,9 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     print(f"model {cfg.model.name}: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active "
           f"per token; vocabulary {vocab}; device {device}", flush=True)
     last_eval: Evaluation | None = None
+    moes = moe_layers(model)
+    for m in moes:
+        m.aux_grad_scale = 1.0 / tc.grad_accum
     model.train()
     while step < tc.max_steps:
         t_step = time.perf_counter()
@@ -174,7 +172,6 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        moes = moe_modules(model)
         moe_stats = [dict(m.last_stats) for m in moes]
         for m in moes:
             m.update_bias(m.pop_tokens_per_expert())

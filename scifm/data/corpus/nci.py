@@ -83,11 +83,11 @@ PROFILE_TEMPLATES = (
 )
 
 
-def read_property_records() -> list[tuple[str, str]]:
-    """(record index, molblock with properties) for each entry of first_200.props.sdf."""
-    text = package_file("rdkit", "Data", "NCI", "first_200.props.sdf").read_text()
-    blocks = [b.strip("\n") + "\n$$$$\n" for b in text.split("$$$$") if b.strip()]
-    return [(f"{i:03d}", block) for i, block in enumerate(blocks)]
+def read_property_records() -> Iterator[tuple[str, Chem.Mol | None]]:
+    """(record index, molecule with its SDF fields, or None where RDKit rejects the record)."""
+    data = package_file("rdkit", "Data", "NCI", "first_200.props.sdf").read_bytes()
+    for i, mol in enumerate(Chem.ForwardSDMolSupplier(io.BytesIO(data))):
+        yield f"{i:03d}", mol
 
 
 def property_values(mol: Chem.Mol) -> dict[str, float]:
@@ -109,8 +109,7 @@ def property_values(mol: Chem.Mol) -> dict[str, float]:
 
 def property_docs(ctx: SourceContext) -> Iterator[Document]:
     """Per molecule: a property sheet (molecule + table) and two single-property questions."""
-    for index, block in read_property_records():
-        mol = next(Chem.ForwardSDMolSupplier(io.BytesIO(block.encode())), None)
+    for index, mol in read_property_records():
         if mol is None:
             ctx.skip("unparsable_molblock", f"nciprop-{index}")
             continue

@@ -10,7 +10,7 @@ from Bio import SeqIO
 from Bio.SeqUtils.ProtParam import ProteinAnalysis
 
 from scifm.data.corpus import amino_acids
-from scifm.data.corpus.common import Slot, SourceContext, num, package_file, protein_seg, render
+from scifm.data.corpus.common import Slot, SourceContext, package_file, protein_seg, render
 from scifm.data.documents import Document
 
 # Long enough for the tokenizer's auto-detection (27+ letters), short enough to read in prose.

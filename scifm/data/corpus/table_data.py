@@ -18,17 +18,24 @@ class DataTable:
     key: str  # column of unique row labels (sample number, year, state ...)
     categorical: tuple[str, ...]
     numeric: tuple[str, ...]
-    frame: pd.DataFrame  # key, categorical and numeric columns; cells already as displayed
+    rows: list[list[int | float | str]]  # key, categorical, numeric columns; cells as displayed
     ordered: bool  # rows form a series along the key (contiguous slices, line plots)
+
+    @property
+    def columns(self) -> list[str]:
+        return [self.key, *self.categorical, *self.numeric]
 
 
 def normalise(name: str, title: str, frame: pd.DataFrame, key: str, categorical: tuple[str, ...] = (), ordered: bool = False) -> DataTable:
     """Drops incomplete rows and rounds cells once, so every fact is computed from what is shown."""
-    numeric = tuple(c for c in frame.columns if c != key and c not in categorical)
+    numeric = tuple(
+        c for c in frame.columns if c != key and c not in categorical and pd.api.types.is_numeric_dtype(frame[c])
+    )
     frame = frame.dropna().reset_index(drop=True)
-    shown = pd.DataFrame({c: [cell(v) for v in frame[c]] for c in frame.columns})
-    shown[key] = [str(v) for v in frame[key]]
-    return DataTable(name, title, key, categorical, numeric, shown[[key, *categorical, *numeric]], ordered)
+    rows = [[str(r[0]), *(cell(v) for v in r[1:])] for r in frame[[key, *categorical, *numeric]].itertuples(index=False)]
+    if len({r[0] for r in rows}) != len(rows):
+        raise ValueError(f"table {name}: key column {key!r} must label rows uniquely")
+    return DataTable(name, title, key, categorical, numeric, rows, ordered)
 
 
 def numbered(frame: pd.DataFrame, key: str) -> pd.DataFrame:
@@ -36,7 +43,8 @@ def numbered(frame: pd.DataFrame, key: str) -> pd.DataFrame:
     return frame.reset_index(drop=True).assign(**{key: range(1, len(frame) + 1)})
 
 
-def sklearn_tables() -> list[DataTable]:
+@functools.cache
+def sklearn_tables() -> tuple[DataTable, ...]:
     from sklearn import datasets
 
     def load(loader: str) -> tuple[str, pd.DataFrame, list[str] | None]:
@@ -58,7 +66,7 @@ def sklearn_tables() -> list[DataTable]:
     tables.append(normalise("diabetes", title, numbered(frame, "patient").rename(columns={"target": "progression"}), "patient"))
     title, frame, _ = load("load_linnerud")
     tables.append(normalise("linnerud", title, numbered(frame, "athlete"), "athlete"))
-    return tables
+    return tuple(tables)
 
 
 def statsmodels_table(module: str) -> tuple[str, pd.DataFrame]:
@@ -71,7 +79,8 @@ def quarter_key(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=["year", "quarter"]).assign(quarter=labels)
 
 
-def statsmodels_tables() -> list[DataTable]:
+@functools.cache
+def statsmodels_tables() -> tuple[DataTable, ...]:
     def year_key(frame: pd.DataFrame, column: str) -> pd.DataFrame:
         return frame.assign(**{column: frame[column].astype(int)})
 
@@ -99,14 +108,13 @@ def statsmodels_tables() -> list[DataTable]:
     tables.append(normalise("china_smoking", title, f.rename_axis("city").reset_index(), "city"))
     title, f = statsmodels_table("fertility")
     years = [str(y) for y in range(1960, 2011, 10)]
-    tables.append(normalise("fertility", title, f[["Country Name", *years]], "Country Name"))
+    tables.append(normalise("fertility", title, f[["Country Name", *years]].rename(columns={"Country Name": "country"}), "country"))
     for module, key in (("engel", "household"), ("strikes", "strike"), ("spector", "student"), ("heart", "patient"), ("star98", "school")):
         title, f = statsmodels_table(module)
         tables.append(normalise(module, title, numbered(f, key), key))
-    return tables
+    return tuple(tables)
 
 
-@functools.cache
 def all_tables() -> tuple[DataTable, ...]:
-    """Loaded once per process: the tables and the plots sources both slice them."""
-    return tuple(sklearn_tables() + statsmodels_tables())
+    """Both families; each is loaded once per process, since the table and plot sources share them."""
+    return sklearn_tables() + statsmodels_tables()

@@ -165,7 +165,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
             # normalised by the step's total target count, so accumulation splits change nothing
             loss = lm_loss_sum(model, batch, autocast) / max(n_targets, 1)
             loss.backward()
-            loss_total += float(loss)
+            loss_total += float(loss.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(
             model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf
         )

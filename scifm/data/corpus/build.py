@@ -10,6 +10,7 @@ The directory is built beside its final place and swapped in, so a reader never 
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -19,7 +20,6 @@ from collections import Counter
 from pathlib import Path
 
 from scifm.data.corpus.common import FIGURES_DIR, SourceContext
-from scifm.data.corpus.sources import SOURCES
 from scifm.data.corpus.version import CORPUS_VERSION
 from scifm.data.documents import SPLITS, split_of, write_jsonl
 from scifm.data.skips import SkipCounter
@@ -37,23 +37,33 @@ SPLIT_RULE = (
 
 
 def build_corpus(out_dir: str | Path, *, max_docs_per_source: int | None = None, seed: int = 0) -> dict:
-    """Builds the corpus into `out_dir` and returns its report; an up-to-date corpus is not rebuilt."""
+    """Builds the corpus into `out_dir` and returns its report; an up-to-date corpus is not rebuilt.
+
+    Safe to call from several processes at once (e.g. every rank of a job): one builds, the others
+    wait on a lock file beside `out_dir` and then find the finished corpus.
+    """
     out_dir = Path(out_dir)
     params = {"max_docs_per_source": max_docs_per_source, "seed": seed}
     cached = cached_report(out_dir, params)
-    if cached is not None:
+    if cached is not None:  # checked before locking, so a read-only corpus can still be used
         return cached
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_FILE).exists():
-        raise DataError(f"{out_dir} exists and is not a scifm corpus; build into an empty or new directory")
-    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        report = write_corpus(staging, params)
-        swap_in(staging, out_dir)
-    finally:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cached = cached_report(out_dir, params)
+        if cached is not None:
+            return cached
+        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_FILE).exists():
+            raise DataError(f"{out_dir} exists and is not a scifm corpus; build into an empty or new directory")
+        staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-    return report
+        staging.mkdir()
+        try:
+            report = write_corpus(staging, params)
+            swap_in(staging, out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return report
 
 
 def cached_report(out_dir: Path, params: dict) -> dict | None:
@@ -68,6 +78,9 @@ def cached_report(out_dir: Path, params: dict) -> dict | None:
 
 
 def write_corpus(root: Path, params: dict) -> dict:
+    # imported here: the sources pull in RDKit, SymPy, matplotlib ..., which a cached corpus does not need
+    from scifm.data.corpus.sources import SOURCES
+
     skips = SkipCounter(max_bad_fraction=MAX_BAD_FRACTION)
     per_source: dict[str, int] = {}
     per_skill: Counter[str] = Counter()

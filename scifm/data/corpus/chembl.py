@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Iterator
+from collections.abc import Iterator
 
 from rdkit import Chem
 from rdkit.Chem import Descriptors, rdMolDescriptors
@@ -27,7 +27,10 @@ def read_freewilson_records() -> list[tuple[str, str, str | None]]:
     """(compound id, SMILES, activity text or None) for CHEMBL2321810.smi joined with its _act.csv."""
     act_text = package_file("rdkit", "Contrib", "FreeWilson", "data", "CHEMBL2321810_act.csv").read_text()
     activity = {row["Name"]: row["Act"] for row in csv.DictReader(io.StringIO(act_text))}
-    return [(name, smiles, activity.get(name)) for name, smiles in read_smiles_file("FreeWilson", "data", "CHEMBL2321810.smi")]
+    return [
+        (name, smiles, activity.get(name))
+        for name, smiles in read_smiles_file("FreeWilson", "data", "CHEMBL2321810.smi")
+    ]
 
 
 FORMULA_TEMPLATES = (
@@ -70,7 +73,9 @@ def fraggle_docs(ctx: SourceContext) -> Iterator[Document]:
             ),
         ]
         for skill, templates, value in facts:
-            segments = render(ctx.rng.choice(templates), {"mol": molecule_slot(ctx.rng, smiles)}, value=value, label=label)
+            segments = render(
+                ctx.rng.choice(templates), {"mol": molecule_slot(ctx.rng, smiles)}, value=value, label=label
+            )
             yield ctx.doc(f"{doc_id}-{skill.split('.')[1]}", skill, segments)
 
 
@@ -90,12 +95,22 @@ MIN_RANK_GAP = 0.3
 RANK_FRACTION = 0.2
 
 
+def parse_activity(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def freewilson_docs(ctx: SourceContext) -> Iterator[Document]:
     """One activity fact per compound; for some, a potency comparison with an earlier compound."""
     earlier: list[tuple[str, str, float]] = []
     for name, smiles, act in read_freewilson_records():
         doc_id = f"fw-{name}"
-        if act is None:
+        value = parse_activity(act)
+        if value is None:
             ctx.skip("missing_activity", doc_id)
             continue
         if Chem.MolFromSmiles(smiles) is None:
@@ -103,7 +118,6 @@ def freewilson_docs(ctx: SourceContext) -> Iterator[Document]:
             continue
         slots = {"mol": molecule_slot(ctx.rng, smiles)}
         yield ctx.doc(doc_id, "mol.activity", render(ctx.rng.choice(ACTIVITY_TEMPLATES), slots, name=name, act=act))
-        value = float(act)
         partners = [e for e in earlier if abs(e[2] - value) >= MIN_RANK_GAP]
         if partners and ctx.rng.random() < RANK_FRACTION:
             other_name, other_smiles, other_value = ctx.rng.choice(partners)

@@ -60,12 +60,18 @@ def codon_docs(ctx: SourceContext) -> Iterator[Document]:
     all_codons = sorted(list(standard.forward_table) + standard.stop_codons)
     for dna in all_codons:
         codon, alphabet = spell(ctx, dna)
-        segments = render(ctx.rng.choice(CODON_TEMPLATES), codon=codon, alphabet=alphabet, code=code, meaning=meaning(standard, dna))
+        segments = render(
+            ctx.rng.choice(CODON_TEMPLATES), codon=codon, alphabet=alphabet, code=code, meaning=meaning(standard, dna)
+        )
         yield ctx.doc(f"codon-1-{dna}", "bio.codon", segments)
     for aa in sorted(amino_acids.NAMES):
         codons = sorted(c for c, a in standard.forward_table.items() if a == aa)
         segments = render(
-            ctx.rng.choice(SET_TEMPLATES), code=code, residue=amino_acids.describe(aa), n=len(codons), codons=", ".join(codons)
+            ctx.rng.choice(SET_TEMPLATES),
+            code=code,
+            residue=amino_acids.describe(aa),
+            n=len(codons),
+            codons=", ".join(codons),
         )
         yield ctx.doc(f"codon-1-aa-{aa}", "bio.codon", segments)
     for table_id, table in tables.items():

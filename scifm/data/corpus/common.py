@@ -5,10 +5,10 @@ from __future__ import annotations
 import importlib.resources
 import random
 import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -93,23 +93,16 @@ def render(template: str, slots: dict[str, Slot] | None = None, **values: object
     return compose(pieces)
 
 
-def compose(pieces: Sequence[Slot | list[dict]]) -> list[dict]:
-    """Strings and segments (or segment lists) in order -> segments, with adjacent text merged."""
-    flat: list[Slot] = []
-    for p in pieces:
-        flat.extend(p if isinstance(p, list) else [p])
+def compose(pieces: Sequence[Slot]) -> list[dict]:
+    """Strings and segments in order -> segments, with adjacent text merged and empty text dropped."""
     out: list[dict] = []
-    for p in flat:
-        if isinstance(p, dict) and p["type"] != "text":
+    for p in pieces:
+        if isinstance(p, dict):
             out.append(p)
-            continue
-        text = p if isinstance(p, str) else p["text"]
-        if not text:
-            continue
-        if out and out[-1]["type"] == "text":
-            out[-1] = text_seg(out[-1]["text"] + text)
-        else:
-            out.append(text_seg(text))
+        elif p and out and out[-1]["type"] == "text":
+            out[-1] = text_seg(out[-1]["text"] + p)
+        elif p:
+            out.append(text_seg(p))
     return out
 
 

@@ -86,18 +86,18 @@ def intensity_text(rng: random.Random, pixels: np.ndarray) -> str:
 
 
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+MIN_QUADRANT_GAP = 3.0  # gray levels by which the brightest quadrant must lead, to be visible
 
 
 def quadrant_text(rng: random.Random, pixels: np.ndarray) -> str | None:
     g = gray(pixels)
     h, w = g.shape[0] // 2, g.shape[1] // 2
-    means = [g[:h, :w].mean(), g[:h, w:].mean(), g[h:, :w].mean(), g[h:, w:].mean()]
-    shown = [round(m, 1) for m in means]
-    best = max(shown)
-    if shown.count(best) != 1:
+    means = [round(float(q.mean()), 1) for q in (g[:h, :w], g[:h, w:], g[h:, :w], g[h:, w:])]
+    runner_up, best = sorted(means)[-2:]
+    if best - runner_up < MIN_QUADRANT_GAP:
         return None
-    listing = ", ".join(f"{q} {m:.1f}" for q, m in zip(QUADRANTS, shown))
-    quadrant = QUADRANTS[shown.index(best)]
+    listing = ", ".join(f"{q} {m:.1f}" for q, m in zip(QUADRANTS, means))
+    quadrant = QUADRANTS[means.index(best)]
     return rng.choice(
         (
             f"Question: which quadrant of this image is brightest? Answer: the {quadrant} quadrant "
@@ -160,7 +160,9 @@ def image_docs(ctx: SourceContext) -> Iterator[Document]:
             path, rel = ctx.figure(f"img-{loader}-crop{k}")
             crop = save_small(image.crop((x, y, x + side, y + side)), CROP_MAX_SIDE, path)
             skill, text = "fig.intensity", intensity_text(ctx.rng, crop)
-            for candidate, make in ctx.rng.sample([("fig.quadrant", quadrant_text), ("fig.threshold", threshold_text)], 2):
+            for candidate, make in ctx.rng.sample(
+                [("fig.quadrant", quadrant_text), ("fig.threshold", threshold_text)], 2
+            ):
                 answer = make(ctx.rng, crop)
                 if answer is not None:
                     skill, text = candidate, answer

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-from typing import Iterator
+from collections.abc import Iterator
 
 from rdkit import Chem, RDLogger
-from rdkit.Chem import Crippen, Descriptors
+from rdkit.Chem import Crippen, Descriptors, rdMolDescriptors
 
 from scifm.data.corpus.common import SourceContext, cell, molecule_slot, num, package_file, render, table_seg
 from scifm.data.documents import Document
@@ -16,7 +16,7 @@ RDLogger.DisableLog("rdApp.*")
 
 
 def read_tpsa_records() -> list[tuple[str, str, float]]:
-    """(NSC number, SMILES, reference TPSA) from first_5K.smi joined with first_5k.tpsa.csv by SMILES."""
+    """(entry number, SMILES, reference TPSA): first_5K.smi joined with first_5k.tpsa.csv by SMILES."""
     base = package_file("rdkit", "Data", "NCI")
     tpsa: dict[str, float] = {}
     for line in (base / "first_5k.tpsa.csv").read_text().splitlines():
@@ -25,9 +25,9 @@ def read_tpsa_records() -> list[tuple[str, str, float]]:
             tpsa[smiles] = float(value)
     records = []
     for line in (base / "first_5K.smi").read_text().splitlines():
-        smiles, nsc = line.split("\t")
+        smiles, entry = line.split("\t")
         if smiles in tpsa:
-            records.append((nsc, smiles, tpsa[smiles]))
+            records.append((entry, smiles, tpsa[smiles]))
     return records
 
 
@@ -36,15 +36,15 @@ TPSA_TEMPLATES = (
     "The topological polar surface area of {mol} is {tpsa} Å².",
     "Computed from its polar atoms, the TPSA of {mol} comes to {tpsa} Å².",
     "Question: what is the topological polar surface area of {mol} in Å²? Answer: {tpsa}.",
-    "NCI compound {nsc}, {mol} has a topological polar surface area of {tpsa} Å².",
+    "Entry {entry} of the NCI set, {mol} has a topological polar surface area of {tpsa} Å².",
     "Summing the polar fragment contributions of {mol} gives a TPSA of {tpsa} Å².",
 )
 
 
 def tpsa_docs(ctx: SourceContext) -> Iterator[Document]:
     seen: set[str] = set()
-    for nsc, smiles, tpsa in read_tpsa_records():
-        doc_id = f"nci-{int(nsc):05d}"
+    for entry, smiles, tpsa in read_tpsa_records():
+        doc_id = f"nci-{int(entry):05d}"
         mol = Chem.MolFromSmiles(smiles)
         if mol is None:
             ctx.skip("unparsable_smiles", doc_id)
@@ -55,7 +55,7 @@ def tpsa_docs(ctx: SourceContext) -> Iterator[Document]:
             continue
         seen.add(canonical)
         template = ctx.rng.choice(TPSA_TEMPLATES)
-        segments = render(template, {"mol": molecule_slot(ctx.rng, smiles)}, tpsa=f"{tpsa:.2f}", nsc=nsc)
+        segments = render(template, {"mol": molecule_slot(ctx.rng, smiles)}, tpsa=f"{tpsa:.2f}", entry=entry)
         yield ctx.doc(doc_id, "mol.tpsa", segments)
 
 
@@ -94,11 +94,11 @@ def property_values(mol: Chem.Mol) -> dict[str, float]:
     """The SDF's own fields where present, RDKit descriptors where a field is missing."""
     fallback = {
         "mol.mw": Descriptors.MolWt,
-        "mol.rings": Chem.rdMolDescriptors.CalcNumRings,
-        "mol.hbd": Chem.rdMolDescriptors.CalcNumHBD,
-        "mol.hba": Chem.rdMolDescriptors.CalcNumHBA,
-        "mol.rotb": Chem.rdMolDescriptors.CalcNumRotatableBonds,
-        "mol.heteroatoms": Chem.rdMolDescriptors.CalcNumHeteroatoms,
+        "mol.rings": rdMolDescriptors.CalcNumRings,
+        "mol.hbd": rdMolDescriptors.CalcNumHBD,
+        "mol.hba": rdMolDescriptors.CalcNumHBA,
+        "mol.rotb": rdMolDescriptors.CalcNumRotatableBonds,
+        "mol.heteroatoms": rdMolDescriptors.CalcNumHeteroatoms,
     }
     values = {}
     for skill, (field, _) in PROPERTIES.items():
@@ -108,7 +108,7 @@ def property_values(mol: Chem.Mol) -> dict[str, float]:
 
 
 def property_docs(ctx: SourceContext) -> Iterator[Document]:
-    """Per molecule: a property sheet (molecule + table) and two single-property questions."""
+    """Per molecule: a property sheet (molecule + table), two SDF-property facts and a logP estimate."""
     for index, mol in read_property_records():
         if mol is None:
             ctx.skip("unparsable_molblock", f"nciprop-{index}")
@@ -140,4 +140,3 @@ def property_docs(ctx: SourceContext) -> Iterator[Document]:
                 value=num(values["mol.logp"], 6),
             ),
         )
-

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from scifm.data.corpus.common import SourceContext, figure_seg, num, render, text_seg
 from scifm.data.corpus.table_data import DataTable, all_tables
@@ -19,6 +20,17 @@ SIZE_INCHES = (1.6, 1.2)
 DPI = 100  # -> 160 x 120 pixels
 WITH_TABLE_FRACTION = 0.3
 MIN_ABS_CORRELATION = 0.5  # weaker trends are not clear enough to ask about
+# An extreme is asked about only if it beats the runner-up by this share of the axis span,
+# so the answer can be read off the picture and not only off the numbers.
+MIN_VISIBLE_GAP = 0.04
+
+
+def apart(a: float, b: float, span: float) -> bool:
+    return span > 0 and abs(a - b) / span >= MIN_VISIBLE_GAP
+
+
+def stands_out(values: list[float], best: float, span: float) -> bool:
+    return all(apart(best, v, span) for v in values if v != best)
 
 
 def new_axes(title: str) -> tuple[Figure, object]:
@@ -26,11 +38,13 @@ def new_axes(title: str) -> tuple[Figure, object]:
     ax = fig.add_subplot()
     ax.set_title(title, fontsize=6)
     ax.tick_params(labelsize=4)
+    ax.yaxis.set_major_locator(MaxNLocator(4))  # few ticks: legible at 120 px, and ticks dominate draw time
     return fig, ax
 
 
 def save(fig: Figure, path: Path) -> None:
-    fig.tight_layout(pad=0.3)
+    # fixed margins: tight_layout would measure every label and cost more than the drawing
+    fig.subplots_adjust(left=0.18, right=0.97, bottom=0.28, top=0.85)
     # no Software tag: the PNG bytes then do not depend on the matplotlib version
     fig.savefig(path, format="png", metadata={"Software": None})
 
@@ -40,10 +54,13 @@ def bar_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSli
     col = sl.numeric[0]
     largest = rng.random() < 0.6
     found = extreme(sl, col, largest)
-    if found is None:
+    values = sl.values(col)
+    # bars start at zero, so the axis spans from zero to the tallest bar; negative bars hang down,
+    # where "tallest" would be ambiguous
+    if found is None or min(values) < 0 or not stands_out(values, found[1], max(values)):
         return None
     fig, ax = new_axes(col)
-    ax.bar(range(len(sl.rows)), sl.values(col))
+    ax.bar(range(len(sl.rows)), values)
     ax.set_xticks(range(len(sl.rows)), sl.labels, rotation=90)
     save(fig, path)
     word = "tallest" if largest else "shortest"
@@ -67,7 +84,7 @@ def line_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSl
     save(fig, path)
     first, last = sl.labels[0], sl.labels[-1]
     peak = extreme(sl, col, True)
-    if peak is not None and rng.random() < 0.5:
+    if peak is not None and stands_out(values, peak[1], max(values) - min(values)) and rng.random() < 0.5:
         text = rng.choice(
             (
                 "The line traces {col} from {key} {first} to {last}. It peaks at {value} in {key} {label}.",
@@ -75,7 +92,7 @@ def line_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSl
             )
         ).format(col=col, key=sl.key_word, first=first, last=last, label=peak[0], value=num(peak[1], 6))
         return sl, "fig.line_peak", text
-    if values[0] == values[-1]:
+    if not apart(values[0], values[-1], max(values) - min(values)):
         return None
     direction = "higher" if values[-1] > values[0] else "lower"
     text = rng.choice(
@@ -86,7 +103,13 @@ def line_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSl
             "({start} to {end}).",
         )
     ).format(
-        col=col, key=sl.key_word, first=first, last=last, direction=direction, start=num(values[0], 6), end=num(values[-1], 6)
+        col=col,
+        key=sl.key_word,
+        first=first,
+        last=last,
+        direction=direction,
+        start=num(values[0], 6),
+        end=num(values[-1], 6),
     )
     return sl, "fig.line_trend", text
 

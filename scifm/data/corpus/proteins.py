@@ -10,31 +10,39 @@ from Bio import SeqIO
 from Bio.SeqUtils.ProtParam import ProteinAnalysis
 
 from scifm.data.corpus import amino_acids
-from scifm.data.corpus.common import Slot, SourceContext, package_file, protein_seg, render
+from scifm.data.corpus.common import INLINE_FRACTION, Slot, SourceContext, package_file, protein_seg, render
 from scifm.data.documents import Document
 
-# Long enough for the tokenizer's auto-detection (27+ letters), short enough to read in prose.
+# Every protein here is longer than the tokenizer's 27-letter auto-detection threshold;
+# only short ones are written into prose, where a long one would swamp the sentence.
 INLINE_MAX_LENGTH = 150
-INLINE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
 class ProteinRecord:
     id: str
+    description: str  # Prodigal-style: "id # start # end # strand # ID=...;partial=..."
     sequence: str  # as in the file, stop marker included
-    start: int  # gene coordinates on the contig, from the Prodigal-style header
-    end: int
-    strand: int
 
 
 def read_protein_records() -> list[ProteinRecord]:
     text = package_file("pyhmmer", "tests", "data", "seqs", "938293.PRJEB85.HG003687.faa").read_text()
-    records = []
-    for rec in SeqIO.parse(io.StringIO(text), "fasta"):
-        fields = rec.description.split(" # ")
-        start, end, strand = (int(f) for f in fields[1:4])
-        records.append(ProteinRecord(rec.id, str(rec.seq), start, end, strand))
-    return records
+    return [ProteinRecord(r.id, r.description, str(r.seq)) for r in SeqIO.parse(io.StringIO(text), "fasta")]
+
+
+def gene_location(record: ProteinRecord) -> dict[str, str]:
+    """Template values for where the gene lies; empty where the header does not say."""
+    try:
+        start, end, strand = (int(f) for f in record.description.split(" # ")[1:4])
+    except ValueError:
+        return {}
+    return {
+        "strand": "forward" if strand == 1 else "reverse",
+        "contig": record.id.rsplit("_", 1)[0].rsplit(".", 1)[-1],
+        "start": str(start),
+        "end": str(end),
+        "nt": str(end - start + 1),
+    }
 
 
 def protein_slot(ctx: SourceContext, sequence: str) -> Slot:
@@ -77,8 +85,12 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# the value a skill's templates need beyond those every protein has
+NEEDS = {"protein.composition": "residue", "protein.gene": "start"}
+
+
 def protein_facts(record: ProteinRecord, sequence: str) -> dict[str, str]:
-    """Template values for one protein; the composition values only where one residue leads."""
+    """Template values for one protein; composition only where one residue leads, location where known."""
     analysis = ProteinAnalysis(sequence)
     mw = analysis.molecular_weight()
     gravy = analysis.gravy()
@@ -90,11 +102,7 @@ def protein_facts(record: ProteinRecord, sequence: str) -> dict[str, str]:
         "pi": f"{analysis.isoelectric_point():.2f}",
         "gravy": f"{gravy:.3f}",
         "polarity": "hydrophobic" if gravy > 0 else "hydrophilic",
-        "strand": "forward" if record.strand == 1 else "reverse",
-        "contig": record.id.rsplit("_", 1)[0].rsplit(".", 1)[-1],
-        "start": str(record.start),
-        "end": str(record.end),
-        "nt": str(record.end - record.start + 1),
+        **gene_location(record),
     }
     counts = analysis.count_amino_acids()
     top = max(counts.values())
@@ -120,8 +128,8 @@ def protein_docs(ctx: SourceContext) -> Iterator[Document]:
             ctx.skip("non_amino_acid", doc_id)
             continue
         facts = protein_facts(record, sequence)
-        # a tie for the most common residue has no single answer
-        skills = [s for s in sorted(TEMPLATES) if s != "protein.composition" or "residue" in facts]
+        # skills whose values are missing (a tie for the top residue, no location) are not asked
+        skills = [s for s in sorted(TEMPLATES) if NEEDS.get(s, "pid") in facts]
         skill = ctx.rng.choice(skills)
         template = ctx.rng.choice(TEMPLATES[skill])
         yield ctx.doc(doc_id, skill, render(template, {"protein": protein_slot(ctx, sequence)}, **facts))

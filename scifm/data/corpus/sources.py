@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from functools import partial
 
-from scifm.data.corpus import chembl, codons, elements, images, latex_generated, latex_pairs, nci, plots, proteins, tables
-from scifm.data.corpus.table_data import sklearn_tables, statsmodels_tables
+from scifm.data.corpus import (
+    chembl,
+    codons,
+    elements,
+    images,
+    latex_generated,
+    latex_pairs,
+    nci,
+    plots,
+    proteins,
+    tables,
+)
 from scifm.data.corpus.common import Source
+from scifm.data.corpus.table_data import sklearn_tables, statsmodels_tables
 
 # Order is the build order; names are the JSONL file stems and the documents' `source` field.
 SOURCES: dict[str, Source] = {

@@ -26,13 +26,17 @@ class DataTable:
         return [self.key, *self.categorical, *self.numeric]
 
 
-def normalise(name: str, title: str, frame: pd.DataFrame, key: str, categorical: tuple[str, ...] = (), ordered: bool = False) -> DataTable:
+def normalise(
+    name: str, title: str, frame: pd.DataFrame, key: str, categorical: tuple[str, ...] = (), ordered: bool = False
+) -> DataTable:
     """Drops incomplete rows and rounds cells once, so every fact is computed from what is shown."""
     numeric = tuple(
         c for c in frame.columns if c != key and c not in categorical and pd.api.types.is_numeric_dtype(frame[c])
     )
     frame = frame.dropna().reset_index(drop=True)
-    rows = [[str(r[0]), *(cell(v) for v in r[1:])] for r in frame[[key, *categorical, *numeric]].itertuples(index=False)]
+    rows = [
+        [str(r[0]), *(cell(v) for v in r[1:])] for r in frame[[key, *categorical, *numeric]].itertuples(index=False)
+    ]
     if len({r[0] for r in rows}) != len(rows):
         raise ValueError(f"table {name}: key column {key!r} must label rows uniquely")
     return DataTable(name, title, key, categorical, numeric, rows, ordered)
@@ -60,10 +64,14 @@ def sklearn_tables() -> tuple[DataTable, ...]:
         ("load_breast_cancer", "breast_cancer", "diagnosis"),
     ):
         title, frame, classes = load(loader)
-        frame = numbered(frame, "sample").assign(**{target: [classes[t] for t in frame["target"]]}).drop(columns="target")
+        frame = (
+            numbered(frame, "sample").assign(**{target: [classes[t] for t in frame["target"]]}).drop(columns="target")
+        )
         tables.append(normalise(name, title, frame, "sample", (target,)))
     title, frame, _ = load("load_diabetes")
-    tables.append(normalise("diabetes", title, numbered(frame, "patient").rename(columns={"target": "progression"}), "patient"))
+    tables.append(
+        normalise("diabetes", title, numbered(frame, "patient").rename(columns={"target": "progression"}), "patient")
+    )
     title, frame, _ = load("load_linnerud")
     tables.append(normalise("linnerud", title, numbered(frame, "athlete"), "athlete"))
     return tuple(tables)
@@ -108,8 +116,18 @@ def statsmodels_tables() -> tuple[DataTable, ...]:
     tables.append(normalise("china_smoking", title, f.rename_axis("city").reset_index(), "city"))
     title, f = statsmodels_table("fertility")
     years = [str(y) for y in range(1960, 2011, 10)]
-    tables.append(normalise("fertility", title, f[["Country Name", *years]].rename(columns={"Country Name": "country"}), "country"))
-    for module, key in (("engel", "household"), ("strikes", "strike"), ("spector", "student"), ("heart", "patient"), ("star98", "school")):
+    tables.append(
+        normalise(
+            "fertility", title, f[["Country Name", *years]].rename(columns={"Country Name": "country"}), "country"
+        )
+    )
+    for module, key in (
+        ("engel", "household"),
+        ("strikes", "strike"),
+        ("spector", "student"),
+        ("heart", "patient"),
+        ("star98", "school"),
+    ):
         title, f = statsmodels_table(module)
         tables.append(normalise(module, title, numbered(f, key), key))
     return tuple(tables)

@@ -34,8 +34,11 @@ class TableSlice:
         return [r[j] for r in self.rows]
 
     def segment(self) -> dict:
-        first, last = self.labels[0], self.labels[-1]
-        return table_seg(self.columns, self.rows, f"{self.table.title}, {self.key_word} {first} to {last}")
+        if self.table.ordered:
+            span = f"{self.key_word} {self.labels[0]} to {self.labels[-1]}"
+        else:
+            span = f"a sample of {len(self.rows)} rows"
+        return table_seg(self.columns, self.rows, f"{self.table.title}, {span}")
 
 
 def take_slice(rng: random.Random, table: DataTable, min_rows: int, max_rows: int, max_numeric: int) -> TableSlice:
@@ -78,7 +81,12 @@ def ask_extreme(largest: bool) -> Question:
             return None
         word = rng.choice(("highest", "largest") if largest else ("lowest", "smallest"))
         text = rng.choice(EXTREME_TEMPLATES).format(
-            key=sl.key_word, key_cap=sl.key_word.capitalize(), word=word, col=col, label=found[0], value=num(found[1], 6)
+            key=sl.key_word,
+            key_cap=sl.key_word.capitalize(),
+            word=word,
+            col=col,
+            label=found[0],
+            value=num(found[1], 6),
         )
         return ("table.argmax" if largest else "table.argmin"), text
 
@@ -133,7 +141,13 @@ def ask_difference(rng: random.Random, sl: TableSlice, col: str) -> tuple[str, s
     )
     diff = num(values[i] - values[j], 6)  # 6 digits hide float noise such as 1.7999999999999998
     return "table.difference", text.format(
-        col=col, key=sl.key_word, a=sl.labels[i], b=sl.labels[j], a_v=num(values[i], 6), b_v=num(values[j], 6), diff=diff
+        col=col,
+        key=sl.key_word,
+        a=sl.labels[i],
+        b=sl.labels[j],
+        a_v=num(values[i], 6),
+        b_v=num(values[j], 6),
+        diff=diff,
     )
 
 
@@ -177,6 +191,7 @@ INTRO_TEMPLATES = (
     "Consider these {n} rows taken from the {title}.",
     "Data ({title}):",
 )
+
 
 def quota(table: DataTable) -> int:
     """Documents per table grow with its size, capped so large tables do not crowd out small ones."""

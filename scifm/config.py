@@ -11,13 +11,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from scifm.errors import ConfigError
-from scifm.model.config import ModelConfig
-
-
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+from scifm.model.config import ModelConfig, require
 
 
 @dataclass
@@ -41,15 +35,15 @@ class DataConfig:
     val_batches: int = 4
 
     def validate(self) -> None:
-        _require(len(self.sources) > 0, "data.sources", "list at least one source")
+        require(len(self.sources) > 0, "data.sources", "list at least one source")
         for i, src in enumerate(self.sources):
-            _require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
-        _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
-        _require(self.temperature > 0, "data.temperature", "must be > 0")
-        _require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
-        _require(self.tokenizer_vocab_size >= 300, "data.tokenizer_vocab_size",
+            require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+        require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
+        require(self.temperature > 0, "data.temperature", "must be > 0")
+        require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+        require(self.tokenizer_vocab_size >= 300, "data.tokenizer_vocab_size",
                  "must be >= 300 (256 byte symbols plus merges)")
-        _require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+        require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
 
 
 @dataclass
@@ -72,20 +66,20 @@ class TrainerConfig:
     ckpt_every: int = 100  # 0 = only at the end
 
     def validate(self) -> None:
-        _require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
-        _require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
-        _require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
-        _require(self.lr > 0, "trainer.lr", "must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
-        _require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
-        _require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0")
-        _require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision",
+        require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
+        require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
+        require(self.lr > 0, "trainer.lr", "must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
+        require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0")
+        require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision",
                  f"must be auto, fp32 or bf16, got {self.precision!r}")
-        _require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
+        require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
                  f"must be auto, cpu or cuda, got {self.device!r}")
         for key in ("log_every", "val_every"):
-            _require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
-        _require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0")
+            require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
+        require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0")
 
 
 @dataclass
@@ -98,11 +92,11 @@ class ParallelConfig:
     ep: int = 1
 
     def validate(self) -> None:
-        _require(self.engine == "native", "parallel.engine",
+        require(self.engine == "native", "parallel.engine",
                  f"only 'native' is available in this version, got {self.engine!r}")
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
             value = getattr(self, key)
-            _require(value == 1, f"parallel.{key}",
+            require(value == 1, f"parallel.{key}",
                      f"multi-process layouts are not available in this version (got {value}); use 1")
 
 
@@ -119,7 +113,7 @@ class RunConfig:
         self.data.validate()
         self.trainer.validate()
         self.parallel.validate()
-        _require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
+        require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                  f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
 

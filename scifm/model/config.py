@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from scifm.errors import ConfigError
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
+def require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
@@ -33,19 +33,19 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = no capacity limit (dropless)
 
     def validate(self, prefix: str = "model.moe") -> None:
-        _require(self.n_experts >= 1, f"{prefix}.n_experts", f"must be >= 1, got {self.n_experts}")
-        _require(1 <= self.top_k <= self.n_experts, f"{prefix}.top_k",
+        require(self.n_experts >= 1, f"{prefix}.n_experts", f"must be >= 1, got {self.n_experts}")
+        require(1 <= self.top_k <= self.n_experts, f"{prefix}.top_k",
                  f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        _require(self.n_experts % self.n_groups == 0, f"{prefix}.n_groups",
+        require(self.n_experts % self.n_groups == 0, f"{prefix}.n_groups",
                  f"n_experts={self.n_experts} is not divisible by n_groups={self.n_groups}")
-        _require(1 <= self.topk_groups <= self.n_groups, f"{prefix}.topk_groups",
+        require(1 <= self.topk_groups <= self.n_groups, f"{prefix}.topk_groups",
                  f"must be in [1, n_groups={self.n_groups}], got {self.topk_groups}")
-        _require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), f"{prefix}.top_k",
+        require(self.top_k <= self.topk_groups * (self.n_experts // self.n_groups), f"{prefix}.top_k",
                  f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups")
-        _require(self.score_func in ("softmax", "sigmoid"), f"{prefix}.score_func",
+        require(self.score_func in ("softmax", "sigmoid"), f"{prefix}.score_func",
                  f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
-        _require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
-        _require(self.expert_ffn >= 1, f"{prefix}.expert_ffn", "must be >= 1")
+        require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
+        require(self.expert_ffn >= 1, f"{prefix}.expert_ffn", "must be >= 1")
 
 
 @dataclass
@@ -98,20 +98,20 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def validate(self) -> None:
-        _require(self.d_model >= 1, "model.d_model", "must be >= 1")
-        _require(self.n_heads >= 1 and self.n_kv_heads >= 1, "model.n_heads", "heads must be >= 1")
-        _require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
+        require(self.d_model >= 1, "model.d_model", "must be >= 1")
+        require(self.n_heads >= 1 and self.n_kv_heads >= 1, "model.n_heads", "heads must be >= 1")
+        require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
                  f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        _require(self.head_dim > 0 or self.d_model % self.n_heads == 0, "model.n_heads",
+        require(self.head_dim > 0 or self.d_model % self.n_heads == 0, "model.n_heads",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set model.head_dim")
-        _require(self.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
-        _require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
+        require(self.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+        require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
                  f"must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
-        _require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
+        require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
         self.moe.validate()
         for name in ("latex", "molecule", "protein", "table", "figure"):
             enc = getattr(self.encoders, name)
             key = f"model.encoders.{name}"
-            _require(enc.width % enc.heads == 0, f"{key}.width",
+            require(enc.width % enc.heads == 0, f"{key}.width",
                      f"width={enc.width} is not divisible by heads={enc.heads}")
-            _require(enc.slots >= 1, f"{key}.slots", "must be >= 1")
+            require(enc.slots >= 1, f"{key}.slots", "must be >= 1")

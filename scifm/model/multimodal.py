@@ -57,9 +57,14 @@ class ScientificMoE(nn.Module):
         return self.output(self.norm(h_BSD))
 
 
+# the decoder vocabulary is padded (never-seen rows) so any tensor-parallel degree up to this divides
+# it, and the padded size, hence the initial weights, is the same under every layout
+VOCAB_MULTIPLE = 64
+
+
 def vocab_sizes_of(tokenizer) -> dict[str, int]:
     return {
-        "total": tokenizer.vocab_size,
+        "total": -(-tokenizer.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
         "text": tokenizer.text_vocab_size,
         "latex": tokenizer.domain("latex").size,
         "protein": tokenizer.domain("protein").size,

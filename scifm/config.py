@@ -85,19 +85,27 @@ class TrainerConfig:
 @dataclass
 class ParallelConfig:
     engine: str = "native"
-    dp_replicate: int = 1
-    dp_shard: int = 1
+    dp_replicate: int = 1  # HSDP replicas (gradients all-reduced between them)
+    dp_shard: int = 1  # FSDP2 shards
     tp: int = 1
     pp: int = 1
-    ep: int = 1
+    ep: int = 1  # borrows ranks from dp_shard x tp
+    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded on the sequence
+    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits, never gathered
+    mixed_precision: str = "fp32"  # FSDP2 params: fp32 | bf16 (gradients always reduced in fp32)
+    activation_checkpoint: str = "none"  # none | full (every block) | selective (every other block)
+    compile: bool = False  # torch.compile each block
 
     def validate(self) -> None:
         require(self.engine == "native", "parallel.engine",
-                 f"only 'native' is available in this version, got {self.engine!r}")
+                f"only 'native' is available in this version, got {self.engine!r}")
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
-            value = getattr(self, key)
-            require(value == 1, f"parallel.{key}",
-                     f"multi-process layouts are not available in this version (got {value}); use 1")
+            require(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.pp == 1, "parallel.pp", f"pipeline parallelism is not available yet (got {self.pp}); use 1")
+        require(self.mixed_precision in ("fp32", "bf16"), "parallel.mixed_precision",
+                f"must be fp32 or bf16, got {self.mixed_precision!r}")
+        require(self.activation_checkpoint in ("none", "full", "selective"), "parallel.activation_checkpoint",
+                f"must be none, full or selective, got {self.activation_checkpoint!r}")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from scifm.data.documents import Document, split_of
 from scifm.data.encode import EncodedDocument, EncodedItem, encode_document
 from scifm.data.loader import PackedLoader
 from scifm.data.mixture import source_probabilities, stream_probabilities
-from scifm.data.packing import IGNORE_INDEX, Row, chunk_document, collate_rows
+from scifm.data.packing import placeholder_features, IGNORE_INDEX, Row, chunk_document, collate_rows
 from scifm.data.sources import resolve_sources
 from scifm.errors import BadFractionExceeded, DataError, DocumentFormatError
 
@@ -110,7 +110,7 @@ def test_collate_masks_slots_restarts_positions_and_points_at_slots(tokenizer, m
     encoded = [encode_document(d, tokenizer, cfg.model.encoders, Path(".")) for d in docs]
     row = Row([chunk_document(e, 128)[0] for e in encoded])
     row.used = sum(c.length for c in row.chunks)
-    batch = collate_rows([row], 128, tokenizer)
+    batch = collate_rows([row], 128, tokenizer, placeholder_features(tokenizer, cfg.model.encoders))
     slot = tokenizer.slot_id("molecule")
     flat = batch.input_ids.flatten()
     assert torch.all(flat[batch.slot_index["molecule"].flatten()] == slot)

@@ -8,7 +8,7 @@ import torch
 
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
-from scifm.data.packing import Row, chunk_document, collate_rows
+from scifm.data.packing import placeholder_features, Row, chunk_document, collate_rows
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params
@@ -30,7 +30,7 @@ def batch_of(docs, tokenizer, cfg, seq_len=128):
                    for d in group])
         row.used = sum(c.length for c in row.chunks)
         rows.append(row)
-    return collate_rows(rows, seq_len, tokenizer)
+    return collate_rows(rows, seq_len, tokenizer, placeholder_features(tokenizer, cfg.model.encoders))
 
 
 def logits(model, batch):
@@ -101,3 +101,20 @@ def test_paper_scale_config_counts_about_1t_total_22b_active(make_config):
     total, active = count_params(model, cfg)
     assert 0.85e12 < total < 1.1e12, total  # "~1T"
     assert 18e9 < active < 26e9, active  # "~22B active"
+
+
+def test_every_encoder_runs_and_gets_a_gradient_even_without_items(make_config, tokenizer):
+    """Placeholders keep all encoders in the graph: data-parallel ranks issue the same collectives."""
+    cfg = make_config()
+    model = build(cfg, tokenizer).train()
+    prose = Document("p", "s", "prose", [{"type": "text", "text": "No molecules here."}])
+    batch = batch_of([[prose]], tokenizer, cfg)
+    assert set(batch.items) == {"latex", "molecule", "protein", "table", "figure"}
+    assert all(batch.slot_index[m].shape[0] == 0 for m in batch.items)
+    out = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+    with torch.no_grad():  # the placeholders write nothing into the sequence
+        alone = model(batch.input_ids, batch.positions, batch.doc_ids, {}, {})
+    torch.testing.assert_close(out.detach(), alone, rtol=0, atol=0)
+    torch.nn.functional.cross_entropy(out.flatten(0, 1), batch.labels.flatten(), ignore_index=-100).backward()
+    for name, p in model.encoders.named_parameters():
+        assert p.grad is not None and torch.all(p.grad == 0), name

@@ -18,7 +18,7 @@ from scifm.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.mixture import stream_probabilities
-from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows
+from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
 from scifm.data.sources import DocumentStream, SourceSpec, skill_counts
 from scifm.errors import CheckpointError, ConfigError, DocumentFormatError
@@ -54,6 +54,7 @@ class PackedLoader:
         # the document being emitted: (stream index, its cursor, next chunk index) and its chunks
         self.pending: tuple[int, tuple, int] | None = None
         self.pending_chunks: list[Chunk] = []
+        self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
     def _encode(self, doc: Document, stream: DocumentStream, where: str) -> list[Chunk]:
@@ -106,7 +107,7 @@ class PackedLoader:
     def next_batch(self) -> Batch:
         rows = [self._next_row() for _ in range(self.batch_size)]
         mine = rows[self.dp_rank :: self.dp_size]
-        return collate_rows(mine, self.cfg.seq_len, self.tokenizer)
+        return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

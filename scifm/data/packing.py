@@ -9,11 +9,12 @@ does not fit the rest of a row starts the next row, and the rest is padding.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from scifm.data.encode import EncodedDocument, EncodedItem
-from scifm.data.features import collate
+from scifm.data.features import collate, featurize_segment
 from scifm.errors import DocumentFormatError
 
 IGNORE_INDEX = -100
@@ -79,7 +80,24 @@ class Batch:
         return int((self.labels != IGNORE_INDEX).sum())
 
 
-def collate_rows(rows: list[Row], seq_len: int, tokenizer) -> Batch:
+# One tiny item per modality that a batch lacks: every encoder then runs on every rank and step,
+# so data-parallel ranks issue the same collectives and every parameter gets a (zero) gradient.
+PLACEHOLDER_SEGMENTS = {
+    "latex": {"type": "latex", "latex": "x"},
+    "molecule": {"type": "molecule", "smiles": "C"},
+    "protein": {"type": "protein", "sequence": "M"},
+    "table": {"type": "table", "columns": ["x"], "rows": [["0"]]},
+    "figure": {"type": "figure", "array": [[0.0]]},
+}
+
+
+def placeholder_features(tokenizer, enc_cfg) -> dict[str, dict]:
+    return {m: featurize_segment(seg, tokenizer, enc_cfg, Path(".")) for m, seg in PLACEHOLDER_SEGMENTS.items()}
+
+
+def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[str, dict]) -> Batch:
+    """`placeholders` (from placeholder_features) stand in for modalities without items; their
+    slot_index has no rows, so they write nothing into the sequence."""
     n_rows = len(rows)
     input_ids = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
     targets = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
@@ -101,10 +119,14 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer) -> Batch:
                 features.setdefault(item.modality, []).append(item.features)
                 slots.setdefault(item.modality, []).append(torch.arange(first, first + item.n_slots))
             offset += n
+    for modality, features_one in placeholders.items():
+        if modality not in features:
+            features[modality] = [features_one]
+            slots[modality] = []
     is_target = tokenizer.loss_target_mask(targets) & (doc_ids >= 0)
     labels = torch.where(is_target, targets, torch.full_like(targets, IGNORE_INDEX))
     return Batch(
         input_ids, labels, positions, doc_ids,
         {m: collate(m, feats) for m, feats in features.items()},
-        {m: torch.stack(idx) for m, idx in slots.items()},
+        {m: torch.stack(idx) if idx else torch.empty((0, 0), dtype=torch.long) for m, idx in slots.items()},
     )

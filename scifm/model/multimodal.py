@@ -38,6 +38,10 @@ class ScientificMoE(nn.Module):
         for modality, batch in items.items():
             out_NKD = self.encoders[modality](batch)
             idx_NK = slot_index[modality]
+            if idx_NK.shape[0] == 0:
+                # a placeholder item: keeps the encoder in the graph (zero gradient), writes nothing
+                h_TD = h_TD + 0.0 * out_NKD.sum().to(h_TD.dtype)
+                continue
             h_TD = h_TD.index_copy(0, idx_NK.reshape(-1), out_NKD.reshape(-1, D).to(h_TD.dtype))
         return h_TD.reshape(B, S, D)
 

@@ -1,0 +1,80 @@
+"""Process-group set-up from torchrun's environment, and a shutdown that cannot crash at exit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from scifm.config import ParallelConfig
+from scifm.model.config import ModelConfig
+from scifm.parallel.dims import ParallelDims
+
+
+@dataclass
+class DistContext:
+    dims: ParallelDims
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: object | None  # DeviceMesh when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def dp_group(self):
+        return self.mesh["dp"].get_group() if self.mesh is not None else None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def all_reduce_sum(self, t: torch.Tensor, group=None) -> torch.Tensor:
+        """In place over `group` (default: the data-parallel group); a no-op in one process."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group if group is not None else self.dp_group)
+        return t
+
+
+def dims_of(cfg: ParallelConfig) -> ParallelDims:
+    return ParallelDims(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep)
+
+
+def init_distributed(cfg: ParallelConfig, model: ModelConfig, vocab_size: int, device_pref: str) -> DistContext:
+    """Validates the layout against the model and the world before any process group is made."""
+    dims = dims_of(cfg)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dims.validate(model, world_size, vocab_size)
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size == 1:
+        return DistContext(dims, 0, 1, device, None)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    mesh = dims.build_mesh(device.type)
+    return DistContext(dims, dist.get_rank(), world_size, device, mesh)
+
+
+def shutdown(ctx: DistContext) -> None:
+    """Barrier then destroy: gloo's threads can abort the interpreter at exit otherwise
+    (PARALLEL-NOTES); the entry point then leaves with os._exit."""
+    if ctx.distributed:
+        dist.barrier()
+        dist.destroy_process_group()

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from scifm.model.config import MoEConfig
-from scifm.model.moe import GroupedExperts, MoE, Router, load_balance_loss, router_z_loss
+from scifm.model.moe import GroupedExperts, MoE, Router, load_balance_loss, router_z_sum
 
 HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
@@ -195,9 +195,10 @@ def test_losses_equal_hand_computed_values() -> None:
     P = [(probs[0][e] + probs[1][e]) / 2 for e in range(3)]
     lb_ref = 3 * (0.5 * P[0] + 0.5 * P[1])
     z_ref = sum(math.log(sum(math.exp(u) for u in row)) ** 2 for row in logits) / 2
-    torch.testing.assert_close(load_balance_loss(logits_TE.softmax(-1), torch.tensor([1, 1, 0]), 1),
-                               torch.tensor(lb_ref))
-    torch.testing.assert_close(router_z_loss(logits_TE), torch.tensor(z_ref))
+    torch.testing.assert_close(
+        load_balance_loss(logits_TE.softmax(-1).sum(0), torch.tensor(2.0), torch.tensor([1.0, 1.0, 0.0]), 1),
+        torch.tensor(lb_ref))
+    torch.testing.assert_close(router_z_sum(logits_TE) / 2, torch.tensor(z_ref))
 
     cfg = MoEConfig(n_experts=3, top_k=1, expert_ffn=4, aux_loss_coef=0.5, z_loss_coef=0.25)
     moe = MoE(3, cfg)
@@ -227,8 +228,9 @@ def test_aux_loss_gradient_reaches_router_through_output_only() -> None:
     torch.manual_seed(4)
     moe = MoE(8, MoEConfig(n_experts=4, top_k=2, expert_ffn=8))
     _, experts_TK, probs_TE, logits_TE = moe.router(x_BSD.reshape(-1, 8))
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=4)
-    aux = 0.3 * load_balance_loss(probs_TE, counts_E, 2) + 0.2 * router_z_loss(logits_TE)
+    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=4).float()
+    n_tokens = torch.tensor(float(probs_TE.shape[0]))
+    aux = 0.3 * load_balance_loss(probs_TE.sum(0), n_tokens, counts_E, 2) + 0.2 * router_z_sum(logits_TE) / n_tokens
     (g_aux,) = torch.autograd.grad(aux, moe.router.gate.weight)
     assert g_aux.abs().sum() > 1e-4
     torch.testing.assert_close(g1 - g0, g_aux, atol=1e-6, rtol=1e-5)

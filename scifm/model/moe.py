@@ -10,6 +10,7 @@ plus per-expert counts, so expert parallelism can wrap it with all-to-all dispat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +20,27 @@ from scifm.model.config import MoEConfig
 from scifm.model.layers import SwiGLU
 
 
-def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Switch-style E * sum_e f_e * P_e; 1.0 when routing is uniform.
+def load_balance_loss(
+    prob_sum_E: torch.Tensor, n_tokens: torch.Tensor, tokens_per_expert_E: torch.Tensor, top_k: int
+) -> torch.Tensor:
+    """Switch-style E * sum_e f_e * P_e from sums over a batch of n_tokens; 1.0 when routing is uniform.
 
-    f_e: share of the T*K top-k assignments that chose e; P_e: mean router probability of e.
+    f_e = tokens_per_expert_E[e] / (n_tokens * top_k): share of the top-k assignments that chose e;
+    P_e = prob_sum_E[e] / n_tokens: mean router probability of e.
     """
-    T, E = probs_TE.shape
-    f_E = tokens_per_expert_E.float() / (T * top_k)
-    return E * (f_E * probs_TE.float().mean(dim=0)).sum()
+    E = prob_sum_E.shape[0]
+    f_E = tokens_per_expert_E / (n_tokens * top_k)
+    return E * (f_E * prob_sum_E / n_tokens).sum()
 
 
-def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2; keeps router logits small."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+def router_z_sum(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of logsumexp(logits)^2; the z-loss (which keeps logits small) is its mean."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum()
+
+
+def sum_in_this_process(stat: torch.Tensor) -> torch.Tensor:
+    """MoE.reduce_stats of a single process: its batch is the global batch."""
+    return stat
 
 
 class Router(nn.Module):
@@ -128,32 +137,38 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by expert; tokens_per_expert_E[e] rows belong to expert e (zeros allowed)."""
-        if self._grouped_mm_usable():
-            return self._forward_grouped(x_AD, tokens_per_expert_E)
-        return self._forward_per_expert(x_AD, tokens_per_expert_E)
+        return swiglu_experts(x_AD, tokens_per_expert_E, self.w1, self.w3, self.w2, self.use_grouped_mm)
 
-    def _grouped_mm_usable(self) -> bool:
-        if not self.use_grouped_mm:
-            return False
-        if torch.compiler.is_compiling():
-            # compile traces _grouped_mm's meta kernel, which accepts only bf16 (eager CPU also takes fp32)
-            return self.w1.dtype == torch.bfloat16
-        return all(_grouped_mm_works(w) for w in (self.w1, self.w3, self.w2))
 
-    def _forward_grouped(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+def swiglu_experts(
+    x_AD: torch.Tensor,
+    tokens_per_expert_E: torch.Tensor,
+    w1_EDF: torch.Tensor,
+    w3_EDF: torch.Tensor,
+    w2_EFD: torch.Tensor,
+    use_grouped_mm: bool,
+) -> torch.Tensor:
+    """SwiGLU of expert e on its tokens_per_expert_E[e] rows of x_AD (sorted by expert).
+
+    A function of the weights so that expert parallelism can run it on this rank's experts.
+    """
+    weights = (w1_EDF, w3_EDF, w2_EFD)
+    if use_grouped_mm and _grouped_mm_usable(weights):
         # same three ops whatever the counts, so every rank issues identical work under EP/TP
         offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-        h_AF = F.silu(torch._grouped_mm(x_AD, self.w1, offs=offs_E)) * torch._grouped_mm(x_AD, self.w3, offs=offs_E)
-        return torch._grouped_mm(h_AF, self.w2, offs=offs_E)
+        h_AF = F.silu(torch._grouped_mm(x_AD, w1_EDF, offs=offs_E)) * torch._grouped_mm(x_AD, w3_EDF, offs=offs_E)
+        return torch._grouped_mm(h_AF, w2_EFD, offs=offs_E)
+    # loop over experts, not tokens; empty slices still run so the op sequence is fixed
+    chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
+    out = [(F.silu(x_ND @ w1_EDF[e]) * (x_ND @ w3_EDF[e])) @ w2_EFD[e] for e, x_ND in enumerate(chunks)]
+    return torch.cat(out, dim=0)
 
-    def _forward_per_expert(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        # loop over experts, not tokens; empty slices still run so the op sequence is fixed
-        chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
-        out = [
-            (F.silu(x_ND @ self.w1[e]) * (x_ND @ self.w3[e])) @ self.w2[e]
-            for e, x_ND in enumerate(chunks)
-        ]
-        return torch.cat(out, dim=0)
+
+def _grouped_mm_usable(weights: tuple[torch.Tensor, ...]) -> bool:
+    if torch.compiler.is_compiling():
+        # compile traces _grouped_mm's meta kernel, which accepts only bf16 (eager CPU also takes fp32)
+        return weights[0].dtype == torch.bfloat16
+    return all(_grouped_mm_works(w) for w in weights)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -176,7 +191,11 @@ class _AttachAuxLoss(torch.autograd.Function):
 class MoE(nn.Module):
     """Routed experts (+ optional shared experts) replacing the dense feed-forward.
 
-    After each forward, `last_stats` holds detached tensors:
+    The auxiliary losses are nonlinear in batch statistics, so they are computed from sums that
+    `reduce_stats` takes over the global batch: under data parallelism parallel/ sets it to an
+    all-reduce and every rank gets the loss of the whole batch, as one process would.
+
+    After each forward, `last_stats` holds detached tensors, all over the global batch:
       tokens_per_expert [E] float: top-k assignments routed to each expert (before capacity drops)
       dropped_tokens    scalar: assignments dropped by the capacity limit
       load_balance_loss scalar: already multiplied by aux_loss_coef
@@ -201,6 +220,8 @@ class MoE(nn.Module):
         self.last_stats: dict[str, torch.Tensor] = {}
         # the trainer sets 1 / micro-batches per step, so aux losses are averaged like the LM loss
         self.aux_grad_scale = 1.0
+        # sums a statistic over every token of the global batch; identity in one process
+        self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] = sum_in_this_process
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -220,10 +241,28 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 
-        lb_loss = self.aux_loss_coef * load_balance_loss(probs_TE, routed_E, self.top_k)
-        z_loss = self.z_loss_coef * router_z_loss(logits_TE)
-        self._record_stats(routed_E, experts_A.numel() - order_A.numel(), lb_loss, z_loss)
+        n_dropped = experts_A.numel() - order_A.numel()
+        lb_loss, z_loss, counts_E, dropped = self._aux_losses(probs_TE, logits_TE, routed_E, n_dropped)
+        self._record_stats(counts_E, dropped, lb_loss, z_loss)
         return _AttachAuxLoss.apply(out_TD.view(B, S, D), lb_loss + z_loss, self.aux_grad_scale)
+
+    def _aux_losses(
+        self, probs_TE: torch.Tensor, logits_TE: torch.Tensor, routed_E: torch.Tensor, n_dropped: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> load-balance loss, z-loss, routed counts [E], dropped count; all over the global batch."""
+        E = self.n_experts
+        # one reduction per layer; float64 keeps the counts exact at any batch size
+        local = torch.cat([
+            probs_TE.sum(dim=0).double(),
+            router_z_sum(logits_TE).double()[None],
+            routed_E.double(),
+            torch.tensor([logits_TE.shape[0], n_dropped], dtype=torch.float64, device=routed_E.device),
+        ])
+        prob_sum_E, z_sum, counts_E, n_tokens, dropped = self.reduce_stats(local).split([E, 1, E, 1, 1])
+        counts_E, n_tokens = counts_E.detach(), n_tokens.detach()
+        lb_loss = self.aux_loss_coef * load_balance_loss(prob_sum_E, n_tokens, counts_E, self.top_k)
+        z_loss = self.z_loss_coef * (z_sum / n_tokens).squeeze(0)
+        return lb_loss.float(), z_loss.float(), counts_E.float(), dropped.detach().float().squeeze(0)
 
     def _sort_assignments(
         self, experts_A: torch.Tensor, weights_A: torch.Tensor, routed_E: torch.Tensor
@@ -242,14 +281,13 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _record_stats(
-        self, routed_E: torch.Tensor, n_dropped: int, lb_loss: torch.Tensor, z_loss: torch.Tensor
+        self, routed_E: torch.Tensor, dropped: torch.Tensor, lb_loss: torch.Tensor, z_loss: torch.Tensor
     ) -> None:
-        routed_E = routed_E.float()
         if self.training:
             self.tokens_per_expert_acc.add_(routed_E)
         self.last_stats = {
             "tokens_per_expert": routed_E,
-            "dropped_tokens": torch.tensor(float(n_dropped), device=routed_E.device),
+            "dropped_tokens": dropped,
             "load_balance_loss": lb_loss.detach(),
             "z_loss": z_loss.detach(),
         }

@@ -50,7 +50,7 @@ class ParallelDims:
     def mesh_shape(self) -> tuple[int, ...]:
         return (self.pp, self.dp_replicate, self.dp_shard_out, self.dp_shard_in_ep, self.tp)
 
-    def validate(self, model: ModelConfig, world_size: int, vocab_size: int | None = None) -> None:
+    def validate(self, model: ModelConfig, world_size: int) -> None:
         """Every constraint the layout puts on the model and the world, each named with its numbers."""
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
             if getattr(self, key) < 1:
@@ -73,10 +73,10 @@ class ParallelDims:
                 f"parallel.tp: shared-expert width {model.moe.n_shared_experts * model.moe.expert_ffn} "
                 f"is not divisible by tp={self.tp}"
             )
-        if vocab_size is not None and vocab_size % self.tp:
+        if VOCAB_MULTIPLE % self.tp:
             raise ConfigError(
-                f"parallel.tp: vocabulary size {vocab_size} is not divisible by tp={self.tp}; "
-                f"the model pads its vocabulary to a multiple of {VOCAB_MULTIPLE}, so use tp <= {VOCAB_MULTIPLE}"
+                f"parallel.tp: the vocabulary is padded to a multiple of {VOCAB_MULTIPLE}, which "
+                f"tp={self.tp} does not divide; use a power of two up to {VOCAB_MULTIPLE}"
             )
         if self.ep > 1:
             if model.moe.n_experts % self.ep:

@@ -37,6 +37,14 @@ class DistContext:
     def dp_group(self):
         return self.mesh["dp"].get_group() if self.mesh is not None else None
 
+    def same_path_everywhere(self, path):
+        """Rank 0's path on every rank (Hydra's timestamped run dirs may differ by a second)."""
+        if not self.distributed:
+            return path
+        box = [str(path)]
+        dist.broadcast_object_list(box, src=0)
+        return type(path)(box[0])
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -52,11 +60,11 @@ def dims_of(cfg: ParallelConfig) -> ParallelDims:
     return ParallelDims(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep)
 
 
-def init_distributed(cfg: ParallelConfig, model: ModelConfig, vocab_size: int, device_pref: str) -> DistContext:
+def init_distributed(cfg: ParallelConfig, model: ModelConfig, device_pref: str) -> DistContext:
     """Validates the layout against the model and the world before any process group is made."""
     dims = dims_of(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    dims.validate(model, world_size, vocab_size)
+    dims.validate(model, world_size)
     use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

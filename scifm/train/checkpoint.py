@@ -33,7 +33,7 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model: torch.nn.Module,
+    model_state: dict[str, torch.Tensor],
     train_state: dict,
     loader_state: dict,
     tokenizer,
@@ -45,7 +45,8 @@ def save_checkpoint(
     tmp = root / f".step_{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    # full (unsharded) tensors under full-model names: any layout can load them
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
     torch.save(train_state, tmp / "train_state.pt")
     (tmp / "loader.json").write_text(json.dumps(loader_state))
     tokenizer.save(tmp / "tokenizer")
@@ -83,17 +84,28 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
     return path
 
 
-def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     try:
-        missing, unexpected = safetensors.torch.load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    except (RuntimeError, OSError) as err:
-        first = str(err).strip().splitlines()[0]
-        raise CheckpointError(f"{ckpt}: weights do not fit this model config ({first})") from None
+        return safetensors.torch.load_file(str(ckpt / "model.safetensors"))
+    except (OSError, safetensors.SafetensorError) as err:
+        raise CheckpointError(f"{ckpt}: cannot read model.safetensors ({err})") from None
+
+
+def check_compatible(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], ckpt: Path) -> None:
+    """One line naming what differs when a checkpoint belongs to another model config."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt}: checkpoint belongs to another model config "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise CheckpointError(
+                f"{ckpt}: checkpoint belongs to another model config ({name} has shape "
+                f"{tuple(state[name].shape)}, this model {tuple(shape)})"
+            )
 
 
 def load_train_state(ckpt: Path) -> tuple[dict, dict]:

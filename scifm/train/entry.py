@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -38,3 +39,8 @@ def hydra_train(cfg: DictConfig) -> None:
         train(OmegaConf.to_object(cfg), run_dir)
     except ScifmError as err:
         exit_on_user_error(err)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's threads can abort a normal interpreter exit after a successful run (PARALLEL-NOTES)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,36 @@
+"""Gradient-norm clipping over parameters that may be DTensors on different meshes.
+
+torch's clip_grad_norm_ needs every gradient on one mesh (or none); with tensor, expert and
+data parallelism the model mixes plain tensors with DTensors on several meshes. Norms are taken
+per group of equal (mesh, placements), completed with one reduction each, then combined.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+
+def _group_key(g: torch.Tensor):
+    return (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Clips in place when max_norm > 0; returns the total 2-norm (identical on every rank)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict = {}
+    for g in grads:
+        groups.setdefault(_group_key(g), []).append(g)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    for key, members in groups.items():
+        norm = torch.nn.utils.get_total_norm(members, norm_type=2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()  # sums the squares of the shards across the mesh
+        total_sq += norm.double().cpu() ** 2
+    total = total_sq.sqrt().float()
+    coef = max_norm / (float(total) + 1e-6)
+    if max_norm > 0 and coef < 1.0:
+        for g in grads:  # a Python scalar multiplies plain tensors and DTensors alike
+            g.mul_(coef)
+    return total

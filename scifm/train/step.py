@@ -1,0 +1,85 @@
+"""One optimizer step's forward/backward and the validation pass, under any layout.
+
+The loss of a step is sum(token cross-entropy) / (target tokens of the whole global step), so
+neither gradient accumulation nor the data-parallel split changes it. FSDP averages gradients
+over the dp ranks, hence each rank backpropagates its share times dp_size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from scifm.data.packing import IGNORE_INDEX, Batch
+from scifm.parallel.distributed import DistContext
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast where asked (or, with auto, on a GPU that supports it); fp32 otherwise."""
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss_sum(model, batch: Batch, autocast) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's targets; with loss parallelism the logits
+    are a vocab-sharded DTensor and the loss is computed without gathering them."""
+    with autocast:
+        logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+    sharded = isinstance(logits_BSV, DTensor)
+    context = torch.distributed.tensor.parallel.loss_parallel() if sharded else contextlib.nullcontext()
+    with context:
+        loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), batch.labels.flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def forward_backward(model, micro: list[Batch], ctx: DistContext, autocast) -> float:
+    """Backward over the step's micro-batches; returns the step's global mean loss (every rank)."""
+    n_targets = ctx.all_reduce_sum(torch.tensor(float(sum(b.n_targets for b in micro)), dtype=torch.float64))
+    n_global = max(float(n_targets), 1.0)
+    total = torch.zeros((), dtype=torch.float64)
+    sharded_loss = contextlib.nullcontext()
+    for batch in micro:
+        loss = lm_loss_sum(model, batch.to(ctx.device), autocast) / n_global
+        if isinstance(loss, DTensor):
+            sharded_loss = torch.distributed.tensor.parallel.loss_parallel()
+        with sharded_loss:
+            (loss * ctx.dims.dp_size).backward()
+        total += float(_local(loss.detach()))
+    return float(ctx.all_reduce_sum(total))
+
+
+@dataclass
+class Evaluation:
+    val_loss: float
+    unigram_val_loss: float
+
+
+@torch.no_grad()
+def evaluate(model, val_batches: list[Batch], unigram_counts: torch.Tensor, autocast, ctx: DistContext) -> Evaluation:
+    """Validation loss over this rank's rows of every validation batch, summed over dp ranks; and the
+    loss of a unigram model (add-one smoothed counts of the training targets) on the same targets."""
+    model.eval()
+    log_p = torch.log((unigram_counts + 1.0) / (unigram_counts.sum() + unigram_counts.numel()))
+    sums = torch.zeros(3, dtype=torch.float64)  # model loss, unigram loss, targets
+    for batch in val_batches:
+        targets = batch.labels[batch.labels != IGNORE_INDEX]
+        sums[0] += float(_local(lm_loss_sum(model, batch.to(ctx.device), autocast)))
+        sums[1] += float(-log_p[targets].sum())
+        sums[2] += targets.numel()
+    ctx.all_reduce_sum(sums)
+    model.train()
+    n = max(float(sums[2]), 1.0)
+    return Evaluation(float(sums[0]) / n, float(sums[1]) / n)

@@ -35,8 +35,12 @@ class ScientificMoE(nn.Module):
         h_BSD = self.tok_embeddings(input_ids_BS)
         B, S, D = h_BSD.shape
         h_TD = h_BSD.reshape(B * S, D)
-        for modality, batch in items.items():
-            out_NKD = self.encoders[modality](batch)
+        # a fixed order (not the batch's): sharded encoders gather their weights in the same order
+        # on every data-parallel rank
+        for modality, encoder in self.encoders.items():
+            if modality not in items:
+                continue
+            out_NKD = encoder(items[modality])
             idx_NK = slot_index[modality]
             if idx_NK.shape[0] == 0:
                 # a placeholder item: keeps the encoder in the graph (zero gradient), writes nothing

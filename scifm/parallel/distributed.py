@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +30,20 @@ class DistContext:
     def distributed(self) -> bool:
         return self.mesh is not None
 
+    def submesh(self, *names: str):
+        # torch warns that slicing flattened dims from the root will change; until its
+        # replacement exists in every supported version this is the documented way
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return self.mesh[names if len(names) > 1 else names[0]]
+
     @property
     def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        return self.submesh("dp").get_local_rank() if self.mesh is not None else 0
 
     @property
     def dp_group(self):
-        return self.mesh["dp"].get_group() if self.mesh is not None else None
+        return self.submesh("dp").get_group() if self.mesh is not None else None
 
     def same_path_everywhere(self, path):
         """Rank 0's path on every rank (Hydra's timestamped run dirs may differ by a second)."""

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.parallel.distributed import DistContext
+from scifm.parallel.grad_norm import clip_grad_norm
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -59,6 +60,24 @@ def forward_backward(model, micro: list[Batch], ctx: DistContext, autocast) -> f
             (loss * ctx.dims.dp_size).backward()
         total += float(_local(loss.detach()))
     return float(ctx.all_reduce_sum(total))
+
+
+def train_step(model, micro: list[Batch], ctx: DistContext, autocast, grad_clip: float) -> tuple[float, float]:
+    """Forward/backward and clipping; the gradients stay in .grad. Returns (loss, grad norm)."""
+    loss = forward_backward(model, micro, ctx, autocast)
+    return loss, float(clip_grad_norm(model.parameters(), grad_clip))
+
+
+def apply_update(optimizer, scheduler, moes: list) -> list[dict]:
+    """Optimizer and schedule step, then the MoE bias update from the step's (global) expert load;
+    returns each MoE layer's statistics of the last micro-batch."""
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    stats = [dict(m.last_stats) for m in moes]
+    for m in moes:
+        m.update_bias(m.pop_tokens_per_expert())
+    return stats
 
 
 @dataclass

@@ -31,7 +31,6 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
-from scifm.parallel.grad_norm import clip_grad_norm
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
@@ -44,7 +43,7 @@ from scifm.train.checkpoint import (
 )
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
-from scifm.train.step import Evaluation, autocast_for, evaluate, forward_backward
+from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, train_step
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -163,14 +162,8 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
             labels = batch.labels[batch.labels != IGNORE_INDEX]
             unigram_counts += torch.bincount(labels, minlength=vocab).double()
         step_tokens = int(ctx.all_reduce_sum(torch.tensor(sum(int((b.doc_ids >= 0).sum()) for b in micro))))
-        loss = forward_backward(model, micro, ctx, autocast)
-        grad_norm = clip_grad_norm(model.parameters(), tc.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        moe_stats = [dict(m.last_stats) for m in moes]
-        for m in moes:
-            m.update_bias(m.pop_tokens_per_expert())
+        loss, grad_norm = train_step(model, micro, ctx, autocast, tc.grad_clip)
+        moe_stats = apply_update(optimizer, scheduler, moes)
         step += 1
         tokens_seen += step_tokens
 
@@ -184,7 +177,7 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
                 "aux_loss": float(sum(s["load_balance_loss"] + s["z_loss"] for s in moe_stats)),
                 "tokens_per_s": step_tokens / (time.perf_counter() - t_step),
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_seen": tokens_seen,
                 "moe": [
                     {

@@ -1,0 +1,115 @@
+"""Expert parallelism: each rank of the ep group holds E / ep experts; tokens travel by all-to-all.
+
+`apply_expert_parallel` swaps every MoE's `experts` (GroupedExperts) for an ExpertParallelExperts
+that takes the same call (rows sorted by global expert, per-expert counts) and returns the expert
+outputs in the same row order, so MoE's routing, capacity limit, weighting and combine run
+unchanged on this rank's own tokens. Rank i of the ep group owns experts [i * E/ep, (i+1) * E/ep),
+stored as DTensors Shard(0) on the ep mesh under the original names (`...moe.experts.w1`), so
+checkpoints keep full-model names and FSDP2 can shard them further on another mesh dimension.
+
+Dispatch per MoE forward: all-to-all of per-expert counts, all-to-all of the rows (uneven splits,
+zeros allowed), regroup by local expert, SwiGLU, inverse all-to-all. Every rank issues the same
+collectives whatever it routes or receives.
+
+Capacity limits (capacity_factor > 0) are applied by MoE before dispatch, on this rank's tokens:
+the same per-rank semantics as data parallelism without ep.
+
+Gradients: a rank's expert gradient sums the contributions of every rank of its ep group, while
+other parameters see only their own rank's tokens. The expert weights' gradient is scaled by 1 / ep
+in backward, so averaging expert gradients over the data-parallel ranks that hold the same experts
+(dp_replicate x dp_shard_out; none when ep == dp_shard and dp_replicate == 1), as FSDP does by
+default, gives the same result as averaging every other gradient over all dp ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from scifm.errors import ConfigError
+from scifm.model.moe import GroupedExperts, swiglu_experts
+from scifm.model.transformer import moe_layers
+from scifm.parallel.dims import ParallelDims
+
+
+def check_expert_parallel_layout(dims: ParallelDims) -> None:
+    """Layouts this module cannot run yet; call before building the mesh."""
+    if dims.ep > 1 and dims.tp > 1:
+        raise ConfigError(
+            f"parallel.ep: ep={dims.ep} with tp={dims.tp} is not supported yet (expert parallelism "
+            f"borrows only from dp_shard for now); set parallel.tp=1 or parallel.ep=1"
+        )
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+    """Shard the experts of every MoE in `model` over the 1-D `ep_mesh` (the "ep" mesh dimension).
+
+    Expects the full expert weights, identical on every rank; keeps this rank's block of them.
+    """
+    if ep_mesh.ndim != 1:
+        raise ConfigError(f"parallel.ep: expert parallelism needs a 1-D mesh, got shape {tuple(ep_mesh.shape)}")
+    for moe in moe_layers(model):
+        if not isinstance(moe.experts, GroupedExperts):
+            raise ConfigError(f"parallel.ep: experts already parallelised ({type(moe.experts).__name__})")
+        if moe.n_experts % ep_mesh.size():
+            raise ConfigError(
+                f"parallel.ep: n_experts={moe.n_experts} is not divisible by ep={ep_mesh.size()}"
+            )
+        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
+
+
+class ExpertParallelExperts(nn.Module):
+    """This rank's experts plus the all-to-all dispatch; called like GroupedExperts.
+
+    Shape suffixes as in moe.py, plus R ep ranks, J local experts, N rows received.
+    """
+
+    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh):
+        super().__init__()
+        self.ep = ep_mesh.size()
+        self.n_local = experts.w1.shape[0] // self.ep
+        self.group = ep_mesh.get_group()
+        self.use_grouped_mm = experts.use_grouped_mm
+        # src_data_rank=None: every rank holds the same full weights, so take the block, no scatter
+        self.w1 = nn.Parameter(distribute_tensor(experts.w1.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
+        self.w3 = nn.Parameter(distribute_tensor(experts.w3.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
+        self.w2 = nn.Parameter(distribute_tensor(experts.w2.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
+
+    def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """x_AD sorted by global expert; tokens_per_expert_E[e] rows for expert e (zeros allowed)."""
+        send_RJ = tokens_per_expert_E.view(self.ep, self.n_local)
+        recv_RJ = funcol.all_to_all_single(send_RJ.flatten(), None, None, self.group).view(self.ep, self.n_local)
+        send_splits = send_RJ.sum(dim=1).tolist()
+        recv_splits = recv_RJ.sum(dim=1).tolist()
+
+        x_ND = funcol.all_to_all_single(x_AD.contiguous(), recv_splits, send_splits, self.group)
+        order_N = _expert_major_order(recv_RJ, sum(recv_splits))
+        w1, w3, w2 = (_ScaleGrad.apply(w.to_local(), 1.0 / self.ep) for w in (self.w1, self.w3, self.w2))
+        y_ND = swiglu_experts(x_ND[order_N], recv_RJ.sum(dim=0), w1, w3, w2, self.use_grouped_mm)
+        y_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)  # back to arrival order
+        return funcol.all_to_all_single(y_ND, send_splits, recv_splits, self.group)
+
+
+def _expert_major_order(recv_RJ: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Indices that reorder received rows from (source rank, local expert) to (local expert, source rank)."""
+    start_RJ = (recv_RJ.flatten().cumsum(0) - recv_RJ.flatten()).view_as(recv_RJ)
+    count_JR, start_JR = recv_RJ.t().flatten(), start_RJ.t().flatten()
+    seg_start_N = torch.repeat_interleave(start_JR, count_JR, output_size=n_rows)
+    seg_first_N = torch.repeat_interleave(count_JR.cumsum(0) - count_JR, count_JR, output_size=n_rows)
+    return seg_start_N + torch.arange(n_rows, device=recv_RJ.device) - seg_first_N
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale` (here 1 / ep on expert weights only)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None

@@ -1,0 +1,121 @@
+"""Parity of parallel layouts with one process, run under torchrun (gloo, CPU).
+
+For each layout: the tiny multimodal model, the same seed (so the same initial weights) and the
+same global batches, trained 3 optimizer steps by the trainer's own step functions; every rank
+also trains the single-process reference in-process on the whole batch. Rank 0 writes the
+largest loss and gradient differences per layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from scifm.data.loader import PackedLoader
+from scifm.data.sources import resolve_sources
+from scifm.model.init import init_parameters
+from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
+from scifm.model.transformer import moe_layers
+from scifm.parallel.dims import ParallelDims
+from scifm.parallel.distributed import DistContext, init_distributed
+from scifm.parallel.parallelize import parallelize
+from scifm.tokenizers import ScientificTokenizer
+from scifm.train.entry import compose_run_config
+from scifm.train.optim import build_optimizer, build_scheduler
+from scifm.train.step import apply_update, autocast_for, train_step
+
+STEPS = 3
+WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
+
+
+def full_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad
+        if g is not None:
+            out[WRAPPERS.sub("", name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+    return out
+
+
+def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[float], dict]:
+    tc = cfg.trainer
+    model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
+    init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
+    model = parallelize(model, ctx, cfg.parallel) if ctx.distributed else model
+    optimizer, moes = build_optimizer(model, tc), moe_layers(model)
+    scheduler = build_scheduler(optimizer, tc)
+    for m in moes:
+        m.aux_grad_scale = 1.0 / tc.grad_accum
+    loader = PackedLoader(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", seed=tc.seed,
+                          batch_size=tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
+    autocast = autocast_for("fp32", ctx.device)
+    losses, norms, grads = [], [], {}
+    for step in range(STEPS):
+        micro = [loader.next_batch() for _ in range(tc.grad_accum)]
+        loss, norm = train_step(model, micro, ctx, autocast, tc.grad_clip)
+        losses.append(loss)
+        norms.append(norm)
+        if step == 0:
+            grads = full_grads(model)
+        apply_update(optimizer, scheduler, moes)
+    return losses, norms, grads
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--corpus", required=True)
+    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--layouts", required=True, help="json list of override lists")
+    ap.add_argument("--corpus-docs", default="150")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tokenizer = ScientificTokenizer.load(args.tokenizer)
+    results = {}
+    reference = None  # the single-process run: the same for every layout
+    for overrides in json.loads(args.layouts):
+        name = " ".join(overrides)
+        cfg = compose_run_config([
+            "experiment=tiny", f"data.corpus_dir={args.corpus}", f"data.corpus_max_docs_per_source={args.corpus_docs}",
+            "data.seq_len=64", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.warmup_steps=1",
+            "trainer.lr=1e-3", "model.moe.bias_update_rate=0.001", *overrides,
+        ])
+        cfg.validate()
+        specs = resolve_sources(cfg.data)
+        ctx = init_distributed(cfg.parallel, cfg.model, "cpu")
+        single = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
+        if reference is None:
+            reference = run(cfg, single, tokenizer, specs)
+        ref_losses, ref_norms, ref_grads = reference
+        losses, norms, grads = run(cfg, ctx, tokenizer, specs)
+        assert ref_grads.keys() == grads.keys(), sorted(set(ref_grads) ^ set(grads))[:5]
+        grad_rel = max(
+            float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12))
+            for k in ref_grads if ref_grads[k].abs().max() > 0
+        )
+        grad_abs = max(float((grads[k] - ref_grads[k]).abs().max()) for k in ref_grads)
+        worst = sorted(((float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12)), k)
+                        for k in ref_grads if ref_grads[k].abs().max() > 0), reverse=True)[:3]
+        results[name] = {
+            "worst_grads": worst,
+            "losses": losses, "ref_losses": ref_losses, "grad_norms": norms, "ref_grad_norms": ref_norms,
+            "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+            "grad_rel": grad_rel, "grad_abs": grad_abs, "n_grads": len(grads),
+        }
+        dist.barrier()
+    if dist.get_rank() == 0:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,10 @@ from scifm.errors import ConfigError
 from scifm.model.config import MoEConfig
 from scifm.model.moe import MoE
 from scifm.parallel.dims import ParallelDims
-from scifm.parallel.expert_parallel import _expert_major_order, check_expert_parallel_layout
+from scifm.parallel.expert_parallel import (
+    _expert_major_order,
+    check_expert_parallel_layout,
+)
 
 
 @pytest.mark.parametrize("nproc", [2, 4])

@@ -45,3 +45,7 @@ def test_layouts_match_a_single_process(world, corpus_dir, tokenizer_dir, tmp_pa
         assert r["loss_rel"] < 1e-5, (layout, r["losses"], r["ref_losses"])
         assert r["grad_rel"] < 1e-5, (layout, r["worst_grads"])
         assert r["n_grads"] > 50  # every parameter was compared, encoders included
+    if world == 4:
+        sharded = results["parallel.dp_shard=4"]["memory_ratio"]
+        # rank 0's share of parameters, gradients and AdamW state under FSDP over 4 ranks
+        assert all(sharded[k] <= 0.30 for k in ("param_bytes", "grad_bytes", "optimizer_bytes")), sharded

@@ -31,6 +31,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
+from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
@@ -51,6 +52,16 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 def check_device(name: str) -> None:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("trainer.device: cuda was asked for but no CUDA device is available")
+
+
+def write_memory_report(path: Path, report: dict, ctx: DistContext) -> None:
+    """Rank 0 writes every rank's parameter, gradient and optimizer-state bytes."""
+    reports = [report]
+    if ctx.distributed:
+        reports = [None] * ctx.world_size
+        torch.distributed.all_gather_object(reports, report)
+    if ctx.is_main:
+        path.write_text(json.dumps({f"rank{r}": rep for r, rep in enumerate(reports)}, indent=2) + "\n")
 
 
 def run_tokenizer(cfg: RunConfig, specs, ckpt: Path | None, run_dir: Path, ctx: DistContext) -> ScientificTokenizer:
@@ -151,6 +162,7 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
               f"per token; vocabulary {vocab}; {ctx.world_size} process(es) on {ctx.device}, layout "
               f"{ctx.dims}", flush=True)
     last_eval: Evaluation | None = None
+    start_step = step
     moes = moe_layers(model)
     for m in moes:
         m.aux_grad_scale = 1.0 / tc.grad_accum
@@ -163,7 +175,11 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
             unigram_counts += torch.bincount(labels, minlength=vocab).double()
         step_tokens = int(ctx.all_reduce_sum(torch.tensor(sum(int((b.doc_ids >= 0).sum()) for b in micro))))
         loss, grad_norm = train_step(model, micro, ctx, autocast, tc.grad_clip)
+        with_grads = memory_report(model, optimizer) if step == start_step else None
         moe_stats = apply_update(optimizer, scheduler, moes)
+        if with_grads is not None:  # optimizer state exists only after the first update
+            report = memory_report(model, optimizer) | {"grad_bytes": with_grads["grad_bytes"]}
+            write_memory_report(run_dir / "memory.json", report, ctx)
         step += 1
         tokens_seen += step_tokens
 

@@ -24,6 +24,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import moe_layers
 from scifm.parallel.dims import ParallelDims
+from scifm.parallel.memory import memory_report
 from scifm.parallel.distributed import DistContext, init_distributed
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
@@ -44,7 +45,7 @@ def full_grads(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[float], dict]:
+def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[float], dict, dict]:
     tc = cfg.trainer
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
@@ -64,8 +65,11 @@ def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[floa
         norms.append(norm)
         if step == 0:
             grads = full_grads(model)
+            grad_bytes = memory_report(model, optimizer)["grad_bytes"]
         apply_update(optimizer, scheduler, moes)
-    return losses, norms, grads
+        if step == 0:  # optimizer state exists only after the first update
+            memory = memory_report(model, optimizer) | {"grad_bytes": grad_bytes}
+    return losses, norms, grads, memory
 
 
 def main() -> None:
@@ -93,8 +97,8 @@ def main() -> None:
         single = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
         if reference is None:
             reference = run(cfg, single, tokenizer, specs)
-        ref_losses, ref_norms, ref_grads = reference
-        losses, norms, grads = run(cfg, ctx, tokenizer, specs)
+        ref_losses, ref_norms, ref_grads, ref_memory = reference
+        losses, norms, grads, memory = run(cfg, ctx, tokenizer, specs)
         assert ref_grads.keys() == grads.keys(), sorted(set(ref_grads) ^ set(grads))[:5]
         grad_rel = max(
             float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12))
@@ -107,7 +111,9 @@ def main() -> None:
             "worst_grads": worst,
             "losses": losses, "ref_losses": ref_losses, "grad_norms": norms, "ref_grad_norms": ref_norms,
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
-            "grad_rel": grad_rel, "grad_abs": grad_abs, "n_grads": len(grads),
+            "grad_rel": grad_rel,
+            # this rank's bytes over the single process's, per kind
+            "memory_ratio": {k: memory[k] / ref_memory[k] for k in memory if ref_memory[k]}, "grad_abs": grad_abs, "n_grads": len(grads),
         }
         dist.barrier()
     if dist.get_rank() == 0:

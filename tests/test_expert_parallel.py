@@ -6,13 +6,10 @@ import pytest
 import torch
 from launch import run_torchrun
 
-from scifm.errors import ConfigError
 from scifm.model.config import MoEConfig
 from scifm.model.moe import MoE
-from scifm.parallel.dims import ParallelDims
 from scifm.parallel.expert_parallel import (
     _expert_major_order,
-    check_expert_parallel_layout,
 )
 
 
@@ -33,13 +30,6 @@ def test_parallel_moe_matches_single_process(nproc: int, tmp_path) -> None:
         if "capacity" in name:
             assert r["dropped_tokens"] > 0, (name, r)
     assert sum("expert_grad" in r["max_abs"] and "min_rows_received" in r for r in results.values()) >= 2
-
-
-def test_ep_with_tp_is_rejected_before_any_process_group() -> None:
-    with pytest.raises(ConfigError, match=r"parallel\.ep: ep=2 with tp=2 is not supported yet"):
-        check_expert_parallel_layout(ParallelDims(dp_shard=2, tp=2, ep=2))
-    check_expert_parallel_layout(ParallelDims(dp_shard=4, ep=2))
-    check_expert_parallel_layout(ParallelDims(dp_shard=2, tp=2))
 
 
 def test_received_rows_regrouped_by_local_expert() -> None:

@@ -1,6 +1,8 @@
 """Every parallel layout trains like one process: losses over 3 optimizer steps to 1e-5 relative
 and step-1 gradients to 1e-5 (relative to each parameter's largest gradient), fp32, gloo on CPU.
-Layouts are grouped into one torchrun launch per world size, since start-up dominates."""
+Layouts are grouped into one torchrun launch per world size, since start-up dominates. Pipeline
+layouts run the tiny model's 4 layers with the worker's 2 micro-batches per step; invalid pipeline
+layouts are rejected before any process group exists."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import pytest
 
 from launch import run_torchrun
 from conftest import SMALL_CORPUS_DOCS
+from scifm.config import ParallelConfig
+from scifm.errors import ConfigError
+from scifm.model.config import ModelConfig
+from scifm.parallel.dims import ParallelDims
 
 LAYOUTS = {
     2: [
@@ -18,11 +24,30 @@ LAYOUTS = {
         ["parallel.dp_shard=2"],
         ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"],
         ["parallel.dp_replicate=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=GPipe"],
+        ["parallel.pp=2", "parallel.pp_schedule=1F1B"],
+        ["parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_virtual_stages=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=InterleavedZeroBubble", "parallel.pp_virtual_stages=2"],
+        ["parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_virtual_stages=2"],
+        ["parallel.pp=2", "parallel.pp_split=[1,3]"],  # stage 0: embeddings, encoders, 1 layer
+        ["parallel.dp_shard=2", "parallel.ep=2"],
+        ["parallel.tp=2", "parallel.ep=2"],  # ep spans the tp ranks
     ],
     4: [
         ["parallel.dp_shard=4"],
         ["parallel.dp_replicate=2", "parallel.dp_shard=2"],
         ["parallel.dp_shard=2", "parallel.tp=2"],
+        ["parallel.pp=2", "parallel.tp=2"],
+        ["parallel.pp=2", "parallel.dp_shard=2"],
+        # the zero-bubble weight pass: a stage output under sequence parallelism, and FSDP weights
+        ["parallel.pp=2", "parallel.tp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_virtual_stages=2"],
+        ["parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=InterleavedZeroBubble",
+         "parallel.pp_virtual_stages=2"],
+        ["parallel.dp_shard=4", "parallel.ep=4"],
+        ["parallel.dp_shard=4", "parallel.ep=2"],  # experts FSDP-sharded over the other 2 ranks
+        ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
+        ["parallel.dp_shard=2", "parallel.tp=2", "parallel.ep=4"],
+        ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"],
     ],
 }
 
@@ -49,3 +74,40 @@ def test_layouts_match_a_single_process(world, corpus_dir, tokenizer_dir, tmp_pa
         sharded = results["parallel.dp_shard=4"]["memory_ratio"]
         # rank 0's share of parameters, gradients and AdamW state under FSDP over 4 ranks
         assert all(sharded[k] <= 0.30 for k in ("param_bytes", "grad_bytes", "optimizer_bytes")), sharded
+        experts = results["parallel.dp_shard=4 parallel.ep=4"]["memory_ratio"]["expert_param_bytes"]
+        assert abs(experts - 0.25) < 1e-9  # each rank holds a quarter of the expert parameters
+
+
+@pytest.mark.parametrize("fields, n_microbatches, message", [
+    ({"pp_schedule": "Looped"}, 2, r"parallel\.pp_schedule: must be one of GPipe, 1F1B, .*got 'Looped'"),
+    ({"pp_schedule": "1F1B", "pp_virtual_stages": 2}, 2, r"parallel\.pp_virtual_stages: 1F1B runs 1 stage per rank, got 2"),
+    ({"pp_schedule": "Interleaved1F1B"}, 2, r"parallel\.pp_virtual_stages: Interleaved1F1B needs >= 2 stages per rank, got 1"),
+    ({"pp_schedule": "ZBVZeroBubble", "pp_virtual_stages": 4}, 4, r"ZBVZeroBubble runs exactly 2 stages per rank, got 4"),
+    ({"pp_schedule": "GPipe", "pp_virtual_stages": 1, "pp": 3}, 2,
+     r"parallel\.pp_split: model\.n_layers=4 does not split evenly into pp=3 x pp_virtual_stages=1 = 3 stages"),
+    ({"pp_split": [1, 2, 1]}, 2, r"parallel\.pp_split: lists 3 stages, but pp=2 x pp_virtual_stages=1 = 2"),
+    ({"pp_split": [0, 4]}, 2, r"parallel\.pp_split: every stage needs at least 1 layer, got \[0, 4\]"),
+    ({"pp_split": [2, 3]}, 2, r"parallel\.pp_split: \[2, 3\] sums to 5 layers, but model\.n_layers=4"),
+    ({"pp_schedule": "1F1B"}, 1, r"trainer\.grad_accum: 1F1B with pp=2 needs at least 2 micro-batches per step, got 1"),
+    ({"pp_schedule": "InterleavedZeroBubble", "pp_virtual_stages": 2}, 5,
+     r"trainer\.grad_accum: InterleavedZeroBubble with pp=2 needs the micro-batches per step \(5\) to be a multiple of"),
+])
+def test_bad_pipeline_layouts_are_rejected_naming_the_numbers(fields, n_microbatches, message):
+    cfg = ParallelConfig(**({"pp": 2} | fields))
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(n_layers=4, n_microbatches=n_microbatches)
+
+
+@pytest.mark.parametrize("fields, n_microbatches", [
+    ({"pp_schedule": "GPipe"}, 1),
+    ({"pp_schedule": "ZBVZeroBubble", "pp_virtual_stages": 2}, 1),
+    ({"pp_schedule": "Interleaved1F1B", "pp_virtual_stages": 2}, 3),
+    ({"pp_split": [1, 3]}, 2),
+])
+def test_good_pipeline_layouts_pass_validation(fields, n_microbatches):
+    ParallelConfig(pp=2, **fields).validate(n_layers=4, n_microbatches=n_microbatches)
+
+
+def test_tied_embeddings_are_rejected_under_pp():
+    with pytest.raises(ConfigError, match=r"model\.tie_embeddings: not supported with parallel\.pp=2"):
+        ParallelDims(pp=2).validate(ModelConfig(n_layers=4, tie_embeddings=True), world_size=2)

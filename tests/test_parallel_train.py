@@ -1,5 +1,6 @@
 """`torchrun -m scifm.train` end to end: a run saved under one layout resumes under another with
-the same next-step losses, and rank 0 writes the run directory with a per-rank memory report."""
+the same next-step losses, and rank 0 writes the run directory with a per-rank memory report.
+Pipeline checkpoints hold every stage, so they move between pp and one process both ways."""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import pytest
 from conftest import SMALL_CORPUS_DOCS
 
 
+def records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    return {step: r["loss"] for step, r in records(run_dir).items()}
 
 
 def train_cli(nproc: int, run_dir: Path, corpus_dir: Path, *overrides: str) -> None:
@@ -44,3 +49,23 @@ def test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process(corpus_dir
         assert sorted(got) == [3, 4]
         for step in got:
             assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (layout, got, want)
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_under_pp_resumes_in_one_process_and_back_under_another_schedule(corpus_dir, tmp_path):
+    accum = "trainer.grad_accum=2"  # 1F1B runs at least one micro-batch per stage
+    train_cli(2, tmp_path / "pp2", corpus_dir, "parallel.pp=2", accum)
+    want = records(tmp_path / "pp2")
+    assert all(len(r["moe"]) == 3 for r in want.values())  # every stage's MoE layers are logged
+    one = tmp_path / "one"
+    train_cli(1, one, corpus_dir, accum, "trainer.ckpt_every=1", f"resume={tmp_path / 'pp2' / 'checkpoints' / 'step_2'}")
+    back = tmp_path / "pp2-interleaved"
+    train_cli(2, back, corpus_dir, "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+              "parallel.pp_virtual_stages=2", accum, f"resume={one / 'checkpoints' / 'step_3'}")
+    got_one, got_back = records(one), records(back)
+    assert sorted(got_one) == [3, 4] and sorted(got_back) == [4]
+    for got in (got_one, got_back):
+        for step, r in got.items():
+            for key in ("loss", "aux_loss", "val_loss"):
+                if key in want[step]:
+                    assert abs(r[key] - want[step][key]) <= 1e-5 * abs(want[step][key]), (key, got, want)

@@ -93,6 +93,11 @@ class ParallelDims:
             raise ConfigError(f"parallel.ep: ep={self.ep} needs MoE layers, but all {model.n_layers} are dense")
         if self.pp > model.n_layers:
             raise ConfigError(f"parallel.pp: pp={self.pp} stages for only n_layers={model.n_layers} layers")
+        if self.pp > 1 and model.tie_embeddings:
+            raise ConfigError(
+                f"model.tie_embeddings: not supported with parallel.pp={self.pp} (the embedding and the output "
+                "layer sit on different pipeline stages); set model.tie_embeddings=false"
+            )
 
     def build_mesh(self, device_type: str):
         from torch.distributed.device_mesh import init_device_mesh

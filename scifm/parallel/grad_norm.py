@@ -2,12 +2,14 @@
 
 torch's clip_grad_norm_ needs every gradient on one mesh (or none); with tensor, expert and
 data parallelism the model mixes plain tensors with DTensors on several meshes. Norms are taken
-per group of equal (mesh, placements), completed with one reduction each, then combined.
+per group of equal (mesh, placements), completed with one reduction each, then combined; under
+pipeline parallelism the squares are then summed over the pp ranks, which hold different layers.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 
@@ -16,8 +18,9 @@ def _group_key(g: torch.Tensor):
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """Clips in place when max_norm > 0; returns the total 2-norm (identical on every rank)."""
+def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Clips in place when max_norm > 0; returns the total 2-norm (identical on every rank).
+    `pp_group`: the pipeline-parallel group when `parameters` are this rank's stages only."""
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict = {}
     for g in grads:
@@ -28,6 +31,10 @@ def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()  # sums the squares of the shards across the mesh
         total_sq += norm.double().cpu() ** 2
+    if pp_group is not None:
+        on_device = total_sq.to(grads[0].device)  # the group's backend may not take CPU tensors
+        dist.all_reduce(on_device, group=pp_group)
+        total_sq = on_device.cpu()
     total = total_sq.sqrt().float()
     coef = max_norm / (float(total) + 1e-6)
     if max_norm > 0 and coef < 1.0:

@@ -1,10 +1,13 @@
 """parallelize(model, ctx, cfg): the one place where a layout is applied to a built model.
 
 The model arrives whole and identically initialised on every rank (init depends only on seed and
-parameter names); each step below shards it from the outside, in torchtitan's order.
+parameter names); each step below shards it from the outside, in torchtitan's order. With pipeline
+parallelism the model is first split into this rank's stages and each stage is sharded alike.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -12,10 +15,29 @@ from scifm.config import ParallelConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.distributed import DistContext
 from scifm.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
+from scifm.parallel.pipeline import MicroBatches, PipelinedModel, StageModel, build_pipeline
 from scifm.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig) -> ScientificMoE:
+def parallelize(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig,
+                micro: MicroBatches | None = None) -> ScientificMoE | PipelinedModel:
+    """`micro` describes each step's micro-batches; needed (only) with parallel.pp > 1, which returns
+    a PipelinedModel: this rank's stages and their schedule."""
+    if ctx.dims.pp == 1:
+        return _parallelize_module(model, ctx, cfg)
+    if micro is None:
+        raise ValueError("parallelize: pipeline parallelism needs the step's micro-batches (micro)")
+
+    def parallelize_stage(stage: StageModel) -> None:
+        with warnings.catch_warnings():
+            # a stage lacks the embedding or the output layer that the tensor-parallel plan names
+            warnings.filterwarnings("ignore", message="Parallelize plan key")
+            _parallelize_module(stage, ctx, cfg)
+
+    return build_pipeline(model, ctx, cfg, micro, parallelize_stage)
+
+
+def _parallelize_module(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig) -> ScientificMoE:
     dims = ctx.dims
     if dims.tp > 1:
         apply_tensor_parallel(model, ctx.submesh("tp"), cfg.sequence_parallel, cfg.loss_parallel)
@@ -27,7 +49,7 @@ def parallelize(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig) -> 
     if dims.ep > 1:
         from scifm.parallel.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, ctx.submesh("ep"))
+        apply_expert_parallel(model, ctx.submesh("ep"), ctx.submesh("tp") if dims.tp > 1 else None)
     if cfg.activation_checkpoint != "none":
         apply_activation_checkpointing(model, cfg.activation_checkpoint)
     if cfg.compile:

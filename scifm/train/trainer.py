@@ -33,6 +33,7 @@ from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
+from scifm.parallel.pipeline import MicroBatches, PipelinedModel
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
     check_compatible,
@@ -44,7 +45,7 @@ from scifm.train.checkpoint import (
 )
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
-from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, train_step
+from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, scaled_cross_entropy, train_step
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -105,7 +106,10 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
     total_params, active_params = count_params(model, cfg.model)
     full_shapes = {k: v.shape for k, v in model.state_dict().items()}
     vocab = model.output.out_features
-    model = parallelize(model.to(ctx.device), ctx, cfg.parallel)
+    micro_batches = MicroBatches(tc.grad_accum, tc.batch_size // ctx.dims.dp_size, cfg.data.seq_len,
+                                 scaled_cross_entropy)
+    model = parallelize(model.to(ctx.device), ctx, cfg.parallel, micro_batches)
+    pipelined = isinstance(model, PipelinedModel)
     optimizer = build_optimizer(model, tc)
     scheduler = build_scheduler(optimizer, tc)
 
@@ -122,8 +126,11 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
         model_state = load_model_state(ckpt)
         check_compatible(model_state, full_shapes, ckpt)
         state, loader_state = load_train_state(ckpt)
+        optim_state = state["optimizer"]
+        if pipelined:  # the checkpoint holds every stage; this rank loads its own
+            model_state, optim_state = model.own_state(model_state), model.own_optimizer_state(optim_state)
         set_model_state_dict(model, model_state, options=FULL)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL)
+        set_optimizer_state_dict(model, optimizer, optim_state, options=FULL)
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         loader.load_state_dict(loader_state)
@@ -137,8 +144,11 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
         return ctx.all_reduce_sum(unigram_counts.clone())
 
     def checkpoint() -> None:
-        model_state = get_model_state_dict(model, options=FULL)
-        optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+        if pipelined:
+            model_state, optim_state = model.full_state(optimizer)
+        else:
+            model_state = get_model_state_dict(model, options=FULL)
+            optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
         counts = global_unigram()
         if ctx.is_main:
             train_state = {
@@ -187,6 +197,8 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
         validate_now = step % tc.val_every == 0 or at_end
         record = None
         if step % tc.log_every == 0 or validate_now:
+            if pipelined:  # every stage's MoE layers, not only this rank's
+                moe_stats = model.gather_layer_stats(moe_stats)
             record = {
                 "step": step,
                 "loss": loss,

@@ -3,7 +3,8 @@
 For each layout: the tiny multimodal model, the same seed (so the same initial weights) and the
 same global batches, trained 3 optimizer steps by the trainer's own step functions; every rank
 also trains the single-process reference in-process on the whole batch. Rank 0 writes the
-largest loss and gradient differences per layout.
+largest loss and gradient differences per layout. Pipeline stages hold only their own layers'
+gradients, so those are pooled over the ranks before comparing.
 """
 
 from __future__ import annotations
@@ -27,21 +28,27 @@ from scifm.parallel.dims import ParallelDims
 from scifm.parallel.memory import memory_report
 from scifm.parallel.distributed import DistContext, init_distributed
 from scifm.parallel.parallelize import parallelize
+from scifm.parallel.pipeline import MicroBatches
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.entry import compose_run_config
 from scifm.train.optim import build_optimizer, build_scheduler
-from scifm.train.step import apply_update, autocast_for, train_step
+from scifm.train.step import apply_update, autocast_for, scaled_cross_entropy, train_step
 
 STEPS = 3
 WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
 
 
-def full_grads(model) -> dict[str, torch.Tensor]:
+def full_grads(model, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Every parameter's full gradient; pipeline stages hold only theirs, so the ranks pool them."""
     out = {}
     for name, p in model.named_parameters():
         g = p.grad
         if g is not None:
-            out[WRAPPERS.sub("", name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().clone()
+            out[WRAPPERS.sub("", name)] = (g.full_tensor() if isinstance(g, DTensor) else g).detach().cpu().clone()
+    if ctx.dims.pp > 1:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, out)
+        out = {name: g for part in parts for name, g in part.items()}
     return out
 
 
@@ -49,7 +56,9 @@ def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[floa
     tc = cfg.trainer
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
-    model = parallelize(model, ctx, cfg.parallel) if ctx.distributed else model
+    if ctx.distributed:
+        micro = MicroBatches(tc.grad_accum, tc.batch_size // ctx.dims.dp_size, cfg.data.seq_len, scaled_cross_entropy)
+        model = parallelize(model, ctx, cfg.parallel, micro)
     optimizer, moes = build_optimizer(model, tc), moe_layers(model)
     scheduler = build_scheduler(optimizer, tc)
     for m in moes:
@@ -64,7 +73,7 @@ def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[floa
         losses.append(loss)
         norms.append(norm)
         if step == 0:
-            grads = full_grads(model)
+            grads = full_grads(model, ctx)
             grad_bytes = memory_report(model, optimizer)["grad_bytes"]
         apply_update(optimizer, scheduler, moes)
         if step == 0:  # optimizer state exists only after the first update
@@ -83,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(1)
     tokenizer = ScientificTokenizer.load(args.tokenizer)
     results = {}
-    reference = None  # the single-process run: the same for every layout
+    references = {}  # single-process runs, by the layout's overrides outside parallel.*
     for overrides in json.loads(args.layouts):
         name = " ".join(overrides)
         cfg = compose_run_config([
@@ -95,9 +104,10 @@ def main() -> None:
         specs = resolve_sources(cfg.data)
         ctx = init_distributed(cfg.parallel, cfg.model, "cpu")
         single = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
-        if reference is None:
-            reference = run(cfg, single, tokenizer, specs)
-        ref_losses, ref_norms, ref_grads, ref_memory = reference
+        key = tuple(o for o in overrides if not o.startswith("parallel."))
+        if key not in references:
+            references[key] = run(cfg, single, tokenizer, specs)
+        ref_losses, ref_norms, ref_grads, ref_memory = references[key]
         losses, norms, grads, memory = run(cfg, ctx, tokenizer, specs)
         assert ref_grads.keys() == grads.keys(), sorted(set(ref_grads) ^ set(grads))[:5]
         grad_rel = max(

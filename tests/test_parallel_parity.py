@@ -23,6 +23,9 @@ LAYOUTS = {
         ["parallel.tp=2", "parallel.sequence_parallel=false", "parallel.loss_parallel=false"],
         ["parallel.dp_shard=2"],
         ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"],
+        ["parallel.dp_shard=2", "parallel.activation_checkpoint=selective"],
+        # bf16 parameters and fp32 gradient reduction: equal only to bf16 precision
+        ["parallel.dp_shard=2", "parallel.mixed_precision=bf16"],
         ["parallel.dp_replicate=2"],
         ["parallel.pp=2", "parallel.pp_schedule=GPipe"],
         ["parallel.pp=2", "parallel.pp_schedule=1F1B"],
@@ -67,6 +70,9 @@ def test_layouts_match_a_single_process(world, corpus_dir, tokenizer_dir, tmp_pa
                            "--layouts", json.dumps(LAYOUTS[world]), timeout=600)
     assert len(results) == len(LAYOUTS[world])
     for layout, r in results.items():
+        if "mixed_precision=bf16" in layout:
+            assert r["loss_rel"] < 1e-3, (layout, r["losses"], r["ref_losses"])
+            continue
         assert r["loss_rel"] < 1e-5, (layout, r["losses"], r["ref_losses"])
         assert r["grad_rel"] < 1e-5, (layout, r["worst_grads"])
         assert r["n_grads"] > 50  # every parameter was compared, encoders included

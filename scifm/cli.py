@@ -14,6 +14,9 @@ commands:
   data build [--out DIR]    build the built-in corpus from data shipped in pip packages
   params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
                             meta device (e.g. scifm params model=paper_1t)
+  export CHECKPOINT [--out FILE]
+                            consolidate a checkpoint saved under any layout into one
+                            safetensors file (default CHECKPOINT/model.safetensors)
 """
 
 
@@ -53,6 +56,19 @@ def params_main(overrides: list[str]) -> None:
           f"active per token {active:,} ({active / 1e9:.3f} B)")
 
 
+def export_main(argv: list[str]) -> None:
+    from pathlib import Path
+
+    from scifm.train.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="scifm export")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = export_checkpoint(args.checkpoint, args.out or args.checkpoint / "model.safetensors")
+    print(f"exported {args.checkpoint} to {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -69,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
             data_main(rest)
         elif command == "params":
             params_main(rest)
+        elif command == "export":
+            export_main(rest)
         else:
             print(f"scifm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)

@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import SMALL_CORPUS_DOCS
+from scifm.train.export import export_checkpoint
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -49,6 +52,12 @@ def test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process(corpus_dir
         assert sorted(got) == [3, 4]
         for step in got:
             assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (layout, got, want)
+    # the sharded fsdp2 weights, consolidated, equal those of the run that finished in one process
+    sharded = load_file(export_checkpoint(tmp_path / "fsdp2/checkpoints/step_4", tmp_path / "a.safetensors"))
+    single = load_file(export_checkpoint(tmp_path / "resumed-1/checkpoints/step_4", tmp_path / "b.safetensors"))
+    assert sharded.keys() == single.keys() and len(sharded) > 300
+    for name, t in sharded.items():
+        torch.testing.assert_close(t, single[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.slow

@@ -51,7 +51,8 @@ def test_run_directory_holds_metrics_summary_and_checkpoints(short_run):
     assert set(summary["tokens_by_source"]) and sum(summary["tokens_by_skill"].values()) == summary["tokens_seen"]
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt.name == "step_120" and (run_dir / "checkpoints" / "step_60" / "meta.json").is_file()
-    for name in ("model.safetensors", "train_state.pt", "loader.json", "config.yaml", "skipped.json",
+    for name in ("model/model.safetensors.index.json", "optimizer/model.safetensors.index.json", "train_state.pt",
+                 "loader.json", "config.yaml", "skipped.json",
                  "tokenizer/tokenizer.json"):
         assert (ckpt / name).is_file(), name
 
@@ -87,6 +88,23 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(make_config, tmp_path):
         train(make_config("resume=latest"), tmp_path / "empty")
     with pytest.raises(CheckpointError, match="not a complete scifm checkpoint"):
         train(make_config(f"resume={tmp_path}"), tmp_path / "x")
+
+
+@pytest.mark.slow
+def test_export_is_one_safetensors_file_of_the_trained_weights(short_run, make_config, tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    from scifm.train.export import export_checkpoint, load_checkpoint_model
+
+    run_dir, _ = short_run
+    ckpt = run_dir / "checkpoints" / "step_120"
+    weights = load_file(export_checkpoint(ckpt, tmp_path / "model.safetensors"))
+    model, _, cfg = load_checkpoint_model(ckpt)
+    assert cfg.trainer.max_steps == 120
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="not a complete scifm checkpoint"):
+        export_checkpoint(tmp_path, tmp_path / "x.safetensors")
 
 
 def test_bad_values_fail_at_start_up_naming_the_key(make_config, tmp_path):

@@ -31,11 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-)
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
@@ -133,7 +128,6 @@ class PipelinedModel(ModelPart):
         self.pp_group = pp_mesh.get_group()
         self.act_dtype = act_dtype
         self.loss_fn = loss_fn
-        self.state_keys = frozenset(self.state_dict())  # before any wrapper renames a module
         self.moe_layer_ids = [int(i) for i, block in self.layers.items() if block.is_moe]
         # set by build_pipeline once the stages are parallelised
         self.pipeline_stages: list[PipelineStage] = []
@@ -181,46 +175,6 @@ class PipelinedModel(ModelPart):
         dist.all_gather_object(parts, mine, group=self.pp_group)
         merged = {i: s for part in parts for i, s in part.items()}
         return [merged[i] for i in sorted(merged)]
-
-    def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """Full (unsharded) model and optimizer state dicts of the whole model on global rank 0 (the
-        one that writes checkpoints); only this rank's stages elsewhere. With cpu_offload torch keeps
-        the tensors on global rank 0 alone, so each rank takes its stages' full tensors to the CPU
-        itself and pp rank 0 gathers them."""
-        options = StateDictOptions(full_state_dict=True)
-        mine = tree_map_only(torch.Tensor, torch.Tensor.cpu, (
-            get_model_state_dict(self, options=options),
-            get_optimizer_state_dict(self, optimizer, options=options),
-        ))
-        if 0 not in dist.get_process_group_ranks(self.pp_group):
-            return mine
-        parts: list | None = [None] * dist.get_world_size(self.pp_group) if dist.get_rank() == 0 else None
-        dist.gather_object(mine, parts, group=self.pp_group, group_dst=0)
-        return _merge_states(parts) if parts is not None else mine
-
-    def own_state(self, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The entries of a full model state dict that this rank's stages hold."""
-        return {k: v for k, v in full.items() if k in self.state_keys}
-
-    def own_optimizer_state(self, full: dict) -> dict:
-        """The same for a full optimizer state dict (keyed by parameter names)."""
-        return {
-            "state": {k: v for k, v in full["state"].items() if k in self.state_keys},
-            "param_groups": [g | {"params": [p for p in g["params"] if p in self.state_keys]}
-                             for g in full["param_groups"]],
-        }
-
-
-def _merge_states(parts: list[tuple[dict, dict]]) -> tuple[dict, dict]:
-    """Union of the pp ranks' (model, optimizer) full state dicts."""
-    model_state: dict = {}
-    optim_state: dict = {"state": {}, "param_groups": [g | {"params": []} for g in parts[0][1]["param_groups"]]}
-    for model_part, optim_part in parts:
-        model_state.update(model_part)
-        optim_state["state"].update(optim_part["state"])
-        for merged, group in zip(optim_state["param_groups"], optim_part["param_groups"]):
-            merged["params"] += group["params"]
-    return model_state, optim_state
 
 
 def _gather_sequence_on_exit(stage: StageModel, tp_mesh: DeviceMesh) -> None:

@@ -1,8 +1,9 @@
 """Checkpoints: everything a run needs to continue exactly, written atomically.
 
 checkpoints/step_N/
-  model.safetensors   weights (safetensors: loading never runs pickled code)
-  train_state.pt      optimizer, scheduler, RNG and trainer counters (loaded with weights_only=True)
+  model/              weights as sharded safetensors, written by every rank (sharded_state.py)
+  optimizer/          optimizer tensors, the same way
+  train_state.pt      optimizer param groups, scheduler, RNG, trainer counters (weights_only=True)
   loader.json         data-loader state: mixture RNG, stream cursors, partly emitted document
   tokenizer/          the tokenizer the model was trained with
   config.yaml         the resolved run configuration
@@ -21,10 +22,11 @@ import shutil
 import time
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
 from scifm.errors import CheckpointError
+from scifm.parallel.distributed import DistContext
+from scifm.train.sharded_state import save_sharded, saved_shapes
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -33,30 +35,35 @@ def save_checkpoint(
     root: Path,
     step: int,
     *,
-    model_state: dict[str, torch.Tensor],
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
     train_state: dict,
     loader_state: dict,
     tokenizer,
     config_yaml: str,
     skipped: dict,
-) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
+) -> None:
+    """Collective: every rank writes its shards; rank 0 the rest, then renames the directory."""
     final = root / f"step_{step}"
-    tmp = root / f".step_{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    # full (unsharded) tensors under full-model names: any layout can load them
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-    torch.save(train_state, tmp / "train_state.pt")
-    (tmp / "loader.json").write_text(json.dumps(loader_state))
-    tokenizer.save(tmp / "tokenizer")
-    (tmp / "config.yaml").write_text(config_yaml)
-    (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
-    if final.exists():  # re-saving a step (e.g. the final one) replaces it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    tmp = root / f".step_{step}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    param_groups = save_sharded(tmp, model, optimizer, ctx.distributed)
+    ctx.barrier()
+    if ctx.is_main:
+        torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / "train_state.pt")
+        (tmp / "loader.json").write_text(json.dumps(loader_state))
+        tokenizer.save(tmp / "tokenizer")
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
+        if final.exists():  # re-saving a step (e.g. the final one) replaces it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    ctx.barrier()
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -84,27 +91,21 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
     return path
 
 
-def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors.torch.load_file(str(ckpt / "model.safetensors"))
-    except (OSError, safetensors.SafetensorError) as err:
-        raise CheckpointError(f"{ckpt}: cannot read model.safetensors ({err})") from None
-
-
-def check_compatible(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], ckpt: Path) -> None:
+def check_compatible(ckpt: Path, expected: dict[str, torch.Size]) -> None:
     """One line naming what differs when a checkpoint belongs to another model config."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    saved = saved_shapes(ckpt)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
             f"{ckpt}: checkpoint belongs to another model config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     for name, shape in expected.items():
-        if state[name].shape != shape:
+        if tuple(saved[name]) != tuple(shape):
             raise CheckpointError(
                 f"{ckpt}: checkpoint belongs to another model config ({name} has shape "
-                f"{tuple(state[name].shape)}, this model {tuple(shape)})"
+                f"{tuple(saved[name])}, this model {tuple(shape)})"
             )
 
 

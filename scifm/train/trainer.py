@@ -13,13 +13,6 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from scifm.config import RunConfig
 from scifm.data.loader import PackedLoader
@@ -38,17 +31,14 @@ from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
     check_compatible,
     latest_checkpoint,
-    load_model_state,
     load_train_state,
     resolve_checkpoint,
     save_checkpoint,
 )
 from scifm.train.metrics import MetricsLogger
+from scifm.train.sharded_state import load_sharded
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, scaled_cross_entropy, train_step
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
 
 def check_device(name: str) -> None:
     if name == "cuda" and not torch.cuda.is_available():
@@ -123,14 +113,9 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
     step, tokens_seen = 0, 0
 
     if ckpt is not None:
-        model_state = load_model_state(ckpt)
-        check_compatible(model_state, full_shapes, ckpt)
+        check_compatible(ckpt, full_shapes)
         state, loader_state = load_train_state(ckpt)
-        optim_state = state["optimizer"]
-        if pipelined:  # the checkpoint holds every stage; this rank loads its own
-            model_state, optim_state = model.own_state(model_state), model.own_optimizer_state(optim_state)
-        set_model_state_dict(model, model_state, options=FULL)
-        set_optimizer_state_dict(model, optimizer, optim_state, options=FULL)
+        load_sharded(ckpt, model, optimizer, state["optimizer_param_groups"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         loader.load_state_dict(loader_state)
@@ -144,27 +129,18 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
         return ctx.all_reduce_sum(unigram_counts.clone())
 
     def checkpoint() -> None:
-        if pipelined:
-            model_state, optim_state = model.full_state(optimizer)
-        else:
-            model_state = get_model_state_dict(model, options=FULL)
-            optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
-        counts = global_unigram()
-        if ctx.is_main:
-            train_state = {
-                "optimizer": optim_state,
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "unigram_counts": counts,
-            }
-            save_checkpoint(
-                run_dir / "checkpoints", step, model_state=model_state, train_state=train_state,
-                loader_state=loader.state_dict(), tokenizer=tokenizer, config_yaml=config_yaml,
-                skipped=loader.skips.as_dict(),
-            )
-        ctx.barrier()
+        train_state = {
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "unigram_counts": global_unigram(),
+        }
+        save_checkpoint(
+            run_dir / "checkpoints", step, model=model, optimizer=optimizer, ctx=ctx, train_state=train_state,
+            loader_state=loader.state_dict(), tokenizer=tokenizer, config_yaml=config_yaml,
+            skipped=loader.skips.as_dict(),
+        )
 
     logger = MetricsLogger(run_dir, tc.max_steps, step) if ctx.is_main else None
     if ctx.is_main:

@@ -1,0 +1,102 @@
+"""Model and optimizer tensors saved by every rank as sharded safetensors (torch.distributed.checkpoint).
+
+Each rank writes the shards it holds, under full-model names, through DCP's safetensors storage:
+no rank ever gathers the whole model, and loading reads safetensors headers and tensors only
+(plain DCP would unpickle a metadata file). Loading fills the current layout's shards from
+whatever layout saved them, so a run saved under fsdp=4 resumes under tp=2, pp=2 or one process.
+Optimizer param groups (hyper-parameters, no tensors) travel in train_state.pt instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.checkpoint.state_dict import (
+    _init_optim_state,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from scifm.errors import CheckpointError
+
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
+
+
+def _flat_optimizer_tensors(optim_state: dict) -> dict[str, torch.Tensor]:
+    # one flat key per tensor: safetensors stores named tensors, not nested dicts
+    return {f"{fqn}::{name}": t for fqn, state in optim_state["state"].items() for name, t in state.items()}
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    # DCP warns that it "assumes" a single process when no process group exists: that is the intent
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    # after a forward-only pass (evaluation) FSDP leaves the root's parameters unsharded, and the
+    # optimizer would no longer find its parameters among the model's
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> list:
+    """Collective: every rank calls it. Returns the optimizer param groups (for train_state.pt)."""
+    _reshard(model)
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    with _quiet_single_process():
+        dcp.save(get_model_state_dict(model),
+                 storage_writer=HuggingFaceStorageWriter(str(directory / MODEL_DIR), save_distributed=distributed))
+        dcp.save(_flat_optimizer_tensors(optim_state),
+                 storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER_DIR), save_distributed=distributed))
+    return optim_state["param_groups"]
+
+
+def saved_shapes(directory: Path) -> dict[str, torch.Size]:
+    """Full-model names and shapes of the saved weights, read from the safetensors headers."""
+    try:
+        metadata = HuggingFaceStorageReader(str(directory / MODEL_DIR)).read_metadata()
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{directory}: cannot read the model weights ({err})") from None
+    return {fqn: meta.size for fqn, meta in metadata.state_dict_metadata.items()}
+
+
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Collective (or one process): fills this rank's shards of the model weights."""
+    model_state = get_model_state_dict(model)
+    with _quiet_single_process():
+        dcp.load(model_state, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
+    set_model_state_dict(model, model_state)
+
+
+def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 param_groups: list) -> None:
+    """Collective: fills this rank's shards of the model and of the optimizer state."""
+    _reshard(model)
+    load_model_weights(directory, model)
+    _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
+    optim_state = get_optimizer_state_dict(model, optimizer)
+    flat = _flat_optimizer_tensors(optim_state)
+    with _quiet_single_process():
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(directory / OPTIMIZER_DIR)))
+    for key, t in flat.items():
+        fqn, name = key.split("::")
+        optim_state["state"][fqn][name] = t
+    # hyper-parameters from the checkpoint, parameter lists from this rank's (pipeline) stages
+    optim_state["param_groups"] = [
+        current | {k: v for k, v in saved.items() if k != "params"}
+        for current, saved in zip(optim_state["param_groups"], param_groups)
+    ]
+    set_optimizer_state_dict(model, optimizer, optim_state)

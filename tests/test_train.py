@@ -114,8 +114,8 @@ def test_bad_values_fail_at_start_up_naming_the_key(make_config, tmp_path):
         train(make_config("model.n_kv_heads=3"), tmp_path)
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+def run_cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "scifm.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -145,3 +145,17 @@ def test_cli_train_writes_the_run_directory(corpus_dir, tmp_path):
     assert "step 4/4" in out.stderr and "final validation loss" in out.stdout
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 4
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_ones(corpus_dir, tmp_path):
+    """parallel.compile=true compiles each block (MoE routing included, no graph-break fallback)."""
+    common = ("experiment=tiny", f"data.corpus_dir={corpus_dir}", "data.corpus_max_docs_per_source=150",
+              "trainer.max_steps=2", "trainer.log_every=1", "trainer.val_every=100", "data.val_batches=1",
+              "trainer.batch_size=4", "data.seq_len=128")
+    for name, extra in (("eager", ()), ("compiled", ("parallel.compile=true",))):
+        out = run_cli("train", *common, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+                      env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TMPDIR": str(tmp_path)})
+        assert out.returncode == 0, out.stderr[-3000:]
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert all(abs(compiled[s] - eager[s]) <= 1e-5 * abs(eager[s]) for s in eager), (eager, compiled)

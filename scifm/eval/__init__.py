@@ -1,0 +1,1 @@
+"""Scientific QA evaluation of checkpoints: tasks, scoring, reports."""

@@ -1,0 +1,70 @@
+"""Log-likelihood of a continuation given a (multimodal) context, batched through the model.
+
+Each request is a context (DESIGN.md segments: text, molecule, protein, table, figure, latex) and a
+continuation string. The context is laid out exactly as in training ([BOS], markers, slots) without
+its [EOS]; the continuation's tokens follow, and their log-probabilities are summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scifm.data.documents import Document
+from scifm.data.encode import EncodedDocument, encode_document
+from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
+from scifm.errors import DataError
+from scifm.model.config import EncodersConfig
+
+
+@dataclass(frozen=True)
+class Request:
+    context: list[dict]  # segments
+    continuation: str
+
+
+@dataclass(frozen=True)
+class Result:
+    logprob: float  # summed over the continuation's tokens
+    n_tokens: int
+    greedy: bool  # every continuation token is the model's argmax
+
+
+def _encode(req: Request, tokenizer, enc_cfg: EncodersConfig, base_dir: Path, seq_len: int) -> tuple[EncodedDocument, int]:
+    context = encode_document(Document("eval", "eval", "eval", req.context), tokenizer, enc_cfg, base_dir)
+    cont = tokenizer.encode_text(req.continuation)
+    if not cont:
+        raise DataError(f"empty continuation {req.continuation!r}: nothing to score")
+    ids = context.ids[:-1] + cont  # the context without its [EOS]
+    if len(ids) - 1 > seq_len:
+        raise DataError(f"a request of {len(ids)} tokens does not fit the model's sequence length {seq_len}")
+    return EncodedDocument("eval", "eval", "eval", ids, context.items), len(cont)
+
+
+@torch.no_grad()
+def score_continuations(model, tokenizer, enc_cfg: EncodersConfig, requests: list[Request], *, seq_len: int,
+                        batch_size: int = 16, base_dir: Path = Path(".")) -> list[Result]:
+    """One request per row (never packed together, so rows cannot influence each other)."""
+    model.eval()
+    placeholders = placeholder_features(tokenizer, enc_cfg)
+    device = next(model.parameters()).device
+    results: list[Result] = []
+    for start in range(0, len(requests), batch_size):
+        encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests[start : start + batch_size]]
+        rows = []
+        for doc, _ in encoded:
+            row = Row([Chunk(doc, 0, len(doc.ids) - 1)])
+            row.used = len(doc.ids) - 1
+            rows.append(row)
+        batch = collate_rows(rows, seq_len, tokenizer, placeholders).to(device)
+        logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+        logp_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
+        for r, (doc, n_cont) in enumerate(encoded):
+            targets_C = torch.tensor(doc.ids[-n_cont:], device=device)
+            # position t predicts token t + 1: the continuation's tokens are predicted at these rows
+            logp_CV = logp_BSV[r, len(doc.ids) - 1 - n_cont : len(doc.ids) - 1]
+            picked_C = logp_CV.gather(1, targets_C[:, None])[:, 0]
+            results.append(Result(float(picked_C.sum()), n_cont, bool((logp_CV.argmax(-1) == targets_C).all())))
+    return results

@@ -109,7 +109,6 @@ def test_collate_masks_slots_restarts_positions_and_points_at_slots(tokenizer, m
     ]
     encoded = [encode_document(d, tokenizer, cfg.model.encoders, Path(".")) for d in docs]
     row = Row([chunk_document(e, 128)[0] for e in encoded])
-    row.used = sum(c.length for c in row.chunks)
     batch = collate_rows([row], 128, tokenizer, placeholder_features(tokenizer, cfg.model.encoders))
     slot = tokenizer.slot_id("molecule")
     flat = batch.input_ids.flatten()

@@ -28,7 +28,6 @@ def batch_of(docs, tokenizer, cfg, seq_len=128):
     for group in docs:
         row = Row([chunk_document(encode_document(d, tokenizer, cfg.model.encoders, Path(".")), seq_len)[0]
                    for d in group])
-        row.used = sum(c.length for c in row.chunks)
         rows.append(row)
     return collate_rows(rows, seq_len, tokenizer, placeholder_features(tokenizer, cfg.model.encoders))
 

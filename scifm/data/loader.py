@@ -91,17 +91,17 @@ class PackedLoader:
 
     # --- chunks -> rows -> batches --------------------------------------------------------------
     def _next_row(self) -> Row:
-        row = Row()
+        row, used = Row(), 0
         while True:
             chunk = self._peek_chunk()
-            if row.used + chunk.length > self.cfg.seq_len and row.chunks:
+            if used + chunk.length > self.cfg.seq_len and row.chunks:
                 return row
             self.tokens_by_source[self.streams[self.pending[0]].spec.name] += chunk.length
             self._pop_chunk()
             row.chunks.append(chunk)
-            row.used += chunk.length
+            used += chunk.length
             self.tokens_by_skill[chunk.doc.skill] += chunk.length
-            if row.used == self.cfg.seq_len:
+            if used == self.cfg.seq_len:
                 return row
 
     def next_batch(self) -> Batch:

@@ -55,7 +55,10 @@ def chunk_document(doc: EncodedDocument, seq_len: int) -> list[Chunk]:
 @dataclass
 class Row:
     chunks: list[Chunk] = field(default_factory=list)
-    used: int = 0
+
+    @property
+    def used(self) -> int:
+        return sum(c.length for c in self.chunks)
 
 
 @dataclass

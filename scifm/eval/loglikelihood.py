@@ -53,11 +53,7 @@ def score_continuations(model, tokenizer, enc_cfg: EncodersConfig, requests: lis
     results: list[Result] = []
     for start in range(0, len(requests), batch_size):
         encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests[start : start + batch_size]]
-        rows = []
-        for doc, _ in encoded:
-            row = Row([Chunk(doc, 0, len(doc.ids) - 1)])
-            row.used = len(doc.ids) - 1
-            rows.append(row)
+        rows = [Row([Chunk(doc, 0, len(doc.ids) - 1)]) for doc, _ in encoded]
         batch = collate_rows(rows, seq_len, tokenizer, placeholders).to(device)
         logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
         logp_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)

@@ -65,9 +65,8 @@ class ParallelDims:
                 f"parallel.tp: n_heads={model.n_heads} and n_kv_heads={model.n_kv_heads} must both be "
                 f"divisible by tp={self.tp}"
             )
-        for key in ("ffn_hidden",):
-            if getattr(model, key) % self.tp:
-                raise ConfigError(f"parallel.tp: model.{key}={getattr(model, key)} is not divisible by tp={self.tp}")
+        if model.ffn_hidden % self.tp:
+            raise ConfigError(f"parallel.tp: model.ffn_hidden={model.ffn_hidden} is not divisible by tp={self.tp}")
         if model.moe.n_shared_experts and (model.moe.n_shared_experts * model.moe.expert_ffn) % self.tp:
             raise ConfigError(
                 f"parallel.tp: shared-expert width {model.moe.n_shared_experts * model.moe.expert_ffn} "

@@ -66,16 +66,14 @@ def forward_backward(model, micro: list[Batch], ctx: DistContext, autocast) -> f
     n_global = max(float(n_targets), 1.0)
     if isinstance(model, PipelinedModel):
         return _pipeline_forward_backward(model, micro, ctx, autocast, n_global)
-    total = torch.zeros((), dtype=torch.float64)
-    sharded_loss = contextlib.nullcontext()
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)  # read once: no per-micro-batch sync
     for batch in micro:
         loss = lm_loss_sum(model, batch.to(ctx.device), autocast) / n_global
-        if isinstance(loss, DTensor):
-            sharded_loss = torch.distributed.tensor.parallel.loss_parallel()
-        with sharded_loss:
+        sharded = isinstance(loss, DTensor)  # vocab-sharded logits: backward needs the same context
+        with torch.distributed.tensor.parallel.loss_parallel() if sharded else contextlib.nullcontext():
             (loss * ctx.dims.dp_size).backward()
-        total += float(_local(loss.detach()))
-    return float(ctx.all_reduce_sum(total))
+        total += _local(loss.detach()).double()
+    return float(ctx.all_reduce_sum(total.cpu()))
 
 
 def _pipeline_forward_backward(model: PipelinedModel, micro: list[Batch], ctx: DistContext, autocast,

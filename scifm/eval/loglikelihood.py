@@ -7,6 +7,7 @@ its [EOS]; the continuation's tokens follow, and their log-probabilities are sum
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,22 +46,32 @@ def _encode(req: Request, tokenizer, enc_cfg: EncodersConfig, base_dir: Path, se
 
 @torch.no_grad()
 def score_continuations(model, tokenizer, enc_cfg: EncodersConfig, requests: list[Request], *, seq_len: int,
-                        batch_size: int = 16, base_dir: Path = Path(".")) -> list[Result]:
-    """One request per row (never packed together, so rows cannot influence each other)."""
+                        batch_size: int = 16, base_dir: Path = Path("."),
+                        progress: Callable[[int], None] | None = None) -> list[Result]:
+    """One request per row (never packed together, so rows cannot influence each other).
+
+    Requests are batched longest first and each batch is padded only to its longest row, so short
+    questions do not pay for the model's whole sequence length; `progress(n)` is told of each
+    batch's n requests."""
     model.eval()
     placeholders = placeholder_features(tokenizer, enc_cfg)
     device = next(model.parameters()).device
-    results: list[Result] = []
-    for start in range(0, len(requests), batch_size):
-        encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests[start : start + batch_size]]
-        rows = [Row([Chunk(doc, 0, len(doc.ids) - 1)]) for doc, _ in encoded]
-        batch = collate_rows(rows, seq_len, tokenizer, placeholders).to(device)
+    encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0].ids))
+    results: list[Result | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        batch_idx = order[start : start + batch_size]
+        rows = [Row([Chunk(encoded[i][0], 0, len(encoded[i][0].ids) - 1)]) for i in batch_idx]
+        batch = collate_rows(rows, max(row.used for row in rows), tokenizer, placeholders).to(device)
         logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
         logp_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
-        for r, (doc, n_cont) in enumerate(encoded):
+        for r, i in enumerate(batch_idx):
+            doc, n_cont = encoded[i]
             targets_C = torch.tensor(doc.ids[-n_cont:], device=device)
             # position t predicts token t + 1: the continuation's tokens are predicted at these rows
             logp_CV = logp_BSV[r, len(doc.ids) - 1 - n_cont : len(doc.ids) - 1]
             picked_C = logp_CV.gather(1, targets_C[:, None])[:, 0]
-            results.append(Result(float(picked_C.sum()), n_cont, bool((logp_CV.argmax(-1) == targets_C).all())))
+            results[i] = Result(float(picked_C.sum()), n_cont, bool((logp_CV.argmax(-1) == targets_C).all()))
+        if progress is not None:
+            progress(len(batch_idx))
     return results

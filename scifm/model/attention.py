@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scifm.model.kv_cache import LayerKV
 from scifm.model.layers import apply_rope
 
 
@@ -39,8 +40,14 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask_B1SS: torch.Tensor | None = None,
+        *,
+        cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """mask_B1SS: bool, True = may attend; None = plain causal."""
+        """mask_B1SS: bool, True = may attend; None = plain causal.
+
+        With a cache the new tokens' K/V are appended to it and queries attend to cached + new keys:
+        the mask is then [B, 1, S, T] over all T of them (KVCache.extend makes it).
+        """
         B, S, _ = x_BSD.shape
         # -1, not n_heads: a tensor-parallel rank holds only its own slice of heads
         q_BSHD = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), cos, sin)
@@ -48,10 +55,17 @@ class Attention(nn.Module):
         v_BSKD = self.wv(x_BSD).view(B, S, -1, self.head_dim)
 
         q_BHSD = q_BSHD.transpose(1, 2)
+        k_BKTD, v_BKTD = k_BSKD.transpose(1, 2), v_BSKD.transpose(1, 2)
+        if cache is not None:
+            k_BKTD, v_BKTD = cache.append(k_BKTD, v_BKTD)
+            if mask_B1SS is None:
+                # is_causal aligns the diagonal top-left, wrong once keys outnumber queries
+                T = k_BKTD.shape[2]
+                mask_B1SS = torch.ones(S, T, dtype=torch.bool, device=x_BSD.device).tril(T - S)
         # explicit repeat (query head h uses kv head h // n_rep) keeps the fused masked kernels usable
-        n_rep = q_BSHD.shape[2] // k_BSKD.shape[2]
-        k_BHTD = k_BSKD.transpose(1, 2).repeat_interleave(n_rep, dim=1)
-        v_BHTD = v_BSKD.transpose(1, 2).repeat_interleave(n_rep, dim=1)
+        n_rep = q_BHSD.shape[1] // k_BKTD.shape[1]
+        k_BHTD = k_BKTD.repeat_interleave(n_rep, dim=1)
+        v_BHTD = v_BKTD.repeat_interleave(n_rep, dim=1)
 
         if mask_B1SS is None:
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, is_causal=True)

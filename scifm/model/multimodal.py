@@ -7,11 +7,12 @@ it does not own and keep the full model's parameter names (checkpoints reshard b
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from scifm.model.attention import document_causal_mask
 from scifm.model.config import ModelConfig
 from scifm.model.encoders import build_encoders
+from scifm.model.kv_cache import KVCache
 from scifm.model.layers import RMSNorm, rope_cos_sin
 from scifm.model.transformer import TransformerBlock
 
@@ -56,12 +57,22 @@ class ScientificMoE(nn.Module):
         doc_ids_BS: torch.Tensor,
         items: dict[str, dict[str, torch.Tensor]],
         slot_index: dict[str, torch.Tensor],
+        *,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """logits [B, S, V]. With a cache the tokens continue the cached ones (their positions and
+        doc ids given by the caller) and attend to them document-causally; the cache grows by S.
+        Items come with the prompt only: decode steps pass empty dicts."""
         h_BSD = self.embed(input_ids_BS, items, slot_index)
         cos, sin = rope_cos_sin(positions_BS, self.cfg.dim_per_head, self.cfg.rope_theta)
-        mask_B1SS = document_causal_mask(doc_ids_BS)
-        for layer in self.layers.values():
-            h_BSD = layer(h_BSD, cos, sin, mask_B1SS)
+        if cache is None:
+            mask_B1SS = document_causal_mask(doc_ids_BS)
+            for layer in self.layers.values():
+                h_BSD = layer(h_BSD, cos, sin, mask_B1SS)
+        else:
+            mask_B1ST = cache.extend(doc_ids_BS)
+            for key, layer in self.layers.items():
+                h_BSD = layer(h_BSD, cos, sin, mask_B1ST, cache=cache.layer(key))
         return self.output(self.norm(h_BSD))
 
 

@@ -5,12 +5,12 @@ The first cfg.n_dense_layers blocks use a dense SwiGLU, the rest an MoE.
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from scifm.model.attention import Attention
 from scifm.model.config import ModelConfig
+from scifm.model.kv_cache import LayerKV
 from scifm.model.layers import RMSNorm, SwiGLU
 from scifm.model.moe import MoE
 
@@ -29,9 +29,10 @@ class TransformerBlock(nn.Module):
             self.feed_forward = SwiGLU(cfg.d_model, cfg.ffn_hidden)
 
     def forward(
-        self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1SS: torch.Tensor | None
+        self, h_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_B1SS: torch.Tensor | None,
+        *, cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos, sin, mask_B1SS)
+        h_BSD = h_BSD + self.attention(self.attention_norm(h_BSD), cos, sin, mask_B1SS, cache=cache)
         ffn = self.moe if self.is_moe else self.feed_forward
         return h_BSD + ffn(self.ffn_norm(h_BSD))
 

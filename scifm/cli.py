@@ -1,4 +1,4 @@
-"""The `scifm` command: train | data build | params."""
+"""The `scifm` command: train | data build | params | eval | export."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ commands:
   data build [--out DIR]    build the built-in corpus from data shipped in pip packages
   params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
                             meta device (e.g. scifm params model=paper_1t)
+  eval checkpoint=PATH [eval.tasks=[...]] [eval.task_files=[...]] [KEY=VALUE ...]
+                            evaluate a checkpoint, a run's checkpoints or a glob on built-in
+                            and user tasks; writes results.json, report.md, samples/
+  eval compare RUN_OR_EVAL_DIR ... [--out DIR]
+                            score against training step and against model size (PNG + Markdown)
   export CHECKPOINT [--out FILE]
                             consolidate a checkpoint saved under any layout into one
                             safetensors file (default CHECKPOINT/model.safetensors)
@@ -69,6 +74,25 @@ def export_main(argv: list[str]) -> None:
     print(f"exported {args.checkpoint} to {out}")
 
 
+def eval_main(argv: list[str]) -> None:
+    if argv and argv[0] == "compare":
+        from pathlib import Path
+
+        from scifm.eval.compare import compare
+
+        parser = argparse.ArgumentParser(prog="scifm eval compare")
+        parser.add_argument("paths", nargs="+", type=Path, help="run directories or evaluation output directories")
+        parser.add_argument("--out", type=Path, default=Path("eval_compare"))
+        args = parser.parse_args(argv[1:])
+        for path in compare(args.paths, args.out):
+            print(f"wrote {path}")
+        return
+    from scifm.eval.config import compose_eval_config
+    from scifm.eval.runner import run_eval
+
+    run_eval(compose_eval_config(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -85,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
             data_main(rest)
         elif command == "params":
             params_main(rest)
+        elif command == "eval":
+            eval_main(rest)
         elif command == "export":
             export_main(rest)
         else:

@@ -44,32 +44,43 @@ def _encode(req: Request, tokenizer, enc_cfg: EncodersConfig, base_dir: Path, se
     return EncodedDocument("eval", "eval", "eval", ids, context.items), len(cont)
 
 
-@torch.no_grad()
 def score_continuations(model, tokenizer, enc_cfg: EncodersConfig, requests: list[Request], *, seq_len: int,
                         batch_size: int = 16, base_dir: Path = Path("."),
                         progress: Callable[[int], None] | None = None) -> list[Result]:
-    """One request per row (never packed together, so rows cannot influence each other).
+    """One request per row (never packed together, so rows cannot influence each other), scored by
+    score_token_continuations."""
+    encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests]
+    return score_token_continuations(model, tokenizer, enc_cfg, [doc for doc, _ in encoded],
+                                     [n for _, n in encoded], batch_size=batch_size, progress=progress)
 
-    Requests are batched longest first and each batch is padded only to its longest row, so short
+
+@torch.no_grad()
+def score_token_continuations(model, tokenizer, enc_cfg: EncodersConfig, docs: list[EncodedDocument],
+                              n_conts: list[int], *, batch_size: int = 16,
+                              progress: Callable[[int], None] | None = None) -> list[Result]:
+    """Scores the last n_conts[i] ids of docs[i] given the ids before them, one document per row
+    starting at position 0 (callers check that each fits the sequence length).
+
+    Documents are batched longest first and each batch is padded only to its longest row, so short
     questions do not pay for the model's whole sequence length; `progress(n)` is told of each
-    batch's n requests."""
+    batch's n documents."""
     model.eval()
     placeholders = placeholder_features(tokenizer, enc_cfg)
     device = next(model.parameters()).device
-    encoded = [_encode(r, tokenizer, enc_cfg, base_dir, seq_len) for r in requests]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0].ids))
-    results: list[Result | None] = [None] * len(encoded)
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i].ids))
+    results: list[Result | None] = [None] * len(docs)
     for start in range(0, len(order), batch_size):
         batch_idx = order[start : start + batch_size]
-        rows = [Row([Chunk(encoded[i][0], 0, len(encoded[i][0].ids) - 1)]) for i in batch_idx]
+        rows = [Row([Chunk(docs[i], 0, len(docs[i].ids) - 1)]) for i in batch_idx]
         batch = collate_rows(rows, max(row.used for row in rows), tokenizer, placeholders).to(device)
         logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
         logp_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
         for r, i in enumerate(batch_idx):
-            doc, n_cont = encoded[i]
-            targets_C = torch.tensor(doc.ids[-n_cont:], device=device)
+            doc, n_cont = docs[i], n_conts[i]
+            n = len(doc.ids)
+            targets_C = torch.tensor(doc.ids[n - n_cont :], device=device)
             # position t predicts token t + 1: the continuation's tokens are predicted at these rows
-            logp_CV = logp_BSV[r, len(doc.ids) - 1 - n_cont : len(doc.ids) - 1]
+            logp_CV = logp_BSV[r, n - 1 - n_cont : n - 1]
             picked_C = logp_CV.gather(1, targets_C[:, None])[:, 0]
             results[i] = Result(float(picked_C.sum()), n_cont, bool((logp_CV.argmax(-1) == targets_C).all()))
         if progress is not None:

@@ -10,15 +10,13 @@ The directory is built beside its final place and swapped in, so a reader never 
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import json
-import os
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 
+from scifm.data.build_once import build_once
 from scifm.data.corpus.common import FIGURES_DIR, SourceContext
 from scifm.data.corpus.version import CORPUS_VERSION
 from scifm.data.documents import SPLITS, split_of, write_jsonl
@@ -39,31 +37,12 @@ SPLIT_RULE = (
 def build_corpus(out_dir: str | Path, *, max_docs_per_source: int | None = None, seed: int = 0) -> dict:
     """Builds the corpus into `out_dir` and returns its report; an up-to-date corpus is not rebuilt.
 
-    Safe to call from several processes at once (e.g. every rank of a job): one builds, the others
-    wait on a lock file beside `out_dir` and then find the finished corpus.
+    Safe to call from several processes at once (e.g. every rank of a job): see build_once.
     """
     out_dir = Path(out_dir)
     params = {"max_docs_per_source": max_docs_per_source, "seed": seed}
-    cached = cached_report(out_dir, params)
-    if cached is not None:  # checked before locking, so a read-only corpus can still be used
-        return cached
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.parent / f".{out_dir.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = cached_report(out_dir, params)
-        if cached is not None:
-            return cached
-        if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / REPORT_FILE).exists():
-            raise DataError(f"{out_dir} exists and is not a scifm corpus; build into an empty or new directory")
-        staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            report = write_corpus(staging, params)
-            swap_in(staging, out_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return report
+    return build_once(out_dir, marker=REPORT_FILE, kind="scifm corpus",
+                      is_current=lambda d: cached_report(d, params), write=lambda root: write_corpus(root, params))
 
 
 def cached_report(out_dir: Path, params: dict) -> dict | None:
@@ -77,6 +56,12 @@ def cached_report(out_dir: Path, params: dict) -> dict | None:
     return report if all(f.is_file() for f in files) else None
 
 
+def source_context(name: str, seed: int, skips: SkipCounter, root: Path) -> SourceContext:
+    """The context source `name` is run with in a build of seed `seed`: one RNG per source, seeded by
+    name, so a source's documents do not depend on the others."""
+    return SourceContext(name, random.Random(f"{seed}:{name}"), skips, root)
+
+
 def write_corpus(root: Path, params: dict) -> dict:
     # imported here: the sources pull in RDKit, SymPy, matplotlib ..., which a cached corpus does not need
     from scifm.data.corpus.sources import SOURCES
@@ -88,8 +73,7 @@ def write_corpus(root: Path, params: dict) -> dict:
     split_counts: Counter[str] = Counter()
     ids: set[str] = set()
     for name, source in SOURCES.items():
-        # one RNG per source, seeded by name: a source's documents do not depend on the others
-        ctx = SourceContext(name, random.Random(f"{params['seed']}:{name}"), skips, root)
+        ctx = source_context(name, params["seed"], skips, root)
         docs = []
         for doc in itertools.islice(source(ctx), params["max_docs_per_source"]):
             skips.ok(name)  # counted as they come, so the bad-fraction budget sees good and bad in order
@@ -125,14 +109,3 @@ def write_corpus(root: Path, params: dict) -> dict:
 
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
-def swap_in(staging: Path, out_dir: Path) -> None:
-    """Replaces out_dir by the staged build with renames, so the old corpus stays whole until then."""
-    if not out_dir.exists():
-        staging.rename(out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old)

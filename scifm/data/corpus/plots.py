@@ -49,6 +49,12 @@ def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, format="png", metadata={"Software": None})
 
 
+BAR_TEMPLATES = (
+    "The bars show {col} for {n} {key}s. Which bar is {word}? The one for {key} {label}, at {value}.",
+    "Question: in this bar chart of {col}, which {key} has the {word} bar? Answer: {key} {label} ({value}).",
+)
+
+
 def bar_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSlice, str, str] | None:
     sl = take_slice(rng, table, 4, 8, 1)
     col = sl.numeric[0]
@@ -64,13 +70,21 @@ def bar_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSli
     ax.set_xticks(range(len(sl.rows)), sl.labels, rotation=90)
     save(fig, path)
     word = "tallest" if largest else "shortest"
-    text = rng.choice(
-        (
-            "The bars show {col} for {n} {key}s. Which bar is {word}? The one for {key} {label}, at {value}.",
-            "Question: in this bar chart of {col}, which {key} has the {word} bar? Answer: {key} {label} ({value}).",
-        )
-    ).format(col=col, n=len(sl.rows), key=sl.key_word, word=word, label=found[0], value=num(found[1], 6))
+    text = rng.choice(BAR_TEMPLATES).format(
+        col=col, n=len(sl.rows), key=sl.key_word, word=word, label=found[0], value=num(found[1], 6)
+    )
     return sl, ("fig.bar_max" if largest else "fig.bar_min"), text
+
+
+PEAK_TEMPLATES = (
+    "The line traces {col} from {key} {first} to {last}. It peaks at {value} in {key} {label}.",
+    "Question: at which {key} does the plotted {col} reach its maximum? Answer: {key} {label} ({value}).",
+)
+TREND_TEMPLATES = (
+    "Question: is {col} higher or lower at the end of the plotted range ({key} {last}) than at the start "
+    "({key} {first})? Answer: {direction}, {end} against {start}.",
+    "Between {key} {first} and {key} {last} the plotted {col} ends {direction} than it starts ({start} to {end}).",
+)
 
 
 def line_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSlice, str, str] | None:
@@ -85,24 +99,14 @@ def line_plot(rng: random.Random, table: DataTable, path: Path) -> tuple[TableSl
     first, last = sl.labels[0], sl.labels[-1]
     peak = extreme(sl, col, True)
     if peak is not None and stands_out(values, peak[1], max(values) - min(values)) and rng.random() < 0.5:
-        text = rng.choice(
-            (
-                "The line traces {col} from {key} {first} to {last}. It peaks at {value} in {key} {label}.",
-                "Question: at which {key} does the plotted {col} reach its maximum? Answer: {key} {label} ({value}).",
-            )
-        ).format(col=col, key=sl.key_word, first=first, last=last, label=peak[0], value=num(peak[1], 6))
+        text = rng.choice(PEAK_TEMPLATES).format(
+            col=col, key=sl.key_word, first=first, last=last, label=peak[0], value=num(peak[1], 6)
+        )
         return sl, "fig.line_peak", text
     if not apart(values[0], values[-1], max(values) - min(values)):
         return None
     direction = "higher" if values[-1] > values[0] else "lower"
-    text = rng.choice(
-        (
-            "Question: is {col} higher or lower at the end of the plotted range ({key} {last}) than at the start "
-            "({key} {first})? Answer: {direction}, {end} against {start}.",
-            "Between {key} {first} and {key} {last} the plotted {col} ends {direction} than it starts "
-            "({start} to {end}).",
-        )
-    ).format(
+    text = rng.choice(TREND_TEMPLATES).format(
         col=col,
         key=sl.key_word,
         first=first,

@@ -93,16 +93,17 @@ def ask_extreme(largest: bool) -> Question:
     return ask
 
 
+MEAN_TEMPLATES = (
+    "What is the mean of '{col}' over these {n} rows? About {mean}.",
+    "Question: average the {col} column of the table. Answer: {mean} (over {n} rows, to 4 significant digits).",
+    "Across the {n} rows shown, {col} averages {mean}.",
+)
+
+
 def ask_mean(rng: random.Random, sl: TableSlice, col: str) -> tuple[str, str] | None:
     values = sl.values(col)
     mean = num(sum(values) / len(values))
-    text = rng.choice(
-        (
-            "What is the mean of '{col}' over these {n} rows? About {mean}.",
-            "Question: average the {col} column of the table. Answer: {mean} (over {n} rows, to 4 significant digits).",
-            "Across the {n} rows shown, {col} averages {mean}.",
-        )
-    )
+    text = rng.choice(MEAN_TEMPLATES)
     return "table.mean", text.format(col=col, n=len(values), mean=mean)
 
 

@@ -1,0 +1,55 @@
+"""Typed configuration of `scifm eval` (the schema Hydra checks `configs/eval_run.yaml` against)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from scifm.errors import ConfigError
+from scifm.model.config import require
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # built-in task names (scifm.eval.builtin)
+    task_files: list[str] = field(default_factory=list)  # user JSONL task files (scifm/eval/tasks.py)
+    max_items: int = 0  # per task, the first N items; 0 = all
+    batch_size: int = 32  # rows per forward pass
+    max_new_tokens: int = 16  # greedy generation budget of a short answer
+    device: str = "auto"  # auto = cuda when available, else cpu
+    out: str = ""  # "" = RUN/eval/step_N beside the checkpoint's run; else OUT/step_N
+
+    def validate(self) -> None:
+        require(bool(self.tasks or self.task_files), "eval.tasks", "name at least one task or task file")
+        require(self.max_items >= 0, "eval.max_items", f"must be >= 0, got {self.max_items}")
+        require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class EvalRunConfig:
+    checkpoint: str = MISSING  # a checkpoint dir, a run dir (all its checkpoints) or a glob of checkpoints
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
+
+
+def compose_eval_config(overrides: list[str]) -> EvalRunConfig:
+    """configs/eval_run.yaml with the command line's overrides; a bad or missing key is a ConfigError."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    try:
+        with initialize_config_module(config_module="scifm.configs", version_base=None):
+            cfg = compose(config_name="eval_run", overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue:
+        raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
+                          "(a checkpoint, a run directory or a quoted glob)") from None
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(" ".join(str(err).split())) from None

@@ -1,0 +1,202 @@
+"""`scifm eval`: every checkpoint named by `checkpoint=` on every task, each written as
+results.json (scores with 95% intervals, per task and skill), report.md and samples/<task>.jsonl."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from scifm.data.documents import Document
+from scifm.data.encode import encode_document
+from scifm.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
+from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
+from scifm.eval.config import EvalConfig, EvalRunConfig
+from scifm.eval.multiple_choice import evaluate_multiple_choice
+from scifm.eval.progress import Progress
+from scifm.eval.report import print_summary, render_report
+from scifm.eval.short_answer import evaluate_short_answer
+from scifm.eval.tasks import MultipleChoiceItem, ShortAnswerItem, load_task_file
+from scifm.model.transformer import count_params
+from scifm.train.checkpoint import STEP_DIR
+from scifm.train.export import load_checkpoint_model
+from scifm.train.step import autocast_for
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    source: str  # "builtin" or the task file's path
+    items: list[MultipleChoiceItem | ShortAnswerItem]
+    base_dir: Path  # figure paths in the items are relative to it
+
+
+def _step_of(ckpt: Path) -> int:
+    m = STEP_DIR.match(ckpt.name)
+    return int(m.group(1)) if m else json.loads((ckpt / "meta.json").read_text())["step"]
+
+
+def resolve_checkpoints(spec: str) -> list[Path]:
+    """A checkpoint directory, a run directory (all its checkpoints) or a glob, in (run, step) order."""
+    if glob.has_magic(spec):
+        found = [Path(p) for p in glob.glob(spec) if (Path(p) / "meta.json").is_file()]
+        if not found:
+            raise CheckpointError(f"checkpoint={spec}: the pattern matches no complete checkpoint (no meta.json)")
+    else:
+        path = Path(spec)
+        if (path / "meta.json").is_file():
+            return [path]
+        if not path.exists():
+            raise CheckpointError(f"checkpoint={spec}: no such checkpoint or run directory")
+        found = [p for p in (path / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
+        if not found:
+            raise CheckpointError(f"checkpoint={spec}: neither a complete checkpoint (no meta.json) "
+                                  "nor a run directory with complete checkpoints under checkpoints/")
+    return sorted(found, key=lambda p: (str(p.parent), _step_of(p)))
+
+
+def load_tasks(cfg: EvalConfig) -> list[Task]:
+    tasks: list[Task] = []
+    if cfg.tasks:
+        unknown = [t for t in cfg.tasks if t not in BUILTIN_TASK_NAMES]
+        if unknown:
+            raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; built-in tasks are {list(BUILTIN_TASK_NAMES)} "
+                              "(a task file goes in eval.task_files)")
+        tasks_dir = default_tasks_dir()
+        build_builtin_tasks(tasks_dir)
+        tasks += [Task(t, "builtin", load_task_file(tasks_dir / f"{t}.jsonl"), tasks_dir) for t in cfg.tasks]
+    for file in cfg.task_files:
+        path = Path(file)
+        tasks.append(Task(path.name.removesuffix(".gz").removesuffix(".jsonl"), str(path), load_task_file(path),
+                          path.parent))
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"eval.task_files: task name(s) {repeated} appear twice; rename the file(s)")
+    if cfg.max_items:
+        tasks = [Task(t.name, t.source, t.items[: cfg.max_items], t.base_dir) for t in tasks]
+    return tasks
+
+
+def items_that_fit(task: Task, tokenizer, enc_cfg, seq_len: int) -> tuple[list, dict[str, dict]]:
+    """The items this model can take, and the others counted by reason with an example id: an item
+    whose molecule, protein or table exceeds the model's encoder, or whose question with its longest
+    answer exceeds the sequence length, is reported as skipped rather than stopping the evaluation."""
+    usable, skipped = [], {}
+    for item in task.items:
+        try:
+            doc = encode_document(Document(item.id, "eval", item.skill, item.question), tokenizer, enc_cfg,
+                                  task.base_dir)
+            longest = max(len(tokenizer.encode_text(c)) for c in item.choices) \
+                if isinstance(item, MultipleChoiceItem) else 1
+            # the model reads the question (without its [EOS]) and all but the last answer token
+            if len(doc.ids) - 1 + longest - 1 > seq_len:
+                raise DocumentFormatError("too_long", f"question and answer exceed the sequence length {seq_len}")
+        except DataError as err:
+            reason = err.reason if isinstance(err, DocumentFormatError) else "unreadable"
+            entry = skipped.setdefault(reason, {"count": 0, "example": f"{item.id}: {err}"})
+            entry["count"] += 1
+            continue
+        usable.append(item)
+    return usable, skipped
+
+
+def output_dir(ckpt: Path, out: str) -> Path:
+    if out:
+        return Path(out) / ckpt.name
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent / "eval" / ckpt.name
+    return ckpt / "eval"
+
+
+def evaluate_checkpoint(ckpt: Path, tasks: list[Task], cfg: EvalConfig, device: torch.device) -> dict:
+    t0 = time.perf_counter()
+    model, tokenizer, run_cfg = load_checkpoint_model(ckpt)
+    model.to(device)
+    total, active = count_params(model, run_cfg.model)
+    common = dict(seq_len=run_cfg.data.seq_len, batch_size=cfg.batch_size)
+    results: dict = {
+        "checkpoint": str(ckpt.resolve()),
+        "run": str(ckpt.resolve().parent.parent) if ckpt.parent.name == "checkpoints" else str(ckpt.resolve()),
+        "step": _step_of(ckpt),
+        "model": {"name": run_cfg.model.name, "total_params": total, "active_params": active},
+        "device": str(device),
+        "tasks": {},
+    }
+    samples: dict[str, list[dict]] = {}
+    with autocast_for("auto", device):
+        for task in tasks:
+            usable, skipped = items_that_fit(task, tokenizer, run_cfg.model.encoders, run_cfg.data.seq_len)
+            if not usable:
+                reason, first = next(iter(skipped.items()))
+                raise DataError(f"task {task.name}: no item fits this model ({reason}, e.g. {first['example']})")
+            progress = Progress(f"eval {ckpt.name} | {task.name}", len(usable))
+            mc = [i for i in usable if isinstance(i, MultipleChoiceItem)]
+            sa = [i for i in usable if isinstance(i, ShortAnswerItem)]
+            entry: dict = {"source": task.source, "n_items": len(task.items), "skipped": skipped}
+            if mc:
+                entry["multiple_choice"] = evaluate_multiple_choice(
+                    model, tokenizer, run_cfg.model.encoders, mc, base_dir=task.base_dir, progress=progress, **common)
+            if sa:
+                entry["short_answer"] = evaluate_short_answer(
+                    model, tokenizer, run_cfg.model.encoders, sa, base_dir=task.base_dir,
+                    max_new_tokens=cfg.max_new_tokens, progress=progress, **common)
+            for kind in ("multiple_choice", "short_answer"):
+                if kind in entry:
+                    samples.setdefault(task.name, []).extend(
+                        s | {"type": kind} for s in entry[kind].pop("samples"))
+            entry["seconds"] = progress.finish()
+            results["tasks"][task.name] = entry
+    results["wall_seconds"] = time.perf_counter() - t0
+    return results | {"samples": samples}
+
+
+def write_results(results: dict, out_dir: Path) -> Path:
+    """results.json, report.md and samples/<task>.jsonl, each written whole then renamed into place."""
+    samples = results.pop("samples")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for task, rows in samples.items():
+        _write_atomic(out_dir / "samples" / f"{task}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _write_atomic(out_dir / "report.md", render_report(results))
+    _write_atomic(out_dir / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
+    return out_dir / RESULTS_FILE
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def run_eval(cfg: EvalRunConfig) -> list[Path]:
+    """Evaluates every checkpoint; returns the results.json paths."""
+    cfg.eval.validate()
+    checkpoints = resolve_checkpoints(cfg.checkpoint)
+    tasks = load_tasks(cfg.eval)
+    device = _device(cfg.eval.device)
+    written = []
+    for ckpt in checkpoints:
+        results = evaluate_checkpoint(ckpt, tasks, cfg.eval, device)
+        path = write_results(results, output_dir(ckpt, cfg.eval.out))
+        print_summary(results, path)
+        written.append(path)
+    return written
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"eval.device: {name} asked for, but this torch build sees no CUDA device")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"eval.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None

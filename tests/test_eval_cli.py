@@ -1,0 +1,157 @@
+"""`scifm eval`: results.json / report.md / samples per checkpoint, compare plots, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from scifm.eval.compare import compare
+from scifm.eval.config import EvalConfig, EvalRunConfig, compose_eval_config
+from scifm.eval.multiple_choice import evaluate_multiple_choice
+from scifm.eval.runner import run_eval
+from scifm.eval.tasks import load_task_file
+from scifm.train.export import load_checkpoint_model
+from scifm.train.trainer import train
+from tests.test_train import run_cli
+
+ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_task_file(path: Path) -> Path:
+    mol = [{"type": "text", "text": "The topological polar surface area of "},
+           {"type": "molecule", "smiles": ASPIRIN}, {"type": "text", "text": " is"}]
+    rows = [
+        {"id": "m1", "skill": "mol.tpsa", "type": "multiple_choice", "question": mol,
+         "choices": [" 63.6", " 12.0", " 40.5"], "answer": 0},
+        {"id": "m2", "skill": "bio.codon", "type": "multiple_choice", "question": "The codon AUG codes for",
+         "choices": [" methionine", " glycine"], "answer": 0},
+        {"id": "m3", "skill": "bio.codon", "type": "multiple_choice", "question": "The codon UGG codes for",
+         "choices": [" serine", " tryptophan", " leucine", " valine"], "answer": 1},
+        {"id": "s1", "skill": "mol.tpsa", "type": "short_answer", "question": mol, "answer": 63.6,
+         "rel_tol": 0.01},
+        {"id": "s2", "skill": "bio.codon", "type": "short_answer", "question": "The codon AUG codes for",
+         "answer": "methionine"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(make_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("eval_run")
+    train(make_config("trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.val_every=100",
+                      "data.val_batches=1"), run_dir)
+    return run_dir
+
+
+def test_eval_writes_results_report_and_samples_for_every_checkpoint(small_run, tmp_path, capsys):
+    tasks = write_task_file(tmp_path / "mine.jsonl")
+    written = run_eval(EvalRunConfig(str(small_run), EvalConfig(task_files=[str(tasks)], max_new_tokens=4)))
+    assert written == [small_run / "eval" / f"step_{s}" / "results.json" for s in (1, 2)]
+    results = json.loads(written[-1].read_text())
+    assert results["step"] == 2 and results["model"]["name"] == "tiny"
+    mine = results["tasks"]["mine"]
+    assert mine["n_items"] == 5
+    mc, sa = mine["multiple_choice"], mine["short_answer"]
+    assert mc["scores"]["acc"]["n"] == 3 and sa["scores"]["acc"]["n"] == 2
+    assert mc["chance"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 4) / 3)
+    assert set(mc["by_skill"]) == {"mol.tpsa", "bio.codon"} and mc["by_skill"]["bio.codon"]["n"] == 2
+    # the scores are the model's: the same evaluation by hand on the loaded checkpoint agrees
+    model, tokenizer, cfg = load_checkpoint_model(small_run / "checkpoints" / "step_2")
+    items = [i for i in load_task_file(tasks) if i.id.startswith("m")]
+    direct = evaluate_multiple_choice(model, tokenizer, cfg.model.encoders, items, seq_len=cfg.data.seq_len)
+    assert mc["scores"] == direct["scores"]
+    samples = [json.loads(x) for x in (written[-1].parent / "samples" / "mine.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == ["m1", "m2", "m3", "s1", "s2"]
+    assert [s["predicted"] for s in samples[:3]] == [d["predicted"] for d in direct["samples"]]
+    report = (written[-1].parent / "report.md").read_text()
+    acc = mc["scores"]["acc"]
+    assert f"| mine | 3 | {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in report
+    assert "| mine | short answer | bio.codon | 1 |" in report
+    printed = capsys.readouterr().out
+    assert f"acc {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in printed
+
+    written_plots = compare([small_run], tmp_path / "cmp")
+    for png in ("score_vs_step.png", "score_vs_size.png"):
+        assert (tmp_path / "cmp" / png).read_bytes()[:8] == PNG_MAGIC
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert table.count(f"| {small_run.name} | 1 |") == 2 and table.count(f"| {small_run.name} | 2 |") == 2
+    assert tmp_path / "cmp" / "compare.md" in written_plots
+
+
+def fake_results(run: str, step: int, active: int, skills: dict[str, tuple[float, float, float]]) -> dict:
+    """A results.json with one multiple-choice task whose skills have (value, low, high)."""
+    score = lambda v, lo, hi: {"value": v, "ci95": [lo, hi], "n": 100}  # noqa: E731
+    task = {"scores": {"acc": score(0.5, 0.4, 0.6)}, "by_skill": {k: score(*v) for k, v in skills.items()},
+            "chance": 0.25}
+    return {"checkpoint": f"{run}/checkpoints/step_{step}", "run": run, "step": step,
+            "model": {"name": "m", "total_params": active * 2, "active_params": active}, "device": "cpu",
+            "tasks": {"qa": {"source": "builtin", "n_items": 100, "multiple_choice": task}}}
+
+
+def test_compare_lists_a_skill_that_falls_with_training_or_scale_beyond_its_intervals(tmp_path):
+    runs = {
+        # "math" falls from step 100 to 200 beyond the intervals; "chem" wobbles within them
+        "small": [(100, {"math": (0.8, 0.7, 0.9), "chem": (0.5, 0.4, 0.6)}),
+                  (200, {"math": (0.3, 0.2, 0.4), "chem": (0.45, 0.35, 0.55)})],
+        # at 10x the size "chem" is worse than the small run's last point beyond the intervals
+        "big": [(200, {"math": (0.35, 0.25, 0.45), "chem": (0.1, 0.05, 0.2)})],
+    }
+    for name, pts in runs.items():
+        for step, skills in pts:
+            d = tmp_path / name / "eval" / f"step_{step}"
+            d.mkdir(parents=True)
+            active = 1_000_000 if name == "small" else 10_000_000
+            (d / "results.json").write_text(json.dumps(fake_results(str(tmp_path / name), step, active, skills)))
+    compare([tmp_path / "small", tmp_path / "big"], tmp_path / "cmp")
+    falling = (tmp_path / "cmp" / "compare.md").read_text().split("## Falling lines")[1]
+    assert "with training: small / qa / math" in falling
+    assert "with scale: qa / chem" in falling
+    assert "small / qa / chem" not in falling and "with scale: qa / math" not in falling
+
+
+def test_config_composes_with_overrides_and_requires_a_checkpoint():
+    cfg = compose_eval_config(["checkpoint=runs/x", "eval.tasks=[tpsa]", "eval.max_items=7"])
+    assert cfg.checkpoint == "runs/x" and cfg.eval.tasks == ["tpsa"] and cfg.eval.max_items == 7
+    assert "redefine" in compose_eval_config(["checkpoint=x"]).eval.tasks
+
+
+def one_line_error(out) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("scifm: error: "), out.stderr[-2000:]
+    return lines[0]
+
+
+def test_missing_checkpoint_malformed_task_file_and_foreign_config_are_one_line_errors(small_run, tmp_path):
+    line = one_line_error(run_cli("eval", f"checkpoint={tmp_path}/nope", cwd=tmp_path))
+    assert f"{tmp_path}/nope" in line and "no such checkpoint" in line
+    line = one_line_error(run_cli("eval", f"checkpoint={tmp_path}/nope*/step_*", cwd=tmp_path))
+    assert "matches no complete checkpoint" in line
+    line = one_line_error(run_cli("eval", cwd=tmp_path))
+    assert "checkpoint: required" in line
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "skill": "s", "type": "multiple_choice", "question": "q?",
+                               "choices": [" x", " y"], "answer": 0}) + "\n"
+                   + json.dumps({"id": "b", "skill": "s", "type": "multiple_choice", "question": "q?",
+                                 "choices": [" x", " y"], "answer": 5}) + "\n")
+    ckpt = small_run / "checkpoints" / "step_2"
+    line = one_line_error(run_cli("eval", f"checkpoint={ckpt}", f"eval.task_files=[{bad}]", cwd=tmp_path))
+    assert f"{bad}:2: field 'answer'" in line
+
+    # a checkpoint whose config says another model than its weights hold
+    foreign = tmp_path / "foreign"
+    shutil.copytree(ckpt, foreign)
+    cfg_text = (foreign / "config.yaml").read_text()
+    (foreign / "config.yaml").write_text(cfg_text.replace("d_model: 128", "d_model: 96", 1))
+    assert (foreign / "config.yaml").read_text() != cfg_text
+    good = write_task_file(tmp_path / "good.jsonl")
+    line = one_line_error(run_cli("eval", f"checkpoint={foreign}", f"eval.task_files=[{good}]", cwd=tmp_path))
+    assert "belongs to another model config" in line
+
+    line = one_line_error(run_cli("eval", f"checkpoint={ckpt}", "eval.tasks=[nope]", cwd=tmp_path))
+    assert "eval.tasks" in line and "tpsa" in line

@@ -22,6 +22,10 @@ commands:
   export CHECKPOINT [--out FILE]
                             consolidate a checkpoint saved under any layout into one
                             safetensors file (default CHECKPOINT/model.safetensors)
+  submit [--dry-run] [--eval-after] [-m] [KEY=VALUE ...]
+                            run the config as a Slurm job (cluster=NAME cluster.nodes=N ...);
+                            --eval-after queues an eval array over its checkpoints
+  jobs RUN_DIR ...          state of the Slurm jobs submitted for a run or sweep
 """
 
 
@@ -113,6 +117,14 @@ def main(argv: list[str] | None = None) -> None:
             eval_main(rest)
         elif command == "export":
             export_main(rest)
+        elif command == "submit":
+            from scifm.launch.submit import submit_main
+
+            submit_main(rest)
+        elif command == "jobs":
+            from scifm.launch.jobs import jobs_main
+
+            jobs_main(rest)
         else:
             print(f"scifm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)

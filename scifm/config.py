@@ -69,7 +69,7 @@ class TrainerConfig:
     ckpt_every: int = 100  # 0 = only at the end
 
     def validate(self) -> None:
-        require(self.max_steps >= 1, "trainer.max_steps", "must be >= 1")
+        require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
         require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
         require(self.lr > 0, "trainer.lr", "must be > 0")
@@ -151,11 +151,50 @@ class ParallelConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where `scifm submit` sends a run (configs/cluster/*.yaml); training itself never reads it."""
+
+    partition: str = ""  # "" = the cluster's default partition
+    account: str = ""  # "" = the user's default account
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU; 0 = a CPU cluster, one task per node
+    cpus_per_task: int = 1  # also each task's OMP_NUM_THREADS (cluster.env can override)
+    mem: str = ""  # sbatch --mem (per node), e.g. 200G; "" = the partition's default
+    time: str = "01:00:00"  # sbatch --time
+    signal_seconds: int = 120  # Slurm sends USR1 this long before the time limit; the run checkpoints
+    max_restarts: int = 3  # requeues after pre-emption before the job gives up
+    container_image: str = ""  # pyxis/enroot image for srun --container-image; "" = no container
+    container_mounts: str = ""  # srun --container-mounts, e.g. /lustre:/lustre (mount the run directory)
+    setup: list[str] = field(default_factory=list)  # shell lines before launch: module load, venv, conda
+    env: dict[str, str] = field(default_factory=dict)  # exported to every task, e.g. NCCL_* settings
+    sbatch_args: list[str] = field(default_factory=list)  # further sbatch options, e.g. --qos=high
+    python: str = "python"  # the job's interpreter, after setup
+
+    @property
+    def tasks_per_node(self) -> int:
+        return self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    def validate(self) -> None:
+        for key in ("nodes", "cpus_per_task"):
+            require(getattr(self, key) >= 1, f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("gpus_per_node", "signal_seconds", "max_restarts"):
+            require(getattr(self, key) >= 0, f"cluster.{key}", f"must be >= 0, got {getattr(self, key)}")
+        require(bool(self.time), "cluster.time", "give a time limit, e.g. 04:00:00 or 2-00:00:00")
+        require(not self.container_mounts or bool(self.container_image), "cluster.container_mounts",
+                "mounts need cluster.container_image")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     resume: str = ""  # "" = fresh run; "latest" = newest checkpoint of this run dir; or a checkpoint path
 
     def validate(self) -> None:
@@ -163,6 +202,7 @@ class RunConfig:
         self.data.validate()
         self.trainer.validate()
         self.parallel.validate(self.model.n_layers, self.trainer.grad_accum)
+        self.cluster.validate()
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                  f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 

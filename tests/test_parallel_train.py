@@ -10,12 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL_CORPUS_DOCS
+from scifm.eval.config import EvalConfig, EvalRunConfig
+from scifm.eval.runner import run_eval
 from scifm.train.export import export_checkpoint
+from tests.test_eval_cli import write_task_file
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -58,6 +62,17 @@ def test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process(corpus_dir
     assert sharded.keys() == single.keys() and len(sharded) > 300
     for name, t in sharded.items():
         torch.testing.assert_close(t, single[name], rtol=1e-4, atol=1e-6, msg=name)
+    # and `scifm eval` reads the sharded checkpoint as it reads the one-process one
+    tasks = write_task_file(tmp_path / "tasks.jsonl")
+    probs = {}
+    for run in ("fsdp2", "resumed-1"):
+        cfg = EvalRunConfig(str(tmp_path / run / "checkpoints" / "step_4"),
+                            EvalConfig(task_files=[str(tasks)], max_new_tokens=2, out=str(tmp_path / "eval" / run)))
+        run_eval(cfg)
+        rows = (tmp_path / "eval" / run / "step_4" / "samples" / "tasks.jsonl").read_text().splitlines()
+        probs[run] = [p for row in map(json.loads, rows) for p in row.get("probs", [])]
+    assert len(probs["fsdp2"]) == 9
+    np.testing.assert_allclose(probs["fsdp2"], probs["resumed-1"], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow

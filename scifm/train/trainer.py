@@ -36,6 +36,7 @@ from scifm.train.checkpoint import (
     save_checkpoint,
 )
 from scifm.train.metrics import MetricsLogger
+from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import load_sharded
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, scaled_cross_entropy, train_step
@@ -70,15 +71,20 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     cfg.validate()
     tc = cfg.trainer
     check_device(tc.device)
+    watch = PreemptionWatch()
     ctx = init_distributed(cfg.parallel, cfg.model, tc.device)
     run_dir = ctx.same_path_everywhere(run_dir)
     try:
-        return _train(cfg, run_dir, ctx, t_start)
+        return _train(cfg, run_dir, ctx, t_start, watch)
+    except Preempted:
+        pass  # checkpointed; the process leaves below with the code the Slurm job requeues on
     finally:
+        watch.restore()
         shutdown(ctx)
+    exit_for_requeue()
 
 
-def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> dict:
+def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float, watch: PreemptionWatch) -> dict:
     tc = cfg.trainer
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
     if ctx.is_main:
@@ -200,10 +206,21 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float) -> d
             record["tokens_by_skill"] = dict(loader.tokens_by_skill)
         if record is not None and logger is not None:
             logger.log(record)
-        if (tc.ckpt_every and step % tc.ckpt_every == 0) or at_end:
+        checkpointed = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or at_end
+        if checkpointed:
             checkpoint()
+        if not at_end and watch.requested(ctx):
+            if not checkpointed:
+                checkpoint()
+            if ctx.is_main:
+                cause = watch.received.name if watch.received else "a signal on another rank"
+                print(f"pre-empted by {cause}: checkpoint of step {step} written; exiting with code "
+                      f"{REQUEUE_EXIT_CODE} (a Slurm job requeues on it)", flush=True)
+            raise Preempted
 
-    if last_eval is None:  # resumed at max_steps: nothing trained, still report
+    if tc.max_steps == 0 and ckpt is None:  # the initial weights: an untrained baseline for evaluation
+        checkpoint()
+    if last_eval is None:  # resumed at max_steps or max_steps=0: nothing trained, still report
         last_eval = evaluate(model, val_batches, global_unigram(), autocast, ctx)
     summary = {
         "steps": step,

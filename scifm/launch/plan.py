@@ -1,0 +1,130 @@
+"""What a submission will run: each sweep point's overrides (as typed), validated config and run
+directory. Run directories are fixed here, at submission, so that a requeued job and the eval
+jobs find the same one; the job passes them on as hydra.run.dir."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from scifm.config import ClusterConfig, RunConfig, TrainerConfig
+from scifm.errors import ConfigError
+from scifm.parallel.distributed import dims_of
+from scifm.train.entry import CONFIG_MODULE
+
+
+@dataclass
+class Point:
+    overrides: list[str]  # the user's strings; a sweep's values as Hydra spells them
+    run_dir: Path  # absolute
+    cfg: RunConfig
+
+
+@dataclass
+class Plan:
+    root: Path  # the run directory, or the sweep directory holding one run directory per point
+    points: list[Point]
+    cluster: ClusterConfig
+    multirun: bool
+
+
+def known_clusters() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in files("scifm.configs").joinpath("cluster").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def hydra_errors_as_config_errors(fn):
+    """Hydra's and OmegaConf's errors as one `scifm: error:` line (without Hydra's search path)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(" ".join(str(err).strip().split("\n\n")[0].split())) from None
+
+    return wrapped
+
+
+@hydra_errors_as_config_errors
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """Hydra's basic sweeper: the product of every sweep override's values, in order."""
+    parsed = parse_overrides(overrides)
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
+        for o, text in zip(parsed, overrides)
+    ]
+    return [list(point) for point in itertools.product(*choices)]
+
+
+def hydra_quote(value: str) -> str:
+    """A path as one Hydra override value (quoted: commas, brackets, spaces are no grammar then)."""
+    if "'" in value or "\\" in value or "${" in value:
+        raise ConfigError(f"path {value!r}: scifm submit cannot pass a path containing ', \\ or ${{ to Hydra")
+    return f"'{value}'"
+
+
+def checkpoint_steps(tc: TrainerConfig) -> list[int]:
+    """The steps a run from step 0 saves at (the trainer's rule: every ckpt_every, and the last)."""
+    every = range(tc.ckpt_every, tc.max_steps + 1, tc.ckpt_every) if tc.ckpt_every else []
+    return sorted({*every, tc.max_steps})
+
+
+@hydra_errors_as_config_errors
+def _compose(overrides: list[str]) -> tuple[RunConfig, DictConfig]:
+    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    hydra_cfg = cfg.hydra
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_object(cfg), hydra_cfg
+
+
+def check_world(cfg: RunConfig) -> None:
+    cluster, dims = cfg.cluster, dims_of(cfg.parallel)
+    if dims.world_size != cluster.world_size:
+        per_node = f"gpus_per_node={cluster.gpus_per_node}" if cluster.gpus_per_node else "1 CPU task per node"
+        raise ConfigError(
+            f"cluster: nodes={cluster.nodes} x {per_node} = {cluster.world_size} processes, but the parallel "
+            f"layout pp={dims.pp} x dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard} x tp={dims.tp} "
+            f"needs {dims.world_size}; change cluster.nodes / cluster.gpus_per_node or the parallel.* sizes"
+        )
+    dims.validate(cfg.model, cluster.world_size)  # the layout's other constraints (heads % tp, ...)
+
+
+def make_plan(overrides: list[str], multirun: bool) -> Plan:
+    for o in parse_overrides(overrides):
+        if o.get_key_element().lstrip("+~") == "cluster" and not o.is_sweep_override():
+            name = o.value()
+            if name not in known_clusters():
+                raise ConfigError(f"cluster={name}: unknown cluster; available: {', '.join(known_clusters())} "
+                                  f"(scifm/configs/cluster/*.yaml)")
+    points_overrides = expand_sweep(overrides) if multirun else [overrides]
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
+        composed = [_compose(p) for p in points_overrides]
+    first_hydra = composed[0][1]
+    root = Path(first_hydra.sweep.dir if multirun else first_hydra.run.dir).absolute()
+    points = []
+    for i, (ovr, (cfg, _)) in enumerate(zip(points_overrides, composed)):
+        cfg.validate()
+        check_world(cfg)
+        if cfg.cluster != composed[0][0].cluster:
+            raise ConfigError("cluster: the points of a sweep share one job array and so one cluster shape; "
+                              "submit each cluster.* setting separately")
+        run_dir = root / str(i) if multirun else root
+        hydra_quote(str(run_dir))
+        points.append(Point(ovr, run_dir, cfg))
+    return Plan(root, points, points[0].cfg.cluster, multirun)

@@ -100,14 +100,16 @@ def test_compare_lists_a_skill_that_falls_with_training_or_scale_beyond_its_inte
                   (200, {"math": (0.3, 0.2, 0.4), "chem": (0.45, 0.35, 0.55)})],
         # at 10x the size "chem" is worse than the small run's last point beyond the intervals
         "big": [(200, {"math": (0.35, 0.25, 0.45), "chem": (0.1, 0.05, 0.2)})],
+        # as big as "small": its lower "math" is another run of that size, not a larger model
+        "twin": [(200, {"math": (0.05, 0.01, 0.1), "chem": (0.5, 0.4, 0.6)})],
     }
     for name, pts in runs.items():
         for step, skills in pts:
             d = tmp_path / name / "eval" / f"step_{step}"
             d.mkdir(parents=True)
-            active = 1_000_000 if name == "small" else 10_000_000
+            active = 10_000_000 if name == "big" else 1_000_000
             (d / "results.json").write_text(json.dumps(fake_results(str(tmp_path / name), step, active, skills)))
-    compare([tmp_path / "small", tmp_path / "big"], tmp_path / "cmp")
+    compare([tmp_path / "small", tmp_path / "big", tmp_path / "twin"], tmp_path / "cmp")
     falling = (tmp_path / "cmp" / "compare.md").read_text().split("## Falling lines")[1]
     assert "with training: small / qa / math" in falling
     assert "with scale: qa / chem" in falling

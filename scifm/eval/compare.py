@@ -52,10 +52,10 @@ def points(results: list[dict]) -> dict[tuple[str, str, str], list[tuple[dict, d
 
 
 def falls(series: list[tuple[float, dict]]) -> str | None:
-    """A later point whose whole interval lies below an earlier point's interval."""
+    """A point at a larger x whose whole interval lies below an earlier point's interval."""
     for i, (x_hi, s_hi) in enumerate(series):
         for x_lo, s_lo in series[i + 1 :]:
-            if s_lo["ci95"][1] < s_hi["ci95"][0]:
+            if x_lo > x_hi and s_lo["ci95"][1] < s_hi["ci95"][0]:  # runs of one size are no scale series
                 return f"{fmt(s_hi)} at {x_hi:g} -> {fmt(s_lo)} at {x_lo:g}"
     return None
 
@@ -71,25 +71,15 @@ def compare(paths: list[Path], out: Path) -> list[Path]:
     runs = sorted({r["run"] for r in results})
     tasks = sorted({key for _, key, _ in pts})
     out.mkdir(parents=True, exist_ok=True)
-    written = []
 
-    # score against step: one panel per task, a line per run (the task) and per skill (one run only)
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(7, 2.6 * len(tasks)), squeeze=False)
-    for ax, task in zip(axes[:, 0], tasks):
+    # score against step: a line per run (the task), or per skill when there is one run
+    def step_lines(task: str):
         for (run, key, skill), series in sorted(pts.items()):
-            if key != task or (skill != ALL_SKILLS and len(runs) > 1):
-                continue
-            steps = [r["step"] for r, _ in series]
-            label = Path(run).name if skill == ALL_SKILLS else skill
-            width = 2.2 if skill == ALL_SKILLS else 1.0
-            ax.plot(steps, [s["value"] for _, s in series], marker="o", lw=width, label=label)
-            ax.fill_between(steps, [s["ci95"][0] for _, s in series], [s["ci95"][1] for _, s in series], alpha=0.12)
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    written.append(_save(fig, out / "score_vs_step.png", plt))
+            if key == task and (skill == ALL_SKILLS or len(runs) == 1):
+                label = Path(run).name if skill == ALL_SKILLS else skill
+                yield label, [float(r["step"]) for r, _ in series], [s for _, s in series], skill == ALL_SKILLS
+
+    written = [_plot_panels(plt, tasks, step_lines, "training step", "linear", out / "score_vs_step.png")]
 
     # score against model size: each run's last evaluated checkpoint, a line per skill
     last = {run: max((r for r in results if r["run"] == run), key=lambda r: r["step"]) for run in runs}
@@ -97,21 +87,15 @@ def compare(paths: list[Path], out: Path) -> list[Path]:
     for r in last.values():
         for key_skill, score in scores_of(r, results).items():
             by_size[key_skill].append((float(r["model"]["active_params"]), score))
-    fig, axes = plt.subplots(len(tasks), 1, figsize=(7, 2.6 * len(tasks)), squeeze=False)
-    for ax, task in zip(axes[:, 0], tasks):
+
+    def size_lines(task: str):
         for (key, skill), series in sorted(by_size.items()):
-            if key != task:
-                continue
-            series.sort(key=lambda p: p[0])
-            ax.plot([x for x, _ in series], [s["value"] for _, s in series], marker="o",
-                    lw=2.2 if skill == ALL_SKILLS else 1.0, label=skill)
-        ax.set_xscale("log")
-        ax.set_title(task, fontsize=9)
-        ax.set_xlabel("active parameters per token")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    written.append(_save(fig, out / "score_vs_size.png", plt))
+            if key == task:
+                series.sort(key=lambda p: p[0])
+                yield skill, [x for x, _ in series], [s for _, s in series], skill == ALL_SKILLS
+
+    written.append(_plot_panels(plt, tasks, size_lines, "active parameters per token", "log",
+                                out / "score_vs_size.png"))
 
     lines = ["# Evaluation comparison", "", "Accuracy with 95% intervals.", "",
              "| run | step | active params | task | acc |", "|---|---|---|---|---|"]
@@ -136,7 +120,20 @@ def compare(paths: list[Path], out: Path) -> list[Path]:
     return written
 
 
-def _save(fig, path: Path, plt) -> Path:
+def _plot_panels(plt, tasks: list[str], lines_of, xlabel: str, xscale: str, path: Path) -> Path:
+    """One panel per task; `lines_of(task)` yields (label, xs, scores, is_task_line) per line,
+    drawn with its 95% band (the task's own line bold)."""
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(7, 2.6 * len(tasks)), squeeze=False)
+    for ax, task in zip(axes[:, 0], tasks):
+        for label, xs, scores, bold in lines_of(task):
+            ax.plot(xs, [s["value"] for s in scores], marker="o", lw=2.2 if bold else 1.0, label=label)
+            ax.fill_between(xs, [s["ci95"][0] for s in scores], [s["ci95"][1] for s in scores], alpha=0.12)
+        ax.set_xscale(xscale)
+        ax.set_title(task, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

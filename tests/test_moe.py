@@ -254,6 +254,10 @@ def test_capacity_factor_drops_lowest_weight_assignments() -> None:
     y_ref = dropless(logits_TE[None])[0]
     torch.testing.assert_close(y_TD[kept], y_ref[kept])
     assert dropless.last_stats["dropped_tokens"].item() == 0
+    # evaluation is dropless: every token's output is the dropless one
+    moe.eval()
+    torch.testing.assert_close(moe(logits_TE[None])[0], y_ref)
+    assert moe.last_stats["dropped_tokens"].item() == 0
 
 
 def test_shared_experts_change_output_and_get_gradients() -> None:

@@ -268,7 +268,9 @@ class MoE(nn.Module):
         self, experts_A: torch.Tensor, weights_A: torch.Tensor, routed_E: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> assignment indices sorted by expert (capacity drops removed), rows per expert."""
-        if self.capacity_factor <= 0:
+        # the limit caps expert load in training only: evaluation runs every assignment, so a
+        # token's output does not depend on how many others share its batch (or a KV-cache step)
+        if self.capacity_factor <= 0 or not self.training:
             return torch.argsort(experts_A, stable=True), routed_E
         # within each expert, highest router weight first, so the limit keeps the strongest
         by_weight_A = torch.argsort(weights_A.detach(), descending=True, stable=True)

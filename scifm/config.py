@@ -7,10 +7,14 @@ that types cannot express live in `validate()`, called before any work starts.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
+from scifm.errors import ConfigError
 from scifm.model.config import ModelConfig, require
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
@@ -208,3 +212,16 @@ class RunConfig:
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def hydra_errors_as_config_errors(fn):
+    """Hydra's and OmegaConf's errors as one `scifm: error:` line (without Hydra's search path)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(" ".join(str(err).strip().split("\n\n")[0].split())) from None
+
+    return wrapped

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from scifm.config import hydra_errors_as_config_errors
 from scifm.errors import ConfigError
 from scifm.model.config import require
 
@@ -40,16 +41,17 @@ ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
 def compose_eval_config(overrides: list[str]) -> EvalRunConfig:
     """configs/eval_run.yaml with the command line's overrides; a bad or missing key is a ConfigError."""
     from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+    from omegaconf.errors import MissingMandatoryValue
 
-    try:
+    @hydra_errors_as_config_errors
+    def composed() -> EvalRunConfig:
         with initialize_config_module(config_module="scifm.configs", version_base=None):
             cfg = compose(config_name="eval_run", overrides=overrides)
-        return OmegaConf.to_object(cfg)
-    except MissingMandatoryValue:
-        raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
-                          "(a checkpoint, a run directory or a quoted glob)") from None
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(" ".join(str(err).split())) from None
+        try:
+            return OmegaConf.to_object(cfg)
+        except MissingMandatoryValue:
+            raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
+                              "(a checkpoint, a run directory or a quoted glob)") from None
+
+    return composed()

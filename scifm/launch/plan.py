@@ -4,7 +4,6 @@ jobs find the same one; the job passes them on as hydra.run.dir."""
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 from importlib.resources import files
@@ -13,11 +12,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
-from scifm.config import ClusterConfig, RunConfig, TrainerConfig
+from scifm.config import ClusterConfig, RunConfig, TrainerConfig, hydra_errors_as_config_errors
 from scifm.errors import ConfigError
 from scifm.parallel.distributed import dims_of
 from scifm.train.entry import CONFIG_MODULE
@@ -41,19 +38,6 @@ class Plan:
 def known_clusters() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files("scifm.configs").joinpath("cluster").iterdir()
                   if p.name.endswith(".yaml"))
-
-
-def hydra_errors_as_config_errors(fn):
-    """Hydra's and OmegaConf's errors as one `scifm: error:` line (without Hydra's search path)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(" ".join(str(err).strip().split("\n\n")[0].split())) from None
-
-    return wrapped
 
 
 @hydra_errors_as_config_errors

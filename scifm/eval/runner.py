@@ -23,7 +23,7 @@ from scifm.eval.report import print_summary, render_report
 from scifm.eval.short_answer import evaluate_short_answer
 from scifm.eval.tasks import MultipleChoiceItem, ShortAnswerItem, load_task_file
 from scifm.model.transformer import count_params
-from scifm.train.checkpoint import STEP_DIR
+from scifm.train.checkpoint import STEP_DIR, complete_checkpoints
 from scifm.train.export import load_checkpoint_model
 from scifm.train.step import autocast_for
 
@@ -55,7 +55,7 @@ def resolve_checkpoints(spec: str) -> list[Path]:
             return [path]
         if not path.exists():
             raise CheckpointError(f"checkpoint={spec}: no such checkpoint or run directory")
-        found = [p for p in (path / "checkpoints").glob("step_*") if (p / "meta.json").is_file()]
+        found = complete_checkpoints(path / "checkpoints")
         if not found:
             raise CheckpointError(f"checkpoint={spec}: neither a complete checkpoint (no meta.json) "
                                   "nor a run directory with complete checkpoints under checkpoints/")

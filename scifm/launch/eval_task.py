@@ -10,21 +10,16 @@ from pathlib import Path
 from scifm.cli import main as scifm_main
 from scifm.launch.plan import hydra_quote
 from scifm.launch.slurm import SlurmError
-from scifm.train.checkpoint import STEP_DIR
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("step_*")
-             if (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()]
-    return [p for _, p in sorted(found)]
+from scifm.train.checkpoint import complete_checkpoints
 
 
 def main(argv: list[str]) -> None:
     run_dir, slot, stride, overrides = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3:]
-    mine = complete_checkpoints(run_dir)[slot::stride]
+    found = complete_checkpoints(run_dir / "checkpoints")
+    mine = found[slot::stride]
     if not mine:
         raise SlurmError(f"{run_dir}/checkpoints: no checkpoint number {slot} in step order "
-                         f"(found {len(complete_checkpoints(run_dir))}, the config schedules {stride})")
+                         f"(found {len(found)}, the config schedules {stride})")
     for ckpt in mine:
         print(f"scifm: evaluating {ckpt}", flush=True)
         scifm_main(["eval", f"checkpoint={hydra_quote(str(ckpt))}", *overrides])

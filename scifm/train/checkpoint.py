@@ -66,13 +66,19 @@ def save_checkpoint(
     ctx.barrier()
 
 
-def latest_checkpoint(root: Path) -> Path | None:
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints (meta.json written last) under `root`, in step order."""
     steps = [
         (int(m.group(1)), p)
         for p in root.glob("step_*")
         if (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()
     ]
-    return max(steps)[1] if steps else None
+    return [p for _, p in sorted(steps)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
 
 
 def resolve_checkpoint(spec: str, run_dir: Path) -> Path:

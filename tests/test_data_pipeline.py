@@ -246,3 +246,21 @@ def test_missing_source_and_empty_split_are_clear_errors(tmp_path, tokenizer, ma
     cfg = user_config(make_config, f"[{{path:{tmp_path / 'tiny.jsonl'}}}]")
     with pytest.raises(DataError, match="no documents in the validation split"):
         make_loader(cfg, tokenizer, split="validation").next_batch()
+
+
+def test_figure_paths_resolve_beside_their_document_file_from_any_directory(tmp_path, tokenizer, make_config,
+                                                                           monkeypatch):
+    import matplotlib.image
+
+    data = tmp_path / "data" / "sub"
+    (data / "figs").mkdir(parents=True)
+    matplotlib.image.imsave(data / "figs" / "plot.png", np.linspace(0, 1, 32 * 48).reshape(32, 48))
+    docs = [{"id": f"fig-{i}", "source": "user", "skill": "figure",
+             "segments": [{"type": "text", "text": f"Figure {i} shows a gradient."},
+                          {"type": "figure", "path": "figs/plot.png"}]} for i in range(200)]
+    write_user_corpus(data / "figs.jsonl", docs)
+    monkeypatch.chdir(tmp_path)  # relative to the file, not to the working directory
+    loader = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'data'}}}]"), tokenizer)
+    batch = loader.next_batch()
+    assert batch.slot_index["figure"].numel() > 0
+    assert loader.skips.as_dict()["data"]["skipped"] == {}

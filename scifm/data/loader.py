@@ -57,9 +57,9 @@ class PackedLoader:
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
-    def _encode(self, doc: Document, stream: DocumentStream, where: str) -> list[Chunk]:
-        base_dir = Path(where.rsplit(":", 1)[0]).parent  # figure paths are relative to the file
-        enc = encode_document(doc, self.tokenizer, self.enc_cfg, base_dir)
+    def _encode(self, doc: Document, file: Path) -> list[Chunk]:
+        # figure paths are relative to the document's file
+        enc = encode_document(doc, self.tokenizer, self.enc_cfg, Path(file).parent)
         return chunk_document(enc, self.cfg.seq_len)
 
     def _next_document(self) -> None:
@@ -72,7 +72,7 @@ class PackedLoader:
                 self.skips.skip(source, doc.reason, where)
                 continue
             try:
-                chunks = self._encode(doc, stream, where)
+                chunks = self._encode(doc, stream.spec.files[cursor[1]])
             except DocumentFormatError as err:
                 self.skips.skip(source, err.reason, doc.id)
                 continue
@@ -137,5 +137,4 @@ class PackedLoader:
             i, cursor, k = state["pending"]
             stream = self.streams[i]
             doc = stream.read_at(tuple(cursor))
-            where = f"{stream.spec.files[cursor[1]]}:{cursor[2]}"
-            self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream, where)
+            self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream.spec.files[cursor[1]])

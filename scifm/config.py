@@ -88,6 +88,10 @@ class TrainerConfig:
             require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
         require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0")
 
+    def saves_checkpoint_at(self, step: int) -> bool:
+        """Every ckpt_every steps and at the end (step 0 only when max_steps is 0: the initial weights)."""
+        return step == self.max_steps or (self.ckpt_every > 0 and step > 0 and step % self.ckpt_every == 0)
+
 
 @dataclass
 class ParallelConfig:

@@ -63,9 +63,8 @@ def hydra_quote(value: str) -> str:
 
 
 def checkpoint_steps(tc: TrainerConfig) -> list[int]:
-    """The steps a run from step 0 saves at (the trainer's rule: every ckpt_every, and the last)."""
-    every = range(tc.ckpt_every, tc.max_steps + 1, tc.ckpt_every) if tc.ckpt_every else []
-    return sorted({*every, tc.max_steps})
+    """The steps a run from step 0 saves at, by the trainer's own rule."""
+    return [step for step in range(tc.max_steps + 1) if tc.saves_checkpoint_at(step)]
 
 
 @hydra_errors_as_config_errors

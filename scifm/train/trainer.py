@@ -206,7 +206,7 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float, watc
             record["tokens_by_skill"] = dict(loader.tokens_by_skill)
         if record is not None and logger is not None:
             logger.log(record)
-        checkpointed = bool(tc.ckpt_every and step % tc.ckpt_every == 0) or at_end
+        checkpointed = tc.saves_checkpoint_at(step)
         if checkpointed:
             checkpoint()
         if not at_end and watch.requested(ctx):
@@ -218,7 +218,7 @@ def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float, watc
                       f"{REQUEUE_EXIT_CODE} (a Slurm job requeues on it)", flush=True)
             raise Preempted
 
-    if tc.max_steps == 0 and ckpt is None:  # the initial weights: an untrained baseline for evaluation
+    if step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
         checkpoint()
     if last_eval is None:  # resumed at max_steps or max_steps=0: nothing trained, still report
         last_eval = evaluate(model, val_batches, global_unigram(), autocast, ctx)

@@ -15,7 +15,7 @@ import torch
 from scifm.model.init import init_parameters
 from scifm.model.kv_cache import KVCache
 from scifm.model.multimodal import ScientificMoE
-from scifm.train.entry import compose_run_config
+from scifm.config import compose_run_config
 
 CASES = [(16, 64, 16), (16, 192, 16), (4, 128, 64)]  # (batch, prompt tokens, new tokens)
 VOCAB = {"total": 4096, "text": 4096, "latex": 512, "protein": 32}
@@ -36,12 +36,12 @@ def recompute(model, prompt_BS: torch.Tensor, n_new: int) -> torch.Tensor:
 
 def cached(model, prompt_BS: torch.Tensor, n_new: int) -> torch.Tensor:
     cache, new = KVCache(), []
-    logits_BSV = model(prompt_BS, *positions_of(prompt_BS), {}, {}, cache=cache)
+    logits_BSV = model(prompt_BS, *positions_of(prompt_BS), cache=cache)
     for step in range(n_new):
         next_B1 = logits_BSV[:, -1].argmax(-1, keepdim=True)
         new.append(next_B1)
         if step + 1 < n_new:
-            logits_BSV = model(next_B1, *positions_of(next_B1, prompt_BS.shape[1] + step), {}, {}, cache=cache)
+            logits_BSV = model(next_B1, *positions_of(next_B1, prompt_BS.shape[1] + step), cache=cache)
     return torch.cat(new, dim=1)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scifm.errors import ScifmError
+from scifm.core.errors import ScifmError, exit_on_user_error
 
 USAGE = """usage: scifm COMMAND [ARGS]
 
@@ -51,7 +51,7 @@ def params_main(overrides: list[str]) -> None:
 
     from scifm.model.multimodal import ScientificMoE
     from scifm.model.transformer import count_params
-    from scifm.train.entry import compose_run_config
+    from scifm.config import compose_run_config
 
     cfg = compose_run_config(overrides).model
     cfg.validate()
@@ -129,8 +129,6 @@ def main(argv: list[str] | None = None) -> None:
             print(f"scifm: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             sys.exit(2)
     except ScifmError as err:
-        from scifm.train.entry import exit_on_user_error
-
         exit_on_user_error(err)
 
 

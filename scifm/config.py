@@ -7,50 +7,16 @@ that types cannot express live in `validate()`, called before any work starts.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import OmegaConf
 
-from scifm.errors import ConfigError
-from scifm.model.config import ModelConfig, require
-
-PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
-SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
-
-
-@dataclass
-class SourceConfig:
-    path: str = "builtin"  # "builtin" = the built-in corpus; else a .jsonl(.gz) file or a directory
-    weight: float = 1.0
-    name: str = ""  # defaults to the file or directory stem
-
-
-@dataclass
-class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
-    seq_len: int = 256
-    temperature: float = 1.0  # source probabilities ~ weight ** (1 / temperature)
-    balance_skills: bool = False  # sample skills within a source uniformly instead of by count
-    max_bad_fraction: float = 0.05
-    corpus_dir: str = ""  # where the built-in corpus is built; "" = $SCIFM_CACHE or ~/.cache/scifm
-    corpus_max_docs_per_source: int = 0  # 0 = all
-    tokenizer_vocab_size: int = 2048  # BPE text vocabulary
-    tokenizer_train_docs: int = 20000  # documents of the train split the BPE is trained on
-    val_batches: int = 4
-
-    def validate(self) -> None:
-        require(len(self.sources) > 0, "data.sources", "list at least one source")
-        for i, src in enumerate(self.sources):
-            require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
-        require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
-        require(self.temperature > 0, "data.temperature", "must be > 0")
-        require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
-        require(self.tokenizer_vocab_size >= 300, "data.tokenizer_vocab_size",
-                 "must be >= 300 (256 byte symbols plus merges)")
-        require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+from scifm.core.checks import require
+from scifm.core.hydra_compose import compose_config
+from scifm.data.config import DataConfig
+from scifm.model.config import ModelConfig
+from scifm.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -91,71 +57,6 @@ class TrainerConfig:
     def saves_checkpoint_at(self, step: int) -> bool:
         """Every ckpt_every steps and at the end (step 0 only when max_steps is 0: the initial weights)."""
         return step == self.max_steps or (self.ckpt_every > 0 and step > 0 and step % self.ckpt_every == 0)
-
-
-@dataclass
-class ParallelConfig:
-    engine: str = "native"
-    dp_replicate: int = 1  # HSDP replicas (gradients all-reduced between them)
-    dp_shard: int = 1  # FSDP2 shards
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1  # borrows ranks from dp_shard x tp
-    # pipeline (pp > 1): each step's trainer.grad_accum micro-batches are the schedule's micro-batches
-    pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble
-    pp_virtual_stages: int = 1  # stages per pp rank: 1 (GPipe, 1F1B), >= 2 (interleaved), 2 (ZBV)
-    pp_split: list[int] = field(default_factory=list)  # decoder layers per stage, in order; [] = even split
-    sequence_parallel: bool = True  # with tp > 1: norms and residual stream sharded on the sequence
-    loss_parallel: bool = True  # with tp > 1: cross-entropy on vocab-sharded logits, never gathered
-    mixed_precision: str = "fp32"  # FSDP2 params: fp32 | bf16 (gradients always reduced in fp32)
-    activation_checkpoint: str = "none"  # none | full (every block) | selective (every other block)
-    compile: bool = False  # torch.compile each block
-
-    def validate(self, n_layers: int, n_microbatches: int) -> None:
-        """`n_layers`: model.n_layers; `n_microbatches`: trainer.grad_accum."""
-        require(self.engine == "native", "parallel.engine",
-                f"only 'native' is available in this version, got {self.engine!r}")
-        for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):
-            require(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
-        require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-                f"must be one of {', '.join(PP_SCHEDULES)}, got {self.pp_schedule!r}")
-        if self.pp > 1:
-            self._validate_pipeline(n_layers, n_microbatches)
-        require(self.mixed_precision in ("fp32", "bf16"), "parallel.mixed_precision",
-                f"must be fp32 or bf16, got {self.mixed_precision!r}")
-        require(self.activation_checkpoint in ("none", "full", "selective"), "parallel.activation_checkpoint",
-                f"must be none, full or selective, got {self.activation_checkpoint!r}")
-
-    def _validate_pipeline(self, n_layers: int, n_microbatches: int) -> None:
-        schedule, v = self.pp_schedule, self.pp_virtual_stages
-        if schedule in SINGLE_STAGE_SCHEDULES:
-            require(v == 1, "parallel.pp_virtual_stages", f"{schedule} runs 1 stage per rank, got {v}")
-        elif schedule == "ZBVZeroBubble":
-            require(v == 2, "parallel.pp_virtual_stages", f"ZBVZeroBubble runs exactly 2 stages per rank, got {v}")
-        else:
-            require(v >= 2, "parallel.pp_virtual_stages", f"{schedule} needs >= 2 stages per rank, got {v}")
-        n_stages = self.pp * v
-        if self.pp_split:
-            require(len(self.pp_split) == n_stages, "parallel.pp_split",
-                    f"lists {len(self.pp_split)} stages, but pp={self.pp} x pp_virtual_stages={v} = {n_stages}")
-            require(min(self.pp_split) >= 1, "parallel.pp_split",
-                    f"every stage needs at least 1 layer, got {list(self.pp_split)}")
-            require(sum(self.pp_split) == n_layers, "parallel.pp_split",
-                    f"{list(self.pp_split)} sums to {sum(self.pp_split)} layers, but model.n_layers={n_layers}")
-        else:
-            require(n_layers % n_stages == 0, "parallel.pp_split",
-                    f"model.n_layers={n_layers} does not split evenly into pp={self.pp} x pp_virtual_stages={v} "
-                    f"= {n_stages} stages; list the layers of each stage in parallel.pp_split")
-        # what torch's schedules accept (they raise only once the process groups exist)
-        if schedule == "1F1B":
-            require(n_microbatches >= self.pp, "trainer.grad_accum",
-                    f"1F1B with pp={self.pp} needs at least {self.pp} micro-batches per step, got {n_microbatches}; "
-                    f"raise trainer.grad_accum or use parallel.pp_schedule=GPipe")
-        elif schedule in ("Interleaved1F1B", "InterleavedZeroBubble"):
-            rounds = max(1, n_microbatches // self.pp)
-            require(n_microbatches % rounds == 0, "trainer.grad_accum",
-                    f"{schedule} with pp={self.pp} needs the micro-batches per step ({n_microbatches}) to be a "
-                    f"multiple of max(1, micro-batches // pp) = {rounds}; use a multiple of {self.pp}")
 
 
 @dataclass
@@ -218,14 +119,7 @@ class RunConfig:
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-def hydra_errors_as_config_errors(fn):
-    """Hydra's and OmegaConf's errors as one `scifm: error:` line (without Hydra's search path)."""
 
-    @functools.wraps(fn)
-    def wrapped(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (HydraException, OmegaConfBaseException) as err:
-            raise ConfigError(" ".join(str(err).strip().split("\n\n")[0].split())) from None
-
-    return wrapped
+def compose_run_config(overrides: list[str]) -> RunConfig:
+    """The RunConfig `scifm train` would run with these overrides (for scripts and tests)."""
+    return OmegaConf.to_object(compose_config("config", overrides))

@@ -25,7 +25,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_config(corpus_dir):
     """compose_run_config with the small corpus and any extra overrides."""
-    from scifm.train.entry import compose_run_config
+    from scifm.config import compose_run_config
 
     def make(*overrides: str):
         return compose_run_config(

@@ -222,7 +222,7 @@ def test_default_corpus_dir_follows_scifm_cache(monkeypatch, tmp_path):
 
 
 def test_refuses_to_replace_a_directory_that_is_not_a_corpus(tmp_path):
-    from scifm.errors import DataError
+    from scifm.core.errors import DataError
 
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(DataError, match="not a scifm corpus"):

@@ -17,7 +17,7 @@ from scifm.data.loader import PackedLoader
 from scifm.data.mixture import source_probabilities, stream_probabilities
 from scifm.data.packing import placeholder_features, IGNORE_INDEX, Row, chunk_document, collate_rows
 from scifm.data.sources import resolve_sources
-from scifm.errors import BadFractionExceeded, DataError, DocumentFormatError
+from scifm.core.errors import BadFractionExceeded, DataError, DocumentFormatError
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"
 

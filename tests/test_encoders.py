@@ -12,8 +12,8 @@ from rdkit import Chem
 
 from scifm.data.features import collate, featurize_segment
 from scifm.data.features.molecule import featurize_molecule, mol_features
-from scifm.errors import DocumentFormatError
-from scifm.model.config import EncodersConfig
+from scifm.core.errors import DocumentFormatError
+from scifm.core.encoders_config import EncodersConfig
 from scifm.model.encoders import build_encoders
 from scifm.model.init import init_parameters
 

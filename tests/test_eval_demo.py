@@ -8,7 +8,7 @@ import pytest
 from scifm.eval.config import EvalConfig, EvalRunConfig
 from scifm.eval.report import fmt
 from scifm.eval.runner import run_eval
-from scifm.train.entry import compose_run_config
+from scifm.config import compose_run_config
 from scifm.train.trainer import train
 
 import json

@@ -14,7 +14,7 @@ from torch import nn
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
-from scifm.errors import DataError
+from scifm.core.errors import DataError
 from scifm.eval import short_answer
 from scifm.eval.generate import generate_greedy, generate_greedy_ids
 from scifm.eval.scoring import proportion
@@ -55,7 +55,7 @@ def forward(model, tokenizer, enc, doc: EncodedDocument, cache: KVCache | None =
     n = len(doc.ids) - 1
     batch = collate_rows([Row([Chunk(doc, 0, n)])], n, tokenizer, placeholder_features(tokenizer, enc))
     with torch.no_grad():
-        return model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index, cache=cache)[0]
+        return model(batch.input_ids, **batch.model_kwargs(), cache=cache)[0]
 
 
 def step(model, ids: list[int], first_pos: int, doc_id: int, cache: KVCache) -> torch.Tensor:
@@ -63,7 +63,7 @@ def step(model, ids: list[int], first_pos: int, doc_id: int, cache: KVCache) -> 
     ids_1S = torch.tensor([ids])
     pos_1S = torch.arange(first_pos, first_pos + len(ids))[None]
     with torch.no_grad():
-        return model(ids_1S, pos_1S, torch.full_like(ids_1S, doc_id), {}, {}, cache=cache)[0]
+        return model(ids_1S, pos_1S, torch.full_like(ids_1S, doc_id), cache=cache)[0]
 
 
 def test_cached_decode_logits_equal_one_full_forward(tiny, tokenizer):
@@ -98,7 +98,7 @@ def test_cached_decode_honours_document_boundaries(tiny, tokenizer):
     k = 3  # prefill a and b's first k tokens, then decode the rest of b one token at a time
     cache = KVCache()
     with torch.no_grad():
-        got = [model(ids_1S[:, : len(a) + k], pos_1S[:, : len(a) + k], docs_1S[:, : len(a) + k], {}, {}, cache=cache)[0]]
+        got = [model(ids_1S[:, : len(a) + k], pos_1S[:, : len(a) + k], docs_1S[:, : len(a) + k], cache=cache)[0]]
     got += [step(model, [tok], k + i, 1, cache) for i, tok in enumerate(b[k:])]
     got_SV = torch.cat(got)
     torch.testing.assert_close(got_SV, full_SV, atol=ATOL, rtol=0)
@@ -156,7 +156,7 @@ class ScriptedModel(nn.Module):
         self.script = torch.tensor(script)
         self.vocab = vocab
 
-    def forward(self, input_ids_BS, positions_BS, doc_ids_BS, items, slot_index, *, cache=None):
+    def forward(self, x, positions_BS, doc_ids_BS, items=None, slot_index=None, *, cache=None):
         assert cache is not None  # generate decodes through the cache
         return F.one_hot(self.script[positions_BS.clamp(max=len(self.script) - 1)], self.vocab).float()
 

@@ -34,7 +34,7 @@ def batch_of(docs, tokenizer, cfg, seq_len=128):
 
 def logits(model, batch):
     with torch.no_grad():
-        return model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+        return model(batch.input_ids, **batch.model_kwargs())
 
 
 def mol_doc(doc_id, smiles):
@@ -72,7 +72,7 @@ def test_molecule_encoder_gets_gradient_from_the_lm_loss(make_config, tokenizer)
     cfg = make_config()
     model = build(cfg, tokenizer).train()
     batch = batch_of([[mol_doc("a", ASPIRIN)]], tokenizer, cfg)
-    out = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+    out = model(batch.input_ids, **batch.model_kwargs())
     torch.nn.functional.cross_entropy(out.flatten(0, 1), batch.labels.flatten(), ignore_index=-100).backward()
     grads = [p.grad for p in model.encoders["molecule"].parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
@@ -91,7 +91,7 @@ def test_initialization_depends_only_on_seed_and_name(make_config, tokenizer):
 
 
 def test_paper_scale_config_counts_about_1t_total_22b_active(make_config):
-    from scifm.train.entry import compose_run_config
+    from scifm.config import compose_run_config
 
     cfg = compose_run_config(["model=paper_1t"]).model
     sizes = {"total": cfg.vocab_size, "text": cfg.vocab_size, "latex": 1024, "protein": 32}
@@ -110,9 +110,9 @@ def test_every_encoder_runs_and_gets_a_gradient_even_without_items(make_config, 
     batch = batch_of([[prose]], tokenizer, cfg)
     assert set(batch.items) == {"latex", "molecule", "protein", "table", "figure"}
     assert all(batch.slot_index[m].shape[0] == 0 for m in batch.items)
-    out = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+    out = model(batch.input_ids, **batch.model_kwargs())
     with torch.no_grad():  # the placeholders write nothing into the sequence
-        alone = model(batch.input_ids, batch.positions, batch.doc_ids, {}, {})
+        alone = model(batch.input_ids, batch.positions, batch.doc_ids)
     torch.testing.assert_close(out.detach(), alone, rtol=0, atol=0)
     torch.nn.functional.cross_entropy(out.flatten(0, 1), batch.labels.flatten(), ignore_index=-100).backward()
     for name, p in model.encoders.named_parameters():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.parallel.dims import ParallelDims
 

@@ -12,8 +12,8 @@ import pytest
 
 from launch import run_torchrun
 from conftest import SMALL_CORPUS_DOCS
-from scifm.config import ParallelConfig
-from scifm.errors import ConfigError
+from scifm.parallel.config import ParallelConfig
+from scifm.core.errors import ConfigError
 from scifm.model.config import ModelConfig
 from scifm.parallel.dims import ParallelDims
 

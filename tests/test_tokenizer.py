@@ -15,8 +15,8 @@ import torch
 from Bio import SeqIO
 from sympy.parsing.tests import test_latex
 
-from scifm.data.documents import MODALITIES
-from scifm.errors import ScifmError
+from scifm.core.modalities import MODALITIES
+from scifm.core.errors import ScifmError
 from scifm.tokenizers import DOMAINS, DomainVocab, ScientificTokenizer
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from scifm.errors import CheckpointError, ConfigError
+from scifm.core.errors import CheckpointError, ConfigError
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
-from scifm.train.checkpoint import latest_checkpoint
+from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.train.trainer import train
 
 

@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from scifm.errors import DataError
+from scifm.core.errors import DataError
 
 
 def build_once(out_dir: Path, *, marker: str, kind: str, is_current: Callable[[Path], dict | None],

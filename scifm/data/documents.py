@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from scifm.errors import DataError, DocumentFormatError
+from scifm.core.errors import DataError, DocumentFormatError
 
 SPLITS = ("train", "validation", "test")
 
@@ -29,7 +29,6 @@ SEGMENT_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "table": {"columns": list, "rows": list},
     "figure": {},  # "path" or "array", checked below
 }
-MODALITIES = ("latex", "molecule", "protein", "table", "figure")
 
 
 @dataclass(frozen=True)

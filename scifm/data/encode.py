@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scifm.data.documents import MODALITIES, Document
+from scifm.core.modalities import MODALITIES
+from scifm.data.documents import Document
 from scifm.data.features import featurize_segment
-from scifm.model.config import EncodersConfig
+from scifm.core.encoders_config import EncodersConfig
 
 
 @dataclass

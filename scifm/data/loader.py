@@ -14,15 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from scifm.config import DataConfig
+from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
 from scifm.data.sources import DocumentStream, SourceSpec, skill_counts
-from scifm.errors import CheckpointError, ConfigError, DocumentFormatError
-from scifm.model.config import EncodersConfig
+from scifm.core.errors import CheckpointError, ConfigError, DocumentFormatError
+from scifm.core.encoders_config import EncodersConfig
 
 
 class PackedLoader:

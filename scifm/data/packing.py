@@ -15,7 +15,7 @@ import torch
 
 from scifm.data.encode import EncodedDocument, EncodedItem
 from scifm.data.features import collate, featurize_segment
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
 
 IGNORE_INDEX = -100
 
@@ -69,6 +69,12 @@ class Batch:
     doc_ids: torch.Tensor  # [B, S] long, attention segment id; padding gets its own id
     items: dict[str, dict[str, torch.Tensor]]  # modality -> collated encoder inputs
     slot_index: dict[str, torch.Tensor]  # modality -> [N, k] flat indices b * S + s of the slots
+
+    def model_kwargs(self) -> dict:
+        """The model's inputs besides input_ids (ScientificMoE.forward's keyword names): the one
+        Batch -> model step of training, scoring, generation and every pipeline stage."""
+        return {"positions_BS": self.positions, "doc_ids_BS": self.doc_ids, "items": self.items,
+                "slot_index": self.slot_index}
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from scifm.errors import BadFractionExceeded
+from scifm.core.errors import BadFractionExceeded
 
 # A source is judged only after this many documents, so one early bad record cannot stop a run.
 MIN_DOCS_BEFORE_BUDGET = 50

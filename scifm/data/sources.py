@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from scifm.config import DataConfig
+from scifm.data.config import DataConfig
 from scifm.data.documents import Document, jsonl_files, open_text, parse_line, split_of
-from scifm.errors import DataError, DocumentFormatError
+from scifm.core.errors import DataError, DocumentFormatError
 
 
 Cursor = tuple[int, int, int]  # (epoch, file index, 1-based line number of the next line)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from scifm.config import DataConfig
+from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.sources import DocumentStream, SourceSpec
 from scifm.tokenizers import ScientificTokenizer

@@ -9,7 +9,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from scifm.errors import DataError
+from scifm.core.errors import DataError
 from scifm.eval.report import KIND_LABEL, fmt, task_rows
 
 ALL_SKILLS = "(all)"

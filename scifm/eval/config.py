@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from scifm.config import hydra_errors_as_config_errors
-from scifm.errors import ConfigError
-from scifm.model.config import require
+from scifm.core.errors import ConfigError
+from scifm.core.hydra_compose import compose_config
+from scifm.core.checks import require
 
 
 @dataclass
@@ -40,18 +41,9 @@ ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
 
 def compose_eval_config(overrides: list[str]) -> EvalRunConfig:
     """configs/eval_run.yaml with the command line's overrides; a bad or missing key is a ConfigError."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
-
-    @hydra_errors_as_config_errors
-    def composed() -> EvalRunConfig:
-        with initialize_config_module(config_module="scifm.configs", version_base=None):
-            cfg = compose(config_name="eval_run", overrides=overrides)
-        try:
-            return OmegaConf.to_object(cfg)
-        except MissingMandatoryValue:
-            raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
-                              "(a checkpoint, a run directory or a quoted glob)") from None
-
-    return composed()
+    cfg = compose_config("eval_run", overrides)
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue:
+        raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
+                          "(a checkpoint, a run directory or a quoted glob)") from None

@@ -16,8 +16,8 @@ import torch
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
-from scifm.errors import DataError
-from scifm.model.config import EncodersConfig
+from scifm.core.errors import DataError
+from scifm.core.encoders_config import EncodersConfig
 from scifm.model.kv_cache import KVCache
 
 
@@ -52,7 +52,7 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
     lengths_B = torch.tensor(lengths, device=device)
 
     cache = KVCache()
-    logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index, cache=cache)
+    logits_BSV = model(batch.input_ids, **batch.model_kwargs(), cache=cache)
     last_BV = logits_BSV[torch.arange(B, device=device), lengths_B - 1]
     generated: list[list[int]] = [[] for _ in range(B)]
     done = [b <= 0 for b in budgets]
@@ -72,7 +72,7 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
         # finished rows are fed too (rows never interact); what they produce is ignored
         positions_B1 = (lengths_B + step)[:, None]
         doc_ids_B1 = torch.zeros_like(positions_B1)
-        last_BV = model(next_B[:, None], positions_B1, doc_ids_B1, {}, {}, cache=cache)[:, -1]
+        last_BV = model(next_B[:, None], positions_B1, doc_ids_B1, cache=cache)[:, -1]
     return generated
 
 

@@ -41,6 +41,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("scifm.eval.lm_eval_adapter needs lm-evaluation-harness: pip install 'scifm[eval]'") from err
 
+from scifm.core.device import pick_device
 from scifm.data.encode import EncodedDocument
 from scifm.eval.generate import generate_greedy
 from scifm.eval.loglikelihood import Request, score_continuations, score_token_continuations
@@ -80,12 +81,10 @@ def _parse_batch_size(batch_size, max_batch_size) -> int:
 
 def _pick_device(device: str | None) -> torch.device:
     """lm-eval passes --device, "cuda:0" when unset: on a machine without CUDA that means the CPU."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
         log.warning("scifm: device=%s but CUDA is not available; using the CPU", device)
-        return torch.device("cpu")
-    return torch.device(device)
+        device = "cpu"
+    return pick_device(device or "auto", "device")
 
 
 class ScifmLM(LM):

@@ -16,8 +16,8 @@ import torch
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
-from scifm.errors import DataError
-from scifm.model.config import EncodersConfig
+from scifm.core.errors import DataError
+from scifm.core.encoders_config import EncodersConfig
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def score_token_continuations(model, tokenizer, enc_cfg: EncodersConfig, docs: l
         batch_idx = order[start : start + batch_size]
         rows = [Row([Chunk(docs[i], 0, len(docs[i].ids) - 1)]) for i in batch_idx]
         batch = collate_rows(rows, max(row.used for row in rows), tokenizer, placeholders).to(device)
-        logits_BSV = model(batch.input_ids, batch.positions, batch.doc_ids, batch.items, batch.slot_index)
+        logits_BSV = model(batch.input_ids, **batch.model_kwargs())
         logp_BSV = torch.log_softmax(logits_BSV.float(), dim=-1)
         for r, i in enumerate(batch_idx):
             doc, n_cont = docs[i], n_conts[i]

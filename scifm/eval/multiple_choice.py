@@ -10,7 +10,7 @@ import numpy as np
 from scifm.eval.loglikelihood import Request, score_continuations
 from scifm.eval.scoring import Score, by_skill, multiple_choice, option_probabilities
 from scifm.eval.tasks import MultipleChoiceItem
-from scifm.model.config import EncodersConfig
+from scifm.core.encoders_config import EncodersConfig
 
 
 def evaluate_multiple_choice(model, tokenizer, enc_cfg: EncodersConfig, items: list[MultipleChoiceItem], *,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from scifm.train.metrics import format_duration
+from scifm.core.formatting import format_duration
 
 
 class Progress:

@@ -14,7 +14,9 @@ import torch
 
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
-from scifm.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
+from scifm.core.checkpoint_files import complete_checkpoints, is_complete, step_of
+from scifm.core.device import autocast_for, pick_device
+from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
 from scifm.eval.config import EvalConfig, EvalRunConfig
 from scifm.eval.multiple_choice import evaluate_multiple_choice
@@ -23,9 +25,7 @@ from scifm.eval.report import print_summary, render_report
 from scifm.eval.short_answer import evaluate_short_answer
 from scifm.eval.tasks import MultipleChoiceItem, ShortAnswerItem, load_task_file
 from scifm.model.transformer import count_params
-from scifm.train.checkpoint import STEP_DIR, complete_checkpoints
 from scifm.train.export import load_checkpoint_model
-from scifm.train.step import autocast_for
 
 RESULTS_FILE = "results.json"
 
@@ -38,20 +38,15 @@ class Task:
     base_dir: Path  # figure paths in the items are relative to it
 
 
-def _step_of(ckpt: Path) -> int:
-    m = STEP_DIR.match(ckpt.name)
-    return int(m.group(1)) if m else json.loads((ckpt / "meta.json").read_text())["step"]
-
-
 def resolve_checkpoints(spec: str) -> list[Path]:
     """A checkpoint directory, a run directory (all its checkpoints) or a glob, in (run, step) order."""
     if glob.has_magic(spec):
-        found = [Path(p) for p in glob.glob(spec) if (Path(p) / "meta.json").is_file()]
+        found = [Path(p) for p in glob.glob(spec) if is_complete(Path(p))]
         if not found:
             raise CheckpointError(f"checkpoint={spec}: the pattern matches no complete checkpoint (no meta.json)")
     else:
         path = Path(spec)
-        if (path / "meta.json").is_file():
+        if is_complete(path):
             return [path]
         if not path.exists():
             raise CheckpointError(f"checkpoint={spec}: no such checkpoint or run directory")
@@ -59,7 +54,7 @@ def resolve_checkpoints(spec: str) -> list[Path]:
         if not found:
             raise CheckpointError(f"checkpoint={spec}: neither a complete checkpoint (no meta.json) "
                                   "nor a run directory with complete checkpoints under checkpoints/")
-    return sorted(found, key=lambda p: (str(p.parent), _step_of(p)))
+    return sorted(found, key=lambda p: (str(p.parent), step_of(p)))
 
 
 def load_tasks(cfg: EvalConfig) -> list[Task]:
@@ -125,7 +120,7 @@ def evaluate_checkpoint(ckpt: Path, tasks: list[Task], cfg: EvalConfig, device: 
     results: dict = {
         "checkpoint": str(ckpt.resolve()),
         "run": str(ckpt.resolve().parent.parent) if ckpt.parent.name == "checkpoints" else str(ckpt.resolve()),
-        "step": _step_of(ckpt),
+        "step": step_of(ckpt),
         "model": {"name": run_cfg.model.name, "total_params": total, "active_params": active},
         "device": str(device),
         "tasks": {},
@@ -181,7 +176,7 @@ def run_eval(cfg: EvalRunConfig) -> list[Path]:
     cfg.eval.validate()
     checkpoints = resolve_checkpoints(cfg.checkpoint)
     tasks = load_tasks(cfg.eval)
-    device = _device(cfg.eval.device)
+    device = pick_device(cfg.eval.device, "eval.device")
     written = []
     for ckpt in checkpoints:
         results = evaluate_checkpoint(ckpt, tasks, cfg.eval, device)
@@ -189,14 +184,3 @@ def run_eval(cfg: EvalRunConfig) -> list[Path]:
         print_summary(results, path)
         written.append(path)
     return written
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"eval.device: {name} asked for, but this torch build sees no CUDA device")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"eval.device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None

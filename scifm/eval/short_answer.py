@@ -10,7 +10,7 @@ import numpy as np
 from scifm.eval.generate import generate_greedy
 from scifm.eval.scoring import by_skill, exact_match, numeric_match, proportion
 from scifm.eval.tasks import ShortAnswerItem
-from scifm.model.config import EncodersConfig
+from scifm.core.encoders_config import EncodersConfig
 
 
 def is_correct(prediction: str, item: ShortAnswerItem) -> bool:

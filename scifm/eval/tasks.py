@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scifm.data.documents import open_text, validate_segment
-from scifm.errors import DataError, DocumentFormatError
+from scifm.core.errors import DataError, DocumentFormatError
 
 
 class TaskFormatError(DataError):

@@ -1,5 +1,5 @@
 """One task of the eval array: `python -m scifm.launch.eval_task RUN_DIR SLOT STRIDE OVERRIDE...`
-runs `scifm eval` on checkpoints SLOT, SLOT + STRIDE, ... of the run's complete checkpoints in
+evaluates checkpoints SLOT, SLOT + STRIDE, ... of the run's complete checkpoints in
 step order, listed now that training has finished (one of them unless pre-emption added some)."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from scifm.cli import main as scifm_main
+from scifm.core.checkpoint_files import complete_checkpoints
+from scifm.core.errors import ScifmError, exit_on_user_error
+from scifm.eval.config import compose_eval_config
+from scifm.eval.runner import run_eval
 from scifm.launch.plan import hydra_quote
 from scifm.launch.slurm import SlurmError
-from scifm.train.checkpoint import complete_checkpoints
 
 
 def main(argv: list[str]) -> None:
@@ -22,13 +24,11 @@ def main(argv: list[str]) -> None:
                          f"(found {len(found)}, the config schedules {stride})")
     for ckpt in mine:
         print(f"scifm: evaluating {ckpt}", flush=True)
-        scifm_main(["eval", f"checkpoint={hydra_quote(str(ckpt))}", *overrides])
+        run_eval(compose_eval_config([f"checkpoint={hydra_quote(str(ckpt))}", *overrides]))
 
 
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except SlurmError as err:
-        from scifm.train.entry import exit_on_user_error
-
+    except ScifmError as err:
         exit_on_user_error(err)

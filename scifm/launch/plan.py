@@ -9,15 +9,14 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from scifm.config import ClusterConfig, RunConfig, TrainerConfig, hydra_errors_as_config_errors
-from scifm.errors import ConfigError
+from scifm.config import ClusterConfig, RunConfig, TrainerConfig
+from scifm.core.errors import ConfigError
+from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_errors
 from scifm.parallel.distributed import dims_of
-from scifm.train.entry import CONFIG_MODULE
 
 
 @dataclass
@@ -67,9 +66,9 @@ def checkpoint_steps(tc: TrainerConfig) -> list[int]:
     return [step for step in range(tc.max_steps + 1) if tc.saves_checkpoint_at(step)]
 
 
-@hydra_errors_as_config_errors
+@hydra_errors_as_config_errors  # OmegaConf.to_object's errors too
 def _compose(overrides: list[str]) -> tuple[RunConfig, DictConfig]:
-    cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = compose_config("config", overrides, return_hydra_config=True)
     hydra_cfg = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
@@ -96,8 +95,7 @@ def make_plan(overrides: list[str], multirun: bool) -> Plan:
                 raise ConfigError(f"cluster={name}: unknown cluster; available: {', '.join(known_clusters())} "
                                   f"(scifm/configs/cluster/*.yaml)")
     points_overrides = expand_sweep(overrides) if multirun else [overrides]
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
-        composed = [_compose(p) for p in points_overrides]
+    composed = [_compose(p) for p in points_overrides]
     first_hydra = composed[0][1]
     root = Path(first_hydra.sweep.dir if multirun else first_hydra.run.dir).absolute()
     points = []

@@ -12,7 +12,7 @@ import shlex
 from pathlib import Path
 
 from scifm.config import ClusterConfig
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.launch.plan import Plan, checkpoint_steps
 from scifm.train.preemption import REQUEUE_EXIT_CODE
 

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from scifm.errors import ScifmError
+from scifm.core.errors import ScifmError
 
 
 class SlurmError(ScifmError):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from scifm.launch.plan import hydra_quote
-from scifm.train.checkpoint import latest_checkpoint
+from scifm.core.checkpoint_files import latest_checkpoint
 
 
 def torch_env(slurm: Mapping[str, str]) -> dict[str, str]:

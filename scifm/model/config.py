@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from scifm.errors import ConfigError
-
-
-def require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+from scifm.core.checks import require
+from scifm.core.encoders_config import EncodersConfig
 
 
 @dataclass
@@ -46,32 +42,6 @@ class MoEConfig:
                  f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
         require(self.expert_ffn >= 1, f"{prefix}.expert_ffn", "must be >= 1")
-
-
-@dataclass
-class EncoderConfig:
-    """One modality encoder: a small transformer (or message-passing net) of its own width."""
-
-    width: int = 64
-    layers: int = 2
-    heads: int = 4
-    slots: int = 8  # k embedding slots this modality fills in the decoder sequence
-    max_len: int = 256  # longest input (residues, LaTeX tokens, table cells, patches, atoms)
-
-
-@dataclass
-class FigureEncoderConfig(EncoderConfig):
-    patch_size: int = 8
-    max_side: int = 64  # images are resized so the longer side is this many pixels, aspect kept
-
-
-@dataclass
-class EncodersConfig:
-    latex: EncoderConfig = field(default_factory=EncoderConfig)
-    molecule: EncoderConfig = field(default_factory=EncoderConfig)
-    protein: EncoderConfig = field(default_factory=EncoderConfig)
-    table: EncoderConfig = field(default_factory=EncoderConfig)
-    figure: FigureEncoderConfig = field(default_factory=FigureEncoderConfig)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The whole model: token embeddings, modality encoders spliced in at their slots, MoE decoder.
 
-Layers live in a ModuleDict keyed by layer index so that a pipeline stage can delete the layers
-it does not own and keep the full model's parameter names (checkpoints reshard by name).
+Layers live in a ModuleDict keyed by layer index, so a part of the model (a pipeline stage) can
+hold some of them under the full model's parameter names (checkpoints reshard by name). A part
+may also lack the embeddings and encoders (it then takes hidden states) or the final norm and
+output layer (it then returns hidden states): forward skips a module that is None.
 """
 
 from __future__ import annotations
@@ -52,18 +54,19 @@ class ScientificMoE(nn.Module):
 
     def forward(
         self,
-        input_ids_BS: torch.Tensor,
+        x: torch.Tensor,
         positions_BS: torch.Tensor,
         doc_ids_BS: torch.Tensor,
-        items: dict[str, dict[str, torch.Tensor]],
-        slot_index: dict[str, torch.Tensor],
+        items: dict[str, dict[str, torch.Tensor]] | None = None,
+        slot_index: dict[str, torch.Tensor] | None = None,
         *,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """logits [B, S, V]. With a cache the tokens continue the cached ones (their positions and
-        doc ids given by the caller) and attend to them document-causally; the cache grows by S.
-        Items come with the prompt only: decode steps pass empty dicts."""
-        h_BSD = self.embed(input_ids_BS, items, slot_index)
+        """x: input_ids [B, S], or hidden states [B, S, D] where tok_embeddings is absent. Returns
+        logits [B, S, V], or hidden states where the output layer is absent. With a cache the tokens
+        continue the cached ones (their positions and doc ids given by the caller) and attend to them
+        document-causally; the cache grows by S. Items come with the prompt only."""
+        h_BSD = x if self.tok_embeddings is None else self.embed(x, items or {}, slot_index or {})
         cos, sin = rope_cos_sin(positions_BS, self.cfg.dim_per_head, self.cfg.rope_theta)
         if cache is None:
             mask_B1SS = document_causal_mask(doc_ids_BS)
@@ -73,7 +76,9 @@ class ScientificMoE(nn.Module):
             mask_B1ST = cache.extend(doc_ids_BS)
             for key, layer in self.layers.items():
                 h_BSD = layer(h_BSD, cos, sin, mask_B1ST, cache=cache.layer(key))
-        return self.output(self.norm(h_BSD))
+        if self.norm is not None:
+            h_BSD = self.norm(h_BSD)
+        return h_BSD if self.output is None else self.output(h_BSD)
 
 
 # the decoder vocabulary is padded (never-seen rows) so any tensor-parallel degree up to this divides

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.model.config import ModelConfig
 from scifm.model.multimodal import VOCAB_MULTIPLE
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scifm.config import ParallelConfig
+from scifm.parallel.config import ParallelConfig
 from scifm.model.config import ModelConfig
 from scifm.parallel.dims import ParallelDims
 
@@ -58,9 +58,13 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_sum(self, t: torch.Tensor, group=None) -> torch.Tensor:
-        """In place over `group` (default: the data-parallel group); a no-op in one process."""
+        """In place over `group` (default: the data-parallel group); a no-op in one process. CPU
+        tensors go through this process's device (NCCL reduces only GPU tensors)."""
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group if group is not None else self.dp_group)
+            on_device = t.to(self.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM, group=group if group is not None else self.dp_group)
+            if on_device is not t:
+                t.copy_(on_device)
         return t
 
 
@@ -68,29 +72,25 @@ def dims_of(cfg: ParallelConfig) -> ParallelDims:
     return ParallelDims(cfg.dp_replicate, cfg.dp_shard, cfg.tp, cfg.pp, cfg.ep)
 
 
-def init_distributed(cfg: ParallelConfig, model: ModelConfig, device_pref: str) -> DistContext:
-    """Validates the layout against the model and the world before any process group is made."""
+def init_distributed(cfg: ParallelConfig, model: ModelConfig, device: torch.device) -> DistContext:
+    """Validates the layout against the model and the world before any process group is made;
+    `device` is this process's (scifm.core.device.pick_device)."""
     dims = dims_of(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims.validate(model, world_size)
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world_size == 1:
         return DistContext(dims, 0, 1, device, None)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     mesh = dims.build_mesh(device.type)
     return DistContext(dims, dist.get_rank(), world_size, device, mesh)
 
 
 def shutdown(ctx: DistContext) -> None:
     """Barrier then destroy: gloo's threads can abort the interpreter at exit otherwise
-    (PARALLEL-NOTES); the entry point then leaves with os._exit."""
+    (docs/architecture.md, "Parallel layout"); the entry point then leaves with os._exit."""
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -35,7 +35,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.model.moe import GroupedExperts, swiglu_experts
 from scifm.model.transformer import moe_layers
 

@@ -42,6 +42,6 @@ def apply_fsdp(model: ScientificMoE, dp_mesh: DeviceMesh, param_dtype: torch.dty
         if expert_mesh is not None and getattr(inner, "is_moe", False):
             fully_shard(inner.moe.experts, mesh=expert_mesh, mp_policy=policy)
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
-    for encoder in model.encoders.values():
+    for encoder in (model.encoders or {}).values():  # a pipeline stage after the first has none
         fully_shard(encoder, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)

@@ -1,4 +1,5 @@
-"""parallelize(model, ctx, cfg): the one place where a layout is applied to a built model.
+"""parallelize(model, ctx, cfg, loss_fn, autocast): the one place where a layout is applied to a
+built model, returning the runner that trains and evaluates it (runner.py).
 
 The model arrives whole and identically initialised on every rank (init depends only on seed and
 parameter names); each step below shards it from the outside, in torchtitan's order. With pipeline
@@ -11,30 +12,30 @@ import warnings
 
 import torch
 
-from scifm.config import ParallelConfig
+from scifm.parallel.config import ParallelConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.distributed import DistContext
 from scifm.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp
-from scifm.parallel.pipeline import MicroBatches, PipelinedModel, StageModel, build_pipeline
+from scifm.parallel.pipeline import build_pipeline
+from scifm.parallel.runner import LossFn, ModelRunner
 from scifm.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig,
-                micro: MicroBatches | None = None) -> ScientificMoE | PipelinedModel:
-    """`micro` describes each step's micro-batches; needed (only) with parallel.pp > 1, which returns
-    a PipelinedModel: this rank's stages and their schedule."""
+def parallelize(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, loss_fn: LossFn,
+                autocast) -> ModelRunner:
+    """`model` on ctx.device; `loss_fn(logits_BSV, labels_BS, scale)` the summed loss times scale;
+    `autocast` the precision context of forward passes. With parallel.pp > 1 the runner is a
+    PipelineRunner over this rank's stages."""
     if ctx.dims.pp == 1:
-        return _parallelize_module(model, ctx, cfg)
-    if micro is None:
-        raise ValueError("parallelize: pipeline parallelism needs the step's micro-batches (micro)")
+        return ModelRunner(_parallelize_module(model, ctx, cfg), loss_fn, autocast, ctx.device)
 
-    def parallelize_stage(stage: StageModel) -> None:
+    def parallelize_stage(stage: ScientificMoE) -> None:
         with warnings.catch_warnings():
             # a stage lacks the embedding or the output layer that the tensor-parallel plan names
             warnings.filterwarnings("ignore", message="Parallelize plan key")
             _parallelize_module(stage, ctx, cfg)
 
-    return build_pipeline(model, ctx, cfg, micro, parallelize_stage)
+    return build_pipeline(model, ctx, cfg, parallelize_stage, loss_fn, autocast)
 
 
 def _parallelize_module(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig) -> ScientificMoE:

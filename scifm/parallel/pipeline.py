@@ -1,32 +1,35 @@
 """Pipeline parallelism: ScientificMoE split into stages that a torch.distributed.pipelining schedule runs.
 
 Stages: pp x pp_virtual_stages of them, each a contiguous block of decoder layers (an even split, or
-parallel.pp_split). Stage 0 also owns the token embeddings, the encoders and the splice; the last
-stage owns the final norm and the output layer. Stage s sits on pp rank s % pp, except under ZBV,
-whose V puts pp rank r's two stages at r and 2 pp - 1 - r. Modules keep the full model's names
-(`layers.5.attention.wq.weight`), so checkpoints and gradients line up by name with any layout.
+parallel.pp_split). A stage is a part of the same ScientificMoE class (`model_part`): it shares the
+whole model's modules under their full names (`layers.5.attention.wq.weight`), so checkpoints and
+gradients line up by name with any layout. Stage 0 also holds the token embeddings and encoders,
+the last stage the final norm and output layer; the others lack them, and the model's own forward
+then takes or returns hidden states. Stage s sits on pp rank s % pp, except under ZBV, whose V puts
+pp rank r's two stages at r and 2 pp - 1 - r.
 
 Micro-batches: the loader already yields the step's trainer.grad_accum micro-batches, each a
-collated Batch whose items and slot_index cannot be split by rows, so the schedule is handed them
-pre-split (`_step_microbatches`). input_ids is the first stage's positional input; positions,
-doc_ids, items and slot_index travel as keyword arguments, which every schedule passes to every
-stage: all stages need positions and doc_ids (RoPE, document mask), only stage 0 reads the items.
+collated batch whose items and slot_index cannot be split by rows, so the schedule is handed them
+pre-split (`_step_microbatches`). input_ids is the first stage's positional input; the rest of
+`model_kwargs()` travels as keyword arguments, which every schedule passes to every stage: all
+stages need positions and doc ids (RoPE, document mask), only stage 0 reads the items.
 
-Static shapes: every stage is given its input and output shapes, so no stage infers them by running
-on uninitialised tensors (under TP the MoE router would route those differently on each rank and
-the collectives would not match). Stages exchange full sequences [rows, S, D] even under sequence
-parallelism: a stage's last block gathers its sequence shards and the next stage's first block
-takes its shard again, as the first block does after the embedding.
+Static shapes: every stage is given its input and output shapes, taken from the first step's
+micro-batches, so no stage infers them by running on uninitialised tensors (under TP the MoE
+router would route those differently on each rank and the collectives would not match). Stages
+exchange full sequences [rows, S, D] even under sequence parallelism: a stage's last block gathers
+its sequence shards and the next stage's first block takes its shard again, as the first block
+does after the embedding.
 
-Loss: the last stage computes cross-entropy summed over the micro-batch times dp_size / (targets of
-the global step), the trainer's convention, and schedules run with scale_grads=False (True would
-also divide every gradient by the number of micro-batches), so gradients equal one process's.
+Loss: the last stage computes the caller's loss with the step's scale, and schedules run with
+scale_grads=False (True would also divide every gradient by the number of micro-batches), so
+gradients equal one process's.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,27 +43,13 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.utils._pytree import tree_map_only
 
-from scifm.config import ParallelConfig
-from scifm.data.packing import Batch
-from scifm.model.attention import document_causal_mask
-from scifm.model.layers import rope_cos_sin
 from scifm.model.multimodal import ScientificMoE
+from scifm.parallel.config import ParallelConfig
 from scifm.parallel.distributed import DistContext
-
-# (logits_BSV, labels_BS, scale) -> summed cross-entropy x scale
-LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MicroBatches:
-    """What a schedule must know of every step before it runs: the loader's micro-batches."""
-
-    count: int  # trainer.grad_accum
-    rows: int  # rows of one micro-batch on this data-parallel rank
-    seq_len: int
-    loss_fn: LossFn
+from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, full_value
 
 
 def layer_ranges(n_layers: int, n_stages: int, split: list[int]) -> list[range]:
@@ -77,107 +66,128 @@ def stages_of_rank(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[i
     return [pp_rank + k * pp for k in range(virtual)]
 
 
-class ModelPart(nn.Module):
-    """Some of a ScientificMoE's modules, shared with it, under the full model's names."""
-
-    def __init__(self, model: ScientificMoE, layer_ids: list[int], first: bool, last: bool):
-        super().__init__()
-        self.cfg = model.cfg
-        self.is_first, self.is_last = first, last
-        self.tok_embeddings = model.tok_embeddings if first else None
-        self.encoders = model.encoders if first else nn.ModuleDict()
-        self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
-        self.norm = model.norm if last else None
-        self.output = model.output if last else None
-
-
-def stage_kwargs(batch: Batch) -> dict:
-    return {"positions_BS": batch.positions, "doc_ids_BS": batch.doc_ids, "items": batch.items,
-            "slot_index": batch.slot_index}
+def model_part(model: ScientificMoE, layer_ids: list[int], first: bool, last: bool) -> ScientificMoE:
+    """A ScientificMoE holding some of `model`'s modules, shared and not copied, under their full
+    names: the layers `layer_ids`, the embeddings and encoders if `first`, the final norm and the
+    output layer if `last`. The modules it lacks are None, which its forward skips."""
+    part = ScientificMoE.__new__(ScientificMoE)
+    nn.Module.__init__(part)
+    part.cfg = model.cfg
+    part.tok_embeddings = model.tok_embeddings if first else None
+    part.encoders = model.encoders if first else None
+    part.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
+    part.norm = model.norm if last else None
+    part.output = model.output if last else None
+    return part
 
 
-class StageModel(ModelPart):
-    """One pipeline stage: [embed and splice] -> its layers -> [norm and output]."""
+class PipelineRunner(ModelRunner):
+    """This pp rank's stages and the schedule that runs them. `model`, what the optimizer, clipping
+    and checkpoints see, is the part holding all of this rank's stages; it is never called itself."""
 
-    embed = ScientificMoE.embed  # the whole model's splice, on the modules the first stage owns
-
-    def forward(self, x: torch.Tensor, positions_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
-                items: dict[str, dict[str, torch.Tensor]], slot_index: dict[str, torch.Tensor]) -> torch.Tensor:
-        """x: input_ids_BS on the first stage, else the previous stage's h_BSD; returns h_BSD, or
-        logits_BSV on the last stage."""
-        h_BSD = self.embed(x, items, slot_index) if self.is_first else x
-        cos, sin = rope_cos_sin(positions_BS, self.cfg.dim_per_head, self.cfg.rope_theta)
-        mask_B1SS = document_causal_mask(doc_ids_BS)
-        for layer in self.layers.values():
-            h_BSD = layer(h_BSD, cos, sin, mask_B1SS)
-        return self.output(self.norm(h_BSD)) if self.is_last else h_BSD
-
-
-class PipelinedModel(ModelPart):
-    """This pp rank's stages as one module under the full model's names, which is what the optimizer,
-    gradient clipping and checkpoints see, with the schedule that runs them. Never called itself:
-    `step` trains on a step's micro-batches and `loss_sum` evaluates a batch."""
-
-    def __init__(self, model: ScientificMoE, stages: dict[int, StageModel], stage_owner: list[int],
-                 pp_mesh: DeviceMesh, act_dtype: torch.dtype, loss_fn: LossFn):
-        layer_ids = sorted(int(i) for stage in stages.values() for i in stage.layers)
-        super().__init__(model, layer_ids, 0 in stages, len(stage_owner) - 1 in stages)
-        # plain attributes, not submodules: the stages' parameters are this module's already
-        self.stage_models = stages
+    def __init__(self, model: ScientificMoE, stages: dict[int, ScientificMoE], stage_owner: list[int],
+                 pp_mesh: DeviceMesh, ctx: DistContext, cfg: ParallelConfig, vocab_local: int,
+                 loss_fn: LossFn, autocast):
+        super().__init__(model, loss_fn, autocast, ctx.device)
+        self.stages = stages  # stage index -> part, this rank's only
         self.stage_owner = stage_owner  # pp rank of every stage
         self.pp_group = pp_mesh.get_group()
-        self.act_dtype = act_dtype
-        self.loss_fn = loss_fn
-        self.moe_layer_ids = [int(i) for i, block in self.layers.items() if block.is_moe]
-        # set by build_pipeline once the stages are parallelised
+        self.schedule_name = cfg.pp_schedule
+        self.act_dtype = activation_dtype(cfg, ctx.dims.dp_size)
+        self.vocab_local = vocab_local  # the last stage's logits: this tp rank's vocabulary shard
+        self.tp = ctx.dims.tp
+        self.moe_layer_ids = [int(i) for i, block in model.layers.items() if block.is_moe]
+        # made at the first step from its micro-batches (their count and shapes), see _schedule_for
         self.pipeline_stages: list[PipelineStage] = []
         self.schedule: _PipelineSchedule | None = None
+        self._schedule_key: tuple[int, int, int] | None = None
 
-    def train(self, mode: bool = True) -> PipelinedModel:
-        for stage in self.stage_models.values():
-            stage.train(mode)
-        return super().train(mode)
+    def _loss_context(self):
+        # the last stage computes and backpropagates its loss inside the schedule, so the context
+        # spans the whole step (it leaves plain tensors alone)
+        return loss_parallel() if self.tp > 1 else contextlib.nullcontext()
 
-    def step(self, micro: list[Batch], loss_scale: float) -> list[torch.Tensor]:
-        """Forward and backward over the step's micro-batches; the last stage's losses (each summed
-        cross-entropy x loss_scale), an empty list on ranks without the last stage."""
+    def _schedule_for(self, micro: list[MicroBatch]) -> _PipelineSchedule:
+        rows, seq_len = micro[0].input_ids.shape
+        key = (len(micro), rows, seq_len)
+        if key == self._schedule_key:
+            return self.schedule
+
+        def example(*shape: int, dtype: torch.dtype = self.act_dtype) -> torch.Tensor:
+            # requires_grad marks activations whose gradients travel back between stages
+            return torch.empty(*shape, dtype=dtype, device=self.device, requires_grad=dtype.is_floating_point)
+
+        hidden = (rows, seq_len, self.model.cfg.d_model)
+        n_stages = len(self.stage_owner)
+        self.pipeline_stages = [
+            PipelineStage(
+                stage, s, n_stages, self.device,
+                input_args=example(rows, seq_len, dtype=torch.long) if s == 0 else example(*hidden),
+                # the last stage's output is never sent
+                output_args=example(rows, seq_len, self.vocab_local) if s == n_stages - 1 else example(*hidden),
+                group=self.pp_group,
+            )
+            for s, stage in self.stages.items()
+        ]
+        schedule_cls = get_schedule_class(self.schedule_name)
+        single = issubclass(schedule_cls, PipelineScheduleSingle)
+        self.schedule = schedule_cls(self.pipeline_stages[0] if single else self.pipeline_stages, len(micro),
+                                     loss_fn=self.loss_fn, scale_grads=False)
+        self._schedule_key = key
+        return self.schedule
+
+    def _sum_over_stages(self, value: float) -> float:
+        """Only the last stage has losses: after this, every pp rank has them."""
+        t = torch.tensor(value, dtype=torch.float64, device=self.device)  # nccl takes no CPU tensors
+        dist.all_reduce(t, group=self.pp_group)
+        return float(t)
+
+    def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
+        micro = [b.to(self.device) for b in micro]
+        schedule = self._schedule_for(micro)
         for stage in self.pipeline_stages:  # what the schedules' own step() does first
             stage.has_backward = True
             stage.clear_runtime_states()
         losses: list[torch.Tensor] = []
-        self.schedule._step_microbatches(
-            [(b.input_ids,) for b in micro], [stage_kwargs(b) for b in micro], [b.labels for b in micro],
-            losses, return_outputs=False, loss_kwargs={"scale": loss_scale},
-        )
-        return losses
+        with self.autocast, self._loss_context():
+            schedule._step_microbatches(
+                [(b.input_ids,) for b in micro], [b.model_kwargs() for b in micro], [b.labels for b in micro],
+                losses, return_outputs=False, loss_kwargs={"scale": scale},
+            )
+        # tp ranks of the last stage hold the same losses
+        mine = sum(float(full_value(loss.detach())) for loss in losses)
+        return torch.tensor(self._sum_over_stages(mine), dtype=torch.float64)
 
     @torch.no_grad()
-    def loss_sum(self, batch: Batch) -> torch.Tensor:
-        """Summed cross-entropy of one batch, forward only, one stage after the other (no schedule:
-        validation has its own number of batches); zero on ranks without the last stage."""
-        x, kwargs = batch.input_ids, stage_kwargs(batch)
+    def loss_sum(self, batch: MicroBatch) -> float:
+        """Forward only, one stage after the other (no schedule: validation has its own number of
+        batches), sending hidden states between pp ranks."""
+        batch = batch.to(self.device)
+        x, kwargs = batch.input_ids, batch.model_kwargs()
         n_stages = len(self.stage_owner)
-        for s, stage in sorted(self.stage_models.items()):
-            if s > 0 and s - 1 not in self.stage_models:
-                x = torch.empty(*batch.input_ids.shape, self.cfg.d_model, dtype=self.act_dtype, device=x.device)
-                dist.recv(x, group=self.pp_group, group_src=self.stage_owner[s - 1])
-            x = stage(x, **kwargs)
-            if s == n_stages - 1:
-                return self.loss_fn(x, batch.labels, 1.0)
-            if s + 1 not in self.stage_models:
-                dist.send(x.contiguous(), group=self.pp_group, group_dst=self.stage_owner[s + 1])
-        return torch.zeros((), device=x.device)
+        mine = 0.0
+        with self.autocast, self._loss_context():
+            for s, stage in sorted(self.stages.items()):
+                if s > 0 and s - 1 not in self.stages:
+                    x = torch.empty(*batch.input_ids.shape, self.model.cfg.d_model, dtype=self.act_dtype,
+                                    device=self.device)
+                    dist.recv(x, group=self.pp_group, group_src=self.stage_owner[s - 1])
+                x = stage(x, **kwargs)
+                if s == n_stages - 1:
+                    mine = float(full_value(self.loss_fn(x, batch.labels, 1.0)))
+                elif s + 1 not in self.stages:
+                    dist.send(x.contiguous(), group=self.pp_group, group_dst=self.stage_owner[s + 1])
+        return self._sum_over_stages(mine)
 
-    def gather_layer_stats(self, stats: list[dict]) -> list[dict]:
-        """Every stage's MoE statistics in layer order, from this rank's (in moe_layers order)."""
+    def gather_moe_stats(self, stats: list[dict]) -> list[dict]:
+        """Every stage's MoE statistics in layer order, from this rank's (in moe_layer_ids order)."""
         mine = {i: tree_map_only(torch.Tensor, torch.Tensor.cpu, s) for i, s in zip(self.moe_layer_ids, stats)}
         parts: list = [None] * dist.get_world_size(self.pp_group)
         dist.all_gather_object(parts, mine, group=self.pp_group)
         merged = {i: s for part in parts for i, s in part.items()}
         return [merged[i] for i in sorted(merged)]
 
-
-def _gather_sequence_on_exit(stage: StageModel, tp_mesh: DeviceMesh) -> None:
+def _gather_sequence_on_exit(stage: ScientificMoE, tp_mesh: DeviceMesh) -> None:
     """Under sequence parallelism a block returns its sequence shard; stages exchange whole sequences.
     The backward of the gather takes this rank's shard of the (replicated) incoming gradient."""
 
@@ -194,10 +204,10 @@ def activation_dtype(cfg: ParallelConfig, dp_size: int) -> torch.dtype:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" and dp_size > 1 else torch.float32
 
 
-def build_pipeline(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, micro: MicroBatches,
-                   parallelize_stage: Callable[[StageModel], None]) -> PipelinedModel:
+def build_pipeline(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig,
+                   parallelize_stage: Callable[[ScientificMoE], None], loss_fn: LossFn, autocast) -> PipelineRunner:
     """This pp rank's stages of `model` (whole and identically initialised on every rank), each
-    parallelised by `parallelize_stage` (TP, EP, FSDP, ...), and the schedule that runs them."""
+    parallelised by `parallelize_stage` (TP, EP, FSDP, ...), and the runner of their schedule."""
     dims = ctx.dims
     n_stages = dims.pp * cfg.pp_virtual_stages
     stage_owner = [0] * n_stages
@@ -206,22 +216,13 @@ def build_pipeline(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, 
             stage_owner[s] = rank
     pp_mesh = ctx.submesh("pp")
     ranges = layer_ranges(model.cfg.n_layers, n_stages, cfg.pp_split)
-    stages = {s: StageModel(model, list(ranges[s]), s == 0, s == n_stages - 1)
-              for s in range(n_stages) if stage_owner[s] == pp_mesh.get_local_rank()}
-    act_dtype = activation_dtype(cfg, dims.dp_size)
-    pipelined = PipelinedModel(model, stages, stage_owner, pp_mesh, act_dtype, micro.loss_fn)
-
+    mine = [s for s in range(n_stages) if stage_owner[s] == pp_mesh.get_local_rank()]
+    stages = {s: model_part(model, list(ranges[s]), s == 0, s == n_stages - 1) for s in mine}
+    rank_part = model_part(model, [i for s in mine for i in ranges[s]], 0 in mine, n_stages - 1 in mine)
     vocab = model.output.out_features
     vocab_local = vocab // dims.tp if dims.tp > 1 and cfg.loss_parallel else vocab
-
-    def example(*shape: int, dtype: torch.dtype = act_dtype) -> torch.Tensor:
-        # requires_grad marks activations whose gradients travel back between stages
-        return torch.empty(*shape, dtype=dtype, device=ctx.device, requires_grad=dtype.is_floating_point)
-
-    hidden = (micro.rows, micro.seq_len, model.cfg.d_model)
-    pipeline_stages = []
     for s, stage in stages.items():
-        if dims.tp > 1 and cfg.sequence_parallel and not stage.is_last:
+        if dims.tp > 1 and cfg.sequence_parallel and s != n_stages - 1:
             _gather_sequence_on_exit(stage, ctx.submesh("tp"))
         parallelize_stage(stage)
         if isinstance(stage, FSDPModule):
@@ -229,16 +230,4 @@ def build_pipeline(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, 
             # under PP): one all-gather per step, not per micro-batch, and zero-bubble schedules'
             # weight pass finds the weights the forward used (else those gradients go missing)
             stage.set_reshard_after_forward(False)
-        pipeline_stages.append(PipelineStage(
-            stage, s, n_stages, ctx.device,
-            input_args=example(micro.rows, micro.seq_len, dtype=torch.long) if stage.is_first else example(*hidden),
-            # the last stage's output is never sent; under loss parallelism it is this rank's vocab shard
-            output_args=example(micro.rows, micro.seq_len, vocab_local) if stage.is_last else example(*hidden),
-            group=pipelined.pp_group,
-        ))
-    schedule_cls = get_schedule_class(cfg.pp_schedule)
-    single = issubclass(schedule_cls, PipelineScheduleSingle)
-    pipelined.pipeline_stages = pipeline_stages
-    pipelined.schedule = schedule_cls(pipeline_stages[0] if single else pipeline_stages, micro.count,
-                                      loss_fn=micro.loss_fn, scale_grads=False)
-    return pipelined
+    return PipelineRunner(rank_part, stages, stage_owner, pp_mesh, ctx, cfg, vocab_local, loss_fn, autocast)

@@ -22,7 +22,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.model.multimodal import ScientificMoE
 
 

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from scifm.errors import ScifmError
+from scifm.core.errors import ScifmError
 from scifm.tokenizers.bpe import BYTE_ALPHABET_SIZE, train_bpe
 from scifm.tokenizers.domain import DOMAINS, DomainVocab
 from scifm.tokenizers.spans import split_spans

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from scifm.data.documents import MODALITIES
+from scifm.core.modalities import MODALITIES
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 

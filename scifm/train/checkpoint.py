@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from scifm.errors import CheckpointError
+from scifm.core.checkpoint_files import META_FILE, latest_checkpoint, require_complete
+from scifm.core.errors import CheckpointError
 from scifm.parallel.distributed import DistContext
 from scifm.train.sharded_state import save_sharded, saved_shapes
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-
 
 def save_checkpoint(
     root: Path,
@@ -59,26 +56,11 @@ def save_checkpoint(
         tokenizer.save(tmp / "tokenizer")
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
         if final.exists():  # re-saving a step (e.g. the final one) replaces it whole
             shutil.rmtree(final)
         os.replace(tmp, final)
     ctx.barrier()
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints (meta.json written last) under `root`, in step order."""
-    steps = [
-        (int(m.group(1)), p)
-        for p in root.glob("step_*")
-        if (m := STEP_DIR.match(p.name)) and (p / "meta.json").is_file()
-    ]
-    return [p for _, p in sorted(steps)]
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
 
 
 def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
@@ -91,10 +73,7 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
                 "pass the same hydra.run.dir as the run to resume, or drop resume"
             )
         return found
-    path = Path(spec)
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"resume={spec}: not a complete scifm checkpoint directory (no meta.json)")
-    return path
+    return require_complete(Path(spec), f"resume={spec}")
 
 
 def check_compatible(ckpt: Path, expected: dict[str, torch.Size]) -> None:

@@ -8,7 +8,7 @@ import safetensors.torch
 from omegaconf import OmegaConf
 
 from scifm.config import RunConfig
-from scifm.errors import CheckpointError
+from scifm.core.checkpoint_files import require_complete
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import check_compatible
@@ -17,8 +17,7 @@ from scifm.train.sharded_state import load_model_weights
 
 def load_checkpoint_model(ckpt: Path) -> tuple[ScientificMoE, ScientificTokenizer, RunConfig]:
     """The whole model (unsharded, on the CPU) with the weights of `ckpt`, whatever layout saved it."""
-    if not (ckpt / "meta.json").is_file():
-        raise CheckpointError(f"{ckpt}: not a complete scifm checkpoint directory (no meta.json)")
+    require_complete(ckpt, str(ckpt))
     cfg: RunConfig = OmegaConf.to_object(
         OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(ckpt / "config.yaml"))
     )

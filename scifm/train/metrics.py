@@ -7,12 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+from scifm.core.formatting import format_duration
 
 
 class MetricsLogger:

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from scifm.errors import CheckpointError
+from scifm.core.errors import CheckpointError
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"

@@ -3,79 +3,52 @@
 One process or many (torchrun): rank 0 alone logs and writes; every rank holds the same global
 batch stream and keeps its data-parallel rows; checkpoints hold full tensors under full-model
 names, so a run saved under one layout resumes under another.
+
+`Trainer` reads top to bottom as a run does: set-up (config, tokenizer, model, layout, optimizer,
+loaders, resume), then per step: train, log, validate, checkpoint; then the summary.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
 from scifm.config import RunConfig
+from scifm.core.checkpoint_files import latest_checkpoint
+from scifm.core.device import autocast_for, pick_device
 from scifm.data.loader import PackedLoader
-from scifm.data.packing import IGNORE_INDEX
+from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.sources import resolve_sources
 from scifm.data.tokenizer_training import train_tokenizer
-from scifm.errors import ConfigError
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
-from scifm.parallel.pipeline import MicroBatches, PipelinedModel
 from scifm.tokenizers import ScientificTokenizer
-from scifm.train.checkpoint import (
-    check_compatible,
-    latest_checkpoint,
-    load_train_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from scifm.train.checkpoint import check_compatible, load_train_state, resolve_checkpoint, save_checkpoint
 from scifm.train.metrics import MetricsLogger
+from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import load_sharded
-from scifm.train.optim import build_optimizer, build_scheduler
-from scifm.train.step import Evaluation, apply_update, autocast_for, evaluate, scaled_cross_entropy, train_step
-
-def check_device(name: str) -> None:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device: cuda was asked for but no CUDA device is available")
-
-
-def write_memory_report(path: Path, report: dict, ctx: DistContext) -> None:
-    """Rank 0 writes every rank's parameter, gradient and optimizer-state bytes."""
-    reports = [report]
-    if ctx.distributed:
-        reports = [None] * ctx.world_size
-        torch.distributed.all_gather_object(reports, report)
-    if ctx.is_main:
-        path.write_text(json.dumps({f"rank{r}": rep for r, rep in enumerate(reports)}, indent=2) + "\n")
-
-
-def run_tokenizer(cfg: RunConfig, specs, ckpt: Path | None, run_dir: Path, ctx: DistContext) -> ScientificTokenizer:
-    """From the checkpoint when resuming; else trained once by rank 0 and loaded by the others."""
-    if ckpt is not None:
-        return ScientificTokenizer.load(ckpt / "tokenizer")
-    if ctx.is_main:
-        train_tokenizer(specs, cfg.data).save(run_dir / "tokenizer")
-    ctx.barrier()
-    return ScientificTokenizer.load(run_dir / "tokenizer")
+from scifm.train.step import Evaluation, apply_update, evaluate, scaled_cross_entropy, train_step
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
+    """Runs `cfg` in `run_dir`; returns the summary. Leaves with the requeue exit code when pre-empted."""
     t_start = time.perf_counter()
     cfg.validate()
-    tc = cfg.trainer
-    check_device(tc.device)
+    device = pick_device(cfg.trainer.device, "trainer.device")
     watch = PreemptionWatch()
-    ctx = init_distributed(cfg.parallel, cfg.model, tc.device)
-    run_dir = ctx.same_path_everywhere(run_dir)
+    ctx = init_distributed(cfg.parallel, cfg.model, device)
     try:
-        return _train(cfg, run_dir, ctx, t_start, watch)
+        return Trainer(cfg, ctx.same_path_everywhere(run_dir), ctx).run(watch, t_start)
     except Preempted:
         pass  # checkpointed; the process leaves below with the code the Slurm job requeues on
     finally:
@@ -84,165 +57,226 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     exit_for_requeue()
 
 
-def _train(cfg: RunConfig, run_dir: Path, ctx: DistContext, t_start: float, watch: PreemptionWatch) -> dict:
-    tc = cfg.trainer
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-    autocast = autocast_for(tc.precision, ctx.device)
-    torch.manual_seed(tc.seed)
+@dataclass
+class StepResult:
+    """What one optimizer step measured, counted once here for logging and the summary."""
 
-    specs = resolve_sources(cfg.data)
-    ckpt = resolve_checkpoint(cfg.resume, run_dir) if cfg.resume else None
-    tokenizer = run_tokenizer(cfg, specs, ckpt, run_dir, ctx)
+    loss: float
+    grad_norm: float
+    tokens: int  # real (non-padding) input tokens of the global step
+    seconds: float
+    moe_stats: list[dict]  # per MoE layer of this rank, from the step's last micro-batch
 
-    model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
-    init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
-    total_params, active_params = count_params(model, cfg.model)
-    full_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    vocab = model.output.out_features
-    micro_batches = MicroBatches(tc.grad_accum, tc.batch_size // ctx.dims.dp_size, cfg.data.seq_len,
-                                 scaled_cross_entropy)
-    model = parallelize(model.to(ctx.device), ctx, cfg.parallel, micro_batches)
-    pipelined = isinstance(model, PipelinedModel)
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)
 
-    loader_args = dict(batch_size=tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
-    loader = PackedLoader(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", seed=tc.seed, **loader_args)
-    val_loader = PackedLoader(cfg.data, specs, tokenizer, cfg.model.encoders, split="validation",
-                              seed=tc.seed + 1, **loader_args)
-    val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]
-    # this rank's counts of training targets; summed over ranks when read
-    unigram_counts = torch.zeros(vocab, dtype=torch.float64)
-    step, tokens_seen = 0, 0
-
-    if ckpt is not None:
-        check_compatible(ckpt, full_shapes)
-        state, loader_state = load_train_state(ckpt)
-        load_sharded(ckpt, model, optimizer, state["optimizer_param_groups"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        loader.load_state_dict(loader_state)
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        if ctx.is_main:  # the saved counts are global: one rank carries them on
-            unigram_counts = state["unigram_counts"]
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, ctx: DistContext):
+        self.cfg, self.tc, self.run_dir, self.ctx = cfg, cfg.trainer, run_dir, ctx
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if ctx.is_main:
-            print(f"resumed from {ckpt} at step {step}", flush=True)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.config_yaml)
+        torch.manual_seed(self.tc.seed)
+        self.specs = resolve_sources(cfg.data)
+        ckpt = resolve_checkpoint(cfg.resume, run_dir) if cfg.resume else None
+        self.tokenizer = self._tokenizer(ckpt)
+        self._build_model()
+        self._build_loaders()
+        self.step, self.tokens_seen = 0, 0
+        # this rank's counts of training targets; summed over ranks when read
+        self.unigram_counts = torch.zeros(self.vocab, dtype=torch.float64)
+        if ckpt is not None:
+            self._resume(ckpt)
+        self.start_step = self.step  # memory.json is measured at this process's first step
 
-    def global_unigram() -> torch.Tensor:
-        return ctx.all_reduce_sum(unigram_counts.clone())
+    # --- set-up -----------------------------------------------------------------------------
 
-    def checkpoint() -> None:
-        train_state = {
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "step": step,
-            "tokens_seen": tokens_seen,
-            "unigram_counts": global_unigram(),
-        }
-        save_checkpoint(
-            run_dir / "checkpoints", step, model=model, optimizer=optimizer, ctx=ctx, train_state=train_state,
-            loader_state=loader.state_dict(), tokenizer=tokenizer, config_yaml=config_yaml,
-            skipped=loader.skips.as_dict(),
-        )
+    def _tokenizer(self, ckpt: Path | None) -> ScientificTokenizer:
+        """From the checkpoint when resuming; else trained once by rank 0 and loaded by the others."""
+        if ckpt is not None:
+            return ScientificTokenizer.load(ckpt / "tokenizer")
+        if self.ctx.is_main:
+            train_tokenizer(self.specs, self.cfg.data).save(self.run_dir / "tokenizer")
+        self.ctx.barrier()
+        return ScientificTokenizer.load(self.run_dir / "tokenizer")
 
-    logger = MetricsLogger(run_dir, tc.max_steps, step) if ctx.is_main else None
-    if ctx.is_main:
-        print(f"model {cfg.model.name}: {total_params / 1e6:.2f}M parameters, {active_params / 1e6:.2f}M active "
-              f"per token; vocabulary {vocab}; {ctx.world_size} process(es) on {ctx.device}, layout "
-              f"{ctx.dims}", flush=True)
-    last_eval: Evaluation | None = None
-    start_step = step
-    moes = moe_layers(model)
-    for m in moes:
-        m.aux_grad_scale = 1.0 / tc.grad_accum
-    model.train()
-    while step < tc.max_steps:
-        t_step = time.perf_counter()
-        micro = [loader.next_batch() for _ in range(tc.grad_accum)]
+    def _build_model(self) -> None:
+        cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        model = ScientificMoE(cfg.model, vocab_sizes_of(self.tokenizer))
+        init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
+        self.total_params, self.active_params = count_params(model, cfg.model)
+        self.full_shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.vocab = model.output.out_features
+        self.runner = parallelize(model.to(ctx.device), ctx, cfg.parallel, scaled_cross_entropy,
+                                  autocast_for(tc.precision, ctx.device))
+        self.model = self.runner.model  # this rank's (sharded) modules
+        self.optimizer = build_optimizer(self.model, tc)
+        self.scheduler = build_scheduler(self.optimizer, tc)
+        self.moes = moe_layers(self.model)
+        for m in self.moes:
+            m.aux_grad_scale = 1.0 / tc.grad_accum
+
+    def _build_loaders(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        common = dict(batch_size=self.tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
+        self.loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="train",
+                                   seed=self.tc.seed, **common)
+        val_loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="validation",
+                                  seed=self.tc.seed + 1, **common)
+        self.val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]
+
+    def _resume(self, ckpt: Path) -> None:
+        check_compatible(ckpt, self.full_shapes)
+        state, loader_state = load_train_state(ckpt)
+        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.loader.load_state_dict(loader_state)
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        if self.ctx.is_main:  # the saved counts are global: one rank carries them on
+            self.unigram_counts = state["unigram_counts"]
+            print(f"resumed from {ckpt} at step {self.step}", flush=True)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self, watch: PreemptionWatch, t_start: float) -> dict:
+        cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        if ctx.is_main:
+            print(f"model {cfg.model.name}: {self.total_params / 1e6:.2f}M parameters, "
+                  f"{self.active_params / 1e6:.2f}M active per token; vocabulary {self.vocab}; "
+                  f"{ctx.world_size} process(es) on {ctx.device}, layout {ctx.dims}", flush=True)
+        logger = MetricsLogger(self.run_dir, tc.max_steps, self.start_step) if ctx.is_main else None
+        last_eval: Evaluation | None = None
+        self.model.train()
+        while self.step < tc.max_steps:
+            result = self.train_one_step()
+            at_end = self.step == tc.max_steps
+            evaluation = self.validate() if self.step % tc.val_every == 0 or at_end else None
+            if evaluation is not None or self.step % tc.log_every == 0:
+                self.log(result, evaluation, logger)
+            last_eval = evaluation or last_eval
+            checkpointed = tc.saves_checkpoint_at(self.step)
+            if checkpointed:
+                self.checkpoint()
+            if not at_end and watch.requested(ctx):
+                self._stop_for_preemption(watch, checkpointed)
+        if self.step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
+            self.checkpoint()
+        # resumed at max_steps, or max_steps=0: nothing trained, still report
+        return self.finish(last_eval or self.validate(), t_start)
+
+    def train_one_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        micro = [self.loader.next_batch() for _ in range(self.tc.grad_accum)]
+        tokens = self._count_targets_and_tokens(micro)
+        loss, grad_norm = train_step(self.runner, micro, self.ctx, self.tc.grad_clip)
+        with_grads = memory_report(self.model, self.optimizer) if self.step == self.start_step else None
+        moe_stats = apply_update(self.optimizer, self.scheduler, self.moes)
+        if with_grads is not None:  # optimizer state exists only after the first update
+            self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]})
+        self.step += 1
+        self.tokens_seen += tokens
+        return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats)
+
+    def _count_targets_and_tokens(self, micro: list[Batch]) -> int:
+        """Adds the step's targets to this rank's unigram counts; returns the global step's real tokens."""
         for batch in micro:
             labels = batch.labels[batch.labels != IGNORE_INDEX]
-            unigram_counts += torch.bincount(labels, minlength=vocab).double()
-        step_tokens = int(ctx.all_reduce_sum(torch.tensor(sum(int((b.doc_ids >= 0).sum()) for b in micro))))
-        loss, grad_norm = train_step(model, micro, ctx, autocast, tc.grad_clip)
-        with_grads = memory_report(model, optimizer) if step == start_step else None
-        moe_stats = apply_update(optimizer, scheduler, moes)
-        if with_grads is not None:  # optimizer state exists only after the first update
-            report = memory_report(model, optimizer) | {"grad_bytes": with_grads["grad_bytes"]}
-            write_memory_report(run_dir / "memory.json", report, ctx)
-        step += 1
-        tokens_seen += step_tokens
+            self.unigram_counts += torch.bincount(labels, minlength=self.vocab).double()
+        mine = torch.tensor(sum(int((b.doc_ids >= 0).sum()) for b in micro))
+        return int(self.ctx.all_reduce_sum(mine))
 
-        at_end = step == tc.max_steps
-        validate_now = step % tc.val_every == 0 or at_end
-        record = None
-        if step % tc.log_every == 0 or validate_now:
-            if pipelined:  # every stage's MoE layers, not only this rank's
-                moe_stats = model.gather_layer_stats(moe_stats)
-            record = {
-                "step": step,
-                "loss": loss,
-                "aux_loss": float(sum(s["load_balance_loss"] + s["z_loss"] for s in moe_stats)),
-                "tokens_per_s": step_tokens / (time.perf_counter() - t_step),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens_seen": tokens_seen,
-                "moe": [
-                    {
-                        "tokens_per_expert": s["tokens_per_expert"].tolist(),
-                        "dropped_tokens": float(s["dropped_tokens"]),
-                        "load_balance_loss": float(s["load_balance_loss"]),
-                        "z_loss": float(s["z_loss"]),
-                    }
-                    for s in moe_stats
-                ],
-            }
-        if validate_now:
-            last_eval = evaluate(model, val_batches, global_unigram(), autocast, ctx)
-            record["val_loss"] = last_eval.val_loss
-            record["tokens_by_source"] = dict(loader.tokens_by_source)
-            record["tokens_by_skill"] = dict(loader.tokens_by_skill)
-        if record is not None and logger is not None:
-            logger.log(record)
-        checkpointed = tc.saves_checkpoint_at(step)
-        if checkpointed:
-            checkpoint()
-        if not at_end and watch.requested(ctx):
-            if not checkpointed:
-                checkpoint()
-            if ctx.is_main:
-                cause = watch.received.name if watch.received else "a signal on another rank"
-                print(f"pre-empted by {cause}: checkpoint of step {step} written; exiting with code "
-                      f"{REQUEUE_EXIT_CODE} (a Slurm job requeues on it)", flush=True)
-            raise Preempted
+    def log(self, result: StepResult, evaluation: Evaluation | None, logger: MetricsLogger | None) -> None:
+        moe_stats = self.runner.gather_moe_stats(result.moe_stats)  # collective: every stage's layers
+        if logger is None:
+            return
+        record = {
+            "step": self.step,
+            "loss": result.loss,
+            "aux_loss": float(sum(s["load_balance_loss"] + s["z_loss"] for s in moe_stats)),
+            "tokens_per_s": result.tokens / result.seconds,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": result.grad_norm,
+            "tokens_seen": self.tokens_seen,
+            "moe": [
+                {
+                    "tokens_per_expert": s["tokens_per_expert"].tolist(),
+                    "dropped_tokens": float(s["dropped_tokens"]),
+                    "load_balance_loss": float(s["load_balance_loss"]),
+                    "z_loss": float(s["z_loss"]),
+                }
+                for s in moe_stats
+            ],
+        }
+        if evaluation is not None:
+            record["val_loss"] = evaluation.val_loss
+            record["tokens_by_source"] = dict(self.loader.tokens_by_source)
+            record["tokens_by_skill"] = dict(self.loader.tokens_by_skill)
+        logger.log(record)
 
-    if step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
-        checkpoint()
-    if last_eval is None:  # resumed at max_steps or max_steps=0: nothing trained, still report
-        last_eval = evaluate(model, val_batches, global_unigram(), autocast, ctx)
-    summary = {
-        "steps": step,
-        "final_val_loss": last_eval.val_loss,
-        "unigram_val_loss": last_eval.unigram_val_loss,
-        "val_loss_vs_unigram": last_eval.val_loss / last_eval.unigram_val_loss,
-        "total_params": total_params,
-        "active_params": active_params,
-        "tokens_seen": tokens_seen,
-        "wall_seconds": time.perf_counter() - t_start,
-        "world_size": ctx.world_size,
-        "tokens_by_source": dict(loader.tokens_by_source),
-        "tokens_by_skill": dict(loader.tokens_by_skill),
-        "skipped": loader.skips.as_dict(),
-        "checkpoint": str(latest_checkpoint(run_dir / "checkpoints")),
-    }
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(
-            f"final validation loss {summary['final_val_loss']:.4f} vs unigram {summary['unigram_val_loss']:.4f} "
-            f"({1 - summary['val_loss_vs_unigram']:.1%} below); {step} steps in {summary['wall_seconds']:.0f} s; "
-            f"run directory {run_dir}",
-            flush=True,
+    def validate(self) -> Evaluation:
+        return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx)
+
+    def checkpoint(self) -> None:
+        """Collective: every rank writes its shards of step_N; rank 0 the rest."""
+        train_state = {
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "unigram_counts": self._global_unigram(),
+        }
+        save_checkpoint(
+            self.run_dir / "checkpoints", self.step, model=self.model, optimizer=self.optimizer, ctx=self.ctx,
+            train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
+            config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
         )
-    return summary
+
+    def finish(self, last_eval: Evaluation, t_start: float) -> dict:
+        summary = {
+            "steps": self.step,
+            "final_val_loss": last_eval.val_loss,
+            "unigram_val_loss": last_eval.unigram_val_loss,
+            "val_loss_vs_unigram": last_eval.val_loss / last_eval.unigram_val_loss,
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "tokens_seen": self.tokens_seen,
+            "wall_seconds": time.perf_counter() - t_start,
+            "world_size": self.ctx.world_size,
+            "tokens_by_source": dict(self.loader.tokens_by_source),
+            "tokens_by_skill": dict(self.loader.tokens_by_skill),
+            "skipped": self.loader.skips.as_dict(),
+            "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
+        }
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(
+                f"final validation loss {summary['final_val_loss']:.4f} vs unigram {summary['unigram_val_loss']:.4f} "
+                f"({1 - summary['val_loss_vs_unigram']:.1%} below); {self.step} steps in "
+                f"{summary['wall_seconds']:.0f} s; run directory {self.run_dir}",
+                flush=True,
+            )
+        return summary
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _global_unigram(self) -> torch.Tensor:
+        return self.ctx.all_reduce_sum(self.unigram_counts.clone())
+
+    def _stop_for_preemption(self, watch: PreemptionWatch, checkpointed: bool) -> None:
+        if not checkpointed:
+            self.checkpoint()
+        if self.ctx.is_main:
+            cause = watch.received.name if watch.received else "a signal on another rank"
+            print(f"pre-empted by {cause}: checkpoint of step {self.step} written; exiting with code "
+                  f"{REQUEUE_EXIT_CODE} (a Slurm job requeues on it)", flush=True)
+        raise Preempted
+
+    def _write_memory_report(self, report: dict) -> None:
+        """Rank 0 writes every rank's parameter, gradient and optimizer-state bytes."""
+        reports = [report]
+        if self.ctx.distributed:
+            reports = [None] * self.ctx.world_size
+            torch.distributed.all_gather_object(reports, report)
+        if self.ctx.is_main:
+            text = json.dumps({f"rank{r}": rep for r, rep in enumerate(reports)}, indent=2) + "\n"
+            (self.run_dir / "memory.json").write_text(text)

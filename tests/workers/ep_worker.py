@@ -21,7 +21,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from scifm.errors import ConfigError
+from scifm.core.errors import ConfigError
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.init import init_parameters
 from scifm.model.layers import rope_cos_sin

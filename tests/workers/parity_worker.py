@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from scifm.core.device import autocast_for
 from scifm.data.loader import PackedLoader
 from scifm.data.sources import resolve_sources
 from scifm.model.init import init_parameters
@@ -28,11 +29,11 @@ from scifm.parallel.dims import ParallelDims
 from scifm.parallel.memory import memory_report
 from scifm.parallel.distributed import DistContext, init_distributed
 from scifm.parallel.parallelize import parallelize
-from scifm.parallel.pipeline import MicroBatches
+from scifm.parallel.config import ParallelConfig
 from scifm.tokenizers import ScientificTokenizer
-from scifm.train.entry import compose_run_config
+from scifm.config import compose_run_config
 from scifm.train.optim import build_optimizer, build_scheduler
-from scifm.train.step import apply_update, autocast_for, scaled_cross_entropy, train_step
+from scifm.train.step import apply_update, scaled_cross_entropy, train_step
 
 STEPS = 3
 WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -56,20 +57,20 @@ def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[floa
     tc = cfg.trainer
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
-    if ctx.distributed:
-        micro = MicroBatches(tc.grad_accum, tc.batch_size // ctx.dims.dp_size, cfg.data.seq_len, scaled_cross_entropy)
-        model = parallelize(model, ctx, cfg.parallel, micro)
+    # the reference: one process, no layout options at all
+    layout = cfg.parallel if ctx.distributed else ParallelConfig()
+    runner = parallelize(model, ctx, layout, scaled_cross_entropy, autocast_for("fp32", ctx.device))
+    model = runner.model
     optimizer, moes = build_optimizer(model, tc), moe_layers(model)
     scheduler = build_scheduler(optimizer, tc)
     for m in moes:
         m.aux_grad_scale = 1.0 / tc.grad_accum
     loader = PackedLoader(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", seed=tc.seed,
                           batch_size=tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
-    autocast = autocast_for("fp32", ctx.device)
     losses, norms, grads = [], [], {}
     for step in range(STEPS):
         micro = [loader.next_batch() for _ in range(tc.grad_accum)]
-        loss, norm = train_step(model, micro, ctx, autocast, tc.grad_clip)
+        loss, norm = train_step(runner, micro, ctx, tc.grad_clip)
         losses.append(loss)
         norms.append(norm)
         if step == 0:
@@ -102,7 +103,7 @@ def main() -> None:
         ])
         cfg.validate()
         specs = resolve_sources(cfg.data)
-        ctx = init_distributed(cfg.parallel, cfg.model, "cpu")
+        ctx = init_distributed(cfg.parallel, cfg.model, torch.device("cpu"))
         single = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
         key = tuple(o for o in overrides if not o.startswith("parallel."))
         if key not in references:

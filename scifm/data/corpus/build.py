@@ -21,7 +21,7 @@ from scifm.data.corpus.common import FIGURES_DIR, SourceContext
 from scifm.data.corpus.version import CORPUS_VERSION
 from scifm.data.documents import SPLITS, split_of, write_jsonl
 from scifm.data.skips import SkipCounter
-from scifm.errors import DataError
+from scifm.core.errors import DataError
 
 REPORT_FILE = "build_report.json"
 SPLITS_FILE = "splits.json"

@@ -20,8 +20,8 @@ from scifm.data.features.molecule import featurize_molecule
 from scifm.data.features.padding import Groups, collate_groups
 from scifm.data.features.protein import featurize_protein
 from scifm.data.features.table import featurize_table
-from scifm.errors import DocumentFormatError
-from scifm.model.config import EncodersConfig
+from scifm.core.errors import DocumentFormatError
+from scifm.core.encoders_config import EncodersConfig
 
 GROUPS: dict[str, Groups] = {
     "latex": sequence.GROUPS,

@@ -13,18 +13,13 @@ import numpy as np
 from PIL import Image
 
 from scifm.data.features.padding import Groups
-from scifm.errors import DocumentFormatError
-from scifm.model.config import FigureEncoderConfig
+from scifm.core.encoders_config import FigureEncoderConfig
+from scifm.core.errors import DocumentFormatError
+from scifm.core.modalities import grid_side
 
 # collate output: patches [B, N, patch_size * patch_size * CHANNELS] float32,
 # patch_pos [B, N, 2] (row, col), patch_mask [B, N]
 GROUPS: Groups = {"patch_mask": ("patches", "patch_pos")}
-CHANNELS = 3
-
-
-def grid_side(cfg: FigureEncoderConfig) -> int:
-    """Patches along the longer side of every resized image."""
-    return max(1, round(cfg.max_side / cfg.patch_size))
 
 
 def target_size(height: int, width: int, cfg: FigureEncoderConfig) -> tuple[int, int]:

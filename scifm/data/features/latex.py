@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from scifm.data.features.sequence import encode_domain
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
 
 
 def braces_balanced(src: str) -> bool:

@@ -8,26 +8,29 @@ import numpy as np
 from rdkit import Chem, rdBase
 
 from scifm.data.features.padding import Groups
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
+from scifm.core.modalities import (
+    BOND_CATEGORY_SIZES,
+    ELEMENTS,
+    MAX_CHARGE,
+    MAX_DEGREE,
+    MAX_HS,
+    N_BOND_STEREOS,
+    N_BOND_TYPES,
+    N_HYBRIDIZATIONS,
+)
 
 # collate output: atom_feats [B, A, 7], atom_mask [B, A]; edge_index [B, E, 2] (src, dst, local
 # atom indices, both directions of every bond), bond_feats [B, E, 4], edge_mask [B, E]
 GROUPS: Groups = {"atom_mask": ("atom_feats",), "edge_mask": ("edge_index", "bond_feats")}
 
-# the elements common in drug-like and NCI molecules; anything else shares one "other" bucket
-ELEMENTS = ("H", "B", "C", "N", "O", "F", "Na", "Si", "P", "S", "Cl", "K", "Se", "Br", "I")
+# the rdkit values behind the category counts of scifm.core.modalities, in bucket order
 _H = Chem.HybridizationType
 HYBRIDIZATIONS = (_H.S, _H.SP, _H.SP2, _H.SP3, _H.SP3D, _H.SP3D2)
 BOND_TYPES = (Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE, Chem.BondType.AROMATIC)
 _S = Chem.BondStereo
 STEREOS = (_S.STEREONONE, _S.STEREOANY, _S.STEREOZ, _S.STEREOE, _S.STEREOCIS, _S.STEREOTRANS)
-MAX_DEGREE = 6
-MAX_CHARGE = 2  # formal charges are clamped to [-2, 2]
-MAX_HS = 4
-
-# number of categories per feature column; the encoder sizes its embeddings from these
-ATOM_CATEGORY_SIZES = (len(ELEMENTS) + 1, MAX_DEGREE + 1, 2 * MAX_CHARGE + 1, len(HYBRIDIZATIONS) + 1, 2, MAX_HS + 1, 2)
-BOND_CATEGORY_SIZES = (len(BOND_TYPES) + 1, 2, 2, len(STEREOS) + 1)
+assert (len(HYBRIDIZATIONS), len(BOND_TYPES), len(STEREOS)) == (N_HYBRIDIZATIONS, N_BOND_TYPES, N_BOND_STEREOS)
 
 
 def _bucket(value: object, choices: Sequence[object]) -> int:

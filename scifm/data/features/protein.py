@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from scifm.data.features.sequence import encode_domain
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
 
 # the 20 standard residues, ambiguity codes B Z X, selenocysteine U, pyrrolysine O
 AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYBZXUO")

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from scifm.data.features.padding import Groups
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
 
 # collate output: ids [B, L] int64 local domain ids, mask [B, L]
 GROUPS: Groups = {"mask": ("ids",)}

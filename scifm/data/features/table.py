@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from scifm.data.features.padding import Groups
-from scifm.errors import DocumentFormatError
+from scifm.core.errors import DocumentFormatError
+from scifm.core.modalities import CAPTION_TOKENS
 
 # collate output: cell_ids [B, C, CELL_TOKENS] text ids, cell_token_mask [B, C, CELL_TOKENS],
 # cell_row [B, C] (0 = header), cell_col [B, C], cell_header [B, C] bool, cell_mask [B, C];
@@ -17,7 +18,6 @@ GROUPS: Groups = {
     "caption_mask": ("caption_ids",),
 }
 CELL_TOKENS = 8  # cells are short labels and values; a long cell keeps its first tokens
-CAPTION_TOKENS = 32
 
 
 def _cell_text(value: object) -> str:

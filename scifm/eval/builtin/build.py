@@ -16,7 +16,7 @@ from scifm.data.build_once import build_once
 from scifm.data.corpus.build import write_json
 from scifm.data.corpus.common import FIGURES_DIR
 from scifm.data.corpus.version import CORPUS_VERSION
-from scifm.errors import DataError
+from scifm.core.errors import DataError
 from scifm.eval.builtin.version import TASKS_VERSION
 
 REPORT_FILE = "tasks_report.json"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from scifm.model.config import EncodersConfig
+from scifm.core.encoders_config import EncodersConfig
 from scifm.model.encoders.figure import FigureEncoder
 from scifm.model.encoders.latex import LatexEncoder
 from scifm.model.encoders.molecule import MoleculeEncoder

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scifm.model.config import EncoderConfig
+from scifm.core.encoders_config import EncoderConfig
 
 
 class MLP(nn.Sequential):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scifm.data.features.figure import CHANNELS, grid_side
-from scifm.model.config import FigureEncoderConfig
+from scifm.core.modalities import CHANNELS, grid_side
+from scifm.core.encoders_config import FigureEncoderConfig
 from scifm.model.encoders.common import SlotHead, TransformerEncoder
 
 

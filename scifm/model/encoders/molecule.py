@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scifm.data.features.molecule import ATOM_CATEGORY_SIZES, BOND_CATEGORY_SIZES
-from scifm.model.config import EncoderConfig
+from scifm.core.modalities import ATOM_CATEGORY_SIZES, BOND_CATEGORY_SIZES
+from scifm.core.encoders_config import EncoderConfig
 from scifm.model.encoders.common import MLP, SlotHead
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from scifm.data.features.table import CAPTION_TOKENS
-from scifm.model.config import EncoderConfig
+from scifm.core.modalities import CAPTION_TOKENS
+from scifm.core.encoders_config import EncoderConfig
 from scifm.model.encoders.common import SlotHead, TransformerEncoder
 
 BODY, HEADER, CAPTION = 0, 1, 2

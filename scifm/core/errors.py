@@ -1,5 +1,9 @@
 """User-facing errors. Each message says what is wrong and what to do about it."""
 
+from __future__ import annotations
+
+import sys
+
 
 class ScifmError(Exception):
     """Base class of every error a user is meant to read (the CLI prints it on one line)."""
@@ -14,7 +18,7 @@ class DataError(ScifmError):
 
 
 class DocumentFormatError(DataError):
-    """One document breaks the format of DESIGN.md; `reason` is a short counted category."""
+    """One document breaks the document format (docs/architecture.md); `reason` is a short counted category."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
@@ -27,3 +31,9 @@ class BadFractionExceeded(DataError):
 
 class CheckpointError(ScifmError):
     """A checkpoint is missing, incomplete or belongs to another configuration."""
+
+
+def exit_on_user_error(err: ScifmError) -> None:
+    """The one way a command reports a user's mistake: one line on stderr, exit status 2."""
+    print(f"scifm: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -13,6 +13,18 @@ os.environ.setdefault("SCIFM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) 
 SMALL_CORPUS_DOCS = 150  # per source
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run where torch sees a CUDA device and are skipped, with the reason, elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
     from scifm.data.corpus import build_corpus

@@ -1,4 +1,4 @@
-"""The JSONL document format of DESIGN.md: validation, deterministic splits, streaming read/write.
+"""The JSONL document format (docs/architecture.md, "Document format"): validation, deterministic splits, streaming read/write.
 
 A document is one JSON object per line:
   {"id": str, "source": str, "skill": str, "segments": [{"type": ..., ...}, ...]}

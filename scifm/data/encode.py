@@ -1,6 +1,6 @@
 """One document -> token ids with marked slot spans and the featurized items that fill them.
 
-Layout (DESIGN.md "Sequence layout"): [BOS] text... [START_X] k x [SLOT_X] [END_X] text... [EOS].
+Layout (docs/architecture.md, "Sequence layout"): [BOS] text... [START_X] k x [SLOT_X] [END_X] text... [EOS].
 The model learns next-token prediction on the document's own tokens, so a document of L ids
 yields L - 1 (input, target) pairs; targets that are markers or slots carry no loss.
 """

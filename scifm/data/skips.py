@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
-from pathlib import Path
 
 from scifm.core.errors import BadFractionExceeded
 
@@ -59,6 +57,3 @@ class SkipCounter:
         for s, reasons in state["skipped"].items():
             self.skipped[s].update(reasons)
         self.examples = {(s, r): d for s, r, d in state["examples"]}
-
-    def write(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.as_dict(), indent=2) + "\n")

@@ -80,10 +80,6 @@ class DocumentStream:
         self._lines: Iterator[tuple[int, str]] | None = None
         self._matched_this_epoch = False
 
-    @property
-    def label(self) -> str:
-        return self.spec.name if self.skill is None else f"{self.spec.name}/{self.skill}"
-
     def seek(self, cursor: Cursor) -> None:
         self.cursor = tuple(cursor)  # type: ignore[assignment]
         self._lines = None

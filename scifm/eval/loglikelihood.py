@@ -1,6 +1,6 @@
 """Log-likelihood of a continuation given a (multimodal) context, batched through the model.
 
-Each request is a context (DESIGN.md segments: text, molecule, protein, table, figure, latex) and a
+Each request is a context (segments of the document format, docs/architecture.md: text, molecule, protein, table, figure, latex) and a
 continuation string. The context is laid out exactly as in training ([BOS], markers, slots) without
 its [EOS]; the continuation's tokens follow, and their log-probabilities are summed.
 """

@@ -1,7 +1,7 @@
 """User task files: JSONL, one item per line, multiple choice or short answer.
 
   {"id": "q1", "skill": "chem.tpsa", "type": "multiple_choice",
-   "question": "What is the TPSA of aspirin?" | [segments as in DESIGN.md],
+   "question": "What is the TPSA of aspirin?" | [segments as in docs/architecture.md],
    "choices": [" 63.6", " 12.0", " 40.5"], "answer": 0}
   {"id": "q2", "skill": "bio.codon", "type": "short_answer",
    "question": "...", "answer": "methionine" | 63.6, "rel_tol": 0.01, "abs_tol": 0.0}

@@ -90,7 +90,7 @@ def init_distributed(cfg: ParallelConfig, model: ModelConfig, device: torch.devi
 
 def shutdown(ctx: DistContext) -> None:
     """Barrier then destroy: gloo's threads can abort the interpreter at exit otherwise
-    (docs/architecture.md, "Parallel layout"); the entry point then leaves with os._exit."""
+    (docs/architecture.md, "Lessons from gloo on CPU"); the entry point then leaves with os._exit."""
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()

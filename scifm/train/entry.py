@@ -26,7 +26,7 @@ def hydra_train(cfg: DictConfig) -> None:
     except ScifmError as err:
         exit_on_user_error(err)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # gloo's threads can abort a normal interpreter exit after a successful run (docs/architecture.md, "Parallel layout")
+        # gloo's threads can abort a normal interpreter exit after a successful run (docs/architecture.md, "Lessons from gloo on CPU")
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

@@ -56,7 +56,7 @@ class PreemptionWatch:
 
 def exit_for_requeue() -> None:
     """After the process group is gone: os._exit, as the entry point does after multi-process runs
-    (gloo's threads can abort a normal interpreter exit, PARALLEL-NOTES)."""
+    (gloo's threads can abort a normal interpreter exit: docs/architecture.md, "Lessons from gloo on CPU")."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(REQUEUE_EXIT_CODE)

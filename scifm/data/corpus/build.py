@@ -1,7 +1,7 @@
 """`scifm data build`: writes the built-in corpus, its split manifest and a build report.
 
 Layout of a corpus directory:
-  <source>.jsonl      documents of one source (DESIGN.md format)
+  <source>.jsonl      documents of one source (docs/architecture.md, "Document format")
   figures/*.png       images that figure segments point to, by paths relative to the directory
   splits.json         the split rule, counts, and the validation and test ids
   build_report.json   version, parameters, documents per source and skill, skipped records

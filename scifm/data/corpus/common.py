@@ -130,7 +130,7 @@ def table_seg(columns: list[str], rows: list[list], caption: str) -> dict:
     return {"type": "table", "columns": columns, "rows": rows, "caption": caption}
 
 
-# Inline spans must be long enough for the tokenizer's auto-detection (DESIGN.md: 10+ SMILES chars).
+# Inline spans must be long enough for the tokenizer's auto-detection (docs/architecture.md, "Sequence layout": 10+ SMILES chars).
 INLINE_SMILES_MIN = 10
 INLINE_FRACTION = 0.25
 

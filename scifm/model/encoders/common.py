@@ -20,7 +20,7 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
 
-class Attention(nn.Module):
+class EncoderAttention(nn.Module):
     """Multi-head attention over SDPA; keys masked per item (queries are never masked)."""
 
     def __init__(self, width: int, heads: int):
@@ -46,7 +46,7 @@ class Block(nn.Module):
         super().__init__()
         self.norm_q = nn.LayerNorm(width)
         self.norm_ctx = nn.LayerNorm(width) if cross else None
-        self.attn = Attention(width, heads)
+        self.attn = EncoderAttention(width, heads)
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = MLP(width, 4 * width)
 

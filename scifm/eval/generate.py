@@ -16,7 +16,7 @@ import torch
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
-from scifm.core.errors import DataError
+from scifm.eval.fit import check_fits
 from scifm.core.encoders_config import EncodersConfig
 from scifm.model.kv_cache import KVCache
 
@@ -24,8 +24,7 @@ from scifm.model.kv_cache import KVCache
 def _encode_prompt(context: list[dict], tokenizer, enc_cfg: EncodersConfig, base_dir: Path,
                    seq_len: int) -> EncodedDocument:
     doc = encode_document(Document("eval", "eval", "eval", context), tokenizer, enc_cfg, base_dir)
-    if len(doc.ids) - 1 > seq_len:  # the prompt is every id but the [EOS]
-        raise DataError(f"a prompt of {len(doc.ids) - 1} tokens does not fit the model's sequence length {seq_len}")
+    check_fits(len(doc.ids) - 1, seq_len, "a prompt")  # the prompt is every id but the [EOS]
     return doc
 
 

@@ -43,6 +43,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from scifm.core.device import pick_device
 from scifm.data.encode import EncodedDocument
+from scifm.eval.fit import check_fits
 from scifm.eval.generate import generate_greedy
 from scifm.eval.loglikelihood import Request, score_continuations, score_token_continuations
 from scifm.train.export import load_checkpoint_model
@@ -156,8 +157,7 @@ class ScifmLM(LM):
         the context starts the row at position 0), by score_token_continuations."""
         docs = [EncodedDocument("eval", "eval", "eval", list(ctx) + list(pred)) for ctx, pred in windows]
         for doc in docs:
-            if len(doc.ids) - 1 > self.seq_len:
-                raise ValueError(f"scifm: a window of {len(doc.ids)} tokens exceeds max_length {self.seq_len}")
+            check_fits(len(doc.ids) - 1, self.seq_len, "a window")
         results = score_token_continuations(self.model, self.tokenizer, self.enc_cfg, docs,
                                             [len(pred) for _, pred in windows], batch_size=self.batch_size)
         return [r.logprob for r in results]

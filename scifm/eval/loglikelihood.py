@@ -17,6 +17,7 @@ from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
 from scifm.core.errors import DataError
+from scifm.eval.fit import check_fits
 from scifm.core.encoders_config import EncodersConfig
 
 
@@ -39,8 +40,7 @@ def _encode(req: Request, tokenizer, enc_cfg: EncodersConfig, base_dir: Path, se
     if not cont:
         raise DataError(f"empty continuation {req.continuation!r}: nothing to score")
     ids = context.ids[:-1] + cont  # the context without its [EOS]
-    if len(ids) - 1 > seq_len:
-        raise DataError(f"a request of {len(ids)} tokens does not fit the model's sequence length {seq_len}")
+    check_fits(len(ids) - 1, seq_len, "a request")
     return EncodedDocument("eval", "eval", "eval", ids, context.items), len(cont)
 
 

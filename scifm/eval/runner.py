@@ -19,6 +19,7 @@ from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
 from scifm.eval.config import EvalConfig, EvalRunConfig
+from scifm.eval.fit import check_fits
 from scifm.eval.multiple_choice import evaluate_multiple_choice
 from scifm.eval.progress import Progress
 from scifm.eval.report import print_summary, render_report
@@ -92,8 +93,7 @@ def items_that_fit(task: Task, tokenizer, enc_cfg, seq_len: int) -> tuple[list, 
             longest = max(len(tokenizer.encode_text(c)) for c in item.choices) \
                 if isinstance(item, MultipleChoiceItem) else 1
             # the model reads the question (without its [EOS]) and all but the last answer token
-            if len(doc.ids) - 1 + longest - 1 > seq_len:
-                raise DocumentFormatError("too_long", f"question and answer exceed the sequence length {seq_len}")
+            check_fits(len(doc.ids) - 1 + longest - 1, seq_len, "a question with its longest answer")
         except DataError as err:
             reason = err.reason if isinstance(err, DocumentFormatError) else "unreadable"
             entry = skipped.setdefault(reason, {"count": 0, "example": f"{item.id}: {err}"})

@@ -50,7 +50,7 @@ def make_config(corpus_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(make_config):
-    from scifm.data.sources import resolve_sources
+    from scifm.data.streams import resolve_sources
     from scifm.data.tokenizer_training import train_tokenizer
 
     cfg = make_config()

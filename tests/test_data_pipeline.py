@@ -16,7 +16,7 @@ from scifm.data.encode import EncodedDocument, EncodedItem, encode_document
 from scifm.data.loader import PackedLoader
 from scifm.data.mixture import source_probabilities, stream_probabilities
 from scifm.data.packing import placeholder_features, IGNORE_INDEX, Row, chunk_document, collate_rows
-from scifm.data.sources import resolve_sources
+from scifm.data.streams import resolve_sources
 from scifm.core.errors import BadFractionExceeded, DataError, DocumentFormatError
 
 ASPIRIN = "CC(=O)Oc1ccccc1C(=O)O"

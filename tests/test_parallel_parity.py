@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from launch import run_torchrun
+from helpers.torchrun import run_torchrun
 from conftest import SMALL_CORPUS_DOCS
 from scifm.parallel.config import ParallelConfig
 from scifm.core.errors import ConfigError

@@ -1,4 +1,4 @@
-"""`scifm submit` on a real Slurm (tests/slurm_cluster.py: slurmctld + two slurmd on this machine).
+"""`scifm submit` on a real Slurm (tests/helpers/slurm_cluster.py: slurmctld + two slurmd on this machine).
 
 Only the first tests run without Slurm: rendering with --dry-run, and the one-line errors."""
 
@@ -17,7 +17,7 @@ import yaml
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.cli import main as scifm
-from slurm_cluster import SlurmCluster, Unavailable
+from helpers.slurm_cluster import SlurmCluster, Unavailable
 
 STEPS = 8  # the two-node runs: checkpoints at 4 and 8, pre-emption somewhere in between
 

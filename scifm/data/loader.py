@@ -20,7 +20,7 @@ from scifm.data.encode import encode_document
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
-from scifm.data.sources import DocumentStream, SourceSpec, skill_counts
+from scifm.data.streams import DocumentStream, SourceSpec, skill_counts
 from scifm.core.errors import CheckpointError, ConfigError, DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 

@@ -6,7 +6,7 @@ import itertools
 
 from scifm.data.config import DataConfig
 from scifm.data.documents import Document
-from scifm.data.sources import DocumentStream, SourceSpec
+from scifm.data.streams import DocumentStream, SourceSpec
 from scifm.tokenizers import ScientificTokenizer
 
 

@@ -23,7 +23,7 @@ from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
-from scifm.data.sources import resolve_sources
+from scifm.data.streams import resolve_sources
 from scifm.data.tokenizer_training import train_tokenizer
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of

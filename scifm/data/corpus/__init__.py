@@ -20,7 +20,7 @@ def __getattr__(name: str) -> object:
 
         return build_corpus
     if name == "DEFAULT_SOURCES":
-        from scifm.data.corpus.sources import SOURCES
+        from scifm.data.corpus.registry import SOURCES
 
         return tuple(SOURCES)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,7 +64,7 @@ def source_context(name: str, seed: int, skips: SkipCounter, root: Path) -> Sour
 
 def write_corpus(root: Path, params: dict) -> dict:
     # imported here: the sources pull in RDKit, SymPy, matplotlib ..., which a cached corpus does not need
-    from scifm.data.corpus.sources import SOURCES
+    from scifm.data.corpus.registry import SOURCES
 
     skips = SkipCounter(max_bad_fraction=MAX_BAD_FRACTION)
     per_source: dict[str, int] = {}

@@ -23,7 +23,7 @@ def corpus_documents(source: str) -> dict[str, Document]:
     Running the source (not re-deriving its rules) gives exactly the ids it writes, so records it
     skips (duplicates, unparsable) and documents that exist only by an RNG draw are known.
     """
-    from scifm.data.corpus.sources import SOURCES
+    from scifm.data.corpus.registry import SOURCES
 
     with tempfile.TemporaryDirectory() as root:
         ctx = source_context(source, CORPUS_SEED, SkipCounter(max_bad_fraction=1.0), Path(root))

@@ -12,7 +12,7 @@ WORKERS = Path(__file__).parent / "workers"
 
 
 def run_torchrun(worker: str, nproc: int, out_dir: Path, *args: str, timeout: int = 300) -> dict:
-    """`worker` is a file in tests/workers; it gets `--out FILE` and writes its results there."""
+    """`worker` is a file in tests/helpers/workers; it gets `--out FILE` and writes its results there."""
     out_file = out_dir / f"{Path(worker).stem}-{nproc}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_CACHE_DIR=str(out_dir / "inductor"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from scifm.core.device import autocast_for
 from scifm.data.loader import PackedLoader
-from scifm.data.sources import resolve_sources
+from scifm.data.streams import resolve_sources
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import moe_layers

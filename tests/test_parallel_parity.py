@@ -2,7 +2,8 @@
 and step-1 gradients to 1e-5 (relative to each parameter's largest gradient), fp32, gloo on CPU.
 Layouts are grouped into one torchrun launch per world size, since start-up dominates. Pipeline
 layouts run the tiny model's 4 layers with the worker's 2 micro-batches per step; invalid pipeline
-layouts are rejected before any process group exists."""
+layouts are rejected before any process group exists. Each layout then checkpoints after a
+validation pass, and the checkpoint reshards into one process and resumes the layout exactly."""
 
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ def test_layouts_match_a_single_process(world, corpus_dir, tokenizer_dir, tmp_pa
                            "--layouts", json.dumps(LAYOUTS[world]), timeout=600)
     assert len(results) == len(LAYOUTS[world])
     for layout, r in results.items():
+        # every layout also saves after validation, reshards into one process and resumes exactly
+        assert r["checkpoint"]["reshard_max_diff"] == 0.0, (layout, r["checkpoint"])
+        assert r["checkpoint"]["resumed"] == r["checkpoint"]["continued"], (layout, r["checkpoint"])
         if "mixed_precision=bf16" in layout:
             assert r["loss_rel"] < 1e-3, (layout, r["losses"], r["ref_losses"])
             continue

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_map_only
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.config import ParallelConfig
 from scifm.parallel.distributed import DistContext
-from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, full_value
+from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, full_value, reshard
 
 
 def layer_ranges(n_layers: int, n_stages: int, split: list[int]) -> list[range]:
@@ -177,6 +177,8 @@ class PipelineRunner(ModelRunner):
                     mine = float(full_value(self.loss_fn(x, batch.labels, 1.0)))
                 elif s + 1 not in self.stages:
                     dist.send(x.contiguous(), group=self.pp_group, group_dst=self.stage_owner[s + 1])
+        for stage in self.stages.values():
+            reshard(stage)
         return self._sum_over_stages(mine)
 
     def gather_moe_stats(self, stats: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -47,6 +48,15 @@ def full_value(t: torch.Tensor) -> torch.Tensor:
 def loss_parallel_for(logits: torch.Tensor):
     # vocab-sharded logits need the context around the loss and its backward
     return loss_parallel() if isinstance(logits, DTensor) else contextlib.nullcontext()
+
+
+def reshard(module: nn.Module) -> None:
+    """Ends a forward-only pass: FSDP2 keeps a root's (and, under a pipeline, every stage's) gathered
+    parameters until a backward that will not come, and until then the module holds other parameter
+    objects than the optimizer, which a checkpoint taken then could not match."""
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 class ModelRunner:
@@ -81,7 +91,9 @@ class ModelRunner:
         with self.autocast:
             logits_BSV = self.model(batch.input_ids, **batch.model_kwargs())
         with loss_parallel_for(logits_BSV):
-            return float(full_value(self.loss_fn(logits_BSV, batch.labels, 1.0)))
+            loss = float(full_value(self.loss_fn(logits_BSV, batch.labels, 1.0)))
+        reshard(self.model)
+        return loss
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clips when max_norm > 0; the total gradient norm, identical on every rank."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (
     _init_optim_state,
     get_model_state_dict,
@@ -44,17 +43,9 @@ def _quiet_single_process():
         yield
 
 
-def _reshard(model: torch.nn.Module) -> None:
-    # after a forward-only pass (evaluation) FSDP leaves the root's parameters unsharded, and the
-    # optimizer would no longer find its parameters among the model's
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
-
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> list:
-    """Collective: every rank calls it. Returns the optimizer param groups (for train_state.pt)."""
-    _reshard(model)
+    """Collective: every rank calls it, with the model's parameters sharded (the runner reshards
+    after forward-only passes). Returns the optimizer param groups (for train_state.pt)."""
     optim_state = get_optimizer_state_dict(model, optimizer)
     with _quiet_single_process():
         dcp.save(get_model_state_dict(model),
@@ -84,7 +75,6 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  param_groups: list) -> None:
     """Collective: fills this rank's shards of the model and of the optimizer state."""
-    _reshard(model)
     load_model_weights(directory, model)
     _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
     optim_state = get_optimizer_state_dict(model, optimizer)

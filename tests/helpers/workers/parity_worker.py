@@ -4,7 +4,9 @@ For each layout: the tiny multimodal model, the same seed (so the same initial w
 same global batches, trained 3 optimizer steps by the trainer's own step functions; every rank
 also trains the single-process reference in-process on the whole batch. Rank 0 writes the
 largest loss and gradient differences per layout. Pipeline stages hold only their own layers'
-gradients, so those are pooled over the ranks before comparing.
+gradients, so those are pooled over the ranks before comparing. Then each layout validates (a
+forward-only pass), saves a sharded checkpoint, loads it whole into one process (reshard) and
+resumes from it in a fresh copy of the layout (resume), as the trainer does.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from scifm.parallel.config import ParallelConfig
 from scifm.tokenizers import ScientificTokenizer
 from scifm.config import compose_run_config
 from scifm.train.optim import build_optimizer, build_scheduler
+from scifm.train.sharded_state import load_model_weights, load_sharded, save_sharded
 from scifm.train.step import apply_update, scaled_cross_entropy, train_step
 
 STEPS = 3
@@ -53,33 +57,80 @@ def full_grads(model, ctx: DistContext) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[float], dict, dict]:
+def full_params(model, ctx: DistContext) -> dict[str, torch.Tensor]:
+    """Every parameter's full value, pooled over pipeline ranks like full_grads."""
+    out = {WRAPPERS.sub("", name): (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu().clone()
+           for name, p in model.named_parameters()}
+    if ctx.dims.pp > 1:
+        parts = [None] * ctx.world_size
+        dist.all_gather_object(parts, out)
+        out = {name: t for part in parts for name, t in part.items()}
+    return out
+
+
+@dataclass
+class Training:
+    runner: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    moes: list
+
+
+def build(cfg, ctx: DistContext, tokenizer) -> Training:
     tc = cfg.trainer
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
     # the reference: one process, no layout options at all
     layout = cfg.parallel if ctx.distributed else ParallelConfig()
     runner = parallelize(model, ctx, layout, scaled_cross_entropy, autocast_for("fp32", ctx.device))
-    model = runner.model
-    optimizer, moes = build_optimizer(model, tc), moe_layers(model)
-    scheduler = build_scheduler(optimizer, tc)
+    optimizer, moes = build_optimizer(runner.model, tc), moe_layers(runner.model)
     for m in moes:
         m.aux_grad_scale = 1.0 / tc.grad_accum
+    return Training(runner, optimizer, build_scheduler(optimizer, tc), moes)
+
+
+def run(cfg, ctx: DistContext, tokenizer, specs) -> tuple[list[float], list[float], dict, dict, Training, PackedLoader]:
+    tc = cfg.trainer
+    t = build(cfg, ctx, tokenizer)
+    model = t.runner.model
     loader = PackedLoader(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", seed=tc.seed,
                           batch_size=tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
     losses, norms, grads = [], [], {}
     for step in range(STEPS):
         micro = [loader.next_batch() for _ in range(tc.grad_accum)]
-        loss, norm = train_step(runner, micro, ctx, tc.grad_clip)
+        loss, norm = train_step(t.runner, micro, ctx, tc.grad_clip)
         losses.append(loss)
         norms.append(norm)
         if step == 0:
             grads = full_grads(model, ctx)
-            grad_bytes = memory_report(model, optimizer)["grad_bytes"]
-        apply_update(optimizer, scheduler, moes)
+            grad_bytes = memory_report(model, t.optimizer)["grad_bytes"]
+        apply_update(t.optimizer, t.scheduler, t.moes)
         if step == 0:  # optimizer state exists only after the first update
-            memory = memory_report(model, optimizer) | {"grad_bytes": grad_bytes}
-    return losses, norms, grads, memory
+            memory = memory_report(model, t.optimizer) | {"grad_bytes": grad_bytes}
+    return losses, norms, grads, memory, t, loader
+
+
+def save_resume_reshard(cfg, ctx: DistContext, tokenizer, trained: Training, loader: PackedLoader,
+                        ckpt_dir: Path) -> dict:
+    """After validation (a forward-only pass), the layout saves; the checkpoint loads whole into one
+    process with this layout's exact weights (reshard), and a fresh copy of the layout resumed from
+    it takes the next step exactly as the original does (resume)."""
+    model = trained.runner.model
+    model.eval()
+    trained.runner.loss_sum(loader.next_batch())
+    model.train()
+    param_groups = save_sharded(ckpt_dir, model, trained.optimizer, ctx.distributed)
+    whole = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
+    load_model_weights(ckpt_dir, whole)
+    saved = whole.state_dict()
+    reshard_diff = max(float((saved[k] - v).abs().max()) for k, v in full_params(model, ctx).items())
+    resumed = build(cfg, ctx, tokenizer)
+    load_sharded(ckpt_dir, resumed.runner.model, resumed.optimizer, param_groups)
+    resumed.scheduler.load_state_dict(trained.scheduler.state_dict())
+    micro = [loader.next_batch() for _ in range(cfg.trainer.grad_accum)]
+    continued = train_step(trained.runner, micro, ctx, cfg.trainer.grad_clip)
+    again = train_step(resumed.runner, micro, ctx, cfg.trainer.grad_clip)
+    return {"reshard_max_diff": reshard_diff, "continued": continued, "resumed": again}
 
 
 def main() -> None:
@@ -107,9 +158,11 @@ def main() -> None:
         single = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
         key = tuple(o for o in overrides if not o.startswith("parallel."))
         if key not in references:
-            references[key] = run(cfg, single, tokenizer, specs)
+            references[key] = run(cfg, single, tokenizer, specs)[:4]
         ref_losses, ref_norms, ref_grads, ref_memory = references[key]
-        losses, norms, grads, memory = run(cfg, ctx, tokenizer, specs)
+        losses, norms, grads, memory, trained, loader = run(cfg, ctx, tokenizer, specs)
+        checkpoint = save_resume_reshard(cfg, ctx, tokenizer, trained, loader,
+                                         Path(args.out).parent / f"ckpt-{len(results)}")
         assert ref_grads.keys() == grads.keys(), sorted(set(ref_grads) ^ set(grads))[:5]
         grad_rel = max(
             float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12))
@@ -124,6 +177,7 @@ def main() -> None:
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
             "grad_rel": grad_rel,
             # this rank's bytes over the single process's, per kind
+            "checkpoint": checkpoint,
             "memory_ratio": {k: memory[k] / ref_memory[k] for k in memory if ref_memory[k]}, "grad_abs": grad_abs, "n_grads": len(grads),
         }
         dist.barrier()

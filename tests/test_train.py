@@ -80,7 +80,7 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(tmp_path):
         d = root / f"step_{step}"
         d.mkdir(parents=True)
         if complete:
-            (d / "meta.json").write_text("{}")
+            (d / "meta.json").write_text(json.dumps({"step": step, "files": {}}))
     (root / ".step_12.tmp-99").mkdir()  # a save that was killed half way
     assert latest_checkpoint(root).name == "step_6"
 

@@ -8,25 +8,33 @@ checkpoints/step_N/
   tokenizer/          the tokenizer the model was trained with
   config.yaml         the resolved run configuration
   skipped.json        skipped documents per source and reason
-  meta.json           written last; a directory without it is incomplete and never loaded
+  meta.json           written last: step, time, and every other file with its size; a directory
+                      whose meta.json or any listed file is missing or short is never loaded
 The directory is assembled under a temporary name and renamed into place, so a run killed
-while saving leaves the previous checkpoint as the latest complete one.
+while saving leaves the previous checkpoint as the latest complete one. Every file is checked
+before any of it is used (scifm.core.checkpoint_files, load_train_state).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from scifm.core.checkpoint_files import META_FILE, latest_checkpoint, require_complete
+from scifm.core.checkpoint_files import META_FILE, file_sizes, latest_checkpoint, require_complete
 from scifm.core.errors import CheckpointError
 from scifm.parallel.distributed import DistContext
+from scifm.tokenizers import ScientificTokenizer
 from scifm.train.sharded_state import save_sharded, saved_shapes
+
+TRAIN_STATE_FILE = "train_state.pt"
+LOADER_FILE = "loader.json"
+TOKENIZER_DIR = "tokenizer"
 
 def save_checkpoint(
     root: Path,
@@ -41,7 +49,10 @@ def save_checkpoint(
     config_yaml: str,
     skipped: dict,
 ) -> None:
-    """Collective: every rank writes its shards; rank 0 the rest, then renames the directory."""
+    """Collective: every rank writes its shards; rank 0 the rest, meta.json (the list of every file
+    and its size) last, then renames the directory into place. A step saved again replaces the old
+    directory only once the new one is whole: the old one is first renamed out of the step_N name,
+    so a kill at any point leaves either a complete step_N or none (never one resume trips on)."""
     final = root / f"step_{step}"
     tmp = root / f".step_{step}.tmp"
     if ctx.is_main:
@@ -51,16 +62,24 @@ def save_checkpoint(
     param_groups = save_sharded(tmp, model, optimizer, ctx.distributed)
     ctx.barrier()
     if ctx.is_main:
-        torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / "train_state.pt")
-        (tmp / "loader.json").write_text(json.dumps(loader_state))
-        tokenizer.save(tmp / "tokenizer")
+        torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
+        (tmp / LOADER_FILE).write_text(json.dumps(loader_state))
+        tokenizer.save(tmp / TOKENIZER_DIR)
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "saved_at": time.time()}) + "\n")
-        if final.exists():  # re-saving a step (e.g. the final one) replaces it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        meta = {"step": step, "saved_at": time.time(), "files": file_sizes(tmp)}
+        (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
+        _replace_dir(tmp, final)
     ctx.barrier()
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
@@ -73,7 +92,7 @@ def resolve_checkpoint(spec: str, run_dir: Path) -> Path:
                 "pass the same hydra.run.dir as the run to resume, or drop resume"
             )
         return found
-    return require_complete(Path(spec), f"resume={spec}")
+    return require_complete(Path(spec))
 
 
 def check_compatible(ckpt: Path, expected: dict[str, torch.Size]) -> None:
@@ -94,8 +113,44 @@ def check_compatible(ckpt: Path, expected: dict[str, torch.Size]) -> None:
             )
 
 
+# what train_state.pt must hold, and the type of each
+TRAIN_STATE_TYPES = {"scheduler": dict, "torch_rng": torch.Tensor, "step": int, "tokens_seen": int,
+                     "unigram_counts": torch.Tensor, "optimizer_param_groups": list}
+
+
 def load_train_state(ckpt: Path) -> tuple[dict, dict]:
-    """(train_state, loader_state); the train state holds tensors and plain containers only."""
-    state = torch.load(ckpt / "train_state.pt", weights_only=True)
-    loader_state = json.loads((ckpt / "loader.json").read_text())
+    """(train_state, loader_state), each checked before any of it is used; a damaged or foreign
+    file is one CheckpointError naming it. The train state is read with weights_only: tensors and
+    plain containers, never code."""
+    path = ckpt / TRAIN_STATE_FILE
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which a scifm "
+                              "train state never does; it was not loaded (do not load it by other means)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({_first_line(err)}); the checkpoint is damaged") from None
+    wrong = [k for k, t in TRAIN_STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
+    if wrong:
+        raise CheckpointError(f"{path}: {', '.join(wrong)} missing or of the wrong type; the checkpoint is damaged")
+    path = ckpt / LOADER_FILE
+    try:
+        loader_state = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the checkpoint is damaged") from None
+    if not isinstance(loader_state, dict):
+        raise CheckpointError(f"{path}: not a data-loader state; the checkpoint is damaged")
     return state, loader_state
+
+
+def load_tokenizer(ckpt: Path) -> ScientificTokenizer:
+    """The checkpoint's tokenizer; a damaged one is one CheckpointError naming it."""
+    try:
+        return ScientificTokenizer.load(ckpt / TOKENIZER_DIR)
+    except Exception as err:  # the tokenizers library raises bare Exceptions for damaged files
+        raise CheckpointError(f"{ckpt / TOKENIZER_DIR}: unreadable ({_first_line(err)}); the checkpoint is "
+                              "damaged") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

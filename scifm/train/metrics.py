@@ -16,6 +16,19 @@ class MetricsLogger:
         self.max_steps = max_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
+        self._drop_steps_after(start_step)
+
+    def _drop_steps_after(self, step: int) -> None:
+        """A run resumed at `step` trains the steps after it again: the records a killed run wrote
+        for them go, so the log holds each step once, from the trajectory the run continues."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) < len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            tmp.replace(self.path)
 
     def log(self, record: dict) -> None:
         with open(self.path, "a") as fh:
@@ -30,3 +43,11 @@ class MetricsLogger:
         if "val_loss" in record:
             line += f" | val {record['val_loss']:.4f}"
         print(line, file=sys.stderr, flush=True)
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a line a kill cut short has none and goes too."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

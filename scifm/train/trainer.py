@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from scifm.config import RunConfig
 from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
+from scifm.core.errors import CheckpointError
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.streams import resolve_sources
@@ -32,7 +33,13 @@ from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
-from scifm.train.checkpoint import check_compatible, load_train_state, resolve_checkpoint, save_checkpoint
+from scifm.train.checkpoint import (
+    check_compatible,
+    load_tokenizer,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
@@ -93,7 +100,7 @@ class Trainer:
     def _tokenizer(self, ckpt: Path | None) -> ScientificTokenizer:
         """From the checkpoint when resuming; else trained once by rank 0 and loaded by the others."""
         if ckpt is not None:
-            return ScientificTokenizer.load(ckpt / "tokenizer")
+            return load_tokenizer(ckpt)
         if self.ctx.is_main:
             train_tokenizer(self.specs, self.cfg.data).save(self.run_dir / "tokenizer")
         self.ctx.barrier()
@@ -125,13 +132,18 @@ class Trainer:
         self.val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]
 
     def _resume(self, ckpt: Path) -> None:
+        """Every file is checked before any state changes; then the loader, weights, optimizer, RNG."""
         check_compatible(ckpt, self.full_shapes)
         state, loader_state = load_train_state(ckpt)
+        try:
+            self.loader.load_state_dict(loader_state)
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration) as err:
+            raise CheckpointError(f"{ckpt / 'loader.json'}: not a state of this run's data loader "
+                                  f"({type(err).__name__}: {err}); the checkpoint is damaged") from None
         load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
-        self.loader.load_state_dict(loader_state)
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.ctx.is_main:  # the saved counts are global: one rank carries them on
             self.unigram_counts = state["unigram_counts"]
             print(f"resumed from {ckpt} at step {self.step}", flush=True)

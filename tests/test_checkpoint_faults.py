@@ -1,0 +1,151 @@
+"""Checkpoints under damage: a replaced step is never half there, a checkpoint with a missing or
+short file is never picked as the latest and is named when asked for, tampered or garbled files are
+one-line errors before any state is used (a pickle payload is never executed), and the metrics log
+of a resumed run holds each step once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint
+from scifm.core.errors import CheckpointError
+from scifm.train import checkpoint as checkpoint_module
+from scifm.train.trainer import train
+
+COMMON = ("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "trainer.val_every=100",
+          "trainer.batch_size=4", "data.seq_len=128", "data.val_batches=1")
+
+
+@pytest.fixture(scope="module")
+def run(make_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("faults")
+    train(make_config(*COMMON), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def copy(run, tmp_path) -> Path:
+    """A private copy of the run's checkpoints/ to damage."""
+    root = tmp_path / "checkpoints"
+    shutil.copytree(run / "checkpoints", root)
+    return root
+
+
+def rewrite_manifest(ckpt: Path) -> None:
+    """What a tamperer who also fixes meta.json's sizes would do."""
+    meta = json.loads((ckpt / META_FILE).read_text())
+    (ckpt / META_FILE).write_text(json.dumps(meta | {"files": file_sizes(ckpt)}))
+
+
+def resume_error(make_config, ckpt: Path, run_dir: Path, capsys) -> str:
+    with pytest.raises(CheckpointError) as err:
+        train(make_config(*COMMON, f"resume={ckpt}"), run_dir)
+    message = str(err.value)
+    assert "\n" not in message, message
+    assert "resumed from" not in capsys.readouterr().out  # nothing was used before the check
+    return message
+
+
+def test_meta_lists_every_file_with_its_size(run):
+    ckpt = run / "checkpoints" / "step_4"
+    meta = json.loads((ckpt / META_FILE).read_text())
+    assert meta["step"] == 4 and meta["files"] == file_sizes(ckpt)
+    assert {"train_state.pt", "loader.json", "config.yaml", "tokenizer/tokenizer.json"} <= set(meta["files"])
+    assert any(name.startswith("model/") and name.endswith(".safetensors") for name in meta["files"])
+
+
+def test_a_checkpoint_with_a_missing_or_short_file_is_never_the_latest(copy, make_config, tmp_path, capsys):
+    step_4 = copy / "step_4"
+    shard = next(p for p in sorted((step_4 / "model").iterdir()) if p.suffix == ".safetensors")
+    shard.unlink()  # as a kill in the middle of deleting the directory left it: meta.json, no weights
+    assert latest_checkpoint(copy).name == "step_2"
+    message = resume_error(make_config, step_4, tmp_path / "r1", capsys)
+    assert f"model/{shard.name} is missing" in message
+    state = copy / "step_2" / "train_state.pt"
+    state.write_bytes(state.read_bytes()[:-100])  # a full disk cut it short
+    assert latest_checkpoint(copy) is None
+    assert "train_state.pt has" in resume_error(make_config, copy / "step_2", tmp_path / "r2", capsys)
+
+
+def test_saving_a_step_again_never_leaves_it_half_there(copy, monkeypatch):
+    step_4 = copy / "step_4"
+    new = copy / ".step_4.tmp"
+    shutil.copytree(step_4, new)
+    real_replace, calls = os.replace, []
+
+    def killed_after_the_first_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between moving the old one away and the new one in
+        real_replace(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint_module._replace_dir(new, step_4)
+    assert not step_4.exists() and latest_checkpoint(copy).name == "step_2"
+    monkeypatch.undo()
+    checkpoint_module._replace_dir(new, step_4)  # the next save of the step completes it
+    assert latest_checkpoint(copy).name == "step_4" and is_complete(step_4)
+    assert sorted(p.name for p in copy.iterdir()) == ["step_2", "step_4"]
+
+
+class Payload:
+    """Unpickling this would create a file: the test checks that it never happens."""
+
+    marker: Path
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_payload_in_the_train_state_is_refused_in_one_line(copy, make_config, tmp_path, capsys):
+    ckpt = copy / "step_2"
+    marker = tmp_path / "executed"
+    payload = Payload()
+    payload.marker = marker
+    torch.save({"step": 2, "evil": payload}, ckpt / "train_state.pt")
+    rewrite_manifest(ckpt)
+    message = resume_error(make_config, ckpt, tmp_path / "run", capsys)
+    assert "holds objects other than tensors" in message and "weights_only=False" not in message
+    assert not marker.exists()
+
+
+def test_damaged_loader_state_is_one_line_naming_the_file(copy, make_config, tmp_path, capsys):
+    ckpt = copy / "step_2"
+    loader = ckpt / "loader.json"
+    good = loader.read_text()
+    for damaged, expected in (("{not json", "not valid JSON"), ("[1, 2]", "not a data-loader state"),
+                              (json.dumps({"rng": 1}), "not a state of this run's data loader")):
+        loader.write_text(damaged)
+        rewrite_manifest(ckpt)
+        message = resume_error(make_config, ckpt, tmp_path / "run", capsys)
+        assert "loader.json" in message and expected in message, message
+    loader.write_text(good)
+
+
+@pytest.mark.parametrize("meta, expected", [("garbage", "not valid JSON"), ('{"step": "two"}', "no step number"),
+                                            ('{"step": 2, "files": [1]}', "file list is damaged")])
+def test_garbage_in_meta_json_is_never_accepted(copy, make_config, tmp_path, capsys, meta, expected):
+    ckpt = copy / "step_4"
+    (ckpt / META_FILE).write_text(meta)
+    assert latest_checkpoint(copy).name == "step_2"
+    assert expected in resume_error(make_config, ckpt, tmp_path / "run", capsys)
+
+
+def test_a_resumed_run_logs_each_step_once(run, make_config, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run, run_dir)
+    train(make_config(*COMMON, "resume=latest", "trainer.max_steps=5"), run_dir)  # a longer second leg
+    with_kill = run_dir / "metrics.jsonl"
+    steps = [json.loads(line)["step"] for line in with_kill.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    # resumed from step 2 after a kill at step 4: steps 3 and 4 were logged by the killed run
+    train(make_config(*COMMON, f"resume={run_dir / 'checkpoints' / 'step_2'}"), run_dir)
+    steps = [json.loads(line)["step"] for line in with_kill.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -169,6 +169,15 @@ def main() -> None:
             for k in ref_grads if ref_grads[k].abs().max() > 0
         )
         grad_abs = max(float((grads[k] - ref_grads[k]).abs().max()) for k in ref_grads)
+        # parameters whose single-process gradient is exactly zero (e.g. an encoder fed only a
+        # placeholder item, an expert no token chose): the layout's must be zero too
+        zero_grad_max = max([float(grads[k].abs().max()) for k in ref_grads if ref_grads[k].abs().max() == 0],
+                            default=0.0)
+        n_zero_grads = sum(1 for k in ref_grads if ref_grads[k].abs().max() == 0)
+        # the whole gradient's relative L2 error: the bf16 layouts' measure (their parameters keep
+        # 8 significant bits, so single entries can be far off while the direction holds)
+        diff_sq = sum(float(((grads[k] - ref_grads[k]) ** 2).sum()) for k in ref_grads)
+        grad_l2_rel = (diff_sq / max(sum(float((g ** 2).sum()) for g in ref_grads.values()), 1e-30)) ** 0.5
         worst = sorted(((float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12)), k)
                         for k in ref_grads if ref_grads[k].abs().max() > 0), reverse=True)[:3]
         results[name] = {
@@ -178,6 +187,7 @@ def main() -> None:
             "grad_rel": grad_rel,
             # this rank's bytes over the single process's, per kind
             "checkpoint": checkpoint,
+            "zero_grad_max": zero_grad_max, "n_zero_grads": n_zero_grads, "grad_l2_rel": grad_l2_rel,
             "memory_ratio": {k: memory[k] / ref_memory[k] for k in memory if ref_memory[k]}, "grad_abs": grad_abs, "n_grads": len(grads),
         }
         dist.barrier()

@@ -4,7 +4,9 @@ Every data-parallel rank runs the same global sequence of rows (seeded mixture d
 documents, greedy packing) and keeps rows rank, rank + W, ...: the global batch is then the
 same for every layout, which is what lets a parallel run equal the single-process one.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
-a resumed run continues with exactly the next batch.
+a resumed run continues with exactly the next batch. It also holds what tells a changed source
+file apart (each file's size, and the hash of what each stream read of its current file), so a
+resumed run that would read other data stops with the file's name instead.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from scifm.data.encode import encode_document
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
-from scifm.data.streams import DocumentStream, SourceSpec, skill_counts
-from scifm.core.errors import CheckpointError, ConfigError, DocumentFormatError
+from scifm.data.streams import DocumentStream, SourceSpec, changed, skill_counts
+from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
 
@@ -44,11 +46,15 @@ class PackedLoader:
         self.cfg, self.tokenizer, self.enc_cfg = cfg, tokenizer, enc_cfg
         self.split, self.batch_size = split, batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.specs = specs
         skills = [skill_counts(s, split) for s in specs] if cfg.balance_skills else None
         self.probs, layout = stream_probabilities([s.weight for s in specs], cfg.temperature, skills)
-        self.streams = [DocumentStream(specs[i], split, skill) for i, skill in layout]
+        if not layout:
+            raise DataError(f"no source has documents in the {split} split ("
+                            + ", ".join(f"'{s.name}'" for s in specs) + "); add documents to data.sources")
+        self.streams = [DocumentStream(specs[i], split, skill, skills[i] if skills else None) for i, skill in layout]
         self.rng = np.random.Generator(np.random.PCG64(seed))
-        self.skips = SkipCounter(cfg.max_bad_fraction)
+        self.skips = SkipCounter(cfg.max_bad_fraction, split=split)
         self.tokens_by_source: dict[str, int] = defaultdict(int)
         self.tokens_by_skill: dict[str, int] = defaultdict(int)
         # the document being emitted: (stream index, its cursor, next chunk index) and its chunks
@@ -114,6 +120,8 @@ class PackedLoader:
         return {
             "rng": self.rng.bit_generator.state,
             "cursors": [list(s.cursor) for s in self.streams],
+            "prefix_sha256": [s.prefix_sha256() for s in self.streams],
+            "files": {spec.name: [[str(f), f.stat().st_size] for f in spec.files] for spec in self.specs},
             "pending": [self.pending[0], list(self.pending[1]), self.pending[2]] if self.pending else None,
             "skips": self.skips.state_dict(),
             "tokens_by_source": dict(self.tokens_by_source),
@@ -126,9 +134,11 @@ class PackedLoader:
                 f"the checkpoint's loader had {len(state['cursors'])} streams, this config has "
                 f"{len(self.streams)}: data.sources or data.balance_skills changed"
             )
+        self._check_files(state.get("files", {}))  # absent in loader states written before it
         self.rng.bit_generator.state = state["rng"]
-        for stream, cursor in zip(self.streams, state["cursors"]):
-            stream.seek(tuple(cursor))
+        hashes = state.get("prefix_sha256") or [None] * len(self.streams)
+        for stream, cursor, sha in zip(self.streams, state["cursors"], hashes):
+            stream.seek(tuple(cursor), sha)
         self.skips.load_state_dict(state["skips"])
         self.tokens_by_source = defaultdict(int, state["tokens_by_source"])
         self.tokens_by_skill = defaultdict(int, state["tokens_by_skill"])
@@ -138,3 +148,23 @@ class PackedLoader:
             stream = self.streams[i]
             doc = stream.read_at(tuple(cursor))
             self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream.spec.files[cursor[1]])
+
+    def _check_files(self, saved: dict[str, list]) -> None:
+        """Each source's files as the checkpoint saw them: same count and size.
+
+        Sizes are free to read and catch appends, truncation and most edits of any file, so the
+        mixture reads the same data again; an edit that keeps a size is caught, where it would move
+        a cursor, by the stream's hash of the lines before it. Paths may differ (a moved corpus),
+        so files are matched by position.
+        """
+        for spec in self.specs:
+            if spec.name not in saved:
+                continue
+            before = saved[spec.name]
+            if len(before) != len(spec.files):
+                raise DataError(f"source '{spec.name}' has {len(spec.files)} files now, {len(before)} at the "
+                                f"checkpoint: its files changed since the checkpoint; restore them or start a new run")
+            for path, (_, size) in zip(spec.files, before):
+                now = path.stat().st_size
+                if now != size:
+                    raise changed(path, f"{size} bytes then, {now} now")

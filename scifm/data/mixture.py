@@ -3,7 +3,8 @@
 Sources are drawn with probability ~ weight ** (1 / temperature): temperature 1 follows the
 weights, larger temperatures flatten the mixture toward uniform. With skill balancing each
 source is split into one stream per skill and its probability is shared equally among them,
-so a rare skill is seen as often as a common one of the same source.
+so a rare skill is seen as often as a common one of the same source. A source without documents
+(in the split the counts are of) has no stream, and the others share its probability.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def stream_probabilities(
         return p_source, [(i, None) for i in range(len(weights))]
     probs, streams = [], []
     for i, counts in enumerate(skills_per_source):
-        skills = sorted(counts)
+        skills = sorted(s for s, n in counts.items() if n > 0)
         for skill in skills:
             probs.append(p_source[i] / len(skills))
             streams.append((i, skill))
-    return np.asarray(probs), streams
+    total = sum(probs)  # less than 1 when a source has no documents; 0 when none has any
+    return np.asarray(probs) / (total or 1.0), streams

@@ -1,4 +1,8 @@
-"""Counting of skipped documents per source and reason, with a bad-fraction budget per source."""
+"""Counting of skipped documents per source and reason, with a bad-fraction budget per source.
+
+A loader keeps one counter for its split, and its streams hand it only the records of that split
+(bad ones included, see DocumentStream), so the budget compares like with like.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ MIN_DOCS_BEFORE_BUDGET = 50
 
 
 class SkipCounter:
-    def __init__(self, max_bad_fraction: float = 0.05):
+    def __init__(self, max_bad_fraction: float = 0.05, split: str = ""):
         self.max_bad_fraction = max_bad_fraction
+        self.split = split  # named in the error, so a stop in validation is not taken for training data
         self.seen: dict[str, int] = defaultdict(int)
         self.skipped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.examples: dict[tuple[str, str], str] = {}
@@ -31,8 +36,9 @@ class SkipCounter:
         n_bad = sum(self.skipped[source].values())
         if n_seen >= MIN_DOCS_BEFORE_BUDGET and n_bad / n_seen > self.max_bad_fraction:
             reason = max(self.skipped[source], key=self.skipped[source].get)
+            where = f"source '{source}'" + (f" ({self.split} split)" if self.split else "")
             raise BadFractionExceeded(
-                f"source '{source}': {n_bad} of {n_seen} documents were bad "
+                f"{where}: {n_bad} of {n_seen} documents were bad "
                 f"(budget {self.max_bad_fraction:.1%}); most common reason '{reason}', "
                 f"e.g. document '{self.examples[(source, reason)]}'. Fix the data or raise "
                 f"data.max_bad_fraction."

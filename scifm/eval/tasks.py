@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from scifm.data.documents import open_text, validate_segment
+from scifm.data.documents import DamagedFileError, decode_line, read_lines, validate_segment
 from scifm.core.errors import DataError, DocumentFormatError
 
 
@@ -89,25 +89,31 @@ def _parse(obj: object, where: str) -> MultipleChoiceItem | ShortAnswerItem:
     raise TaskFormatError(f"{where}: field 'type' must be 'multiple_choice' or 'short_answer', got {kind!r}")
 
 
+def _parse_line(raw: bytes, where: str) -> MultipleChoiceItem | ShortAnswerItem:
+    try:
+        obj = json.loads(decode_line(raw))
+    except DocumentFormatError as err:  # bytes that are not UTF-8
+        raise TaskFormatError(f"{where}: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an over-long number, too deep nesting
+        raise TaskFormatError(f"{where}: not valid JSON ({getattr(err, 'msg', err)})") from None
+    return _parse(obj, where)
+
+
 def load_task_file(path: str | Path) -> list[MultipleChoiceItem | ShortAnswerItem]:
     path = Path(path)
     if not path.is_file():
         raise TaskFormatError(f"{path}: no such task file")
     items, seen = [], set()
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TaskFormatError(f"{where}: not valid JSON ({err.msg})") from None
-            item = _parse(obj, where)
-            if item.id in seen:
-                raise TaskFormatError(f"{where}: field 'id': {item.id!r} appears twice")
-            seen.add(item.id)
-            items.append(item)
+    try:
+        for lineno, raw in read_lines(path):
+            if raw.strip():
+                item = _parse_line(raw, f"{path}:{lineno}")
+                if item.id in seen:
+                    raise TaskFormatError(f"{path}:{lineno}: field 'id': {item.id!r} appears twice")
+                seen.add(item.id)
+                items.append(item)
+    except DamagedFileError as err:  # items past the damage would be silently missing from the score
+        raise TaskFormatError(err.detail) from None
     if not items:
         raise TaskFormatError(f"{path}: the task file holds no items")
     return items

@@ -34,6 +34,11 @@ class DataConfig:
         require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
         require(self.temperature > 0, "data.temperature", "must be > 0")
         require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")
+        require(self.corpus_max_docs_per_source >= 0, "data.corpus_max_docs_per_source",
+                f"must be >= 0 (0 = all), got {self.corpus_max_docs_per_source}")
         require(self.tokenizer_vocab_size >= 300, "data.tokenizer_vocab_size",
                  "must be >= 300 (256 byte symbols plus merges)")
+        # 0 documents would train the BPE on no text at all
+        require(self.tokenizer_train_docs >= 1, "data.tokenizer_train_docs",
+                f"must be >= 1, got {self.tokenizer_train_docs}")
         require(self.val_batches >= 1, "data.val_batches", "must be >= 1")

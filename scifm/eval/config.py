@@ -9,7 +9,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from scifm.core.errors import ConfigError
-from scifm.core.hydra_compose import compose_config
+from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_errors
 from scifm.core.checks import require
 
 
@@ -39,6 +39,7 @@ class EvalRunConfig:
 ConfigStore.instance().store(name="eval_run_schema", node=EvalRunConfig)
 
 
+@hydra_errors_as_config_errors  # OmegaConf.to_object's other errors
 def compose_eval_config(overrides: list[str]) -> EvalRunConfig:
     """configs/eval_run.yaml with the command line's overrides; a bad or missing key is a ConfigError."""
     cfg = compose_config("eval_run", overrides)

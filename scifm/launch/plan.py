@@ -4,18 +4,15 @@ jobs find the same one; the job passes them on as hydra.run.dir."""
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from scifm.config import ClusterConfig, RunConfig, TrainerConfig
 from scifm.core.errors import ConfigError
-from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_errors
+from scifm.core.hydra_compose import compose_config, expand_sweep, hydra_errors_as_config_errors, parse_overrides
 from scifm.parallel.distributed import dims_of
 
 
@@ -37,21 +34,6 @@ class Plan:
 def known_clusters() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in files("scifm.configs").joinpath("cluster").iterdir()
                   if p.name.endswith(".yaml"))
-
-
-@hydra_errors_as_config_errors
-def parse_overrides(overrides: list[str]) -> list[Override]:
-    return OverridesParser.create().parse_overrides(overrides)
-
-
-def expand_sweep(overrides: list[str]) -> list[list[str]]:
-    """Hydra's basic sweeper: the product of every sweep override's values, in order."""
-    parsed = parse_overrides(overrides)
-    choices = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [text]
-        for o, text in zip(parsed, overrides)
-    ]
-    return [list(point) for point in itertools.product(*choices)]
 
 
 def hydra_quote(value: str) -> str:
@@ -82,7 +64,8 @@ def check_world(cfg: RunConfig) -> None:
         raise ConfigError(
             f"cluster: nodes={cluster.nodes} x {per_node} = {cluster.world_size} processes, but the parallel "
             f"layout pp={dims.pp} x dp_replicate={dims.dp_replicate} x dp_shard={dims.dp_shard} x tp={dims.tp} "
-            f"needs {dims.world_size}; change cluster.nodes / cluster.gpus_per_node or the parallel.* sizes"
+            f"needs {dims.world_size}{dims.ep_note()}; change cluster.nodes / cluster.gpus_per_node or the "
+            f"parallel.* sizes"
         )
     dims.validate(cfg.model, cluster.world_size)  # the layout's other constraints (heads % tp, ...)
 

@@ -29,7 +29,8 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = no capacity limit (dropless)
 
     def validate(self, prefix: str = "model.moe") -> None:
-        require(self.n_experts >= 1, f"{prefix}.n_experts", f"must be >= 1, got {self.n_experts}")
+        for key in ("n_experts", "n_groups", "expert_ffn"):
+            require(getattr(self, key) >= 1, f"{prefix}.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(1 <= self.top_k <= self.n_experts, f"{prefix}.top_k",
                  f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         require(self.n_experts % self.n_groups == 0, f"{prefix}.n_groups",
@@ -40,8 +41,11 @@ class MoEConfig:
                  f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups")
         require(self.score_func in ("softmax", "sigmoid"), f"{prefix}.score_func",
                  f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
-        require(self.capacity_factor >= 0, f"{prefix}.capacity_factor", "must be >= 0")
-        require(self.expert_ffn >= 1, f"{prefix}.expert_ffn", "must be >= 1")
+        # 0 scales the routed experts' output away; a negative scale flips it
+        require(self.route_scale > 0, f"{prefix}.route_scale", f"must be > 0, got {self.route_scale}")
+        # negative values would reward imbalance (losses) or push the bias the wrong way
+        for key in ("n_shared_experts", "aux_loss_coef", "z_loss_coef", "bias_update_rate", "capacity_factor"):
+            require(getattr(self, key) >= 0, f"{prefix}.{key}", f"must be >= 0, got {getattr(self, key)}")
 
 
 @dataclass
@@ -68,8 +72,10 @@ class ModelConfig:
         return self.head_dim or self.d_model // self.n_heads
 
     def validate(self) -> None:
-        require(self.d_model >= 1, "model.d_model", "must be >= 1")
-        require(self.n_heads >= 1 and self.n_kv_heads >= 1, "model.n_heads", "heads must be >= 1")
+        require(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0 = the tokenizer's), got {self.vocab_size}")
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden"):
+            require(getattr(self, key) >= 1, f"model.{key}", f"must be >= 1, got {getattr(self, key)}")
+        require(self.head_dim >= 0, "model.head_dim", f"must be >= 0 (0 = d_model // n_heads), got {self.head_dim}")
         require(self.n_heads % self.n_kv_heads == 0, "model.n_kv_heads",
                  f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         require(self.head_dim > 0 or self.d_model % self.n_heads == 0, "model.n_heads",
@@ -78,10 +84,10 @@ class ModelConfig:
         require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
                  f"must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
         require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
+        # RoPE divides by rope_theta's powers; RMSNorm divides by sqrt(mean + eps) (0 gives NaN on a zero row)
+        for key in ("rope_theta", "norm_eps"):
+            require(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")
+        # 0 starts every weight at zero (no symmetry breaking); torch rejects a negative std
+        require(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")
         self.moe.validate()
-        for name in ("latex", "molecule", "protein", "table", "figure"):
-            enc = getattr(self.encoders, name)
-            key = f"model.encoders.{name}"
-            require(enc.width % enc.heads == 0, f"{key}.width",
-                     f"width={enc.width} is not divisible by heads={enc.heads}")
-            require(enc.slots >= 1, f"{key}.slots", "must be >= 1")
+        self.encoders.validate()

@@ -55,10 +55,12 @@ class ParallelDims:
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.ep > 1:  # before the world: ep adds no processes, so a world mismatch may be ep's
+            self._validate_ep(model)
         if self.world_size != world_size:
             raise ConfigError(
                 f"parallel: pp={self.pp} x dp_replicate={self.dp_replicate} x dp_shard={self.dp_shard} "
-                f"x tp={self.tp} = {self.world_size} processes, but the world has {world_size}"
+                f"x tp={self.tp} = {self.world_size} processes, but the world has {world_size}{self.ep_note()}"
             )
         if model.n_heads % self.tp or model.n_kv_heads % self.tp:
             raise ConfigError(
@@ -77,25 +79,42 @@ class ParallelDims:
                 f"parallel.tp: the vocabulary is padded to a multiple of {VOCAB_MULTIPLE}, which "
                 f"tp={self.tp} does not divide; use a power of two up to {VOCAB_MULTIPLE}"
             )
-        if self.ep > 1:
-            if model.moe.n_experts % self.ep:
-                raise ConfigError(
-                    f"parallel.ep: n_experts={model.moe.n_experts} is not divisible by ep={self.ep}"
-                )
-            if self.ep % self.tp or self.dp_shard % (self.ep // self.tp):
-                raise ConfigError(
-                    f"parallel.ep: ep={self.ep} borrows from dp_shard x tp, so it must be a multiple of "
-                    f"tp={self.tp} and ep / tp must divide dp_shard={self.dp_shard}"
-                )
-        n_moe = model.n_layers - model.n_dense_layers
-        if self.ep > 1 and n_moe == 0:
-            raise ConfigError(f"parallel.ep: ep={self.ep} needs MoE layers, but all {model.n_layers} are dense")
+        if model.vocab_size % self.tp:  # an explicit vocabulary is not padded
+            raise ConfigError(f"parallel.tp: model.vocab_size={model.vocab_size} is not divisible by tp={self.tp}")
         if self.pp > model.n_layers:
             raise ConfigError(f"parallel.pp: pp={self.pp} stages for only n_layers={model.n_layers} layers")
         if self.pp > 1 and model.tie_embeddings:
             raise ConfigError(
                 f"model.tie_embeddings: not supported with parallel.pp={self.pp} (the embedding and the output "
                 "layer sit on different pipeline stages); set model.tie_embeddings=false"
+            )
+
+    def ep_note(self) -> str:
+        """For a message about the world size: ep is no factor of it."""
+        if self.ep == 1:
+            return ""
+        return (f" (parallel.ep={self.ep} adds no processes: it borrows its ranks from dp_shard x tp = "
+                f"{self.dp_shard * self.tp})")
+
+    def _validate_ep(self, model: ModelConfig) -> None:
+        borrowed = self.dp_shard * self.tp
+        if self.ep % self.tp or self.dp_shard % (self.ep // self.tp):
+            advice = ("raise parallel.dp_shard or parallel.tp" if self.ep > borrowed
+                      else "change parallel.ep or parallel.tp")
+            raise ConfigError(
+                f"parallel.ep: ep={self.ep} borrows from dp_shard x tp, so it must be a multiple of "
+                f"tp={self.tp} and ep / tp must divide dp_shard={self.dp_shard} (dp_shard x tp = {borrowed} "
+                f"ranks); {advice}"
+            )
+        if model.moe.n_experts % self.ep:
+            raise ConfigError(
+                f"parallel.ep: n_experts={model.moe.n_experts} is not divisible by ep={self.ep} (ep borrows "
+                f"its ranks from dp_shard x tp = {borrowed} and splits the experts over them)"
+            )
+        if model.n_layers == model.n_dense_layers:
+            raise ConfigError(
+                f"parallel.ep: ep={self.ep} (it borrows its ranks from dp_shard x tp = {borrowed}) splits MoE "
+                f"layers, but all {model.n_layers} are dense; set parallel.ep=1 or lower model.n_dense_layers"
             )
 
     def build_mesh(self, device_type: str):

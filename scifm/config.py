@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from scifm.core.checks import require
-from scifm.core.hydra_compose import compose_config
+from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_errors
 from scifm.data.config import DataConfig
 from scifm.model.config import ModelConfig
 from scifm.parallel.config import ParallelConfig
@@ -37,14 +37,23 @@ class TrainerConfig:
     log_every: int = 10
     val_every: int = 100
     ckpt_every: int = 100  # 0 = only at the end
+    keep_last: int = 0  # checkpoints kept besides every keep_every-th and the resume source; 0 = all
+    keep_every: int = 0  # also keep the checkpoints of steps that are multiples of this; 0 = none
+    nonfinite_reload_after: int = 3  # non-finite steps in a row that reload the last checkpoint; 0 = never
+    max_nonfinite_steps: int = 10  # more steps with a non-finite loss or gradient than this stop the run
 
     def validate(self) -> None:
+        # NumPy's generators take no negative seed (the loaders draw with seed and seed + 1)
+        require(self.seed >= 0, "trainer.seed", f"must be >= 0, got {self.seed}")
         require(self.max_steps >= 0, "trainer.max_steps", "must be >= 0")
         require(self.batch_size >= 1, "trainer.batch_size", "must be >= 1")
         require(self.grad_accum >= 1, "trainer.grad_accum", "must be >= 1")
         require(self.lr > 0, "trainer.lr", "must be > 0")
         require(0 <= self.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]")
         require(self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        require(self.weight_decay >= 0, "trainer.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        for key in ("beta1", "beta2"):  # what AdamW accepts
+            require(0 <= getattr(self, key) < 1, f"trainer.{key}", f"must be in [0, 1), got {getattr(self, key)}")
         require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0")
         require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision",
                  f"must be auto, fp32 or bf16, got {self.precision!r}")
@@ -52,7 +61,8 @@ class TrainerConfig:
                  f"must be auto, cpu or cuda, got {self.device!r}")
         for key in ("log_every", "val_every"):
             require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
-        require(self.ckpt_every >= 0, "trainer.ckpt_every", "must be >= 0")
+        for key in ("ckpt_every", "keep_last", "keep_every", "nonfinite_reload_after", "max_nonfinite_steps"):
+            require(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
 
     def saves_checkpoint_at(self, step: int) -> bool:
         """Every ckpt_every steps and at the end (step 0 only when max_steps is 0: the initial weights)."""
@@ -114,12 +124,17 @@ class RunConfig:
         self.cluster.validate()
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                  f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        dp_size = self.parallel.dp_replicate * self.parallel.dp_shard
+        # the loader checks this too, but only after the corpus and the tokenizer are built
+        require(self.trainer.batch_size % dp_size == 0, "trainer.batch_size",
+                f"{self.trainer.batch_size} rows do not split over dp_replicate x dp_shard = {dp_size} "
+                f"data-parallel ranks; use a multiple of {dp_size}")
 
 
 ConfigStore.instance().store(name="run_schema", node=RunConfig)
 
 
-
+@hydra_errors_as_config_errors  # OmegaConf.to_object's errors too
 def compose_run_config(overrides: list[str]) -> RunConfig:
     """The RunConfig `scifm train` would run with these overrides (for scripts and tests)."""
     return OmegaConf.to_object(compose_config("config", overrides))

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint
+from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint, marked_in_use
 from scifm.core.errors import CheckpointError
 from scifm.train import checkpoint as checkpoint_module
+from scifm.train import trainer as trainer_module
+from scifm.train.checkpoint import prune_checkpoints
 from scifm.train.trainer import train
 
 COMMON = ("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "trainer.val_every=100",
@@ -149,3 +153,45 @@ def test_a_resumed_run_logs_each_step_once(run, make_config, tmp_path):
     train(make_config(*COMMON, f"resume={run_dir / 'checkpoints' / 'step_2'}"), run_dir)
     steps = [json.loads(line)["step"] for line in with_kill.read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_retention_keeps_the_newest_every_kth_the_resume_source_and_one_being_evaluated(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in range(1, 9):
+        (root / f"step_{step}").mkdir(parents=True)
+        (root / f"step_{step}" / META_FILE).write_text(json.dumps({"step": step, "files": {}}))
+    with marked_in_use(root / "step_3"):
+        deleted = prune_checkpoints(root, keep_last=2, keep_every=4, protect=root / "step_1")
+    assert sorted(p.name for p in deleted) == ["step_2", "step_5", "step_6"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_3", "step_4", "step_7", "step_8"]
+    assert list((root / "step_3").iterdir()) == [root / "step_3" / META_FILE]  # the marker went with the evaluation
+    assert prune_checkpoints(root, keep_last=0, keep_every=0, protect=None) == []  # 0 keeps all
+
+
+def test_a_run_keeps_only_its_last_checkpoints(make_config, tmp_path):
+    train(make_config(*COMMON, "trainer.keep_last=2", "trainer.ckpt_every=1"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_4"]
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(make_config, tmp_path, monkeypatch):
+    real = checkpoint_module.save_checkpoint
+
+    def save_on_a_full_disk(root, step, **kw):
+        if step < 4:
+            return real(root, step, **kw)
+        # files past 64 KiB fail with EFBIG, as on a full disk (SIGXFSZ ignored so the write errs instead)
+        old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, old_limit[1]))
+        try:
+            return real(root, step, **kw)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_on_a_full_disk)
+    with pytest.raises(CheckpointError) as err:
+        train(make_config(*COMMON), tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "could not be written" in message and "step_2" in message, message
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step_2"] and is_complete(root / "step_2")

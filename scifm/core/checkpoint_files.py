@@ -6,14 +6,18 @@ picked as the latest, and naming it gives one line saying what is wrong with it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import socket
 from pathlib import Path
 
 from scifm.core.errors import CheckpointError
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 META_FILE = "meta.json"
+IN_USE_PREFIX = ".in_use."  # a marker an evaluation leaves in a checkpoint while it reads it
 # what a checkpoint written before meta.json listed its files must hold
 LEGACY_FILES = ("train_state.pt", "loader.json", "config.yaml", "model/model.safetensors.index.json",
                 "optimizer/model.safetensors.index.json", "tokenizer/tokenizer.json")
@@ -84,3 +88,23 @@ def latest_checkpoint(root: Path) -> Path | None:
 def step_of(ckpt: Path) -> int:
     m = STEP_DIR.match(ckpt.name)
     return int(m.group(1)) if m else read_meta(ckpt)["step"]
+
+
+@contextlib.contextmanager
+def marked_in_use(ckpt: Path):
+    """While inside, `ckpt` holds a marker that checkpoint retention respects (it never deletes a
+    checkpoint being evaluated). Best effort: a read-only checkpoint is evaluated unmarked."""
+    marker = ckpt / f"{IN_USE_PREFIX}{socket.gethostname()}.{os.getpid()}"
+    try:
+        marker.touch()
+    except OSError:
+        marker = None
+    try:
+        yield
+    finally:
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+
+def in_use(ckpt: Path) -> bool:
+    return any(ckpt.glob(f"{IN_USE_PREFIX}*"))

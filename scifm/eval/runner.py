@@ -14,7 +14,7 @@ import torch
 
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
-from scifm.core.checkpoint_files import complete_checkpoints, is_complete, step_of
+from scifm.core.checkpoint_files import complete_checkpoints, is_complete, marked_in_use, step_of
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
@@ -179,7 +179,8 @@ def run_eval(cfg: EvalRunConfig) -> list[Path]:
     device = pick_device(cfg.eval.device, "eval.device")
     written = []
     for ckpt in checkpoints:
-        results = evaluate_checkpoint(ckpt, tasks, cfg.eval, device)
+        with marked_in_use(ckpt):  # checkpoint retention leaves it alone meanwhile
+            results = evaluate_checkpoint(ckpt, tasks, cfg.eval, device)
         path = write_results(results, output_dir(ckpt, cfg.eval.out))
         print_summary(results, path)
         written.append(path)

@@ -25,8 +25,17 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
-from scifm.core.checkpoint_files import META_FILE, file_sizes, latest_checkpoint, require_complete
+from scifm.core.checkpoint_files import (
+    META_FILE,
+    complete_checkpoints,
+    file_sizes,
+    in_use,
+    latest_checkpoint,
+    require_complete,
+    step_of,
+)
 from scifm.core.errors import CheckpointError
 from scifm.parallel.distributed import DistContext
 from scifm.tokenizers import ScientificTokenizer
@@ -59,18 +68,42 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    param_groups = save_sharded(tmp, model, optimizer, ctx.distributed)
+    try:
+        param_groups = save_sharded(tmp, model, optimizer, ctx.distributed)
+        ctx.barrier()
+        if ctx.is_main:
+            torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
+            (tmp / LOADER_FILE).write_text(json.dumps(loader_state))
+            tokenizer.save(tmp / TOKENIZER_DIR)
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
+            meta = {"step": step, "saved_at": time.time(), "files": file_sizes(tmp)}
+            (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
+            _replace_dir(tmp, final)
+    except (OSError, CheckpointException) as err:  # a full disk, a quota, a file-size limit
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not be written ({_io_error(err)}); the latest complete checkpoint "
+                              f"is still {latest_checkpoint(root)}") from None
     ctx.barrier()
-    if ctx.is_main:
-        torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
-        (tmp / LOADER_FILE).write_text(json.dumps(loader_state))
-        tokenizer.save(tmp / TOKENIZER_DIR)
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
-        meta = {"step": step, "saved_at": time.time(), "files": file_sizes(tmp)}
-        (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
-        _replace_dir(tmp, final)
-    ctx.barrier()
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep_every: int, protect: Path | None) -> list[Path]:
+    """Deletes the complete checkpoints older than the newest `keep_last` (0 keeps all), except every
+    step that is a multiple of `keep_every`, `protect` (the one the run resumed from) and any that an
+    evaluation is reading (scifm.core.checkpoint_files.marked_in_use). Returns the deleted ones."""
+    if keep_last <= 0:
+        return []
+    deleted = []
+    for ckpt in complete_checkpoints(root)[:-keep_last]:
+        keep = (keep_every and step_of(ckpt) % keep_every == 0) or in_use(ckpt) or \
+            (protect is not None and ckpt.resolve() == protect.resolve())
+        if not keep:
+            # out of the step_N name first: a kill while deleting leaves nothing resume could pick
+            doomed = ckpt.with_name(f".{ckpt.name}.deleting")
+            os.replace(ckpt, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+            deleted.append(ckpt)
+    return deleted
 
 
 def _replace_dir(new: Path, final: Path) -> None:
@@ -150,6 +183,13 @@ def load_tokenizer(ckpt: Path) -> ScientificTokenizer:
     except Exception as err:  # the tokenizers library raises bare Exceptions for damaged files
         raise CheckpointError(f"{ckpt / TOKENIZER_DIR}: unreadable ({_first_line(err)}); the checkpoint is "
                               "damaged") from None
+
+
+def _io_error(err: BaseException) -> str:
+    """The OSError behind a failed save; DCP wraps each rank's in a CheckpointException."""
+    if isinstance(err, CheckpointException):
+        err = next((f[0] if isinstance(f, tuple) else f for f in err.failures.values()), err)
+    return _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:

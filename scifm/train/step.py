@@ -46,6 +46,16 @@ def apply_update(optimizer, scheduler, moes: list) -> list[dict]:
     return stats
 
 
+def discard_update(optimizer, moes: list) -> list[dict]:
+    """A step whose loss or gradients are not finite changes nothing: gradients and the step's
+    expert counts are dropped, the optimizer, schedule and biases stay as they are."""
+    optimizer.zero_grad(set_to_none=True)
+    stats = [dict(m.last_stats) for m in moes]
+    for m in moes:
+        m.pop_tokens_per_expert()
+    return stats
+
+
 @dataclass
 class Evaluation:
     val_loss: float

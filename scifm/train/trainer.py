@@ -11,6 +11,7 @@ loaders, resume), then per step: train, log, validate, checkpoint; then the summ
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 from scifm.config import RunConfig
 from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
-from scifm.core.errors import CheckpointError
+from scifm.core.errors import CheckpointError, ScifmError
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.streams import resolve_sources
@@ -37,6 +38,7 @@ from scifm.train.checkpoint import (
     check_compatible,
     load_tokenizer,
     load_train_state,
+    prune_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -44,7 +46,14 @@ from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import load_sharded
-from scifm.train.step import Evaluation, apply_update, evaluate, scaled_cross_entropy, train_step
+from scifm.train.step import (
+    Evaluation,
+    apply_update,
+    discard_update,
+    evaluate,
+    scaled_cross_entropy,
+    train_step,
+)
 
 
 def train(cfg: RunConfig, run_dir: Path) -> dict:
@@ -64,6 +73,10 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     exit_for_requeue()
 
 
+class TrainingDiverged(ScifmError):
+    """Too many steps with a non-finite loss or gradient."""
+
+
 @dataclass
 class StepResult:
     """What one optimizer step measured, counted once here for logging and the summary."""
@@ -73,6 +86,7 @@ class StepResult:
     tokens: int  # real (non-padding) input tokens of the global step
     seconds: float
     moe_stats: list[dict]  # per MoE layer of this rank, from the step's last micro-batch
+    update_skipped: bool = False  # the loss or a gradient was not finite
 
 
 class Trainer:
@@ -85,6 +99,7 @@ class Trainer:
         torch.manual_seed(self.tc.seed)
         self.specs = resolve_sources(cfg.data)
         ckpt = resolve_checkpoint(cfg.resume, run_dir) if cfg.resume else None
+        self.resumed_from = ckpt  # checkpoint retention never deletes it
         self.tokenizer = self._tokenizer(ckpt)
         self._build_model()
         self._build_loaders()
@@ -94,6 +109,9 @@ class Trainer:
         if ckpt is not None:
             self._resume(ckpt)
         self.start_step = self.step  # memory.json is measured at this process's first step
+        self.nonfinite_steps: list[int] = []  # steps whose update was skipped
+        self.nonfinite_in_row = 0
+        self.reloads = 0  # of the last checkpoint after nonfinite_reload_after such steps in a row
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -181,6 +199,12 @@ class Trainer:
         micro = [self.loader.next_batch() for _ in range(self.tc.grad_accum)]
         tokens = self._count_targets_and_tokens(micro)
         loss, grad_norm = train_step(self.runner, micro, self.ctx, self.tc.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same verdict on every rank
+            moe_stats = discard_update(self.optimizer, self.moes)
+            self.step += 1
+            self._after_nonfinite_step(loss, grad_norm)
+            return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats, update_skipped=True)
+        self.nonfinite_in_row = 0
         with_grads = memory_report(self.model, self.optimizer) if self.step == self.start_step else None
         moe_stats = apply_update(self.optimizer, self.scheduler, self.moes)
         if with_grads is not None:  # optimizer state exists only after the first update
@@ -219,6 +243,8 @@ class Trainer:
                 for s in moe_stats
             ],
         }
+        if result.update_skipped:
+            record["update_skipped"] = True
         if evaluation is not None:
             record["val_loss"] = evaluation.val_loss
             record["tokens_by_source"] = dict(self.loader.tokens_by_source)
@@ -242,6 +268,8 @@ class Trainer:
             train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
             config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
         )
+        if self.ctx.is_main:
+            prune_checkpoints(self.run_dir / "checkpoints", self.tc.keep_last, self.tc.keep_every, self.resumed_from)
 
     def finish(self, last_eval: Evaluation, t_start: float) -> dict:
         summary = {
@@ -257,6 +285,8 @@ class Trainer:
             "tokens_by_source": dict(self.loader.tokens_by_source),
             "tokens_by_skill": dict(self.loader.tokens_by_skill),
             "skipped": self.loader.skips.as_dict(),
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_reloads": self.reloads,
             "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
         }
         if self.ctx.is_main:
@@ -268,6 +298,39 @@ class Trainer:
                 flush=True,
             )
         return summary
+
+    # --- non-finite steps -------------------------------------------------------------------
+
+    def _after_nonfinite_step(self, loss: float, grad_norm: float) -> None:
+        """Counted and reported; `trainer.nonfinite_reload_after` in a row reload the last checkpoint's
+        weights, optimizer and schedule (the data moves on past the batches that diverged); more than
+        `trainer.max_nonfinite_steps` in all stop the run."""
+        tc = self.tc
+        self.nonfinite_steps.append(self.step)
+        self.nonfinite_in_row += 1
+        if self.ctx.is_main:
+            print(f"step {self.step}: loss {loss} / gradient norm {grad_norm} not finite; update skipped "
+                  f"({len(self.nonfinite_steps)} such steps, {self.nonfinite_in_row} in a row)", flush=True)
+        if len(self.nonfinite_steps) > tc.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"{len(self.nonfinite_steps)} steps with a non-finite loss or gradient (trainer.max_nonfinite_steps="
+                f"{tc.max_nonfinite_steps}), at steps {self.nonfinite_steps[:10]}; the last checkpoint is "
+                f"{latest_checkpoint(self.run_dir / 'checkpoints')}; lower trainer.lr or raise trainer.warmup_steps")
+        if tc.nonfinite_reload_after and self.nonfinite_in_row >= tc.nonfinite_reload_after:
+            self._reload_last_checkpoint()
+
+    def _reload_last_checkpoint(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            raise TrainingDiverged(f"{self.nonfinite_in_row} steps in a row with a non-finite loss or gradient "
+                                   f"before any checkpoint, at steps {self.nonfinite_steps[-self.nonfinite_in_row:]}")
+        state, _ = load_train_state(ckpt)
+        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.reloads += 1
+        self.nonfinite_in_row = 0
+        if self.ctx.is_main:
+            print(f"step {self.step}: reloaded the weights, optimizer and schedule of {ckpt}", flush=True)
 
     # --- helpers ----------------------------------------------------------------------------
 

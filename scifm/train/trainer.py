@@ -61,8 +61,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     cfg.validate()
     device = pick_device(cfg.trainer.device, "trainer.device")
-    watch = PreemptionWatch()
     ctx = init_distributed(cfg.parallel, cfg.model, device)
+    watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:
         return Trainer(cfg, ctx.same_path_everywhere(run_dir), ctx).run(watch, t_start)
     except Preempted:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from scifm.core.checkpoint_files import file_sizes
 from scifm.eval.compare import compare
 from scifm.eval.config import EvalConfig, EvalRunConfig, compose_eval_config
 from scifm.eval.multiple_choice import evaluate_multiple_choice
@@ -150,6 +151,8 @@ def test_missing_checkpoint_malformed_task_file_and_foreign_config_are_one_line_
     shutil.copytree(ckpt, foreign)
     cfg_text = (foreign / "config.yaml").read_text()
     (foreign / "config.yaml").write_text(cfg_text.replace("d_model: 128", "d_model: 96", 1))
+    meta = json.loads((foreign / "meta.json").read_text())  # the manifest agrees: only the config lies
+    (foreign / "meta.json").write_text(json.dumps(meta | {"files": file_sizes(foreign)}))
     assert (foreign / "config.yaml").read_text() != cfg_text
     good = write_task_file(tmp_path / "good.jsonl")
     line = one_line_error(run_cli("eval", f"checkpoint={foreign}", f"eval.task_files=[{good}]", cwd=tmp_path))

@@ -14,7 +14,14 @@ import torch
 
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
-from scifm.core.checkpoint_files import complete_checkpoints, is_complete, marked_in_use, step_of
+from scifm.core.checkpoint_files import (
+    META_FILE,
+    complete_checkpoints,
+    is_complete,
+    marked_in_use,
+    require_complete,
+    step_of,
+)
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
@@ -47,8 +54,8 @@ def resolve_checkpoints(spec: str) -> list[Path]:
             raise CheckpointError(f"checkpoint={spec}: the pattern matches no complete checkpoint (no meta.json)")
     else:
         path = Path(spec)
-        if is_complete(path):
-            return [path]
+        if (path / META_FILE).exists():  # a checkpoint: complete, or a one-line reason why not
+            return [require_complete(path)]
         if not path.exists():
             raise CheckpointError(f"checkpoint={spec}: no such checkpoint or run directory")
         found = complete_checkpoints(path / "checkpoints")

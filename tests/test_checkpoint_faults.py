@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint, marked_in_use
-from scifm.core.errors import CheckpointError
+from scifm.core.errors import CheckpointError, ConfigError
 from scifm.train import checkpoint as checkpoint_module
 from scifm.train import trainer as trainer_module
 from scifm.train.checkpoint import prune_checkpoints
@@ -174,7 +175,7 @@ def test_a_run_keeps_only_its_last_checkpoints(make_config, tmp_path):
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(make_config, tmp_path, monkeypatch):
-    real = checkpoint_module.save_checkpoint
+    real = checkpoint_module.start_checkpoint
 
     def save_on_a_full_disk(root, step, **kw):
         if step < 4:
@@ -188,10 +189,39 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(mak
             resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
             signal.signal(signal.SIGXFSZ, old_handler)
 
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(trainer_module, "start_checkpoint", save_on_a_full_disk)
     with pytest.raises(CheckpointError) as err:
         train(make_config(*COMMON), tmp_path)
     message = str(err.value)
     assert "\n" not in message and "could not be written" in message and "step_2" in message, message
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_2"] and is_complete(root / "step_2")
+
+
+def test_asynchronous_checkpoints_hold_what_synchronous_ones_do(run, make_config, tmp_path):
+    """Shards written in the background while training goes on: the same files, weights, optimizer
+    state and losses as the synchronous run's, and a run resumed from one repeats the steps after it."""
+    async_run = tmp_path / "async"
+    train(make_config(*COMMON, "trainer.async_checkpoint=true"), async_run)
+    sync_log, async_log = (r / "metrics.jsonl" for r in (run, async_run))
+    assert [json.loads(x)["loss"] for x in sync_log.read_text().splitlines()] == \
+        [json.loads(x)["loss"] for x in async_log.read_text().splitlines()]
+    for step in (2, 4):
+        a, b = run / f"checkpoints/step_{step}", async_run / f"checkpoints/step_{step}"
+        assert is_complete(b) and set(file_sizes(a)) == set(file_sizes(b))
+        for sub in ("model", "optimizer"):
+            for shard in (a / sub).glob("*.safetensors"):
+                want, got = load_file(shard), load_file(b / sub / shard.name)
+                assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), (step, sub)
+    assert not any(p.name.startswith(".") for p in (async_run / "checkpoints").iterdir())
+    resumed = tmp_path / "resumed"
+    train(make_config(*COMMON, "trainer.async_checkpoint=true", f"resume={async_run / 'checkpoints/step_2'}"),
+          resumed)
+    got = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (resumed / "metrics.jsonl").read_text().splitlines()}
+    want = {json.loads(x)["step"]: json.loads(x)["loss"] for x in sync_log.read_text().splitlines()}
+    assert got == {s: want[s] for s in (3, 4)}
+
+
+def test_asynchronous_checkpoints_with_pipeline_stages_are_refused_in_one_line(make_config):
+    with pytest.raises(ConfigError, match="trainer.async_checkpoint: not available with parallel.pp > 1"):
+        make_config("trainer.async_checkpoint=true", "parallel.pp=2", "trainer.grad_accum=2").validate()

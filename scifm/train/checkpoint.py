@@ -22,6 +22,8 @@ import os
 import pickle
 import shutil
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +47,51 @@ TRAIN_STATE_FILE = "train_state.pt"
 LOADER_FILE = "loader.json"
 TOKENIZER_DIR = "tokenizer"
 
-def save_checkpoint(
+
+def save_checkpoint(root: Path, step: int, **kw) -> None:
+    """Collective: start_checkpoint and its finish, the step waiting for the disk."""
+    start_checkpoint(root, step, **kw).finish()
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose shards may still be in flight: complete, and named step_N, once finished."""
+
+    root: Path
+    step: int
+    tmp: Path
+    ctx: DistContext
+    futures: list[Future]
+
+    @property
+    def final(self) -> Path:
+        return self.root / f"step_{self.step}"
+
+    def finish(self) -> None:
+        """Collective: waits for this rank's shard writes; then rank 0 writes meta.json (the list of
+        every file and its size) and renames the directory into place. A step saved again replaces
+        the old directory only once the new one is whole: the old one is first renamed out of the
+        step_N name, so a kill at any point leaves a complete step_N or none."""
+        try:
+            for future in self.futures:
+                future.result()
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                meta = {"step": self.step, "saved_at": time.time(), "files": file_sizes(self.tmp)}
+                (self.tmp / META_FILE).write_text(json.dumps(meta) + "\n")
+                _replace_dir(self.tmp, self.final)
+        except (OSError, CheckpointException) as err:
+            self.fail(err)
+        self.ctx.barrier()
+
+    def fail(self, err: BaseException) -> None:
+        """A full disk, a quota, a file-size limit: the latest complete checkpoint stays as it was."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise CheckpointError(f"{self.final}: could not be written ({_io_error(err)}); the latest complete "
+                              f"checkpoint is still {latest_checkpoint(self.root)}") from None
+
+
+def start_checkpoint(
     root: Path,
     step: int,
     *,
@@ -57,34 +103,28 @@ def save_checkpoint(
     tokenizer,
     config_yaml: str,
     skipped: dict,
-) -> None:
-    """Collective: every rank writes its shards; rank 0 the rest, meta.json (the list of every file
-    and its size) last, then renames the directory into place. A step saved again replaces the old
-    directory only once the new one is whole: the old one is first renamed out of the step_N name,
-    so a kill at any point leaves either a complete step_N or none (never one resume trips on)."""
-    final = root / f"step_{step}"
+    async_group: torch.distributed.ProcessGroup | None = None,
+    asynchronous: bool = False,
+) -> PendingCheckpoint:
+    """Collective: every rank starts writing its shards (in the background when `asynchronous`,
+    after copying them to CPU memory) into .step_N.tmp; rank 0 writes the other files at once."""
     tmp = root / f".step_{step}.tmp"
     if ctx.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
+    pending = PendingCheckpoint(root, step, tmp, ctx, [])
     try:
-        param_groups = save_sharded(tmp, model, optimizer, ctx.distributed)
-        ctx.barrier()
+        param_groups, pending.futures = save_sharded(tmp, model, optimizer, ctx.distributed, async_group, asynchronous)
         if ctx.is_main:
             torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
             (tmp / LOADER_FILE).write_text(json.dumps(loader_state))
             tokenizer.save(tmp / TOKENIZER_DIR)
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / "skipped.json").write_text(json.dumps(skipped, indent=2) + "\n")
-            meta = {"step": step, "saved_at": time.time(), "files": file_sizes(tmp)}
-            (tmp / META_FILE).write_text(json.dumps(meta) + "\n")
-            _replace_dir(tmp, final)
-    except (OSError, CheckpointException) as err:  # a full disk, a quota, a file-size limit
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{final}: could not be written ({_io_error(err)}); the latest complete checkpoint "
-                              f"is still {latest_checkpoint(root)}") from None
-    ctx.barrier()
+    except (OSError, CheckpointException) as err:
+        pending.fail(err)
+    return pending
 
 
 def prune_checkpoints(root: Path, keep_last: int, keep_every: int, protect: Path | None) -> list[Path]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
@@ -43,16 +45,24 @@ def _quiet_single_process():
         yield
 
 
-def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool) -> list:
+def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool,
+                 async_group: dist.ProcessGroup | None = None, asynchronous: bool = False) -> tuple[list, list[Future]]:
     """Collective: every rank calls it, with the model's parameters sharded (the runner reshards
-    after forward-only passes). Returns the optimizer param groups (for train_state.pt)."""
+    after forward-only passes). Returns the optimizer param groups (for train_state.pt) and, when
+    `asynchronous`, the futures of the writes: the tensors are copied to CPU memory before this
+    returns (training may change them at once), and written by a background thread whose
+    collectives run on `async_group`, never interleaved with training's."""
     optim_state = get_optimizer_state_dict(model, optimizer)
+    futures = []
     with _quiet_single_process():
-        dcp.save(get_model_state_dict(model),
-                 storage_writer=HuggingFaceStorageWriter(str(directory / MODEL_DIR), save_distributed=distributed))
-        dcp.save(_flat_optimizer_tensors(optim_state),
-                 storage_writer=HuggingFaceStorageWriter(str(directory / OPTIMIZER_DIR), save_distributed=distributed))
-    return optim_state["param_groups"]
+        for state, sub in ((get_model_state_dict(model), MODEL_DIR), (_flat_optimizer_tensors(optim_state), OPTIMIZER_DIR)):
+            writer = HuggingFaceStorageWriter(str(directory / sub), save_distributed=distributed)
+            if asynchronous:
+                futures.append(dcp.async_save(state, storage_writer=writer, process_group=async_group,
+                                              no_dist=not distributed))
+            else:
+                dcp.save(state, storage_writer=writer)
+    return optim_state["param_groups"], futures
 
 
 def saved_shapes(directory: Path) -> dict[str, torch.Size]:

@@ -38,9 +38,10 @@ from scifm.train.checkpoint import (
     check_compatible,
     load_tokenizer,
     load_train_state,
+    PendingCheckpoint,
     prune_checkpoints,
     resolve_checkpoint,
-    save_checkpoint,
+    start_checkpoint,
 )
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
@@ -112,6 +113,10 @@ class Trainer:
         self.nonfinite_steps: list[int] = []  # steps whose update was skipped
         self.nonfinite_in_row = 0
         self.reloads = 0  # of the last checkpoint after nonfinite_reload_after such steps in a row
+        self.pending: PendingCheckpoint | None = None  # a save whose shards may still be in flight
+        # background writes synchronise on their own group, never interleaved with training's collectives
+        self.checkpoint_group = (torch.distributed.new_group(backend="gloo")
+                                 if self.tc.async_checkpoint and ctx.distributed else None)
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -191,6 +196,7 @@ class Trainer:
                 self._stop_for_preemption(watch, checkpointed)
         if self.step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
             self.checkpoint()
+        self.wait_for_checkpoint()
         # resumed at max_steps, or max_steps=0: nothing trained, still report
         return self.finish(last_eval or self.validate(), t_start)
 
@@ -255,7 +261,10 @@ class Trainer:
         return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx)
 
     def checkpoint(self) -> None:
-        """Collective: every rank writes its shards of step_N; rank 0 the rest."""
+        """Collective: every rank writes its shards of step_N; rank 0 the rest. With
+        trainer.async_checkpoint the shards are written in the background while training goes on,
+        and the checkpoint becomes step_N (meta.json, rename) when the next save, the end of the
+        run or a pre-emption waits for it."""
         train_state = {
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -263,11 +272,22 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "unigram_counts": self._global_unigram(),
         }
-        save_checkpoint(
+        self.wait_for_checkpoint()  # one save in flight at a time
+        self.pending = start_checkpoint(
             self.run_dir / "checkpoints", self.step, model=self.model, optimizer=self.optimizer, ctx=self.ctx,
             train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
             config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
+            async_group=self.checkpoint_group, asynchronous=self.tc.async_checkpoint,
         )
+        if not self.tc.async_checkpoint:
+            self.wait_for_checkpoint()
+
+    def wait_for_checkpoint(self) -> None:
+        """Collective: completes the save in flight, if any, then applies checkpoint retention."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        pending.finish()
         if self.ctx.is_main:
             prune_checkpoints(self.run_dir / "checkpoints", self.tc.keep_last, self.tc.keep_every, self.resumed_from)
 
@@ -320,6 +340,7 @@ class Trainer:
             self._reload_last_checkpoint()
 
     def _reload_last_checkpoint(self) -> None:
+        self.wait_for_checkpoint()
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             raise TrainingDiverged(f"{self.nonfinite_in_row} steps in a row with a non-finite loss or gradient "
@@ -340,6 +361,7 @@ class Trainer:
     def _stop_for_preemption(self, watch: PreemptionWatch, checkpointed: bool) -> None:
         if not checkpointed:
             self.checkpoint()
+        self.wait_for_checkpoint()
         if self.ctx.is_main:
             cause = watch.received.name if watch.received else "a signal on another rank"
             print(f"pre-empted by {cause}: checkpoint of step {self.step} written; exiting with code "

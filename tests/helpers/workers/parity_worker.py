@@ -119,7 +119,7 @@ def save_resume_reshard(cfg, ctx: DistContext, tokenizer, trained: Training, loa
     model.eval()
     trained.runner.loss_sum(loader.next_batch())
     model.train()
-    param_groups = save_sharded(ckpt_dir, model, trained.optimizer, ctx.distributed)
+    param_groups, _ = save_sharded(ckpt_dir, model, trained.optimizer, ctx.distributed)
     whole = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     load_model_weights(ckpt_dir, whole)
     saved = whole.state_dict()

@@ -225,3 +225,11 @@ def test_asynchronous_checkpoints_hold_what_synchronous_ones_do(run, make_config
 def test_asynchronous_checkpoints_with_pipeline_stages_are_refused_in_one_line(make_config):
     with pytest.raises(ConfigError, match="trainer.async_checkpoint: not available with parallel.pp > 1"):
         make_config("trainer.async_checkpoint=true", "parallel.pp=2", "trainer.grad_accum=2").validate()
+
+
+def test_a_checkpoint_from_before_the_file_list_is_judged_by_its_standard_files(copy):
+    ckpt = copy / "step_4"
+    (ckpt / META_FILE).write_text(json.dumps({"step": 4, "saved_at": 0.0}))  # what earlier versions wrote
+    assert latest_checkpoint(copy) == ckpt
+    (ckpt / "loader.json").unlink()
+    assert latest_checkpoint(copy).name == "step_2"

@@ -20,7 +20,7 @@ STEPS = 6
 
 
 def command(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    # a checkpoint every step: a random kill lands in a save about as often as in a step
+    # a checkpoint every step: a random kill can land inside a save as well as inside a step
     return [sys.executable, "-m", "scifm.train", "experiment=tiny", f"data.corpus_dir={corpus_dir}",
             f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", f"trainer.max_steps={STEPS}",
             "trainer.ckpt_every=1", "trainer.log_every=1", "trainer.val_every=100", "trainer.batch_size=4",

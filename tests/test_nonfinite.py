@@ -19,9 +19,10 @@ COMMON = ("trainer.max_steps=5", "trainer.ckpt_every=1", "trainer.log_every=1", 
 
 @pytest.fixture
 def poison(monkeypatch):
-    """poison({2, 3}): the gradients and loss of those steps (1-based) become NaN."""
+    """poison({2, 3}): the gradients and loss of those steps (1-based) become NaN; with
+    corrupt_weights the weights drift too (+1), as a state that went bad would."""
 
-    def install(bad_steps: set[int]) -> None:
+    def install(bad_steps: set[int], corrupt_weights: bool = False) -> None:
         real, calls = trainer_module.train_step, [0]
 
         def train_step(runner, micro, ctx, grad_clip):
@@ -32,6 +33,8 @@ def poison(monkeypatch):
             for p in runner.model.parameters():
                 if p.grad is not None:
                     p.grad.fill_(float("nan"))
+                if corrupt_weights:
+                    p.data.add_(1.0)
             return float("nan"), float("nan")
 
         monkeypatch.setattr(trainer_module, "train_step", train_step)
@@ -55,11 +58,11 @@ def test_a_nonfinite_step_changes_nothing_and_is_counted(make_config, tmp_path, 
 
 
 def test_nonfinite_steps_in_a_row_reload_the_last_checkpoint(make_config, tmp_path, poison, capsys):
-    poison({3, 4})
-    summary = train(make_config(*COMMON, "trainer.nonfinite_reload_after=2"), tmp_path)
+    poison({3, 4}, corrupt_weights=True)
+    summary = train(make_config(*COMMON, "trainer.ckpt_every=2", "trainer.nonfinite_reload_after=2"), tmp_path)
     assert summary["nonfinite_steps"] == [3, 4] and summary["nonfinite_reloads"] == 1
     assert "reloaded the weights, optimizer and schedule of" in capsys.readouterr().out
-    # the checkpoint of step 4 holds step 2's weights: steps 3 and 4 skipped, then step 2 reloaded
+    # steps 3 and 4 left the weights drifted by +2; the reload after step 4 brought back step 2's
     before, after = weights(tmp_path / "checkpoints/step_2"), weights(tmp_path / "checkpoints/step_4")
     assert all(torch.equal(before[k], after[k]) for k in before)
 

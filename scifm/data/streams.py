@@ -111,7 +111,8 @@ class DocumentStream:
         self._skill_edges = _skill_edges(skills or ({skill: 1} if skill else {}))
         self.cursor: Cursor = (0, 0, 1)
         self._lines: Iterator[tuple[int, bytes]] | None = None
-        self._digest = hashlib.sha256()  # None: not known until the file is opened again
+        # SHA-256 of this file's lines read so far; None after a seek until the file is opened again
+        self._digest: hashlib._Hash | None = hashlib.sha256()
         self._matched_this_epoch = False
 
     def seek(self, cursor: Cursor, prefix_sha256: str | None = None) -> None:

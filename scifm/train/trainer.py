@@ -163,13 +163,17 @@ class Trainer:
         except (KeyError, IndexError, TypeError, ValueError, StopIteration) as err:
             raise CheckpointError(f"{ckpt / 'loader.json'}: not a state of this run's data loader "
                                   f"({type(err).__name__}: {err}); the checkpoint is damaged") from None
-        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_weights_optimizer_schedule(ckpt, state)
         torch.set_rng_state(state["torch_rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.ctx.is_main:  # the saved counts are global: one rank carries them on
             self.unigram_counts = state["unigram_counts"]
             print(f"resumed from {ckpt} at step {self.step}", flush=True)
+
+    def _load_weights_optimizer_schedule(self, ckpt: Path, state: dict) -> None:
+        """What both a resume and a reload after non-finite steps take from a checkpoint."""
+        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -345,9 +349,7 @@ class Trainer:
         if ckpt is None:
             raise TrainingDiverged(f"{self.nonfinite_in_row} steps in a row with a non-finite loss or gradient "
                                    f"before any checkpoint, at steps {self.nonfinite_steps[-self.nonfinite_in_row:]}")
-        state, _ = load_train_state(ckpt)
-        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_weights_optimizer_schedule(ckpt, load_train_state(ckpt)[0])
         self.reloads += 1
         self.nonfinite_in_row = 0
         if self.ctx.is_main:

@@ -123,9 +123,6 @@ class RunConfig:
         self.trainer.validate()
         self.parallel.validate(self.model.n_layers, self.trainer.grad_accum)
         self.cluster.validate()
-        # measured: dcp.async_save's background plan collectives hang with pipeline stages (torch 2.13, gloo)
-        require(not (self.trainer.async_checkpoint and self.parallel.pp > 1), "trainer.async_checkpoint",
-                "not available with parallel.pp > 1 yet (its background writes hang there); leave it false")
         require(self.model.max_seq_len >= self.data.seq_len, "data.seq_len",
                  f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         dp_size = self.parallel.dp_replicate * self.parallel.dp_shard

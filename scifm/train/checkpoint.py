@@ -103,10 +103,9 @@ def start_checkpoint(
     tokenizer,
     config_yaml: str,
     skipped: dict,
-    async_group: torch.distributed.ProcessGroup | None = None,
-    asynchronous: bool = False,
+    async_groups: dict[str, torch.distributed.ProcessGroup | None] | None = None,
 ) -> PendingCheckpoint:
-    """Collective: every rank starts writing its shards (in the background when `asynchronous`,
+    """Collective: every rank starts writing its shards (in the background with `async_groups`,
     after copying them to CPU memory) into .step_N.tmp; rank 0 writes the other files at once."""
     tmp = root / f".step_{step}.tmp"
     if ctx.is_main:
@@ -115,7 +114,7 @@ def start_checkpoint(
     ctx.barrier()
     pending = PendingCheckpoint(root, step, tmp, ctx, [])
     try:
-        param_groups, pending.futures = save_sharded(tmp, model, optimizer, ctx.distributed, async_group, asynchronous)
+        param_groups, pending.futures = save_sharded(tmp, model, optimizer, ctx.distributed, async_groups)
         if ctx.is_main:
             torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
             (tmp / LOADER_FILE).write_text(json.dumps(loader_state))

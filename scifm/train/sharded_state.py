@@ -45,20 +45,27 @@ def _quiet_single_process():
         yield
 
 
+def async_save_groups(distributed: bool) -> dict[str, dist.ProcessGroup | None]:
+    """Collective: one gloo group per directory that save_sharded writes in the background. Each
+    async save runs its collectives on its own thread; two saves sharing a group interleave them in
+    a different order on different ranks and deadlock (measured with pipeline stages)."""
+    return {sub: dist.new_group(backend="gloo") if distributed else None for sub in (MODEL_DIR, OPTIMIZER_DIR)}
+
+
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool,
-                 async_group: dist.ProcessGroup | None = None, asynchronous: bool = False) -> tuple[list, list[Future]]:
+                 async_groups: dict[str, dist.ProcessGroup | None] | None = None) -> tuple[list, list[Future]]:
     """Collective: every rank calls it, with the model's parameters sharded (the runner reshards
-    after forward-only passes). Returns the optimizer param groups (for train_state.pt) and, when
-    `asynchronous`, the futures of the writes: the tensors are copied to CPU memory before this
-    returns (training may change them at once), and written by a background thread whose
-    collectives run on `async_group`, never interleaved with training's."""
+    after forward-only passes). Returns the optimizer param groups (for train_state.pt) and, with
+    `async_groups` (from async_save_groups), the futures of the writes: the tensors are copied to
+    CPU memory before this returns (training may change them at once), and written by background
+    threads whose collectives run on those groups, never interleaved with training's."""
     optim_state = get_optimizer_state_dict(model, optimizer)
     futures = []
     with _quiet_single_process():
         for state, sub in ((get_model_state_dict(model), MODEL_DIR), (_flat_optimizer_tensors(optim_state), OPTIMIZER_DIR)):
             writer = HuggingFaceStorageWriter(str(directory / sub), save_distributed=distributed)
-            if asynchronous:
-                futures.append(dcp.async_save(state, storage_writer=writer, process_group=async_group,
+            if async_groups is not None:
+                futures.append(dcp.async_save(state, storage_writer=writer, process_group=async_groups[sub],
                                               no_dist=not distributed))
             else:
                 dcp.save(state, storage_writer=writer)

@@ -46,7 +46,7 @@ from scifm.train.checkpoint import (
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
-from scifm.train.sharded_state import load_sharded
+from scifm.train.sharded_state import async_save_groups, load_sharded
 from scifm.train.step import (
     Evaluation,
     apply_update,
@@ -114,9 +114,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         self.reloads = 0  # of the last checkpoint after nonfinite_reload_after such steps in a row
         self.pending: PendingCheckpoint | None = None  # a save whose shards may still be in flight
-        # background writes synchronise on their own group, never interleaved with training's collectives
-        self.checkpoint_group = (torch.distributed.new_group(backend="gloo")
-                                 if self.tc.async_checkpoint and ctx.distributed else None)
+        # background writes synchronise on their own groups, never interleaved with training's collectives
+        self.async_groups = async_save_groups(ctx.distributed) if self.tc.async_checkpoint else None
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -281,7 +280,7 @@ class Trainer:
             self.run_dir / "checkpoints", self.step, model=self.model, optimizer=self.optimizer, ctx=self.ctx,
             train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
             config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
-            async_group=self.checkpoint_group, asynchronous=self.tc.async_checkpoint,
+            async_groups=self.async_groups,
         )
         if not self.tc.async_checkpoint:
             self.wait_for_checkpoint()

@@ -17,6 +17,7 @@ from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_erro
 from scifm.data.config import DataConfig
 from scifm.model.config import ModelConfig
 from scifm.parallel.config import ParallelConfig
+from scifm.parallel.fp8_config import Fp8Config
 
 
 @dataclass
@@ -32,7 +33,10 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16
+    # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp8 (trainer.fp8 layers in FP8,
+    # the rest as auto)
+    precision: str = "auto"
+    fp8: Fp8Config = field(default_factory=Fp8Config)
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10
     val_every: int = 100
@@ -56,8 +60,9 @@ class TrainerConfig:
         for key in ("beta1", "beta2"):  # what AdamW accepts
             require(0 <= getattr(self, key) < 1, f"trainer.{key}", f"must be in [0, 1), got {getattr(self, key)}")
         require(self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0")
-        require(self.precision in ("auto", "fp32", "bf16"), "trainer.precision",
-                 f"must be auto, fp32 or bf16, got {self.precision!r}")
+        require(self.precision in ("auto", "fp32", "bf16", "fp8"), "trainer.precision",
+                 f"must be auto, fp32, bf16 or fp8, got {self.precision!r}")
+        self.fp8.validate()
         require(self.device in ("auto", "cpu", "cuda"), "trainer.device",
                  f"must be auto, cpu or cuda, got {self.device!r}")
         for key in ("log_every", "val_every"):

@@ -27,6 +27,10 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory) -> Path:
+    """Built once per session; SCIFM_TEST_CORPUS names one built beforehand (bench/gpu.sh carries one
+    to a GPU machine that lacks the packages the corpus is built from)."""
+    if os.environ.get("SCIFM_TEST_CORPUS"):
+        return Path(os.environ["SCIFM_TEST_CORPUS"])
     from scifm.data.corpus import build_corpus
 
     out = tmp_path_factory.mktemp("corpus")

@@ -10,8 +10,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL_CORPUS_DOCS
+from helpers.torchrun import train_under_torchrun
 from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint, marked_in_use
 from scifm.core.errors import CheckpointError
 from scifm.train import checkpoint as checkpoint_module
@@ -226,20 +225,10 @@ def test_asynchronous_checkpoints_hold_what_synchronous_ones_do(run, make_config
 
 
 def torchrun_train(corpus_dir: Path, run_dir: Path, *extra: str) -> dict[int, float]:
-    """Two processes, two pipeline stages; returns the logged loss of each step."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scifm.train",
-           "experiment=tiny", f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}",
-           "parallel.pp=2", "trainer.grad_accum=2", *COMMON, "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:  # a deadlock in the background writes: fail, and leave no workers behind
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    """Two processes, two pipeline stages, a save every step; returns the logged loss of each step."""
+    return train_under_torchrun(2, run_dir, "experiment=tiny", f"data.corpus_dir={corpus_dir}",
+                                f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", "parallel.pp=2",
+                                "trainer.grad_accum=2", *COMMON, "trainer.ckpt_every=1", *extra)
 
 
 @pytest.mark.slow

@@ -26,9 +26,10 @@ def pick_device(name: str, key: str) -> torch.device:
 
 
 def autocast_for(precision: str, device: torch.device):
-    """bf16 autocast where asked (or, with auto, on a GPU that supports it); fp32 otherwise."""
+    """bf16 autocast where asked (or, with auto, on a GPU that supports it); fp32 otherwise. Under fp8
+    the layers left out of FP8 run as under auto."""
     use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision in ("auto", "fp8") and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -131,13 +131,17 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         # False forces the per-expert fallback (tests, builds without a usable grouped GEMM)
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
+        # set from outside to replace each expert's x_ND @ w_DF (e.g. by an FP8 matmul); forces the
+        # per-expert path, since a grouped GEMM kernel has no hook per matmul
+        self.expert_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
         for w in (self.w1, self.w3, self.w2):
             bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default range, per expert
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by expert; tokens_per_expert_E[e] rows belong to expert e (zeros allowed)."""
-        return swiglu_experts(x_AD, tokens_per_expert_E, self.w1, self.w3, self.w2, self.use_grouped_mm)
+        return swiglu_experts(x_AD, tokens_per_expert_E, self.w1, self.w3, self.w2, self.use_grouped_mm,
+                              self.expert_mm)
 
 
 def swiglu_experts(
@@ -147,20 +151,23 @@ def swiglu_experts(
     w3_EDF: torch.Tensor,
     w2_EFD: torch.Tensor,
     use_grouped_mm: bool,
+    expert_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """SwiGLU of expert e on its tokens_per_expert_E[e] rows of x_AD (sorted by expert).
 
     A function of the weights so that expert parallelism can run it on this rank's experts.
+    `expert_mm` (GroupedExperts.expert_mm) replaces the per-expert matmul.
     """
     weights = (w1_EDF, w3_EDF, w2_EFD)
-    if use_grouped_mm and _grouped_mm_usable(weights):
+    if expert_mm is None and use_grouped_mm and _grouped_mm_usable(weights):
         # same three ops whatever the counts, so every rank issues identical work under EP/TP
         offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
         h_AF = F.silu(torch._grouped_mm(x_AD, w1_EDF, offs=offs_E)) * torch._grouped_mm(x_AD, w3_EDF, offs=offs_E)
         return torch._grouped_mm(h_AF, w2_EFD, offs=offs_E)
     # loop over experts, not tokens; empty slices still run so the op sequence is fixed
+    mm = expert_mm or torch.matmul
     chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
-    out = [(F.silu(x_ND @ w1_EDF[e]) * (x_ND @ w3_EDF[e])) @ w2_EFD[e] for e, x_ND in enumerate(chunks)]
+    out = [mm(F.silu(mm(x_ND, w1_EDF[e])) * mm(x_ND, w3_EDF[e]), w2_EFD[e]) for e, x_ND in enumerate(chunks)]
     return torch.cat(out, dim=0)
 
 

@@ -73,6 +73,7 @@ class ExpertParallelExperts(nn.Module):
         self.n_local = experts.w1.shape[0] // self.ep
         self.group = ep_mesh.get_group()
         self.use_grouped_mm = experts.use_grouped_mm
+        self.expert_mm = experts.expert_mm  # set before sharding (FP8 converts first)
         # src_data_rank=None: every rank holds the same full weights, so take the block, no scatter
         self.w1 = nn.Parameter(distribute_tensor(experts.w1.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
         self.w3 = nn.Parameter(distribute_tensor(experts.w3.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
@@ -101,7 +102,8 @@ class ExpertParallelExperts(nn.Module):
         order_N = _expert_major_order(recv_RJ, sum(recv_splits))
         scale = self.tp / self.ep
         w1, w3, w2 = (_ScaleGrad.apply(w.to_local(), scale) for w in (self.w1, self.w3, self.w2))
-        y_ND = swiglu_experts(x_ND[order_N], recv_RJ.sum(dim=0), w1, w3, w2, self.use_grouped_mm)
+        y_ND = swiglu_experts(x_ND[order_N], recv_RJ.sum(dim=0), w1, w3, w2, self.use_grouped_mm,
+                              self.expert_mm)
         y_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)  # back to arrival order
         return funcol.all_to_all_single(y_ND, send_splits, recv_splits, self.group)
 

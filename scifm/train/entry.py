@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from scifm.config import RunConfig, compose_run_config  # importing it registers run_schema
 from scifm.core.errors import ConfigError, ScifmError, exit_on_user_error
 from scifm.core.hydra_compose import CONFIG_MODULE, expand_sweep
+from scifm.core.device import pick_device
 from scifm.parallel.distributed import dims_of
+from scifm.parallel.fp8 import resolve_fp8
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
 QUIET_RANK_WAIT_S = 30.0
@@ -53,6 +55,8 @@ def check_before_work(cfg: RunConfig) -> None:
     """What every rank finds alike before any work: the ranges, and the layout against the world."""
     cfg.validate()
     dims_of(cfg.parallel).validate(cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.trainer.precision == "fp8":
+        resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
 
 
 def exit_on_config_error(err: ConfigError) -> None:

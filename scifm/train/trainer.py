@@ -31,6 +31,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
+from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
@@ -62,6 +63,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     t_start = time.perf_counter()
     cfg.validate()
     device = pick_device(cfg.trainer.device, "trainer.device")
+    if cfg.trainer.precision == "fp8":
+        resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:
@@ -135,8 +138,14 @@ class Trainer:
         self.total_params, self.active_params = count_params(model, cfg.model)
         self.full_shapes = {k: v.shape for k, v in model.state_dict().items()}
         self.vocab = model.output.out_features
-        self.runner = parallelize(model.to(ctx.device), ctx, cfg.parallel, scaled_cross_entropy,
-                                  autocast_for(tc.precision, ctx.device))
+        model, autocast = model.to(ctx.device), autocast_for(tc.precision, ctx.device)
+        self.fp8 = None
+        if tc.precision == "fp8":  # before any sharding: the layers are swapped whole
+            self.fp8 = apply_fp8(model, tc.fp8, ctx.device)
+            autocast = self.fp8.forward_context(autocast)
+            if ctx.is_main:
+                print(self.fp8.describe(), flush=True)
+        self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
         self.model = self.runner.model  # this rank's (sharded) modules
         self.optimizer = build_optimizer(self.model, tc)
         self.scheduler = build_scheduler(self.optimizer, tc)
@@ -312,6 +321,9 @@ class Trainer:
             "nonfinite_reloads": self.reloads,
             "checkpoint": str(latest_checkpoint(self.run_dir / "checkpoints")),
         }
+        if self.fp8 is not None:
+            summary["fp8"] = {"backend": self.fp8.backend, "recipe": self.fp8.recipe, "linear_layers": len(self.fp8.linears),
+                              "expert_blocks": len(self.fp8.experts), "high_precision_misfits": self.fp8.misfits}
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(

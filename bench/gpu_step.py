@@ -1,0 +1,127 @@
+"""Training step speed of a Qwen3-30B-A3B-shaped model on one GPU, bf16 against FP8, in one run.
+
+The shape is Qwen3-30B-A3B's (width 2048, 32 query / 4 KV heads of 128, 128 experts top-8 of width
+768, vocabulary 151936) with fewer layers, so that weights, gradients and AdamW state fit one GPU.
+Each mode builds the model, runs warm-up steps, then times steps of forward, backward and AdamW
+(fused) on random tokens; modes run one after another (two such models do not fit together).
+
+  bf16          bf16 autocast, fp32 master weights (trainer.precision=bf16)
+  fp8           trainer.precision=fp8 with the default layers (torchao tensorwise Linear layers, the
+                routed experts through per-expert scaled matmuls)
+  fp8_dense     FP8 Linear layers only; routed experts stay in bf16 (trainer.fp8.exclude adds *experts)
+
+Model FLOPs per token: 6 x the matmul parameters a token uses (attention, router, its top-k experts,
+output) + 12 x layers x heads x head_dim x sequence for attention scores (torchtitan's count, no
+causal halving). MFU is against the GPU's dense bf16 peak (`--peak-tflops`, default H100/H200 SXM).
+
+  python bench/gpu_step.py --layers 6 --out gpu_step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from scifm.core.device import autocast_for
+from scifm.core.encoders_config import EncodersConfig
+from scifm.model.config import ModelConfig, MoEConfig
+from scifm.model.multimodal import ScientificMoE
+from scifm.parallel.fp8 import apply_fp8
+from scifm.parallel.fp8_config import Fp8Config
+
+VOCAB = 151936
+
+
+def qwen3_30b_a3b_shape(layers: int, seq: int) -> ModelConfig:
+    moe = MoEConfig(n_experts=128, top_k=8, expert_ffn=768, n_shared_experts=0, aux_loss_coef=0.001)
+    return ModelConfig(name="qwen3-30b-a3b-cut", vocab_size=VOCAB, d_model=2048, n_layers=layers, n_heads=32,
+                       n_kv_heads=4, head_dim=128, n_dense_layers=0, rope_theta=1e6, max_seq_len=seq, moe=moe,
+                       encoders=EncodersConfig())
+
+
+def flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    d, hd = cfg.d_model, cfg.head_dim
+    attention = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    moe = d * cfg.moe.n_experts + cfg.moe.top_k * 3 * d * cfg.moe.expert_ffn
+    matmul_params = cfg.n_layers * (attention + moe) + d * cfg.vocab_size
+    return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * hd * seq
+
+
+def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int) -> dict:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    with device:
+        model = ScientificMoE(cfg, {"total": VOCAB, "text": VOCAB, "latex": 512, "protein": 32})  # encoders idle
+    autocast = autocast_for("bf16", device)
+    fp8_layers = None
+    if mode != "bf16":
+        exclude = Fp8Config().exclude + (["*experts"] if mode == "fp8_dense" else [])
+        conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)
+        autocast = conversion.forward_context(autocast)
+        fp8_layers = {"linear_layers": len(conversion.linears), "expert_blocks": len(conversion.experts)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
+    positions = torch.arange(seq, device=device).expand(batch, seq)
+    doc_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with autocast:
+            logits = model(tokens[:, :-1], positions, doc_ids)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    result = {"mode": mode, "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
+              "tokens_per_second": batch * seq / seconds, "loss": loss.item(),
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "fp8": fp8_layers}
+    del model, optimizer, logits, loss
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    parser.add_argument("--modes", default="bf16,fp8,fp8_dense")
+    parser.add_argument("--out", default="gpu_step.json")
+    args = parser.parse_args()
+    cfg = qwen3_30b_a3b_shape(args.layers, args.seq)
+    per_token = flops_per_token(cfg, args.seq)
+    results = []
+    for mode in args.modes.split(","):
+        r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps)
+        r["model_tflops"] = r["tokens_per_second"] * per_token / 1e12
+        r["mfu"] = r["model_tflops"] / args.peak_tflops
+        results.append(r)
+        print(f"{mode:10s} {r['tokens_per_second']:9.0f} tok/s  {r['model_tflops']:6.1f} TFLOP/s  "
+              f"MFU {r['mfu']:.1%}  peak {r['peak_memory_gib']:.1f} GiB  spread {r['step_seconds_spread']:.2f}",
+              flush=True)
+    base = results[0]["tokens_per_second"]
+    for r in results[1:]:
+        print(f"{r['mode']} / {results[0]['mode']} tokens/s: {r['tokens_per_second'] / base:.2f}")
+    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
+            "flops_per_token": per_token, "results": results}
+    with open(args.out, "w") as f:
+        json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""FP8 training (trainer.precision=fp8), applied to a built model from outside, before any sharding.
+
+The candidates are the model's nn.Linear layers and its routed experts; trainer.fp8.include /
+exclude choose among them. A chosen layer whose matmul dimensions are not multiples of 16 (what
+FP8 GEMM kernels take) stays in high precision and is listed, once, in the run's log.
+
+- torchao: each chosen Linear becomes torchao's Float8Linear with the recipe's scaling
+  (tensorwise, rowwise, rowwise_with_gw_hp); it keeps its `weight` parameter, so checkpoints hold
+  the same high-precision master weights under the same names and need no FP8 to load.
+- te: each chosen Linear becomes Transformer Engine's Linear (same weight), and forward passes run
+  under te.fp8_autocast with the recipe (delayed, current, blockwise, mxfp8).
+- Routed experts, under either backend: each expert's three matmuls run through torch._scaled_mm
+  with tensorwise dynamic scales (e4m3 forward, e5m2 gradients), one scale per expert and tensor.
+  This is GroupedExperts.expert_mm, so expert parallelism runs it unchanged; torchao's and TE's
+  grouped FP8 kernels are not used.
+
+Shape suffixes: N rows, D in features, F out features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import importlib
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scifm.core.checks import require
+from scifm.model.moe import GroupedExperts
+from scifm.parallel.fp8_config import DEFAULT_RECIPE, TE_RECIPES, TORCHAO_RECIPES, Fp8Config
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+ALIGN = 16  # FP8 GEMMs (cuBLASLt) need the reduced and the output dimension in multiples of 16
+MIN_CAPABILITY = {"te": {"delayed": (8, 9), "current": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)},
+                  "torchao": {recipe: (8, 9) for recipe in TORCHAO_RECIPES}}
+
+
+@contextlib.contextmanager
+def _quiet_torchao():
+    """torchao warns on import for each CUDA kernel library that cannot load (all of them on a CPU),
+    and torch about a deprecated registration torchao makes: nothing a user can act on."""
+    logs = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, levels):
+            log.setLevel(level)
+
+
+def _importable(module: str) -> bool:
+    try:
+        with _quiet_torchao():
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_fp8(cfg: Fp8Config, device: torch.device) -> tuple[str, str]:
+    """-> (backend, recipe) this machine runs, or a one-line ConfigError saying what would work."""
+    backend = cfg.backend
+    if backend == "auto":
+        te_fits = device.type == "cuda" and (not cfg.recipe or cfg.recipe in TE_RECIPES)
+        backend = "te" if te_fits and _importable("transformer_engine.pytorch") else "torchao"
+    recipe = cfg.recipe or DEFAULT_RECIPE[backend]
+    if backend == "te":
+        require(device.type == "cuda", "trainer.fp8.backend",
+                f"te (Transformer Engine) runs on CUDA GPUs, and this run is on {device.type}; "
+                "use trainer.fp8.backend=torchao")
+        require(_importable("transformer_engine.pytorch"), "trainer.fp8.backend",
+                "te: Transformer Engine is not installed (pip install -e '.[gpu]' on a CUDA machine); "
+                "use trainer.fp8.backend=torchao")
+    else:
+        require(_importable("torchao.float8"), "trainer.fp8.backend",
+                "torchao is not installed (pip install -e '.[fp8]')")
+        require(recipe in TORCHAO_RECIPES, "trainer.fp8.recipe",
+                f"{recipe} needs trainer.fp8.backend=te on a CUDA GPU with Transformer Engine; here the "
+                f"backend is torchao, whose recipes are {', '.join(TORCHAO_RECIPES)}")
+    if device.type == "cuda":
+        have, need = torch.cuda.get_device_capability(device), MIN_CAPABILITY[backend][recipe]
+        require(have >= need, "trainer.fp8.recipe",
+                f"{backend} {recipe} needs a GPU of compute capability {need[0]}.{need[1]} or newer, this one is "
+                f"{have[0]}.{have[1]}" + ("; use trainer.fp8.recipe=blockwise or current" if recipe == "mxfp8" else ""))
+    return backend, recipe
+
+
+@dataclass
+class Fp8Conversion:
+    backend: str
+    recipe: str
+    linears: list[str] = field(default_factory=list)  # now FP8 Linear modules
+    experts: list[str] = field(default_factory=list)  # GroupedExperts with FP8 expert matmuls
+    misfits: list[str] = field(default_factory=list)  # chosen, but dimensions FP8 kernels cannot take
+    te_recipe: object = None  # the te recipe object forward passes run under
+
+    def forward_context(self, autocast):
+        """The precision context of forward passes: `autocast`, plus te.fp8_autocast under te."""
+        if self.backend != "te":
+            return autocast
+        import transformer_engine.pytorch as te
+
+        return _Stacked(autocast, lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe))
+
+    def describe(self) -> str:
+        line = (f"fp8: {self.backend} {self.recipe}; {len(self.linears)} linear layers and "
+                f"{len(self.experts)} routed-expert blocks (per-expert scaled matmuls) in FP8")
+        if self.misfits:
+            line += (f"; kept in high precision, dimensions not multiples of {ALIGN}: "
+                     f"{', '.join(self.misfits)}")
+        return line
+
+
+class _Stacked:
+    """A reusable context: enters `outer`, then a fresh context from `make_inner` (te's are one-shot)."""
+
+    def __init__(self, outer, make_inner):
+        self.outer, self.make_inner, self.stack = outer, make_inner, None
+
+    def __enter__(self):
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(self.outer)
+        self.stack.enter_context(self.make_inner())
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def _chosen(name: str, cfg: Fp8Config) -> bool:
+    return (any(fnmatch.fnmatchcase(name, p) for p in cfg.include)
+            and not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude))
+
+
+def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conversion:
+    """Converts the chosen layers of `model` (whole, unsharded) in place."""
+    backend, recipe = resolve_fp8(cfg, device)
+    conversion = Fp8Conversion(backend, recipe)
+    linears = []
+    for name, module in model.named_modules():
+        if not name or not _chosen(name, cfg):
+            continue
+        if isinstance(module, GroupedExperts):
+            _, d, f = module.w1.shape
+            if d % ALIGN or f % ALIGN:
+                conversion.misfits.append(name)
+                continue
+            module.expert_mm = fp8_matmul
+            conversion.experts.append(name)
+        elif type(module) is nn.Linear:
+            if module.in_features % ALIGN or module.out_features % ALIGN:
+                conversion.misfits.append(name)
+            else:
+                linears.append(name)
+    if backend == "torchao":
+        _to_torchao(model, set(linears), recipe)
+    else:
+        conversion.te_recipe = _to_te(model, linears, recipe)
+    conversion.linears = linears
+    return conversion
+
+
+def _to_torchao(model: nn.Module, names: set[str], recipe: str) -> None:
+    with _quiet_torchao():
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+
+    class EmptySafeFloat8Linear(Float8Linear):
+        """An encoder sees no rows when a batch has none of its modality; Float8Linear's amax of an
+        empty tensor raises, and a matmul of no rows has nothing to scale."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.numel() == 0:
+                return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return super().forward(x)
+
+    config = Float8LinearConfig.from_recipe_name(recipe)
+    convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
+    for name in names:
+        model.get_submodule(name).__class__ = EmptySafeFloat8Linear
+
+
+def _to_te(model: nn.Module, names: list[str], recipe: str):
+    """Untested here: Transformer Engine installs only against a CUDA build of torch."""
+    import transformer_engine.pytorch as te
+    from transformer_engine.common import recipe as te_recipes
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        new = te.Linear(old.in_features, old.out_features, bias=old.bias is not None,
+                        params_dtype=old.weight.dtype, device=old.weight.device)
+        with torch.no_grad():  # the same weights: FP8 is a compute precision, not a new model
+            new.weight.copy_(old.weight)
+            if old.bias is not None:
+                new.bias.copy_(old.bias)
+        setattr(parent, child, new)
+    make = {"delayed": te_recipes.DelayedScaling, "current": te_recipes.Float8CurrentScaling,
+            "blockwise": te_recipes.Float8BlockScaling, "mxfp8": te_recipes.MXFP8BlockScaling}
+    return make[recipe]()
+
+
+# --- per-expert FP8 matmuls ---------------------------------------------------------------------
+
+
+def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensorwise dynamic scaling: -> (t scaled into dtype's range, the inverse scale in fp32)."""
+    fmax = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
+    scale = fmax / amax.clamp(min=1e-12)
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+
+
+def _scaled_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    a8, a_inv = _to_fp8(a_MK, a_dtype)
+    b8, b_inv = _to_fp8(b_KN, b_dtype)
+    # the kernels take the first operand row-major and the second column-major
+    return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv,
+                            out_dtype=out_dtype)
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    """x_ND @ w_DF in FP8: e4m3 operands forward; gradients in e5m2 (wider range) against e4m3."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, w_DF: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_ND, w_DF)
+        return _scaled_mm(x_ND, w_DF, E4M3, E4M3, x_ND.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x_ND, w_DF = ctx.saved_tensors
+        grad_x_ND = _scaled_mm(grad_NF, w_DF.t(), E5M2, E4M3, x_ND.dtype)
+        # the reduced dimension here is the rows, any count: zero rows pad it (they add nothing)
+        pad = -x_ND.shape[0] % ALIGN or (ALIGN if x_ND.shape[0] == 0 else 0)
+        grad_w_DF = _scaled_mm(F.pad(x_ND, (0, 0, 0, pad)).t(), F.pad(grad_NF, (0, 0, 0, pad)), E4M3, E5M2,
+                               w_DF.dtype)
+        return grad_x_ND, grad_w_DF
+
+
+@torch.compiler.disable  # eager under parallel.compile: its scales branch on the (data-dependent) row count
+def fp8_matmul(x_ND: torch.Tensor, w_DF: torch.Tensor) -> torch.Tensor:
+    """GroupedExperts.expert_mm under FP8. The result takes x's dtype (bf16 under autocast, where the
+    weight is cast to it as autocast would); each gradient its operand's."""
+    return _Fp8Matmul.apply(x_ND, w_DF.to(x_ND.dtype))

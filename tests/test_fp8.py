@@ -1,0 +1,189 @@
+"""FP8 training on CPU through torchao (Float8Linear) and per-expert scaled matmuls: the layers are
+converted and FP8 matmuls really run, training reaches the fp32 run's loss, parallel layouts give
+the single-process FP8 losses, resume is exact, and the checkpoints need no FP8 to evaluate or export.
+
+Tolerances. e4m3 keeps 3 mantissa bits: one rounding is off by up to 2^-4 = 6.25% of a value, and a
+matmul's sum of K such products averages much of it away: a few percent relative error (measured
+below 5%). Gradients are e5m2 (2 mantissa bits, twice the rounding error): below 10%. Across layouts FP8 differs from itself only where a scale is computed over a
+different set of numbers (tensorwise amax over a rank's rows or columns instead of all), which moves
+single roundings, not the computation: over 4 steps the losses differ by up to 6e-4 (tp=2), 1.1e-3
+(dp_shard=2) and 1.0e-3 (dp_shard=2 with ep=2), the size of FP8's own distance from fp32 there (up
+to 1.2e-3); 2e-3 allows that and no more. A layout that computed anything else (a missed reduction, a wrong shard) moves them by far more.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import SMALL_CORPUS_DOCS
+from helpers.torchrun import train_under_torchrun
+from scifm.core.errors import ConfigError
+from scifm.model.moe import GroupedExperts
+from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8
+from scifm.parallel.fp8_config import Fp8Config
+from scifm.train.trainer import train
+
+pytest.importorskip("torchao.float8", reason="FP8 on CPU runs through torchao (pip install -e '.[fp8]')")
+
+CPU = torch.device("cpu")
+SHORT = ("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "trainer.val_every=100",
+         "trainer.batch_size=4", "data.seq_len=64", "data.val_batches=1")
+
+
+@pytest.fixture
+def scaled_mm_calls(monkeypatch) -> list[int]:
+    """Counts torch._scaled_mm calls (torchao's Float8Linear and the expert matmuls both use it)."""
+    calls, real = [0], torch._scaled_mm
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", counting)
+    return calls
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("settings, key, words", [
+    (dict(backend="torchao", recipe="delayed"), "trainer.fp8.recipe", "delayed is a te recipe"),
+    (dict(backend="te", recipe="rowwise"), "trainer.fp8.recipe", "rowwise is a torchao recipe"),
+    (dict(backend="fp8lib"), "trainer.fp8.backend", "must be auto, te or torchao"),
+    (dict(recipe="blocky"), "trainer.fp8.recipe", "must be one of"),
+])
+def test_a_recipe_the_backend_lacks_is_one_line_naming_both_keys(settings, key, words):
+    with pytest.raises(ConfigError) as err:
+        Fp8Config(**settings).validate()
+    message = str(err.value)
+    assert message.startswith(f"{key}: ") and words in message and "\n" not in message, message
+
+
+def test_te_without_a_gpu_and_a_te_recipe_under_auto_on_cpu_say_what_would_work():
+    with pytest.raises(ConfigError, match=r"^trainer.fp8.backend: te .* runs on CUDA GPUs.*backend=torchao$"):
+        resolve_fp8(Fp8Config(backend="te"), CPU)
+    with pytest.raises(ConfigError, match=r"^trainer.fp8.recipe: mxfp8 needs trainer.fp8.backend=te"):
+        resolve_fp8(Fp8Config(recipe="mxfp8"), CPU)
+    assert resolve_fp8(Fp8Config(), CPU) == ("torchao", "tensorwise")
+
+
+def test_cli_rejects_te_on_cpu_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "scifm.cli", "train", "experiment=tiny", "trainer.precision=fp8",
+                          "trainer.fp8.backend=te", f"data.corpus_dir={tmp_path / 'corpus'}",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().startswith("scifm: error: trainer.fp8.backend: te ")
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "corpus").exists()
+
+
+# --- conversion and the matmuls --------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 64, bias=False)
+        self.odd = nn.Linear(32, 40, bias=False)  # 40 is no multiple of 16
+        self.router = nn.Module()
+        self.router.gate = nn.Linear(32, 16, bias=False)
+        self.experts = GroupedExperts(4, 32, 48)
+
+
+def test_conversion_follows_the_patterns_and_lists_misfits():
+    block = Block()
+    conversion = apply_fp8(block, Fp8Config(), CPU)
+    assert conversion.linears == ["proj"] and conversion.experts == ["experts"] and conversion.misfits == ["odd"]
+    assert type(block.proj).__name__ == "EmptySafeFloat8Linear"
+    assert type(block.odd) is nn.Linear and type(block.router.gate) is nn.Linear  # misfit; excluded
+    assert block.experts.expert_mm is fp8_matmul
+    assert "odd" in conversion.describe() and "torchao tensorwise" in conversion.describe()
+    assert set(dict(block.named_parameters())) == set(dict(Block().named_parameters()))  # same checkpoint names
+    # an exclude list replaces the defaults: here the router's gate becomes FP8
+    kept = apply_fp8(Block(), Fp8Config(exclude=["*experts", "proj"]), CPU)
+    assert kept.linears == ["router.gate"] and kept.experts == []
+
+
+def test_fp8_matmul_is_close_to_fp32_forward_and_backward(scaled_mm_calls):
+    torch.manual_seed(0)
+    x = torch.randn(37, 64, requires_grad=True)  # a row count that is no multiple of 16
+    w = torch.randn(64, 48, requires_grad=True)
+    y = fp8_matmul(x, w)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    want_y = x.detach() @ w.detach()
+    # gradients are e5m2 (2 mantissa bits, twice e4m3's rounding error) against e4m3
+    for got, want, tol in ((y, want_y, 0.05), (x.grad, grad @ w.detach().t(), 0.1), (w.grad, x.detach().t() @ grad, 0.1)):
+        assert (got - want).norm() / want.norm() < tol
+    assert scaled_mm_calls[0] == 3
+    empty = fp8_matmul(torch.zeros(0, 64, requires_grad=True), w)  # an expert that got no rows
+    empty.sum().backward()
+    assert empty.shape == (0, 48)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+
+def test_fp8_training_reaches_the_fp32_loss(make_config, tmp_path, scaled_mm_calls):
+    """200 steps from the same seed on the same batches: within 2% of fp32's final validation loss,
+    with the layers converted and FP8 matmuls run (the test fails if FP8 is silently off)."""
+    steps = ("trainer.max_steps=200", "trainer.val_every=1000", "trainer.log_every=50", "trainer.ckpt_every=0",
+             "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=2")
+    fp32 = train(make_config(*steps, "trainer.precision=fp32"), tmp_path / "fp32")
+    assert scaled_mm_calls[0] == 0
+    fp8 = train(make_config(*steps, "trainer.precision=fp8"), tmp_path / "fp8")
+    assert fp8["fp8"]["backend"] == "torchao" and fp8["fp8"]["linear_layers"] > 0 and fp8["fp8"]["expert_blocks"] > 0
+    assert scaled_mm_calls[0] > 200 * fp8["fp8"]["expert_blocks"] * 9  # 3 matmuls x (forward + 2 backward)
+    assert fp8["final_val_loss"] != fp32["final_val_loss"]
+    assert abs(fp8["final_val_loss"] / fp32["final_val_loss"] - 1) < 0.02, (fp8["final_val_loss"], fp32["final_val_loss"])
+
+
+@pytest.fixture(scope="module")
+def fp8_run(make_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("fp8")
+    train(make_config(*SHORT, "trainer.precision=fp8"), run_dir)
+    return run_dir
+
+
+def test_fp8_resume_with_activation_checkpointing_repeats_the_uninterrupted_losses(fp8_run, make_config, tmp_path):
+    """Tensorwise dynamic scaling keeps no state: weights, optimizer, RNG and loader are the run. The
+    recompute of activation checkpointing computes the same scales again, so it changes no bit."""
+    train(make_config(*SHORT, "trainer.precision=fp8", "parallel.activation_checkpoint=full",
+                      f"resume={fp8_run / 'checkpoints/step_2'}"), tmp_path)
+    want = losses(fp8_run)
+    assert losses(tmp_path) == {s: want[s] for s in (3, 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.dp_shard=2", "parallel.ep=2")])
+def test_fp8_under_a_layout_gives_the_single_process_fp8_losses(fp8_run, corpus_dir, tmp_path, layout):
+    got = train_under_torchrun(2, tmp_path / "run", "experiment=tiny", f"data.corpus_dir={corpus_dir}",
+                               f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", *SHORT,
+                               "trainer.precision=fp8", *layout)
+    want = losses(fp8_run)
+    assert got.keys() == want.keys()
+    assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["fp8"]["linear_layers"] > 0
+
+
+def test_an_fp8_checkpoint_evaluates_and_exports_without_fp8_installed(fp8_run, tmp_path):
+    block = "import sys, runpy; sys.modules['torchao'] = None; sys.modules['transformer_engine'] = None; "
+    for args in (["export", str(fp8_run / "checkpoints/step_4"), "--out", str(tmp_path / "model.safetensors")],
+                 ["eval", f"checkpoint={fp8_run / 'checkpoints/step_4'}", "eval.tasks=[codon]", "eval.max_items=2",
+                  f"eval.out={tmp_path / 'eval'}"]):
+        code = block + f"sys.argv = ['scifm'] + {args!r}; runpy.run_module('scifm.cli', run_name='__main__')"
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    assert any(k.endswith("attention.wq.weight") for k in load_file(tmp_path / "model.safetensors"))

@@ -29,6 +29,7 @@ from scifm.model.moe import GroupedExperts
 from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.trainer import train
+from tests.test_model import batch_of, build, mol_doc
 
 pytest.importorskip("torchao.float8", reason="FP8 on CPU runs through torchao (pip install -e '.[fp8]')")
 
@@ -129,6 +130,24 @@ def test_fp8_matmul_is_close_to_fp32_forward_and_backward(scaled_mm_calls):
     empty = fp8_matmul(torch.zeros(0, 64, requires_grad=True), w)  # an expert that got no rows
     empty.sum().backward()
     assert empty.shape == (0, 48)
+
+
+def test_fp8_model_runs_under_bf16_autocast_as_on_a_gpu(make_config, tokenizer):
+    """On a GPU, precision=fp8 leaves the other layers under bf16 autocast; here the CPU autocast
+    stands in for it, with a batch that holds a molecule (an encoder with rows) and every
+    other encoder empty, in forward and backward."""
+    cfg = make_config()
+    model = build(cfg, tokenizer).train()
+    batch = batch_of([[mol_doc("m", "CC(=O)Oc1ccccc1C(=O)O")]], tokenizer, cfg)
+    conversion = apply_fp8(model, Fp8Config(), CPU)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(batch.input_ids, **batch.model_kwargs())
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=-100)
+    loss.backward()
+    assert torch.isfinite(loss) and conversion.experts
+    for name in conversion.experts + ["layers.0.attention.wq", "encoders.molecule.layers.0.message"]:
+        grads = [p.grad for p in model.get_submodule(name).parameters()]
+        assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads), name
 
 
 # --- training ----------------------------------------------------------------------------------

@@ -52,8 +52,9 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return 6 * matmul_params + 12 * cfg.n_layers * cfg.n_heads * hd * seq
 
 
-def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    device = torch.device("cuda")
+def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int,
+            device: torch.device) -> dict:
+    cuda = device.type == "cuda"
     torch.manual_seed(0)
     with device:
         model = ScientificMoE(cfg, {"total": VOCAB, "text": VOCAB, "latex": 512, "protein": 32})  # encoders idle
@@ -64,14 +65,16 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)
         autocast = conversion.forward_context(autocast)
         fp8_layers = {"linear_layers": len(conversion.linears), "expert_blocks": len(conversion.experts)}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
     positions = torch.arange(seq, device=device).expand(batch, seq)
     doc_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
     times = []
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for step in range(warmup + steps):
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         with autocast:
             logits = model(tokens[:, :-1], positions, doc_ids)
@@ -79,16 +82,19 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize(device)
         if step >= warmup:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     result = {"mode": mode, "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
               "tokens_per_second": batch * seq / seconds, "loss": loss.item(),
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30, "fp8": fp8_layers}
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+              "fp8": fp8_layers}
     del model, optimizer, logits, loss
     gc.collect()
-    torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.empty_cache()
     return result
 
 
@@ -102,22 +108,24 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
     parser.add_argument("--modes", default="bf16,fp8,fp8_dense")
     parser.add_argument("--out", default="gpu_step.json")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (to try the script, not to measure)")
     args = parser.parse_args()
     cfg = qwen3_30b_a3b_shape(args.layers, args.seq)
     per_token = flops_per_token(cfg, args.seq)
     results = []
     for mode in args.modes.split(","):
-        r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps)
+        r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps, torch.device(args.device))
         r["model_tflops"] = r["tokens_per_second"] * per_token / 1e12
         r["mfu"] = r["model_tflops"] / args.peak_tflops
         results.append(r)
+        memory = f"peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
         print(f"{mode:10s} {r['tokens_per_second']:9.0f} tok/s  {r['model_tflops']:6.1f} TFLOP/s  "
-              f"MFU {r['mfu']:.1%}  peak {r['peak_memory_gib']:.1f} GiB  spread {r['step_seconds_spread']:.2f}",
-              flush=True)
+              f"MFU {r['mfu']:.1%}  {memory}  spread {r['step_seconds_spread']:.2f}", flush=True)
     base = results[0]["tokens_per_second"]
     for r in results[1:]:
         print(f"{r['mode']} / {results[0]['mode']} tokens/s: {r['tokens_per_second'] / base:.2f}")
-    info = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args),
+    info = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "args": vars(args),
             "flops_per_token": per_token, "results": results}
     with open(args.out, "w") as f:
         json.dump(info, f, indent=2)

@@ -59,3 +59,14 @@ def tokenizer(make_config):
 
     cfg = make_config()
     return train_tokenizer(resolve_sources(cfg.data), cfg.data)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> tuple[Path, dict]:
+    """`scifm train experiment=tiny` as the quickstart runs it (200 steps on the whole built-in
+    corpus), trained once for every test that needs the demo model: (run directory, summary)."""
+    from scifm.config import compose_run_config
+    from scifm.train.trainer import train
+
+    run_dir = tmp_path_factory.mktemp("demo")
+    return run_dir, train(compose_run_config(["experiment=tiny"]), run_dir)

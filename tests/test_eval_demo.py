@@ -15,14 +15,15 @@ import json
 
 
 @pytest.mark.slow
-def test_demo_checkpoint_beats_its_untrained_weights_on_three_builtin_tasks(tmp_path):
+def test_demo_checkpoint_beats_its_untrained_weights_on_three_builtin_tasks(demo_run, tmp_path):
     accuracy = {}
-    for name, steps in (("demo", 200), ("untrained", 0)):
-        run_dir = tmp_path / name
-        train(compose_run_config(["experiment=tiny", f"trainer.max_steps={steps}", "trainer.ckpt_every=0"]), run_dir)
+    untrained = tmp_path / "untrained"
+    train(compose_run_config(["experiment=tiny", "trainer.max_steps=0"]), untrained)
+    for name, run_dir, steps in (("demo", demo_run[0], 200), ("untrained", untrained, 0)):
         [path] = run_eval(EvalRunConfig(str(run_dir / "checkpoints" / f"step_{steps}"), EvalConfig(
             tasks=["tpsa", "mol_props", "codon", "protein_props", "latex_equiv", "table_qa", "figure_qa",
-                   "elements", "redefine"])))
+                   "elements", "redefine"],
+            out=str(tmp_path / name / "eval"))))  # the shared demo run's directory stays as trained
         results = json.loads(path.read_text())
         accuracy[name] = {task: e["multiple_choice"]["scores"]["acc"] for task, e in results["tasks"].items()}
 

@@ -22,37 +22,28 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def short_run(make_config, tmp_path_factory):
-    """The tiny experiment, shortened: what the demo shows, in a test budget."""
-    run_dir = tmp_path_factory.mktemp("short_run")
-    cfg = make_config("trainer.max_steps=120", "trainer.warmup_steps=12", "trainer.val_every=60",
-                      "trainer.ckpt_every=60", "trainer.log_every=20")
-    return run_dir, train(cfg, run_dir)
-
-
 @pytest.mark.slow
-def test_short_run_beats_the_unigram_model_by_40_percent(short_run):
-    _, summary = short_run
+def test_the_demo_run_beats_the_unigram_model_by_40_percent(demo_run):
+    _, summary = demo_run
     assert summary["final_val_loss"] <= 0.6 * summary["unigram_val_loss"], summary
 
 
 @pytest.mark.slow
-def test_run_directory_holds_metrics_summary_and_checkpoints(short_run):
-    run_dir, summary = short_run
+def test_run_directory_holds_metrics_summary_and_checkpoints(demo_run):
+    run_dir, summary = demo_run  # experiment=tiny: 200 steps, logs every 10, validates every 50, saves every 100
     for key in ("final_val_loss", "unigram_val_loss", "total_params", "active_params", "steps", "wall_seconds"):
         assert key in summary
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [20, 40, 60, 80, 100, 120]
+    assert [r["step"] for r in records] == list(range(10, 201, 10))
     assert all({"loss", "aux_loss", "tokens_per_s"} <= r.keys() for r in records)
-    assert "val_loss" in records[2] and "val_loss" in records[5] and "val_loss" not in records[0]
+    assert "val_loss" in records[4] and "val_loss" in records[-1] and "val_loss" not in records[0]
     assert records[-1]["val_loss"] == summary["final_val_loss"]
     assert len(records[0]["moe"]) == 3 and len(records[0]["moe"][0]["tokens_per_expert"]) == 8
     assert summary["active_params"] < summary["total_params"]
     assert set(summary["tokens_by_source"]) and sum(summary["tokens_by_skill"].values()) == summary["tokens_seen"]
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    assert ckpt.name == "step_120" and (run_dir / "checkpoints" / "step_60" / "meta.json").is_file()
+    assert ckpt.name == "step_200" and (run_dir / "checkpoints" / "step_100" / "meta.json").is_file()
     for name in ("model/model.safetensors.index.json", "optimizer/model.safetensors.index.json", "train_state.pt",
                  "loader.json", "config.yaml", "skipped.json",
                  "tokenizer/tokenizer.json"):
@@ -93,13 +84,13 @@ def test_missing_or_foreign_checkpoint_is_a_clear_error(make_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_is_one_safetensors_file_of_the_trained_weights(short_run, tmp_path):
+def test_export_is_one_safetensors_file_of_the_trained_weights(demo_run, tmp_path):
     from safetensors.torch import load_file
 
     from scifm.train.export import export_checkpoint, load_checkpoint_model
 
-    run_dir, _ = short_run
-    ckpt = run_dir / "checkpoints" / "step_120"
+    run_dir, _ = demo_run
+    ckpt = run_dir / "checkpoints" / "step_200"
     weights = load_file(export_checkpoint(ckpt, tmp_path / "model.safetensors"))
     # one process wrote whole tensors: read them straight from its file, past the DCP loader
     (written,) = (ckpt / "model").glob("*.safetensors")
@@ -107,7 +98,7 @@ def test_export_is_one_safetensors_file_of_the_trained_weights(short_run, tmp_pa
     assert weights.keys() == raw.keys() and len(weights) > 300
     assert all(torch.equal(weights[k], raw[k]) for k in raw)
     _, run_tokenizer, cfg = load_checkpoint_model(ckpt)
-    assert cfg.trainer.max_steps == 120
+    assert cfg.trainer.max_steps == 200
     fresh = ScientificMoE(cfg.model, vocab_sizes_of(run_tokenizer))
     init_parameters(fresh, cfg.trainer.seed, cfg.model.init_std, cfg.model.n_layers)
     init = fresh.state_dict()  # the same shapes as the run's initial weights, which training changed

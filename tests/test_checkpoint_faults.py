@@ -24,6 +24,7 @@ from scifm.train import checkpoint as checkpoint_module
 from scifm.train import trainer as trainer_module
 from scifm.train.checkpoint import prune_checkpoints
 from scifm.train.trainer import train
+from tests.test_train import losses
 
 COMMON = ("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "trainer.val_every=100",
           "trainer.batch_size=4", "data.seq_len=128", "data.val_batches=1")
@@ -205,23 +206,23 @@ def test_asynchronous_checkpoints_hold_what_synchronous_ones_do(run, make_config
     state and losses as the synchronous run's, and a run resumed from one repeats the steps after it."""
     async_run = tmp_path / "async"
     train(make_config(*COMMON, "trainer.async_checkpoint=true"), async_run)
-    sync_log, async_log = (r / "metrics.jsonl" for r in (run, async_run))
-    assert [json.loads(x)["loss"] for x in sync_log.read_text().splitlines()] == \
-        [json.loads(x)["loss"] for x in async_log.read_text().splitlines()]
+    assert losses(async_run) == losses(run)
     for step in (2, 4):
-        a, b = run / f"checkpoints/step_{step}", async_run / f"checkpoints/step_{step}"
-        assert is_complete(b) and set(file_sizes(a)) == set(file_sizes(b))
-        for sub in ("model", "optimizer"):
-            for shard in (a / sub).glob("*.safetensors"):
-                want, got = load_file(shard), load_file(b / sub / shard.name)
-                assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), (step, sub)
+        assert_same_checkpoint(run / f"checkpoints/step_{step}", async_run / f"checkpoints/step_{step}")
     assert not any(p.name.startswith(".") for p in (async_run / "checkpoints").iterdir())
     resumed = tmp_path / "resumed"
     train(make_config(*COMMON, "trainer.async_checkpoint=true", f"resume={async_run / 'checkpoints/step_2'}"),
           resumed)
-    got = {json.loads(x)["step"]: json.loads(x)["loss"] for x in (resumed / "metrics.jsonl").read_text().splitlines()}
-    want = {json.loads(x)["step"]: json.loads(x)["loss"] for x in sync_log.read_text().splitlines()}
-    assert got == {s: want[s] for s in (3, 4)}
+    assert losses(resumed) == {s: losses(run)[s] for s in (3, 4)}
+
+
+def assert_same_checkpoint(want_dir: Path, got_dir: Path) -> None:
+    """Complete, the same files, and every model and optimizer tensor equal."""
+    assert is_complete(got_dir) and set(file_sizes(want_dir)) == set(file_sizes(got_dir))
+    for sub in ("model", "optimizer"):
+        for shard in (want_dir / sub).glob("*.safetensors"):
+            want, got = load_file(shard), load_file(got_dir / sub / shard.name)
+            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), (got_dir, sub)
 
 
 def torchrun_train(corpus_dir: Path, run_dir: Path, *extra: str) -> dict[int, float]:
@@ -240,11 +241,7 @@ def test_asynchronous_checkpoints_with_pipeline_stages(corpus_dir, tmp_path):
     async_run = tmp_path / "async"
     assert torchrun_train(corpus_dir, async_run, "trainer.async_checkpoint=true") == sync_losses
     for step in range(1, 5):
-        a, b = tmp_path / f"sync/checkpoints/step_{step}", async_run / f"checkpoints/step_{step}"
-        assert is_complete(b) and set(file_sizes(a)) == set(file_sizes(b))
-        for shard in (a / "model").glob("*.safetensors"):
-            want, got = load_file(shard), load_file(b / "model" / shard.name)
-            assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), step
+        assert_same_checkpoint(tmp_path / f"sync/checkpoints/step_{step}", async_run / f"checkpoints/step_{step}")
     resumed = tmp_path / "resumed"
     got = torchrun_train(corpus_dir, resumed, "trainer.async_checkpoint=true",
                          f"resume={async_run / 'checkpoints/step_2'}")

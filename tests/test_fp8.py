@@ -30,6 +30,7 @@ from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.trainer import train
 from tests.test_model import batch_of, build, mol_doc
+from tests.test_train import losses
 
 pytest.importorskip("torchao.float8", reason="FP8 on CPU runs through torchao (pip install -e '.[fp8]')")
 
@@ -49,10 +50,6 @@ def scaled_mm_calls(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(torch, "_scaled_mm", counting)
     return calls
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
 # --- configuration -------------------------------------------------------------------------------

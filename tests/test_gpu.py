@@ -14,7 +14,9 @@ import torch
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.model.moe import swiglu_experts
-from scifm.parallel.fp8 import MIN_CAPABILITY, _importable
+from scifm.core.errors import ConfigError
+from scifm.parallel.fp8 import resolve_fp8
+from scifm.parallel.fp8_config import TE_RECIPES, TORCHAO_RECIPES, Fp8Config
 from scifm.train.trainer import train
 
 pytestmark = pytest.mark.gpu
@@ -24,12 +26,17 @@ STEPS = ("trainer.max_steps=40", "trainer.log_every=10", "trainer.val_every=1000
 
 
 def fp8_recipes() -> list[tuple[str, str]]:
+    """Every (backend, recipe) that resolve_fp8 accepts on this machine's GPU."""
     if not torch.cuda.is_available():
         return []
-    have = torch.cuda.get_device_capability()
-    modules = {"torchao": "torchao.float8", "te": "transformer_engine.pytorch"}
-    return [(backend, recipe) for backend, recipes in MIN_CAPABILITY.items() if _importable(modules[backend])
-            for recipe, need in recipes.items() if have >= need]
+    runnable = []
+    for backend, recipes in (("torchao", TORCHAO_RECIPES), ("te", TE_RECIPES)):
+        for recipe in recipes:
+            try:
+                runnable.append(resolve_fp8(Fp8Config(backend=backend, recipe=recipe), torch.device("cuda")))
+            except ConfigError:
+                pass  # not installed, or not on this GPU
+    return runnable
 
 
 @pytest.fixture(scope="module")

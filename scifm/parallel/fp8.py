@@ -212,36 +212,45 @@ def _to_te(model: nn.Module, names: list[str], recipe: str):
 def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensorwise dynamic scaling: -> (t scaled into dtype's range, the inverse scale in fp32)."""
     fmax = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
+    amax = t.abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
     scale = fmax / amax.clamp(min=1e-12)
     return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
 
 
-def _scaled_mm(a_MK: torch.Tensor, b_KN: torch.Tensor, a_dtype: torch.dtype, b_dtype: torch.dtype,
+def _scaled_mm(a8_MK: torch.Tensor, a_inv: torch.Tensor, b8_KN: torch.Tensor, b_inv: torch.Tensor,
                out_dtype: torch.dtype) -> torch.Tensor:
-    a8, a_inv = _to_fp8(a_MK, a_dtype)
-    b8, b_inv = _to_fp8(b_KN, b_dtype)
     # the kernels take the first operand row-major and the second column-major
-    return torch._scaled_mm(a8.contiguous(), b8.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv,
+    return torch._scaled_mm(a8_MK.contiguous(), b8_KN.t().contiguous().t(), scale_a=a_inv, scale_b=b_inv,
                             out_dtype=out_dtype)
 
 
+def _pad_rows(t8_ND: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to a multiple of ALIGN (at least one block): they add nothing to a product over rows."""
+    pad = -t8_ND.shape[0] % ALIGN or (ALIGN if t8_ND.shape[0] == 0 else 0)
+    return torch.cat([t8_ND, t8_ND.new_zeros(pad, t8_ND.shape[1])])
+
+
 class _Fp8Matmul(torch.autograd.Function):
-    """x_ND @ w_DF in FP8: e4m3 operands forward; gradients in e5m2 (wider range) against e4m3."""
+    """x_ND @ w_DF in FP8: e4m3 operands forward; gradients in e5m2 (wider range) against e4m3.
+    Each operand is cast once: backward reuses forward's e4m3 copies (kept instead of the high
+    precision tensors, as FP8 training does) and casts the incoming gradient once for both products."""
 
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, w_DF: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_ND, w_DF)
-        return _scaled_mm(x_ND, w_DF, E4M3, E4M3, x_ND.dtype)
+        x8, x_inv = _to_fp8(x_ND, E4M3)
+        w8, w_inv = _to_fp8(w_DF, E4M3)
+        ctx.save_for_backward(x8, x_inv, w8, w_inv)
+        ctx.dtypes = x_ND.dtype, w_DF.dtype
+        return _scaled_mm(x8, x_inv, w8, w_inv, x_ND.dtype)
 
     @staticmethod
     def backward(ctx, grad_NF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_ND, w_DF = ctx.saved_tensors
-        grad_x_ND = _scaled_mm(grad_NF, w_DF.t(), E5M2, E4M3, x_ND.dtype)
-        # the reduced dimension here is the rows, any count: zero rows pad it (they add nothing)
-        pad = -x_ND.shape[0] % ALIGN or (ALIGN if x_ND.shape[0] == 0 else 0)
-        grad_w_DF = _scaled_mm(F.pad(x_ND, (0, 0, 0, pad)).t(), F.pad(grad_NF, (0, 0, 0, pad)), E4M3, E5M2,
-                               w_DF.dtype)
+        x8, x_inv, w8, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g8, g_inv = _to_fp8(grad_NF, E5M2)
+        grad_x_ND = _scaled_mm(g8, g_inv, w8.t(), w_inv, x_dtype)
+        # the reduced dimension here is the rows, any count: padded to what the kernels take
+        grad_w_DF = _scaled_mm(_pad_rows(x8).t(), x_inv, _pad_rows(g8), g_inv, w_dtype)
         return grad_x_ND, grad_w_DF
 
 

@@ -48,11 +48,6 @@ LOADER_FILE = "loader.json"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_checkpoint(root: Path, step: int, **kw) -> None:
-    """Collective: start_checkpoint and its finish, the step waiting for the disk."""
-    start_checkpoint(root, step, **kw).finish()
-
-
 @dataclass
 class PendingCheckpoint:
     """A checkpoint whose shards may still be in flight: complete, and named step_N, once finished."""

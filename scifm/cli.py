@@ -22,6 +22,9 @@ commands:
   export CHECKPOINT [--out FILE]
                             consolidate a checkpoint saved under any layout into one
                             safetensors file (default CHECKPOINT/model.safetensors)
+  export hf CHECKPOINT --out DIR [--dtype float32|bfloat16] [--max-shard-gb N]
+                            a transformers model directory (Qwen3-MoE or GLM-4.5-MoE, chosen
+                            from the model), with scifm's encoders and tokenizer beside it
   submit [--dry-run] [--eval-after] [-m] [KEY=VALUE ...]
                             run the config as a Slurm job (cluster=NAME cluster.nodes=N ...);
                             --eval-after queues an eval array over its checkpoints
@@ -65,11 +68,34 @@ def params_main(overrides: list[str]) -> None:
           f"active per token {active:,} ({active / 1e9:.3f} B)")
 
 
+def export_hf_main(argv: list[str]) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from scifm.train.export import export_hf
+
+    parser = argparse.ArgumentParser(prog="scifm export hf")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (GiB)")
+    args = parser.parse_args(argv)
+    arch, notes = export_hf(args.checkpoint, args.out, getattr(torch, args.dtype), int(args.max_shard_gb * 2**30))
+    for note in notes:
+        print(f"note: {note}")
+    print(f"exported {args.checkpoint} to {args.out} ({arch}; load with "
+          f"transformers.AutoModelForCausalLM.from_pretrained)")
+
+
 def export_main(argv: list[str]) -> None:
     from pathlib import Path
 
     from scifm.train.export import export_checkpoint
 
+    if argv and argv[0] == "hf":
+        export_hf_main(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="scifm export")
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--out", type=Path, default=None)

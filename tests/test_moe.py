@@ -66,7 +66,7 @@ def test_moe_matches_per_token_reference(use_grouped_mm: bool) -> None:
         pytest.skip("this torch build has no torch._grouped_mm")
     torch.manual_seed(1)
     cfg = MoEConfig(n_experts=6, top_k=2, expert_ffn=16, n_shared_experts=1, score_func="sigmoid",
-                    route_scale=2.5, aux_loss_coef=0.0, z_loss_coef=0.0)
+                    route_scale=2.5, norm_topk_prob=True, aux_loss_coef=0.0, z_loss_coef=0.0)
     moe = MoE(16, cfg)
     moe.experts.use_grouped_mm = use_grouped_mm
     x_BSD = torch.randn(2, 5, 16, requires_grad=True)
@@ -96,14 +96,39 @@ def test_softmax_routing_picks_largest_logits() -> None:
     torch.testing.assert_close(probs_TE, probs_ref)
 
 
-def test_sigmoid_routing_renormalises_and_scales() -> None:
-    router = Router(4, MoEConfig(n_experts=4, top_k=2, score_func="sigmoid", route_scale=2.0))
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_sigmoid_routing_renormalises_and_scales(norm_topk_prob: bool) -> None:
+    router = Router(4, MoEConfig(n_experts=4, top_k=2, score_func="sigmoid", route_scale=2.0,
+                                 norm_topk_prob=norm_topk_prob))
     logits_TE = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
     _identity_router(router, logits_TE)
     weights_TK, experts_TK, _, _ = router(logits_TE)
     assert experts_TK.tolist() == [[1, 2]]
     s1, s2 = 1 / (1 + math.exp(-3.0)), 1 / (1 + math.exp(-2.0))
-    torch.testing.assert_close(weights_TK, torch.tensor([[2 * s1 / (s1 + s2), 2 * s2 / (s1 + s2)]]))
+    total = s1 + s2 if norm_topk_prob else 1.0
+    torch.testing.assert_close(weights_TK, torch.tensor([[2 * s1 / total, 2 * s2 / total]]))
+
+
+def test_softmax_routing_renormalised_top_k() -> None:
+    # Qwen3-MoE's norm_topk_prob: the chosen probabilities sum to 1 (times route_scale)
+    router = Router(4, MoEConfig(n_experts=4, top_k=2, score_func="softmax", norm_topk_prob=True))
+    logits_TE = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
+    _identity_router(router, logits_TE)
+    weights_TK, _, probs_TE, _ = router(logits_TE)
+    p_K = probs_TE[0, [1, 2]]
+    torch.testing.assert_close(weights_TK[0], p_K / p_K.sum())
+
+
+def test_fp32_router_ignores_autocast() -> None:
+    # GLM-4.5 routes in fp32: under bf16 autocast the logits are those of fp32, not of bf16
+    router = Router(16, MoEConfig(n_experts=4, top_k=2, router_dtype="fp32"))
+    x_TD = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_fp32 = router(x_TD)[3]
+        router.router_fp32 = False
+        logits_bf16 = router(x_TD)[3]
+    torch.testing.assert_close(logits_fp32, x_TD @ router.gate.weight.T, rtol=1e-6, atol=1e-6)
+    assert (logits_bf16 - logits_fp32).abs().max() > 1e-4
 
 
 def test_group_limited_routing_hand_case() -> None:
@@ -147,7 +172,8 @@ def test_group_limited_routing_stays_in_top_groups(score_func: str) -> None:
 
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 def test_bias_changes_selection_not_weights(score_func: str) -> None:
-    router = Router(4, MoEConfig(n_experts=4, top_k=2, score_func=score_func))
+    router = Router(4, MoEConfig(n_experts=4, top_k=2, score_func=score_func,
+                                 norm_topk_prob=score_func == "sigmoid"))
     logits_TE = torch.tensor([[0.1, 3.0, 2.0, -1.0]])
     _identity_router(router, logits_TE)
     router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))

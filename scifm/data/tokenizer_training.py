@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+from tokenizers import Tokenizer
+
 from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.streams import DocumentStream, SourceSpec
@@ -24,7 +26,9 @@ def _train_documents(specs: list[SourceSpec], limit: int):
     return itertools.islice(docs, limit)
 
 
-def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> ScientificTokenizer:
+def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig,
+                    pretrained: tuple[Tokenizer, int] | None = None) -> ScientificTokenizer:
+    """`pretrained`: (prose tokenizer, its model's vocabulary) to keep; then only the domains are learned."""
     texts, smiles, latex = [], [], []
     for doc in _train_documents(specs, cfg.tokenizer_train_docs):
         for seg in doc.segments:
@@ -39,4 +43,5 @@ def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig) -> ScientificToken
                 texts.append(" ".join(str(c) for c in seg["columns"]))
                 texts.extend(" ".join(str(c) for c in row) for row in seg["rows"])
                 texts.append(str(seg.get("caption", "")))
-    return ScientificTokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size, smiles=smiles, latex=latex)
+    return ScientificTokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size, smiles=smiles, latex=latex,
+                                     pretrained=pretrained)

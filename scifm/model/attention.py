@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scifm.model.kv_cache import LayerKV
-from scifm.model.layers import apply_rope
+from scifm.model.layers import RMSNorm, apply_rope
 
 
 def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -26,13 +26,19 @@ def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qk_norm: bool = False,
+                 bias: str = "none", norm_eps: float = 1e-5):
+        """bias: none | qkv (on the q, k, v projections) | all (also on wo); qk_norm: an RMSNorm
+        over each query and key head, before RoPE."""
         super().__init__()
         self.head_dim = head_dim
-        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=False)
-        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=False)
+        qkv_bias = bias in ("qkv", "all")
+        self.wq = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(n_heads * head_dim, d_model, bias=bias == "all")
+        self.q_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, norm_eps) if qk_norm else None
 
     def forward(
         self,
@@ -50,8 +56,11 @@ class Attention(nn.Module):
         """
         B, S, _ = x_BSD.shape
         # -1, not n_heads: a tensor-parallel rank holds only its own slice of heads
-        q_BSHD = apply_rope(self.wq(x_BSD).view(B, S, -1, self.head_dim), cos, sin)
-        k_BSKD = apply_rope(self.wk(x_BSD).view(B, S, -1, self.head_dim), cos, sin)
+        q_BSHD = self.wq(x_BSD).view(B, S, -1, self.head_dim)
+        k_BSKD = self.wk(x_BSD).view(B, S, -1, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHD, k_BSKD = self.q_norm(q_BSHD), self.k_norm(k_BSKD)
+        q_BSHD, k_BSKD = apply_rope(q_BSHD, cos, sin), apply_rope(k_BSKD, cos, sin)
         v_BSKD = self.wv(x_BSD).view(B, S, -1, self.head_dim)
 
         q_BHSD = q_BSHD.transpose(1, 2)

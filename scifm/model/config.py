@@ -23,6 +23,8 @@ class MoEConfig:
     n_shared_experts: int = 0
     score_func: str = "softmax"  # softmax | sigmoid
     route_scale: float = 1.0
+    norm_topk_prob: bool = False  # divide the chosen experts' weights by their sum (before route_scale)
+    router_dtype: str = "input"  # input (the router runs in the activations' dtype) | fp32
     aux_loss_coef: float = 0.01  # load-balancing loss
     z_loss_coef: float = 0.001  # router z-loss
     bias_update_rate: float = 0.0  # >0 enables the auxiliary-loss-free bias update
@@ -41,6 +43,8 @@ class MoEConfig:
                  f"top_k={self.top_k} exceeds the experts in topk_groups={self.topk_groups} groups")
         require(self.score_func in ("softmax", "sigmoid"), f"{prefix}.score_func",
                  f"must be 'softmax' or 'sigmoid', got {self.score_func!r}")
+        require(self.router_dtype in ("input", "fp32"), f"{prefix}.router_dtype",
+                 f"must be 'input' or 'fp32', got {self.router_dtype!r}")
         # 0 scales the routed experts' output away; a negative scale flips it
         require(self.route_scale > 0, f"{prefix}.route_scale", f"must be > 0, got {self.route_scale}")
         # negative values would reward imbalance (losses) or push the bias the wrong way
@@ -60,16 +64,27 @@ class ModelConfig:
     ffn_hidden: int = 384  # dense SwiGLU blocks
     n_dense_layers: int = 1  # the first k blocks are dense, the rest MoE
     rope_theta: float = 10000.0
+    rope_fraction: float = 1.0  # share of each head's dimensions that RoPE rotates (the first ones)
+    rope_scaling: float = 1.0  # linear position interpolation: frequencies divided by this factor
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    attention_bias: str = "none"  # none | qkv (biases on q, k, v) | all (and on the output projection)
     norm_eps: float = 1e-5
     max_seq_len: int = 256
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # start the decoder (and the prose tokenizer) from a pretrained checkpoint: "hf:DIR", a local
+    # transformers model directory; its architecture replaces the decoder keys above
+    init_from: str = ""
     moe: MoEConfig = field(default_factory=MoEConfig)
     encoders: EncodersConfig = field(default_factory=EncodersConfig)
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim_per_head * self.rope_fraction)
 
     def validate(self) -> None:
         require(self.vocab_size >= 0, "model.vocab_size", f"must be >= 0 (0 = the tokenizer's), got {self.vocab_size}")
@@ -80,12 +95,19 @@ class ModelConfig:
                  f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         require(self.head_dim > 0 or self.d_model % self.n_heads == 0, "model.n_heads",
                  f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; set model.head_dim")
-        require(self.dim_per_head % 2 == 0, "model.head_dim", "RoPE needs an even head dimension")
+        require(0 < self.rope_fraction <= 1, "model.rope_fraction", f"must be in (0, 1], got {self.rope_fraction}")
+        require(self.rotary_dim % 2 == 0 and self.rotary_dim > 0, "model.rope_fraction",
+                 f"RoPE needs an even number of rotated dimensions; head_dim {self.dim_per_head} x "
+                 f"{self.rope_fraction} = {self.rotary_dim}")
+        require(self.attention_bias in ("none", "qkv", "all"), "model.attention_bias",
+                 f"must be 'none', 'qkv' or 'all', got {self.attention_bias!r}")
+        require(not self.init_from or self.init_from.startswith("hf:") and len(self.init_from) > 3,
+                 "model.init_from", f"must be hf:DIR (a local transformers model directory), got {self.init_from!r}")
         require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
                  f"must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
         require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
         # RoPE divides by rope_theta's powers; RMSNorm divides by sqrt(mean + eps) (0 gives NaN on a zero row)
-        for key in ("rope_theta", "norm_eps"):
+        for key in ("rope_theta", "rope_scaling", "norm_eps"):
             require(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")
         # 0 starts every weight at zero (no symmetry breaking); torch rejects a negative std
         require(self.init_std > 0, "model.init_std", f"must be > 0, got {self.init_std}")

@@ -35,22 +35,34 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))
 
 
-def rope_cos_sin(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, S, head_dim] (fp32) for explicit per-token positions.
+def rope_cos_sin(
+    positions_BS: torch.Tensor, rotary_dim: int, theta: float, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, rotary_dim] (fp32) for explicit per-token positions.
 
     Positions are given rather than implied by the index so that packed documents each start at 0.
-    Uses the rotate-half layout: frequency i drives dims i and i + head_dim/2.
+    Uses the rotate-half layout: frequency i drives dims i and i + rotary_dim/2. `scaling` > 1
+    stretches positions linearly (position interpolation) by dividing every frequency by it.
     """
-    dims_R = torch.arange(0, head_dim, 2, device=positions_BS.device, dtype=torch.float32)
-    inv_freq_R = 1.0 / theta ** (dims_R / head_dim)
+    dims_R = torch.arange(0, rotary_dim, 2, device=positions_BS.device, dtype=torch.float32)
+    inv_freq_R = 1.0 / theta ** (dims_R / rotary_dim)
+    if scaling != 1.0:
+        inv_freq_R = inv_freq_R / scaling
     angles_BSR = positions_BS.float()[..., None] * inv_freq_R
     angles_BSD = torch.cat([angles_BSR, angles_BSR], dim=-1)
     return angles_BSD.cos(), angles_BSD.sin()
 
 
-def apply_rope(x_BSHD: torch.Tensor, cos_BSD: torch.Tensor, sin_BSD: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys; works for any number of (local) heads H."""
-    x1, x2 = x_BSHD.float().chunk(2, dim=-1)
-    rotated_BSHD = torch.cat([-x2, x1], dim=-1)
-    cos_BS1D, sin_BS1D = cos_BSD[:, :, None, :], sin_BSD[:, :, None, :]
-    return (x_BSHD.float() * cos_BS1D + rotated_BSHD * sin_BS1D).type_as(x_BSHD)
+def apply_rope(x_BSHD: torch.Tensor, cos_BSR: torch.Tensor, sin_BSR: torch.Tensor) -> torch.Tensor:
+    """Rotate the first R = cos.shape[-1] dims of queries or keys (partial RoPE leaves the rest);
+    works for any number of (local) heads H."""
+    R = cos_BSR.shape[-1]
+    x_BSHD32 = x_BSHD.float()
+    rot_BSHR, rest_BSHP = x_BSHD32[..., :R], x_BSHD32[..., R:]
+    x1, x2 = rot_BSHR.chunk(2, dim=-1)
+    rotated_BSHR = torch.cat([-x2, x1], dim=-1)
+    cos_BS1R, sin_BS1R = cos_BSR[:, :, None, :], sin_BSR[:, :, None, :]
+    out_BSHR = rot_BSHR * cos_BS1R + rotated_BSHR * sin_BS1R
+    if rest_BSHP.shape[-1]:
+        out_BSHR = torch.cat([out_BSHR, rest_BSHP], dim=-1)
+    return out_BSHR.type_as(x_BSHD)

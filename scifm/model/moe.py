@@ -54,6 +54,8 @@ class Router(nn.Module):
         self.topk_groups = cfg.topk_groups
         self.score_func = cfg.score_func
         self.route_scale = cfg.route_scale
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.router_fp32 = cfg.router_dtype == "fp32"
         self.bias_update_rate = cfg.bias_update_rate
         self.gate = nn.Linear(d_model, cfg.n_experts, bias=False)
         # used only to choose experts, never in the weights; persistent so resumed runs route alike
@@ -61,7 +63,12 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> weights_TK (fp32), experts_TK (long), probs_TE (rows sum to 1, for the balance loss), logits_TE."""
-        logits_TE = self.gate(x_TD).float()
+        if self.router_fp32:
+            # in fp32 whatever autocast or the module's dtype says: close scores choose experts
+            with torch.autocast(x_TD.device.type, enabled=False):
+                logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = self.gate(x_TD).float()
         if self.score_func == "softmax":
             scores_TE = logits_TE.softmax(dim=-1)
             probs_TE = scores_TE
@@ -74,7 +81,7 @@ class Router(nn.Module):
             choice_TE = self._mask_groups(choice_TE)
         experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(-1, experts_TK)
-        if self.score_func == "sigmoid":
+        if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         return weights_TK * self.route_scale, experts_TK, probs_TE, logits_TE
 

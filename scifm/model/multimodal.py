@@ -67,7 +67,7 @@ class ScientificMoE(nn.Module):
         continue the cached ones (their positions and doc ids given by the caller) and attend to them
         document-causally; the cache grows by S. Items come with the prompt only."""
         h_BSD = x if self.tok_embeddings is None else self.embed(x, items or {}, slot_index or {})
-        cos, sin = rope_cos_sin(positions_BS, self.cfg.dim_per_head, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(positions_BS, self.cfg.rotary_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         if cache is None:
             mask_B1SS = document_causal_mask(doc_ids_BS)
             for layer in self.layers.values():

@@ -1,7 +1,9 @@
 """ScientificTokenizer: prose BPE + special tokens + SMILES/protein/LaTeX vocabularies in one id space.
 
 Id layout (total `vocab_size`):
-  [0, B)                         byte-level BPE for prose (HF `tokenizer.json`, B <= the trained target)
+  [0, B)                         byte-level BPE for prose (HF `tokenizer.json`, B <= the trained target);
+                                 a pretrained tokenizer's block is its model's vocabulary (`text_ids`),
+                                 which may reserve ids past the tokenizer's own
   [B, text_vocab_size)           special tokens in `specials.SPECIAL_TOKENS` order: PAD, BOS, EOS,
                                  START/END/SLOT per modality, inline tags (<smiles>, ..., $$, $)
   then one block per domain      smiles, protein, latex (`domain_offset(name)`), each ending in 256
@@ -37,7 +39,9 @@ class TokenizerError(ScifmError):
 
 
 class ScientificTokenizer:
-    def __init__(self, bpe: Tokenizer, domains: Sequence[DomainVocab], special_tokens: Sequence[str]):
+    def __init__(self, bpe: Tokenizer, domains: Sequence[DomainVocab], special_tokens: Sequence[str],
+                 text_ids: int | None = None):
+        """`text_ids`: ids given to prose, from 0 (default: the BPE's vocabulary, added tokens included)."""
         self._bpe = bpe
         self._domains = {d.name: d for d in domains}
         if tuple(self._domains) != DOMAINS:
@@ -46,7 +50,11 @@ class ScientificTokenizer:
         if missing or len(set(special_tokens)) != len(special_tokens):
             raise ValueError(f"special tokens are duplicated or lack {sorted(missing)}")
         self._specials = list(special_tokens)
-        self._bpe_size = bpe.get_vocab_size()
+        self._bpe_size = bpe.get_vocab_size(with_added_tokens=True)
+        if text_ids is not None:
+            if text_ids < self._bpe_size:
+                raise ValueError(f"text_ids={text_ids} is below the prose tokenizer's {self._bpe_size} ids")
+            self._bpe_size = text_ids
         self._special_ids = {t: self._bpe_size + i for i, t in enumerate(self._specials)}
         self.text_vocab_size = self._bpe_size + len(self._specials)
         self._offsets: dict[str, int] = {}
@@ -70,9 +78,11 @@ class ScientificTokenizer:
         vocab_size: int = 4096,
         smiles: Iterable[str] = (),
         latex: Iterable[str] = (),
+        pretrained: tuple[Tokenizer, int] | None = None,
     ) -> "ScientificTokenizer":
-        """`vocab_size` is the BPE target; inline domain spans in `texts` feed the domain vocabularies."""
-        if vocab_size < BYTE_ALPHABET_SIZE:
+        """`vocab_size` is the BPE target; inline domain spans in `texts` feed the domain vocabularies.
+        `pretrained` = (prose tokenizer, its model's vocabulary size) is kept instead of training a BPE."""
+        if pretrained is None and vocab_size < BYTE_ALPHABET_SIZE:
             raise TokenizerError(
                 f"vocab_size {vocab_size} is below the {BYTE_ALPHABET_SIZE} byte tokens; use 256 or more"
             )
@@ -87,8 +97,13 @@ class ScientificTokenizer:
                     elif kind in seen:
                         seen[kind].append(piece)
 
-        bpe = train_bpe(prose(), vocab_size)
-        return cls(bpe, [DomainVocab.build(name, seen[name]) for name in DOMAINS], SPECIAL_TOKENS)
+        if pretrained is None:
+            bpe, text_ids = train_bpe(prose(), vocab_size), None
+        else:
+            for _ in prose():  # the pass still fills the domain vocabularies' `seen`
+                pass
+            bpe, text_ids = pretrained
+        return cls(bpe, [DomainVocab.build(name, seen[name]) for name in DOMAINS], SPECIAL_TOKENS, text_ids)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -97,6 +112,7 @@ class ScientificTokenizer:
         meta = {
             "format": FORMAT,
             "special_tokens": self._specials,
+            "text_ids": self._bpe_size,
             "domains": [d.to_dict() for d in self._domains.values()],
         }
         text = json.dumps(meta, ensure_ascii=False, indent=1)
@@ -117,9 +133,23 @@ class ScientificTokenizer:
                 raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
             bpe = Tokenizer.from_file(str(directory / BPE_FILE))
             domains = [DomainVocab.from_dict(d) for d in meta["domains"]]
-            return cls(bpe, domains, meta["special_tokens"])
+            return cls(bpe, domains, meta["special_tokens"], meta.get("text_ids"))
         except Exception as e:  # HF raises a bare Exception on a bad tokenizer.json
             raise TokenizerError(f"tokenizer in {directory} is corrupt ({e}); save or train it again") from e
+
+    @property
+    def prose(self) -> Tokenizer:
+        """The prose BPE (ids [0, text_ids)); read-only use."""
+        return self._bpe
+
+    @property
+    def text_ids(self) -> int:
+        return self._bpe_size
+
+    @property
+    def special_tokens(self) -> list[str]:
+        """In id order, starting at `text_ids`."""
+        return list(self._specials)
 
     def domain(self, name: str) -> DomainVocab:
         if name not in self._domains:

@@ -23,6 +23,7 @@ from scifm.config import RunConfig, compose_run_config  # importing it registers
 from scifm.core.errors import ConfigError, ScifmError, exit_on_user_error
 from scifm.core.hydra_compose import CONFIG_MODULE, expand_sweep
 from scifm.core.device import pick_device
+from scifm.hf.pretrained import pretrained_model_config
 from scifm.parallel.distributed import dims_of
 from scifm.parallel.fp8 import resolve_fp8
 
@@ -53,6 +54,7 @@ def check_command_line(argv: list[str]) -> None:
 
 def check_before_work(cfg: RunConfig) -> None:
     """What every rank finds alike before any work: the ranges, and the layout against the world."""
+    cfg.model = pretrained_model_config(cfg.model)
     cfg.validate()
     dims_of(cfg.parallel).validate(cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.trainer.precision == "fp8":

@@ -1,17 +1,27 @@
-"""A checkpoint of any layout as one model in one process, and its export to one safetensors file."""
+"""A checkpoint of any layout as one model in one process, and its exports: one safetensors file of
+scifm's own names, or a transformers model directory (Qwen3-MoE / GLM-4.5-MoE) with scifm's
+encoders, tokenizer and config beside it."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import safetensors.torch
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scifm.config import RunConfig
 from scifm.core.checkpoint_files import require_complete
-from scifm.core.errors import CheckpointError
+from scifm.core.errors import CheckpointError, ConfigError
+from scifm.hf.architectures import GLM4_MOE, architecture_for, hf_config
+from scifm.hf.model_files import decoder_tensors, write_weights
+from scifm.hf.pretrained import ENCODERS_FILE, SCIFM_PART
+from scifm.hf.tokenizer_files import write_hf_tokenizer
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import check_compatible, load_tokenizer
@@ -46,3 +56,43 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     safetensors.torch.save_model(model, str(tmp))
     tmp.replace(out)
     return out
+
+
+def export_hf(ckpt: Path, out: Path, dtype: torch.dtype = torch.float32,
+              max_shard_bytes: int = 5 * 2**30) -> tuple[str, list[str]]:
+    """Writes `out` as a transformers model directory; returns (architecture, notes for the user).
+
+    The directory is assembled under a temporary name beside `out` and renamed into place."""
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out: {out} exists and is not empty; remove it or choose another directory")
+    model, tokenizer, cfg = load_checkpoint_model(ckpt)
+    expert_bias_used = any(float(b.abs().max()) > 0 for n, b in model.named_buffers() if n.endswith("expert_bias"))
+    arch = architecture_for(cfg.model, expert_bias_used)
+    notes = []
+    if (cfg.model.moe.router_dtype == "fp32") != (arch == GLM4_MOE):
+        notes.append(f"the router ran in {cfg.model.moe.router_dtype} here; {arch} routes in "
+                     f"{'fp32' if arch == GLM4_MOE else 'the activations dtype'} (the same in fp32)")
+    vocab = model.tok_embeddings.num_embeddings
+    ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        config = hf_config(cfg.model, arch, vocab, ids) | {"dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
+        generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
+        write_weights(decoder_tensors(model), arch, tmp, max_shard_bytes, dtype)
+        write_hf_tokenizer(tokenizer, tmp, cfg.model.max_seq_len)
+        part = tmp / SCIFM_PART
+        part.mkdir()
+        encoders = {k: v.contiguous() for k, v in model.state_dict().items() if k.startswith("encoders.")}
+        safetensors.torch.save_file(encoders, str(part / ENCODERS_FILE))
+        tokenizer.save(part / "tokenizer")
+        shutil.copyfile(ckpt / "config.yaml", part / "config.yaml")
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return arch, notes

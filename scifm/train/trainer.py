@@ -27,6 +27,13 @@ from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.streams import resolve_sources
 from scifm.data.tokenizer_training import train_tokenizer
+from scifm.hf.pretrained import (
+    exported_tokenizer,
+    init_from_dir,
+    load_pretrained,
+    pretrained_model_config,
+    pretrained_prose,
+)
 from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
@@ -61,6 +68,7 @@ from scifm.train.step import (
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs `cfg` in `run_dir`; returns the summary. Leaves with the requeue exit code when pre-empted."""
     t_start = time.perf_counter()
+    cfg.model = pretrained_model_config(cfg.model)  # model.init_from's architecture, before any check
     cfg.validate()
     device = pick_device(cfg.trainer.device, "trainer.device")
     if cfg.trainer.precision == "fp8":
@@ -127,14 +135,27 @@ class Trainer:
         if ckpt is not None:
             return load_tokenizer(ckpt)
         if self.ctx.is_main:
-            train_tokenizer(self.specs, self.cfg.data).save(self.run_dir / "tokenizer")
+            self._new_tokenizer().save(self.run_dir / "tokenizer")
         self.ctx.barrier()
         return ScientificTokenizer.load(self.run_dir / "tokenizer")
+
+    def _new_tokenizer(self) -> ScientificTokenizer:
+        """Trained on the run's sources; with model.init_from the prose part is the pretrained one
+        (and an exported scifm model brings its whole tokenizer)."""
+        hf_dir = init_from_dir(self.cfg.model)
+        if hf_dir is None:
+            return train_tokenizer(self.specs, self.cfg.data)
+        return exported_tokenizer(hf_dir) or train_tokenizer(self.specs, self.cfg.data, pretrained_prose(hf_dir))
 
     def _build_model(self) -> None:
         cfg, tc, ctx = self.cfg, self.tc, self.ctx
         model = ScientificMoE(cfg.model, vocab_sizes_of(self.tokenizer))
         init_parameters(model, tc.seed, cfg.model.init_std, cfg.model.n_layers)
+        hf_dir = init_from_dir(cfg.model)
+        if hf_dir is not None and self.resumed_from is None:  # a resumed run has the checkpoint's weights
+            line = load_pretrained(model, hf_dir)
+            if ctx.is_main:
+                print(line, flush=True)
         self.total_params, self.active_params = count_params(model, cfg.model)
         self.full_shapes = {k: v.shape for k, v in model.state_dict().items()}
         self.vocab = model.output.out_features

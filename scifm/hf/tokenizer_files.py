@@ -5,7 +5,9 @@ tokens) and appends, as added tokens at scifm's ids: fillers for ids the model r
 prose tokenizer, scifm's special tokens, then every domain token spelled as an explicit tag,
 `<smiles:Cl>`, `<protein:A>`, `<latex:\\frac>`, and each domain's byte fallback `<smiles:0x41>`.
 The tokenizers library numbers added tokens in order from the end of the vocabulary, so the list
-must be gap-free; the export checks every id after building the file.
+must be gap-free, and it gives an added token that spells a prose token (scifm's `$` tag is also the
+byte `$`) the prose id: such a token is spelled `<|scifm:$|>` instead. The export checks every id
+after building the file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ def domain_tag(domain: str, token: str | None = None, byte: int | None = None) -
     return f"<{domain}:{token}>" if byte is None else f"<{domain}:0x{byte:02X}>"
 
 
+def special_spelling(tok: ScientificTokenizer, special: str) -> str:
+    """How a special token is written in the exported tokenizer.json."""
+    return special if tok.prose.token_to_id(special) is None else f"<|scifm:{special}|>"
+
+
 def _added(i: int, content: str, special: bool) -> dict:
     return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
             "normalized": False, "special": special}
@@ -35,7 +42,7 @@ def _added(i: int, content: str, special: bool) -> dict:
 def added_tokens(tok: ScientificTokenizer) -> list[tuple[int, str, bool]]:
     """(id, content, special) for every id past the prose tokenizer's own, in id order."""
     out = [(i, f"<|scifm_reserved_{i}|>", True) for i in range(tok.prose.get_vocab_size(), tok.text_ids)]
-    out += [(tok.text_ids + k, s, True) for k, s in enumerate(tok.special_tokens)]
+    out += [(tok.text_ids + k, special_spelling(tok, s), True) for k, s in enumerate(tok.special_tokens)]
     for name in DOMAINS:
         vocab, offset = tok.domain(name), tok.domain_offset(name)
         tags = [domain_tag(name, t) for t in vocab.tokens] + [domain_tag(name, byte=b) for b in range(256)]

@@ -59,8 +59,8 @@ def apply_tensor_parallel(model: ScientificMoE, tp_mesh: DeviceMesh, sequence_pa
         if block.attention.q_norm is not None:
             # each rank normalises its own heads (dim 2) with a replicated weight whose gradient
             # DTensor sums over the ranks' heads, as one process gets it
-            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2)
-            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2)
+            plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if block.is_moe:
             if block.moe.shared_experts is not None:
                 plan.update(_swiglu_plan("moe.shared_experts", Replicate()))

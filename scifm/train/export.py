@@ -65,6 +65,7 @@ def export_hf(ckpt: Path, out: Path, dtype: torch.dtype = torch.float32,
     The directory is assembled under a temporary name beside `out` and renamed into place."""
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out: {out} exists and is not empty; remove it or choose another directory")
+    architecture_for(saved_run_config(require_complete(ckpt)).model, False)  # refuse before loading weights
     model, tokenizer, cfg = load_checkpoint_model(ckpt)
     expert_bias_used = any(float(b.abs().max()) > 0 for n, b in model.named_buffers() if n.endswith("expert_bias"))
     arch = architecture_for(cfg.model, expert_bias_used)
@@ -79,7 +80,9 @@ def export_hf(ckpt: Path, out: Path, dtype: torch.dtype = torch.float32,
     try:
         config = hf_config(cfg.model, arch, vocab, ids) | {"dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
-        generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"]}
+        # ids past the tokenizer's pad the matrices (never targets); scifm never generates them
+        generation = {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"],
+                      "suppress_tokens": list(range(tokenizer.vocab_size, vocab))}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=1), encoding="utf-8")
         write_weights(decoder_tensors(model), arch, tmp, max_shard_bytes, dtype)
         write_hf_tokenizer(tokenizer, tmp, cfg.model.max_seq_len)

@@ -38,4 +38,5 @@ def train_under_torchrun(nproc: int, run_dir: Path, *overrides: str, timeout: in
         proc.wait()
         raise
     assert proc.returncode == 0, stderr[-3000:]
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    metrics = run_dir / "metrics.jsonl"  # absent after max_steps=0
+    return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines())} if metrics.exists() else {}

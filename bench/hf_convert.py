@@ -9,8 +9,10 @@ Prints each one's time and peak RSS as ratios to the load and to the fp32 weight
 the claim that export streams shard by shard, never holding a second copy of the weights: export's
 peak RSS above the load's, and the peak RSS of export's writing above its RSS once loaded (the load's
 own transient peak can hide the writing's), must each stay under half of the weight bytes.
+Peak RSS counts the pages of the safetensors files that load and import read through memory maps
+(page cache, reclaimable); measured once for moe_1b, their peak anonymous memory was one copy.
 Linux only (/proc). Run: python bench/hf_convert.py [--model moe_1b] [--max-shard-gb 1.0] [--keep DIR]
-(moe_1b needs about 10 GiB of memory and 10 GiB of disk.)
+(moe_1b needs about 11 GiB of memory, for the checkpoint's save, and 7 GiB of disk.)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from omegaconf import OmegaConf
@@ -41,6 +44,7 @@ from scifm.train.checkpoint import start_checkpoint
 from scifm.train.export import export_hf, load_checkpoint_model
 from scifm.train.optim import build_scheduler
 
+T = TypeVar("T")
 THRESHOLD = 0.5  # export's extra RSS, as a fraction of the fp32 weight bytes: well under a second copy
 
 
@@ -51,12 +55,12 @@ def write_checkpoint(cfg: RunConfig, root: Path) -> tuple[Path, int]:
     tokenizer = ScientificTokenizer.train(texts, vocab_size=1000)
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
     init_parameters(model, cfg.trainer.seed, cfg.model.init_std, cfg.model.n_layers)
-    # AdamW over one small parameter: load and export never read the optimizer state, and saving it for
-    # every parameter (two copies of the weights, created through zero gradients, a third) does not fit
+    # AdamW over one small parameter: load and export never read the optimizer state, and the state of
+    # every parameter (two copies of the weights, created through zero gradients: a third) does not fit
     # 24 GiB beside the model; the checkpoint is therefore loadable and exportable, not resumable
     optimizer = torch.optim.AdamW([model.norm.weight])
-    train_state = {"scheduler": build_scheduler(optimizer, cfg.trainer).state_dict(), "torch_rng": torch.get_rng_state(),
-                   "step": 0, "tokens_seen": 0,
+    train_state = {"scheduler": build_scheduler(optimizer, cfg.trainer).state_dict(),
+                   "torch_rng": torch.get_rng_state(), "step": 0, "tokens_seen": 0,
                    "unigram_counts": torch.zeros(model.output.out_features, dtype=torch.float64)}
     pending = start_checkpoint(
         root, 0, model=model, optimizer=optimizer, ctx=init_distributed(cfg.parallel, cfg.model, torch.device("cpu")),
@@ -94,7 +98,7 @@ def export_op(ckpt: Path, out: Path, max_shard_bytes: int) -> tuple[float, int, 
     that). The writing's own peak is needed because the load's transient peak can hide it."""
     loaded: dict[str, int] = {}
 
-    def load_then_reset_peak(path: Path):
+    def load_then_reset_peak(path: Path) -> tuple[ScientificMoE, ScientificTokenizer, RunConfig]:
         result = load_checkpoint_model(path)
         loaded["peak"], loaded["rss"] = peak_rss(), current_rss()
         Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak RSS restarts at the current RSS
@@ -112,7 +116,7 @@ def import_op(model_cfg: ModelConfig, out: Path) -> tuple[float, int]:
     return measured(run)
 
 
-def in_fresh_process(fn: Callable, *args):
+def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
     # spawn, one task per pool: a new interpreter whose peak RSS belongs to this call alone
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,11 @@ def test_train_export_and_reload_in_transformers(hf_source, make_config, tmp_pat
     assert out.returncode == 0, out.stderr
     assert f"({arch};" in out.stdout
     export = tmp_path / "export"
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable by others as the umask allows (a serving account, a shared directory), shards included
+    assert {p.stat().st_mode & 0o777 for p in export.rglob("*.safetensors")} == {0o666 & ~umask}
+    assert export.stat().st_mode & 0o777 == 0o777 & ~umask
 
     model, tokenizer, cfg = load_checkpoint_model(ckpt)
     source = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)

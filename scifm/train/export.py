@@ -5,6 +5,7 @@ encoders, tokenizer and config beside it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +27,15 @@ from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import check_compatible, load_tokenizer
 from scifm.train.sharded_state import load_model_weights
+
+
+def _permissions_from_umask(path: Path) -> None:
+    """mkdtemp makes 0700 directories and safetensors writes 0600 files; an export is for others to
+    read (a serving account, a shared directory), so it gets the modes the user's umask gives."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def saved_run_config(ckpt: Path) -> RunConfig:
@@ -54,6 +64,7 @@ def export_checkpoint(ckpt: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     safetensors.torch.save_model(model, str(tmp))
+    _permissions_from_umask(tmp)
     tmp.replace(out)
     return out
 
@@ -92,6 +103,7 @@ def export_hf(ckpt: Path, out: Path, dtype: torch.dtype = torch.float32,
         safetensors.torch.save_file(encoders, str(part / ENCODERS_FILE))
         tokenizer.save(part / "tokenizer")
         shutil.copyfile(ckpt / "config.yaml", part / "config.yaml")
+        _permissions_from_umask(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

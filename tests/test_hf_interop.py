@@ -49,8 +49,7 @@ def scifm_logits(model: ScientificMoE, ids_BS: torch.Tensor) -> torch.Tensor:
         return model.eval()(ids_BS, positions_BS, torch.zeros(B, S, dtype=torch.long))
 
 
-def test_imported_model_gives_the_logits_of_transformers(hf_source):
-    arch, hf_dir = hf_source
+def _imported_logits_match(hf_dir: Path) -> None:
     cfg = pretrained_model_config(ModelConfig(init_from=f"hf:{hf_dir}"))
     tokenizer = ScientificTokenizer.train(PROSE, pretrained=pretrained_prose(hf_dir))
     # scifm's own ids follow the model's whole vocabulary, reserved ids included
@@ -67,6 +66,22 @@ def test_imported_model_gives_the_logits_of_transformers(hf_source):
     got = scifm_logits(model, ids_BS)[..., :MODEL_VOCAB]
     assert expected.abs().max() > 0.1  # logits large enough that a wrong layer would show
     torch.testing.assert_close(got, expected, **TOL)
+
+
+def test_imported_model_gives_the_logits_of_transformers(hf_source):
+    _imported_logits_match(hf_source[1])
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    # linear RoPE scaling, tied embeddings, biases on every attention projection
+    ("qwen3_moe", dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 5e5},
+                       tie_word_embeddings=True, attention_bias=True, norm_topk_prob=False)),
+    # whole-head RoPE, no q/k norms, no shared expert, no groups, plain top-k weights
+    ("glm4_moe", dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0},
+                      use_qk_norm=False, n_shared_experts=0, n_group=1, norm_topk_prob=False)),
+])
+def test_imported_variants_give_the_logits_of_transformers(tmp_path, arch, overrides):
+    _imported_logits_match(build_hf_model(arch, tmp_path, **overrides))
 
 
 def _train_imported(make_config, hf_dir: Path, run_dir: Path, *overrides: str) -> Path:

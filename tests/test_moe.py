@@ -327,3 +327,19 @@ def test_capacity_matches_per_token_reference_top2(use_grouped_mm: bool) -> None
     ])
     assert moe.last_stats["dropped_tokens"].item() == 24 - len(kept) > 0
     torch.testing.assert_close(y_TD, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_per_expert_path_runs_under_bf16_autocast() -> None:
+    # autocast makes the per-expert matmuls bf16 while the tokens arrive in fp32; the grouped GEMM
+    # (outside autocast) stays fp32: the two agree to bf16 precision (8 significant bits, a few
+    # roundings deep: 2e-2 of the output's scale)
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(n_experts=4, top_k=2, expert_ffn=16, n_shared_experts=1))
+    x_BSD = torch.randn(2, 5, 16)
+    outputs = []
+    for grouped in (False, True):
+        moe.experts.use_grouped_mm = grouped and HAS_GROUPED_MM
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs.append(moe(x_BSD).float())
+    scale = outputs[1].abs().max()
+    assert (outputs[0] - outputs[1]).abs().max() < 2e-2 * scale

@@ -92,6 +92,11 @@ def _tensor_files(hf_dir: Path) -> dict[str, Path]:
                       "checkpoints are read (never pickled .bin files)")
 
 
+def _shape(path: Path, name: str) -> list[int]:
+    with safe_open(str(path), "pt") as f:
+        return f.get_slice(name).get_shape()
+
+
 @torch.no_grad()
 def load_weights(model: nn.Module, hf_dir: Path, arch: str) -> dict[str, int]:
     """Copies the checkpoint into the model's decoder. Embedding and output rows past the checkpoint's
@@ -127,7 +132,8 @@ def load_weights(model: nn.Module, hf_dir: Path, arch: str) -> dict[str, int]:
     n_layers = model.cfg.n_layers
     extra = sorted(set(files) - used)
     mtp = [n for n in extra if n.startswith("model.layers.") and int(n.split(".")[2]) >= n_layers]
-    unknown = [n for n in extra if n not in mtp]
+    # GLM-4.5 with n_shared_experts=0 still saves its shared expert, with zero-width matrices
+    unknown = [n for n in extra if n not in mtp and 0 not in _shape(files[n], n)]
     if unknown:
         raise ConfigError(f"model.init_from: {hf_dir} has {len(unknown)} tensors scifm's decoder lacks, "
                           f"e.g. {unknown[0]}")

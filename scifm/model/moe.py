@@ -251,7 +251,8 @@ class MoE(nn.Module):
         token_A = order_A // self.top_k
         y_AD = self.experts(x_TD[token_A], counts_E)
         y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
+        # summed in the input's dtype: under autocast the per-expert matmuls give bf16 rows
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 

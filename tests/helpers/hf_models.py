@@ -20,19 +20,19 @@ def _common() -> dict:
                 num_experts_per_tok=2, initializer_range=0.05, rms_norm_eps=1e-6)
 
 
-def build_hf_model(arch: str, out: Path) -> Path:
+def build_hf_model(arch: str, out: Path, **overrides) -> Path:
     """A 4-layer checkpoint (1 dense + 3 MoE) with a byte-level BPE tokenizer.json; the norms, biases
     and GLM's correction bias are randomised too, so every tensor changes the logits."""
     from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(0)
     if arch == "qwen3_moe":
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**_common(), num_experts=8, mlp_only_layers=[0],
-                                                   norm_topk_prob=True))
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**(_common() | dict(num_experts=8, mlp_only_layers=[0],
+                                                                       norm_topk_prob=True) | overrides)))
     else:
-        model = Glm4MoeForCausalLM(Glm4MoeConfig(
-            **_common(), n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
-            routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0))
+        model = Glm4MoeForCausalLM(Glm4MoeConfig(**(_common() | dict(
+            n_routed_experts=8, n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, use_qk_norm=True, attention_bias=True, num_nextn_predict_layers=0) | overrides)))
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
             if name.endswith(("norm.weight", "bias")):

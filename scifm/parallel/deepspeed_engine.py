@@ -58,13 +58,58 @@ def _merge(derived: dict, user: dict, prefix: str) -> dict:
     return out
 
 
-class DeepSpeedRunner(ModelRunner):
-    """ModelRunner over a DeepSpeed engine: each micro-batch's backward accumulates; `step()` applies
-    the update (the engine clips and steps the optimizer and schedule) and returns the gradient norm."""
+def initialize_deepspeed(model: torch.nn.Module, optimizer, scheduler, ctx, cfg, *, micro_batch: int,
+                         grad_accum: int, grad_clip: float, bf16: bool, loss_fn: LossFn, autocast) -> "DeepSpeedRunner":
+    """`model` whole on every rank; `optimizer`/`scheduler` built over its parameters (DeepSpeed
+    partitions them); `cfg` the parallel.deepspeed section."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("parallel.engine: deepspeed is not installed; pip install -e '.[deepspeed]'") from None
+    if ctx.distributed and ctx.dims.dp_size > 1:
+        from scifm.parallel.router_stats import apply_global_router_stats
 
-    def __init__(self, engine, loss_fn: LossFn, autocast, device: torch.device):
+        apply_global_router_stats(model, ctx.dp_group)  # the aux losses of the global batch, as natively
+    config = deepspeed_config(cfg.zero_stage, cfg.offload_optimizer, cfg.offload_params, cfg.config,
+                              micro_batch, grad_accum, grad_clip, bf16)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return DeepSpeedRunner(engine, loss_fn, autocast, ctx.device, groups)
+
+
+class DeepSpeedRunner(ModelRunner):
+    """ModelRunner over a DeepSpeed engine: each micro-batch's backward accumulates; `clip_grad_norm`
+    applies the whole update (the engine reduces, clips, steps the optimizer and the schedule) and
+    returns the gradient norm it measured."""
+
+    applies_update = True
+
+    def __init__(self, engine, loss_fn: LossFn, autocast, device: torch.device, group_names: list[list[str]]):
         super().__init__(engine.module, loss_fn, autocast, device)
         self.engine = engine
+        self.group_names = group_names  # the optimizer's param groups, by parameter name
+
+    def checkpoint_states(self) -> tuple[dict, dict, list]:
+        """Collective: full fp32 weights and AdamW moments gathered from DeepSpeed's partitions (ZeRO
+        1-3) under the native names, so the checkpoint is a native one (eval, export, any layout)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        module = self.engine.module
+        model_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # buffers
+        optim: dict[str, torch.Tensor] = {}
+        for name, p in module.named_parameters():
+            model_state[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = safe_get_full_optimizer_state(p, key)
+                if value is not None:
+                    optim[f"{name}::{key}"] = value.detach().cpu().clone()
+            if f"{name}::exp_avg" in optim:
+                optim[f"{name}::step"] = torch.tensor(float(self.engine.global_steps))
+        base_groups = self.engine.optimizer.optimizer.param_groups
+        param_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": names}
+                        for g, names in zip(base_groups, self.group_names)]
+        return model_state, optim, param_groups
 
     def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -77,6 +122,6 @@ class DeepSpeedRunner(ModelRunner):
             total += loss.detach().double()
         return total.cpu()
 
-    def step(self) -> float:
-        self.engine.step()
+    def clip_grad_norm(self, max_norm: float) -> float:
+        self.engine.step()  # gradient_clipping in the config is max_norm
         return float(self.engine.get_global_grad_norm())

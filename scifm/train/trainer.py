@@ -38,6 +38,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
+from scifm.parallel.deepspeed_engine import initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
@@ -166,10 +167,20 @@ class Trainer:
             autocast = self.fp8.forward_context(autocast)
             if ctx.is_main:
                 print(self.fp8.describe(), flush=True)
-        self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
-        self.model = self.runner.model  # this rank's (sharded) modules
-        self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = build_scheduler(self.optimizer, tc)
+        if cfg.parallel.engine == "deepspeed":
+            # DeepSpeed partitions the optimizer built over the whole model's parameters
+            self.optimizer = build_optimizer(model, tc)
+            self.scheduler = build_scheduler(self.optimizer, tc)
+            self.runner = initialize_deepspeed(
+                model, self.optimizer, self.scheduler, ctx, cfg.parallel.deepspeed, micro_batch=tc.batch_size,
+                grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, bf16=cfg.parallel.mixed_precision == "bf16",
+                loss_fn=scaled_cross_entropy, autocast=autocast)
+            self.model = self.runner.model
+        else:
+            self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
+            self.model = self.runner.model  # this rank's (sharded) modules
+            self.optimizer = build_optimizer(self.model, tc)
+            self.scheduler = build_scheduler(self.optimizer, tc)
         self.moes = moe_layers(self.model)
         for m in self.moes:
             m.aux_grad_scale = 1.0 / tc.grad_accum
@@ -245,7 +256,7 @@ class Trainer:
             return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats, update_skipped=True)
         self.nonfinite_in_row = 0
         with_grads = memory_report(self.model, self.optimizer) if self.step == self.start_step else None
-        moe_stats = apply_update(self.optimizer, self.scheduler, self.moes)
+        moe_stats = apply_update(self.optimizer, self.scheduler, self.moes, self.runner.applies_update)
         if with_grads is not None:  # optimizer state exists only after the first update
             self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]})
         self.step += 1
@@ -310,7 +321,7 @@ class Trainer:
             self.run_dir / "checkpoints", self.step, model=self.model, optimizer=self.optimizer, ctx=self.ctx,
             train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
             config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
-            async_groups=self.async_groups,
+            async_groups=self.async_groups, states=self.runner.checkpoint_states(),
         )
         if not self.tc.async_checkpoint:
             self.wait_for_checkpoint()

@@ -14,6 +14,8 @@ import torch
 
 from scifm.hf.architectures import GLM4_MOE
 
+# SwiGLU w1/w3/w2 are transformers' gate/up/down projections, in dense FFNs, shared and routed experts
+_SWIGLU_HF = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _RENAMES = [
     (r"tok_embeddings\.weight", "model.embed_tokens.weight"),
     (r"norm\.weight", "model.norm.weight"),
@@ -22,17 +24,13 @@ _RENAMES = [
     (r"layers\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
     (r"layers\.(\d+)\.attention\.w([qkvo])\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
     (r"layers\.(\d+)\.attention\.([qk])_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"model.layers.\1.mlp.gate_proj.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"model.layers.\1.mlp.up_proj.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"model.layers.\1.mlp.down_proj.weight"),
     (r"layers\.(\d+)\.moe\.router\.gate\.weight", r"model.layers.\1.mlp.gate.weight"),
     (r"layers\.(\d+)\.moe\.router\.expert_bias", r"model.layers.\1.mlp.gate.e_score_correction_bias"),
-    (r"layers\.(\d+)\.moe\.shared_experts\.w1\.weight", r"model.layers.\1.mlp.shared_experts.gate_proj.weight"),
-    (r"layers\.(\d+)\.moe\.shared_experts\.w3\.weight", r"model.layers.\1.mlp.shared_experts.up_proj.weight"),
-    (r"layers\.(\d+)\.moe\.shared_experts\.w2\.weight", r"model.layers.\1.mlp.shared_experts.down_proj.weight"),
+    *[(rf"layers\.(\d+)\.{ours}\.{w}\.weight", rf"model.layers.\1.{theirs}.{hf}.weight")
+      for ours, theirs in (("feed_forward", "mlp"), ("moe\\.shared_experts", "mlp.shared_experts"))
+      for w, hf in _SWIGLU_HF.items()],
 ]
 _EXPERTS = re.compile(r"layers\.(\d+)\.moe\.experts\.(w[123])")
-_EXPERT_HF = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def is_decoder(name: str) -> bool:
@@ -45,7 +43,7 @@ def hf_names(name: str, shape: torch.Size, arch: str) -> list[str]:
     [] for what the architecture does not keep (Qwen3-MoE has no expert bias)."""
     if m := _EXPERTS.fullmatch(name):
         layer, w = m.groups()
-        return [f"model.layers.{layer}.mlp.experts.{e}.{_EXPERT_HF[w]}.weight" for e in range(shape[0])]
+        return [f"model.layers.{layer}.mlp.experts.{e}.{_SWIGLU_HF[w]}.weight" for e in range(shape[0])]
     if name.endswith("expert_bias") and arch != GLM4_MOE:
         return []
     for pattern, replacement in _RENAMES:

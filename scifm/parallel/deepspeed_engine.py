@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from scifm.core.errors import ConfigError
 from scifm.parallel.runner import LossFn, ModelRunner, MicroBatch
+
+LOAD_CHUNK = 16  # parameters read and scattered at a time when loading (bounds the host memory)
 
 
 def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: bool, user_path: str,
@@ -81,35 +84,18 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer, scheduler, ctx, cfg,
 class DeepSpeedRunner(ModelRunner):
     """ModelRunner over a DeepSpeed engine: each micro-batch's backward accumulates; `clip_grad_norm`
     applies the whole update (the engine reduces, clips, steps the optimizer and the schedule) and
-    returns the gradient norm it measured."""
+    returns the gradient norm it measured. Checkpoints are the native layout-free ones: full tensors
+    gathered from DeepSpeed's partitions on save, scattered back into them on load."""
 
     applies_update = True
+    gathers_checkpoint = True
 
     def __init__(self, engine, loss_fn: LossFn, autocast, device: torch.device, group_names: list[list[str]]):
         super().__init__(engine.module, loss_fn, autocast, device)
         self.engine = engine
         self.group_names = group_names  # the optimizer's param groups, by parameter name
-
-    def checkpoint_states(self) -> tuple[dict, dict, list]:
-        """Collective: full fp32 weights and AdamW moments gathered from DeepSpeed's partitions (ZeRO
-        1-3) under the native names, so the checkpoint is a native one (eval, export, any layout)."""
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-        module = self.engine.module
-        model_state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}  # buffers
-        optim: dict[str, torch.Tensor] = {}
-        for name, p in module.named_parameters():
-            model_state[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
-            for key in ("exp_avg", "exp_avg_sq"):
-                value = safe_get_full_optimizer_state(p, key)
-                if value is not None:
-                    optim[f"{name}::{key}"] = value.detach().cpu().clone()
-            if f"{name}::exp_avg" in optim:
-                optim[f"{name}::step"] = torch.tensor(float(self.engine.global_steps))
-        base_groups = self.engine.optimizer.optimizer.param_groups
-        param_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": names}
-                        for g, names in zip(base_groups, self.group_names)]
-        return model_state, optim, param_groups
+        self.base_optimizer = engine.optimizer.optimizer  # the AdamW over DeepSpeed's fp32 partitions
+        self.zero3 = engine.zero_optimization_stage() == 3
 
     def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -118,10 +104,107 @@ class DeepSpeedRunner(ModelRunner):
             with self.autocast:
                 logits_BSV = self.engine(batch.input_ids, **batch.model_kwargs())
             loss = self.loss_fn(logits_BSV, batch.labels, scale)
-            self.engine.backward(loss, scale_wrt_gas=False)
+            self.engine.backward(loss, scale_wrt_gas=False)  # scifm's loss is already scaled for the global batch
             total += loss.detach().double()
         return total.cpu()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         self.engine.step()  # gradient_clipping in the config is max_norm
         return float(self.engine.get_global_grad_norm())
+
+    # --- checkpoints in the native format ---------------------------------------------------
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO 1/2 (DeepSpeed 0.19.8) link each parameter to its slice of the AdamW moments once,
+        after the first param group's step, before the later groups' state exists; their parameters
+        then have no moments to read or write. Linking again after the state exists fixes that."""
+        optimizer = self.engine.optimizer
+        if not self.zero3:
+            optimizer._hp_optimizer_states_linked = False
+            optimizer._lazy_init_hp_params_optimizer_state()
+
+    def _master_partitions(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master tensors: the keys of the AdamW state."""
+        optimizer = self.engine.optimizer
+        return optimizer.fp32_partitioned_groups_flat if self.zero3 else optimizer.single_partition_of_fp32_groups
+
+    def _adam_step(self) -> float:
+        return max(float(self.base_optimizer.state[p]["step"]) for p in self._master_partitions())
+
+    def checkpoint_states(self) -> tuple[dict, dict, list]:
+        """Collective: full fp32 weights and AdamW moments under the native names, gathered one
+        parameter at a time; each rank keeps every world_size-th tensor, so no rank holds the whole
+        model and the ranks' tensors together are the checkpoint."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._link_optimizer_state()
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        step = torch.tensor(self._adam_step())
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        model_state: dict[str, torch.Tensor] = {}
+        optim: dict[str, torch.Tensor] = {}
+        for i, name in enumerate(module.state_dict()):
+            keep = i % world == rank
+            if name not in params:  # a buffer: the same on every rank
+                if keep:
+                    model_state[name] = module.get_buffer(name).detach().cpu().clone()
+                continue
+            p = params[name]
+            full = {"": safe_get_full_fp32_param(p)}
+            for key in ("exp_avg", "exp_avg_sq"):
+                full[key] = safe_get_full_optimizer_state(p, key)
+            if keep:
+                model_state[name] = full[""].detach().cpu().clone()
+                for key in ("exp_avg", "exp_avg_sq"):
+                    optim[f"{name}::{key}"] = full[key].detach().cpu().clone()
+                optim[f"{name}::step"] = step.clone()
+        param_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": names}
+                        for g, names in zip(self.base_optimizer.param_groups, self.group_names)]
+        return model_state, optim, param_groups
+
+    def load_checkpoint_states(self, read: Callable[[str, list[str]], dict[str, torch.Tensor]],
+                               param_groups: list[dict]) -> None:
+        """Collective: `read(sub, names)` gives the saved full tensors (sub: "model" or "optimizer");
+        each rank writes its own slices into DeepSpeed's fp32 weights, model weights and moments,
+        a few parameters at a time."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        for p in self._master_partitions():  # AdamW makes its moments at its first step
+            state = self.base_optimizer.state[p]
+            if "exp_avg" not in state:
+                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        self._link_optimizer_state()
+        module = self.engine.module
+        params = dict(module.named_parameters())
+        buffers = [n for n in module.state_dict() if n not in params]
+        for name, value in read("model", buffers).items():
+            module.get_buffer(name).copy_(value)
+        names = list(params)
+        step = 0.0
+        for start in range(0, len(names), LOAD_CHUNK):
+            chunk = names[start:start + LOAD_CHUNK]
+            weights = read("model", chunk)
+            moments = read("optimizer", [f"{n}::{k}" for n in chunk for k in ("exp_avg", "exp_avg_sq", "step")])
+            for name in chunk:
+                p = params[name]
+                safe_set_full_fp32_param(p, weights[name])
+                self._set_model_weight(p, weights[name])
+                for key in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, moments[f"{name}::{key}"], key)
+                step = max(step, float(moments[f"{name}::step"]))
+        for p in self._master_partitions():
+            self.base_optimizer.state[p]["step"].fill_(step)
+        for group, saved in zip(self.base_optimizer.param_groups, param_groups):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+
+    def _set_model_weight(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """The weights the forward pass reads (DeepSpeed's copy next to its fp32 master)."""
+        if self.zero3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if torch.distributed.get_rank() == 0:
+                    p.data.copy_(value)
+        else:
+            p.data.copy_(value)  # ZeRO 1/2: every rank holds the whole parameter

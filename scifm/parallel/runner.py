@@ -64,6 +64,9 @@ class ModelRunner:
 
     pp_group = None  # no pipeline: every rank holds every layer
     applies_update = False  # True where clip_grad_norm also steps the optimizer (engines that own it)
+    # True where an engine keeps weights and optimizer state in its own partitions: the checkpoint's
+    # full tensors are gathered from them (checkpoint_states) and scattered back (load_checkpoint_states)
+    gathers_checkpoint = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast, device: torch.device):
         self.model = model
@@ -103,8 +106,3 @@ class ModelRunner:
     def gather_moe_stats(self, stats: list[dict]) -> list[dict]:
         """Every MoE layer's statistics in layer order, from this rank's (here: all of them)."""
         return stats
-
-    def checkpoint_states(self) -> tuple[dict, dict, list] | None:
-        """(model state, flat optimizer tensors, param groups) in the native checkpoint's names, for
-        engines that keep them their own way; None: the native model and optimizer save directly."""
-        return None

@@ -85,6 +85,17 @@ def saved_shapes(directory: Path) -> dict[str, torch.Size]:
     return {fqn: meta.size for fqn, meta in metadata.state_dict_metadata.items()}
 
 
+def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Collective (every rank the same `names`): the whole saved tensors, on every rank, for
+    engines that scatter them into their own partitions. `sub`: MODEL_DIR or OPTIMIZER_DIR."""
+    reader = HuggingFaceStorageReader(str(directory / sub))
+    saved = reader.read_metadata().state_dict_metadata
+    state = {n: torch.empty(saved[n].size, dtype=saved[n].properties.dtype) for n in names}
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory / sub)))
+    return state
+
+
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Collective (or one process): fills this rank's shards of the model weights."""
     model_state = get_model_state_dict(model)

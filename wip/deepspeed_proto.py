@@ -12,7 +12,7 @@ from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.step import scaled_cross_entropy
 
 stage = int(sys.argv[1])
-corpus, tokdir = "/tmp/pytest-of-root/pytest-current/corpus0", "/tmp/pytest-of-root/pytest-current/tokenizer0"
+corpus, tokdir = "/tmp/dsdata/corpus", "/tmp/dsdata/tokenizer"
 cfg = compose_run_config(["experiment=tiny", f"data.corpus_dir={corpus}", "data.corpus_max_docs_per_source=150",
                           "data.seq_len=64", "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.warmup_steps=1",
                           "trainer.lr=1e-3"])
@@ -66,3 +66,24 @@ for micro in batches(rank, world):
     out.append((float(tot), float(engine.get_global_grad_norm())))
 if rank == 0:
     print("DS", stage, json.dumps(out))
+
+# ---- save-path probe: which params have an hp mapping on which rank
+from deepspeed.utils import safe_get_full_optimizer_state, safe_get_full_fp32_param
+info = []
+for name, p in engine.module.named_parameters():
+    info.append((name, hasattr(p, "_hp_mapping"), getattr(p, "_hp_mapping", "absent") is None, tuple(p.shape), p.requires_grad))
+print("RANK", rank, sum(1 for i in info if i[1]), sum(1 for i in info if i[2]), len(info), flush=True)
+bad = [i for i in info if not i[1]]
+print("RANK", rank, "no mapping:", bad[:10], flush=True)
+for name, p in engine.module.named_parameters():
+    v = safe_get_full_fp32_param(p)
+print("RANK", rank, "fp32 ok", flush=True)
+zo = engine.optimizer
+for i, g in enumerate(zo.optimizer.param_groups):
+    print("RANK", rank, "group", i, [tuple(t.shape) for t in g["params"]], [list(zo.optimizer.state[t].keys()) for t in g["params"]], g.get("lr"), flush=True)
+for name, p in engine.module.named_parameters():
+    try:
+        v = safe_get_full_optimizer_state(p, "exp_avg")
+    except ValueError:
+        print("RANK", rank, "FAIL", name, p._hp_mapping.lp_fragment_address, flush=True); raise
+print("RANK", rank, "exp_avg ok", flush=True)

@@ -65,8 +65,11 @@ class ParallelConfig:
             require(getattr(self, key) == 1, f"parallel.{key}",
                     f"engine=deepspeed runs ZeRO data parallelism only (set parallel.dp_shard to the world size), "
                     f"got {key}={getattr(self, key)}")
-        require(self.ep == 1 or ds.zero_stage <= 2, "parallel.ep",
-                f"DeepSpeed's expert parallelism runs with zero_stage <= 2, got zero_stage={ds.zero_stage}")
+        require(self.mixed_precision == "fp32", "parallel.mixed_precision",
+                "engine=deepspeed keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
+                f"got {self.mixed_precision!r}")
+        require(self.ep == 1, "parallel.ep", "engine=deepspeed shards experts with ZeRO like every other weight "
+                f"(expert parallelism runs under engine=native), got ep={self.ep}")
 
     def _validate_pipeline(self, n_layers: int, n_microbatches: int) -> None:
         schedule, v = self.pp_schedule, self.pp_virtual_stages

@@ -13,20 +13,24 @@ one-process native losses to 1e-7 relative and gradient norms to 1e-5, with
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from scifm.core.errors import ConfigError
+from scifm.parallel.parallelize import apply_recompute_and_compile
 from scifm.parallel.runner import LossFn, ModelRunner, MicroBatch
 
+_WRAPPER_PREFIX = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 LOAD_CHUNK = 16  # parameters read and scattered at a time when loading (bounds the host memory)
 
 
 def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: bool, user_path: str,
-                     micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool) -> dict:
+                     micro_batch: int, grad_accum: int, grad_clip: float) -> dict:
     """What scifm derives from its own keys, merged with the user's JSON; a key both set differently
     is a one-line error naming it (DeepSpeed's own defaults, e.g. gradient_clipping=1.0, never apply)."""
     zero: dict = {"stage": zero_stage}
@@ -36,7 +40,7 @@ def deepspeed_config(zero_stage: int, offload_optimizer: bool, offload_params: b
         zero["offload_param"] = {"device": "cpu"}
     derived = {
         "train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": grad_clip, "zero_optimization": zero, "bf16": {"enabled": bf16},
+        "gradient_clipping": grad_clip, "zero_optimization": zero, 
         "managed_gradient_accumulation": False, "steps_per_print": 2**31 - 1,
     }
     if not user_path:
@@ -61,21 +65,49 @@ def _merge(derived: dict, user: dict, prefix: str) -> dict:
     return out
 
 
-def initialize_deepspeed(model: torch.nn.Module, optimizer, scheduler, ctx, cfg, *, micro_batch: int,
-                         grad_accum: int, grad_clip: float, bf16: bool, loss_fn: LossFn, autocast) -> "DeepSpeedRunner":
-    """`model` whole on every rank; `optimizer`/`scheduler` built over its parameters (DeepSpeed
-    partitions them); `cfg` the parallel.deepspeed section."""
-    try:
-        import deepspeed
-    except ImportError:
-        raise ConfigError("parallel.engine: deepspeed is not installed; pip install -e '.[deepspeed]'") from None
+def named_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameters under the checkpoint's names: without the prefixes that the activation
+    checkpointing and torch.compile wrappers add."""
+    return {_WRAPPER_PREFIX.sub("", n): p for n, p in module.named_parameters()}
+
+
+def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict under the checkpoint's names (its tensors share the module's storage)."""
+    return {_WRAPPER_PREFIX.sub("", n): t for n, t in module.state_dict().items()}
+
+
+def require_deepspeed() -> None:
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.engine=deepspeed: DeepSpeed is not installed; pip install -e '.[deepspeed]'")
+
+
+def deepspeed_optimizer(optimizer: torch.optim.AdamW, cfg) -> torch.optim.Optimizer:
+    """With the optimizer offloaded, DeepSpeed's CPU AdamW (its vectorised host kernel, AdamW's
+    update to a few float32 ulps) over the same parameter groups; else `optimizer` itself."""
+    if not cfg.offload_optimizer:
+        return optimizer
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    defaults = optimizer.defaults
+    return DeepSpeedCPUAdam(groups, lr=defaults["lr"], betas=defaults["betas"], eps=defaults["eps"], adamw_mode=True)
+
+
+def initialize_deepspeed(model: torch.nn.Module, optimizer, scheduler, ctx, parallel_cfg, *, micro_batch: int,
+                         grad_accum: int, grad_clip: float, loss_fn: LossFn, autocast) -> "DeepSpeedRunner":
+    """`model` whole on every rank; `optimizer` (from deepspeed_optimizer) and `scheduler` built over
+    its parameters (DeepSpeed partitions them); `parallel_cfg` the parallel section."""
+    import deepspeed
+
     if ctx.distributed and ctx.dims.dp_size > 1:
         from scifm.parallel.router_stats import apply_global_router_stats
 
         apply_global_router_stats(model, ctx.dp_group)  # the aux losses of the global batch, as natively
+    apply_recompute_and_compile(model, parallel_cfg)
+    cfg = parallel_cfg.deepspeed
     config = deepspeed_config(cfg.zero_stage, cfg.offload_optimizer, cfg.offload_params, cfg.config,
-                              micro_batch, grad_accum, grad_clip, bf16)
-    names = {id(p): n for n, p in model.named_parameters()}
+                              micro_batch, grad_accum, grad_clip)
+    names = {id(p): n for n, p in named_parameters(model).items()}
     groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return DeepSpeedRunner(engine, loss_fn, autocast, ctx.device, groups)
@@ -141,14 +173,14 @@ class DeepSpeedRunner(ModelRunner):
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         step = torch.tensor(self._adam_step())
         module = self.engine.module
-        params = dict(module.named_parameters())
+        params = named_parameters(module)
         model_state: dict[str, torch.Tensor] = {}
         optim: dict[str, torch.Tensor] = {}
-        for i, name in enumerate(module.state_dict()):
+        for i, (name, tensor) in enumerate(state_tensors(module).items()):
             keep = i % world == rank
             if name not in params:  # a buffer: the same on every rank
                 if keep:
-                    model_state[name] = module.get_buffer(name).detach().cpu().clone()
+                    model_state[name] = tensor.detach().cpu().clone()
                 continue
             p = params[name]
             full = {"": safe_get_full_fp32_param(p)}
@@ -172,14 +204,16 @@ class DeepSpeedRunner(ModelRunner):
 
         for p in self._master_partitions():  # AdamW makes its moments at its first step
             state = self.base_optimizer.state[p]
-            if "exp_avg" not in state:
-                state.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            if "exp_avg" not in state:  # torch counts steps in a tensor, DeepSpeed's CPU Adam in an int
+                step = torch.tensor(0.0) if isinstance(self.base_optimizer, torch.optim.AdamW) else 0
+                state.update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
         self._link_optimizer_state()
         module = self.engine.module
-        params = dict(module.named_parameters())
-        buffers = [n for n in module.state_dict() if n not in params]
+        params = named_parameters(module)
+        state = state_tensors(module)
+        buffers = [n for n in state if n not in params]
         for name, value in read("model", buffers).items():
-            module.get_buffer(name).copy_(value)
+            state[name].copy_(value)
         names = list(params)
         step = 0.0
         for start in range(0, len(names), LOAD_CHUNK):
@@ -194,7 +228,8 @@ class DeepSpeedRunner(ModelRunner):
                     safe_set_full_optimizer_state(p, moments[f"{name}::{key}"], key)
                 step = max(step, float(moments[f"{name}::step"]))
         for p in self._master_partitions():
-            self.base_optimizer.state[p]["step"].fill_(step)
+            state = self.base_optimizer.state[p]
+            state["step"] = torch.tensor(step) if torch.is_tensor(state["step"]) else int(step)
         for group, saved in zip(self.base_optimizer.param_groups, param_groups):
             group.update({k: v for k, v in saved.items() if k != "params"})
 

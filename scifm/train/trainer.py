@@ -39,7 +39,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
-from scifm.parallel.deepspeed_engine import initialize_deepspeed
+from scifm.parallel.deepspeed_engine import deepspeed_optimizer, initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
@@ -170,11 +170,11 @@ class Trainer:
                 print(self.fp8.describe(), flush=True)
         if cfg.parallel.engine == "deepspeed":
             # DeepSpeed partitions the optimizer built over the whole model's parameters
-            self.optimizer = build_optimizer(model, tc)
+            self.optimizer = deepspeed_optimizer(build_optimizer(model, tc), cfg.parallel.deepspeed)
             self.scheduler = build_scheduler(self.optimizer, tc)
             self.runner = initialize_deepspeed(
-                model, self.optimizer, self.scheduler, ctx, cfg.parallel.deepspeed, micro_batch=tc.batch_size,
-                grad_accum=tc.grad_accum, grad_clip=tc.grad_clip, bf16=cfg.parallel.mixed_precision == "bf16",
+                model, self.optimizer, self.scheduler, ctx, cfg.parallel, micro_batch=tc.batch_size,
+                grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                 loss_fn=scaled_cross_entropy, autocast=autocast)
             self.model = self.runner.model
         else:

@@ -89,6 +89,7 @@ def test_a_users_json_is_merged_and_a_disagreement_is_one_line(tmp_path):
     (dict(pp=2), "parallel.pp"),
     (dict(ep=2), "parallel.ep"),
     (dict(mixed_precision="bf16"), "parallel.mixed_precision"),
+    (dict(zero_stage=0), "parallel.deepspeed.zero_stage"),
     (dict(zero_stage=4), "parallel.deepspeed.zero_stage"),
     (dict(zero_stage=2, offload_params=True), "parallel.deepspeed.offload_params"),
 ])

@@ -15,7 +15,7 @@ ENGINES = ("native", "deepspeed")
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 2  # 0 (plain data parallel), 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
+    zero_stage: int = 2  # partitions 1: optimizer state, 2: + gradients, 3: + parameters
     offload_optimizer: bool = False  # optimizer state and step on the CPU
     offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
     config: str = ""  # a DeepSpeed JSON merged with what scifm derives; a disagreement is an error
@@ -58,7 +58,8 @@ class ParallelConfig:
 
     def _validate_deepspeed(self) -> None:
         ds = self.deepspeed
-        require(ds.zero_stage in (0, 1, 2, 3), "parallel.deepspeed.zero_stage", f"must be 0-3, got {ds.zero_stage}")
+        require(ds.zero_stage in (1, 2, 3), "parallel.deepspeed.zero_stage",
+                f"must be 1, 2 or 3 (stage 0 is plain data parallelism: engine=native does it), got {ds.zero_stage}")
         require(not ds.offload_params or ds.zero_stage == 3, "parallel.deepspeed.offload_params",
                 f"needs zero_stage=3 (parameters are partitioned only there), got {ds.zero_stage}")
         for key in ("tp", "pp", "dp_replicate"):

@@ -1,14 +1,7 @@
-"""parallel.engine=deepspeed (WORK IN PROGRESS, not wired into the trainer yet): DeepSpeed ZeRO over the
-same ScientificMoE, the same optimizer, schedule and loss scaling as the native engine.
-
-Measured (wip/deepspeed_proto.py, 2 gloo processes, tiny model, 3 steps): ZeRO 1, 2 and 3 give the
-one-process native losses to 1e-7 relative and gradient norms to 1e-5, with
-  - `managed_gradient_accumulation: false`: backward only accumulates, `engine.step()` is the
-    step's boundary (reduce, clip with `gradient_clipping`, optimizer, scheduler);
-  - `engine.backward(loss, scale_wrt_gas=False)`: scifm's loss is already scaled by dp/targets,
-    and DeepSpeed averages gradients over the data-parallel ranks as FSDP does;
-  - the router statistics all-reduced over the data-parallel group (apply_global_router_stats),
-    as under the native engine.
+"""parallel.engine=deepspeed: DeepSpeed ZeRO (stages 0-3, CPU offload) over the same ScientificMoE,
+with scifm's optimizer, schedule, loss scaling and router statistics, so a run equals the native
+one-process run; checkpoints stay scifm's layout-free ones (gathered from and scattered into
+DeepSpeed's partitions), so they move between engines and layouts.
 """
 
 from __future__ import annotations

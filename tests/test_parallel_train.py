@@ -30,13 +30,17 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {step: r["loss"] for step, r in records(run_dir).items()}
 
 
+def train_args(corpus_dir: Path, run_dir: Path) -> list[str]:
+    """4 steps of the tiny model on the small corpus, checkpoints at steps 2 and 4."""
+    return ["experiment=tiny", f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}",
+            "trainer.max_steps=4", "trainer.log_every=1", "trainer.val_every=2", "trainer.ckpt_every=2",
+            "data.val_batches=1", "trainer.batch_size=4", "data.seq_len=128", f"hydra.run.dir={run_dir}"]
+
+
 def train_cli(nproc: int, run_dir: Path, corpus_dir: Path, *overrides: str) -> None:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    cmd = [*launcher, "-m", "scifm.train", "experiment=tiny", f"data.corpus_dir={corpus_dir}",
-           f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", "trainer.max_steps=4", "trainer.log_every=1",
-           "trainer.val_every=2", "trainer.ckpt_every=2", "data.val_batches=1", "trainer.batch_size=4",
-           "data.seq_len=128", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [*launcher, "-m", "scifm.train", *train_args(corpus_dir, run_dir), *overrides]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

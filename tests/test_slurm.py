@@ -195,6 +195,27 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, referen
 
 
 @pytest.mark.slurm
+def test_a_deepspeed_job_is_preempted_requeued_and_resumed_like_a_native_one(slurm, reference, corpus_dir, tmp_path):
+    """parallel.engine=deepspeed through scifm submit on two nodes, pre-empted once: its losses are
+    the native torchrun run's (to 1e-5 relative, the engines' tolerance in tests/test_deepspeed.py)."""
+    pytest.importorskip("deepspeed")
+    run_dir = tmp_path / "run"
+    job = submit(run_dir, *job_cluster(2), *two_node_overrides(corpus_dir), "parallel.engine=deepspeed",
+                 f"hydra.run.dir={run_dir}")
+    wait_for_first_step(slurm, job, run_dir)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    slurm.wait_gone(job)
+    log = log_of(run_dir, job)
+    [info] = slurm.job(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "resumed from" in log
+    got = losses(run_dir)
+    assert sorted(got) == sorted(reference)
+    for step, loss in got.items():
+        assert abs(loss - reference[step]) <= 1e-5 * abs(reference[step]), (step, got, reference)
+
+
+@pytest.mark.slurm
 def test_no_requeue_past_the_restart_limit_nor_after_scancel(slurm, corpus_dir, tmp_path):
     """Two one-node jobs side by side: USR1 with cluster.max_restarts=0, and a plain scancel (SIGTERM)."""
     runs = {"limit": tmp_path / "limit", "scancel": tmp_path / "scancel"}

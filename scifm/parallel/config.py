@@ -10,9 +10,20 @@ PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZB
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 
 
+ENGINES = ("native", "deepspeed")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2  # partitions 1: optimizer state, 2: + gradients, 3: + parameters
+    offload_optimizer: bool = False  # optimizer state and step on the CPU
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
+    config: str = ""  # a DeepSpeed JSON merged with what scifm derives; a disagreement is an error
+
+
 @dataclass
 class ParallelConfig:
-    engine: str = "native"
+    engine: str = "native"  # native | deepspeed
     dp_replicate: int = 1  # HSDP replicas (gradients all-reduced between them)
     dp_shard: int = 1  # FSDP2 shards
     tp: int = 1
@@ -27,11 +38,13 @@ class ParallelConfig:
     mixed_precision: str = "fp32"  # FSDP2 params: fp32 | bf16 (gradients always reduced in fp32)
     activation_checkpoint: str = "none"  # none | full (every block) | selective (every other block)
     compile: bool = False  # torch.compile each block
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # with engine=deepspeed
 
     def validate(self, n_layers: int, n_microbatches: int) -> None:
         """`n_layers`: model.n_layers; `n_microbatches`: trainer.grad_accum."""
-        require(self.engine == "native", "parallel.engine",
-                f"only 'native' is available in this version, got {self.engine!r}")
+        require(self.engine in ENGINES, "parallel.engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "deepspeed":
+            self._validate_deepspeed()
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):
             require(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
@@ -42,6 +55,22 @@ class ParallelConfig:
                 f"must be fp32 or bf16, got {self.mixed_precision!r}")
         require(self.activation_checkpoint in ("none", "full", "selective"), "parallel.activation_checkpoint",
                 f"must be none, full or selective, got {self.activation_checkpoint!r}")
+
+    def _validate_deepspeed(self) -> None:
+        ds = self.deepspeed
+        require(ds.zero_stage in (1, 2, 3), "parallel.deepspeed.zero_stage",
+                f"must be 1, 2 or 3 (stage 0 is plain data parallelism: engine=native does it), got {ds.zero_stage}")
+        require(not ds.offload_params or ds.zero_stage == 3, "parallel.deepspeed.offload_params",
+                f"needs zero_stage=3 (parameters are partitioned only there), got {ds.zero_stage}")
+        for key in ("tp", "pp", "dp_replicate"):
+            require(getattr(self, key) == 1, f"parallel.{key}",
+                    f"engine=deepspeed runs ZeRO data parallelism only (set parallel.dp_shard to the world size), "
+                    f"got {key}={getattr(self, key)}")
+        require(self.mixed_precision == "fp32", "parallel.mixed_precision",
+                "engine=deepspeed keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
+                f"got {self.mixed_precision!r}")
+        require(self.ep == 1, "parallel.ep", "engine=deepspeed shards experts with ZeRO like every other weight "
+                f"(expert parallelism runs under engine=native), got ep={self.ep}")
 
     def _validate_pipeline(self, n_layers: int, n_microbatches: int) -> None:
         schedule, v = self.pp_schedule, self.pp_virtual_stages

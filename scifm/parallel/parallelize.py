@@ -51,10 +51,7 @@ def _parallelize_module(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
         from scifm.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, ctx.submesh("ep"), ctx.submesh("tp") if dims.tp > 1 else None)
-    if cfg.activation_checkpoint != "none":
-        apply_activation_checkpointing(model, cfg.activation_checkpoint)
-    if cfg.compile:
-        apply_compile(model)
+    apply_recompute_and_compile(model, cfg)
     if dims.dp_size > 1:
         dp_mesh = ctx.submesh("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ctx.submesh("dp_shard")
         expert_mesh = None
@@ -64,3 +61,11 @@ def _parallelize_module(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
         param_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
         apply_fsdp(model, dp_mesh, param_dtype, expert_mesh)
     return model
+
+
+def apply_recompute_and_compile(model: torch.nn.Module, cfg: ParallelConfig) -> None:
+    """What every engine applies to the blocks, after any tensor/expert sharding, before data parallelism."""
+    if cfg.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, cfg.activation_checkpoint)
+    if cfg.compile:
+        apply_compile(model)

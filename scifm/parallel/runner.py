@@ -63,6 +63,10 @@ class ModelRunner:
     """Each micro-batch through the whole (sharded) model in turn."""
 
     pp_group = None  # no pipeline: every rank holds every layer
+    applies_update = False  # True where clip_grad_norm also steps the optimizer (engines that own it)
+    # True where an engine keeps weights and optimizer state in its own partitions: the checkpoint's
+    # full tensors are gathered from them (checkpoint_states) and scattered back (load_checkpoint_states)
+    gathers_checkpoint = False
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast, device: torch.device):
         self.model = model

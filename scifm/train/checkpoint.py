@@ -99,6 +99,7 @@ def start_checkpoint(
     config_yaml: str,
     skipped: dict,
     async_groups: dict[str, torch.distributed.ProcessGroup | None] | None = None,
+    states: tuple[dict, dict, list] | None = None,
 ) -> PendingCheckpoint:
     """Collective: every rank starts writing its shards (in the background with `async_groups`,
     after copying them to CPU memory) into .step_N.tmp; rank 0 writes the other files at once."""
@@ -109,7 +110,7 @@ def start_checkpoint(
     ctx.barrier()
     pending = PendingCheckpoint(root, step, tmp, ctx, [])
     try:
-        param_groups, pending.futures = save_sharded(tmp, model, optimizer, ctx.distributed, async_groups)
+        param_groups, pending.futures = save_sharded(tmp, model, optimizer, ctx.distributed, async_groups, states)
         if ctx.is_main:
             torch.save(train_state | {"optimizer_param_groups": param_groups}, tmp / TRAIN_STATE_FILE)
             (tmp / LOADER_FILE).write_text(json.dumps(loader_state))

@@ -25,6 +25,7 @@ from scifm.core.hydra_compose import CONFIG_MODULE, expand_sweep
 from scifm.core.device import pick_device
 from scifm.hf.pretrained import pretrained_model_config
 from scifm.parallel.distributed import dims_of
+from scifm.parallel.deepspeed_engine import require_deepspeed
 from scifm.parallel.fp8 import resolve_fp8
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
@@ -33,6 +34,9 @@ QUIET_RANK_WAIT_S = 30.0
 
 def hydra_train() -> None:
     """The overrides in sys.argv, checked (every point of a -m sweep), then run by Hydra."""
+    # DeepSpeed's launcher appends --local_rank=N unless told --no_local_rank; the rank is in the
+    # environment (LOCAL_RANK) as under torchrun, and Hydra would refuse the flag
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank=")]
     try:
         check_command_line(sys.argv[1:])
     except ConfigError as err:
@@ -57,6 +61,8 @@ def check_before_work(cfg: RunConfig) -> None:
     cfg.model = pretrained_model_config(cfg.model)
     cfg.validate()
     dims_of(cfg.parallel).validate(cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.parallel.engine == "deepspeed":
+        require_deepspeed()
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
 

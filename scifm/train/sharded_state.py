@@ -53,23 +53,27 @@ def async_save_groups(distributed: bool) -> dict[str, dist.ProcessGroup | None]:
 
 
 def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, distributed: bool,
-                 async_groups: dict[str, dist.ProcessGroup | None] | None = None) -> tuple[list, list[Future]]:
+                 async_groups: dict[str, dist.ProcessGroup | None] | None = None,
+                 states: tuple[dict, dict, list] | None = None) -> tuple[list, list[Future]]:
     """Collective: every rank calls it, with the model's parameters sharded (the runner reshards
     after forward-only passes). Returns the optimizer param groups (for train_state.pt) and, with
     `async_groups` (from async_save_groups), the futures of the writes: the tensors are copied to
     CPU memory before this returns (training may change them at once), and written by background
     threads whose collectives run on those groups, never interleaved with training's."""
-    optim_state = get_optimizer_state_dict(model, optimizer)
+    if states is None:
+        optim_state = get_optimizer_state_dict(model, optimizer)
+        states = get_model_state_dict(model), _flat_optimizer_tensors(optim_state), optim_state["param_groups"]
+    model_state, optim_flat, param_groups = states
     futures = []
     with _quiet_single_process():
-        for state, sub in ((get_model_state_dict(model), MODEL_DIR), (_flat_optimizer_tensors(optim_state), OPTIMIZER_DIR)):
+        for state, sub in ((model_state, MODEL_DIR), (optim_flat, OPTIMIZER_DIR)):
             writer = HuggingFaceStorageWriter(str(directory / sub), save_distributed=distributed)
             if async_groups is not None:
                 futures.append(dcp.async_save(state, storage_writer=writer, process_group=async_groups[sub],
                                               no_dist=not distributed))
             else:
                 dcp.save(state, storage_writer=writer)
-    return optim_state["param_groups"], futures
+    return param_groups, futures
 
 
 def saved_shapes(directory: Path) -> dict[str, torch.Size]:
@@ -79,6 +83,17 @@ def saved_shapes(directory: Path) -> dict[str, torch.Size]:
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory}: cannot read the model weights ({err})") from None
     return {fqn: meta.size for fqn, meta in metadata.state_dict_metadata.items()}
+
+
+def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, torch.Tensor]:
+    """Collective (every rank the same `names`): the whole saved tensors, on every rank, for
+    engines that scatter them into their own partitions. `sub`: MODEL_DIR or OPTIMIZER_DIR."""
+    reader = HuggingFaceStorageReader(str(directory / sub))
+    saved = reader.read_metadata().state_dict_metadata
+    state = {n: torch.empty(saved[n].size, dtype=saved[n].properties.dtype) for n in names}
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory / sub)))
+    return state
 
 
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:

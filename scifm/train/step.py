@@ -34,12 +34,13 @@ def train_step(runner: ModelRunner, micro: list[Batch], ctx: DistContext, grad_c
     return float(ctx.all_reduce_sum(loss)), runner.clip_grad_norm(grad_clip)
 
 
-def apply_update(optimizer, scheduler, moes: list) -> list[dict]:
-    """Optimizer and schedule step, then the MoE bias update from the step's (global) expert load;
-    returns each MoE layer's statistics of the last micro-batch."""
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+def apply_update(optimizer, scheduler, moes: list, applied: bool = False) -> list[dict]:
+    """Optimizer and schedule step (unless the engine `applied` it already), then the MoE bias update
+    from the step's (global) expert load; returns each MoE layer's statistics of the last micro-batch."""
+    if not applied:
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     stats = [dict(m.last_stats) for m in moes]
     for m in moes:
         m.update_bias(m.pop_tokens_per_expert())

@@ -14,6 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,6 +39,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
+from scifm.parallel.deepspeed_engine import deepspeed_optimizer, initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
@@ -54,7 +56,7 @@ from scifm.train.checkpoint import (
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
-from scifm.train.sharded_state import async_save_groups, load_sharded
+from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors
 from scifm.train.step import (
     Evaluation,
     apply_update,
@@ -166,10 +168,20 @@ class Trainer:
             autocast = self.fp8.forward_context(autocast)
             if ctx.is_main:
                 print(self.fp8.describe(), flush=True)
-        self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
-        self.model = self.runner.model  # this rank's (sharded) modules
-        self.optimizer = build_optimizer(self.model, tc)
-        self.scheduler = build_scheduler(self.optimizer, tc)
+        if cfg.parallel.engine == "deepspeed":
+            # DeepSpeed partitions the optimizer built over the whole model's parameters
+            self.optimizer = deepspeed_optimizer(build_optimizer(model, tc), cfg.parallel.deepspeed)
+            self.scheduler = build_scheduler(self.optimizer, tc)
+            self.runner = initialize_deepspeed(
+                model, self.optimizer, self.scheduler, ctx, cfg.parallel, micro_batch=tc.batch_size,
+                grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+                loss_fn=scaled_cross_entropy, autocast=autocast)
+            self.model = self.runner.model
+        else:
+            self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
+            self.model = self.runner.model  # this rank's (sharded) modules
+            self.optimizer = build_optimizer(self.model, tc)
+            self.scheduler = build_scheduler(self.optimizer, tc)
         self.moes = moe_layers(self.model)
         for m in self.moes:
             m.aux_grad_scale = 1.0 / tc.grad_accum
@@ -201,7 +213,10 @@ class Trainer:
 
     def _load_weights_optimizer_schedule(self, ckpt: Path, state: dict) -> None:
         """What both a resume and a reload after non-finite steps take from a checkpoint."""
-        load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
+        if self.runner.gathers_checkpoint:
+            self.runner.load_checkpoint_states(partial(read_full_tensors, ckpt), state["optimizer_param_groups"])
+        else:
+            load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     # --- the loop ---------------------------------------------------------------------------
@@ -245,7 +260,7 @@ class Trainer:
             return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats, update_skipped=True)
         self.nonfinite_in_row = 0
         with_grads = memory_report(self.model, self.optimizer) if self.step == self.start_step else None
-        moe_stats = apply_update(self.optimizer, self.scheduler, self.moes)
+        moe_stats = apply_update(self.optimizer, self.scheduler, self.moes, self.runner.applies_update)
         if with_grads is not None:  # optimizer state exists only after the first update
             self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]})
         self.step += 1
@@ -311,6 +326,7 @@ class Trainer:
             train_state=train_state, loader_state=self.loader.state_dict(), tokenizer=self.tokenizer,
             config_yaml=self.config_yaml, skipped=self.loader.skips.as_dict(),
             async_groups=self.async_groups,
+            states=self.runner.checkpoint_states() if self.runner.gathers_checkpoint else None,
         )
         if not self.tc.async_checkpoint:
             self.wait_for_checkpoint()
@@ -359,20 +375,24 @@ class Trainer:
 
     def _after_nonfinite_step(self, loss: float, grad_norm: float) -> None:
         """Counted and reported; `trainer.nonfinite_reload_after` in a row reload the last checkpoint's
-        weights, optimizer and schedule (the data moves on past the batches that diverged); more than
+        weights, optimizer and schedule (the data moves on past the batches that diverged; under DeepSpeed,
+        which has applied the update before its norm is known, at once); more than
         `trainer.max_nonfinite_steps` in all stop the run."""
         tc = self.tc
         self.nonfinite_steps.append(self.step)
         self.nonfinite_in_row += 1
         if self.ctx.is_main:
-            print(f"step {self.step}: loss {loss} / gradient norm {grad_norm} not finite; update skipped "
+            verdict = "undone by reloading" if self.runner.applies_update else "skipped"
+            print(f"step {self.step}: loss {loss} / gradient norm {grad_norm} not finite; update {verdict} "
                   f"({len(self.nonfinite_steps)} such steps, {self.nonfinite_in_row} in a row)", flush=True)
         if len(self.nonfinite_steps) > tc.max_nonfinite_steps:
             raise TrainingDiverged(
                 f"{len(self.nonfinite_steps)} steps with a non-finite loss or gradient (trainer.max_nonfinite_steps="
                 f"{tc.max_nonfinite_steps}), at steps {self.nonfinite_steps[:10]}; the last checkpoint is "
                 f"{latest_checkpoint(self.run_dir / 'checkpoints')}; lower trainer.lr or raise trainer.warmup_steps")
-        if tc.nonfinite_reload_after and self.nonfinite_in_row >= tc.nonfinite_reload_after:
+        # an engine that steps inside clip_grad_norm (DeepSpeed) has applied the bad update already
+        reload_after = 1 if self.runner.applies_update else tc.nonfinite_reload_after
+        if reload_after and self.nonfinite_in_row >= reload_after:
             self._reload_last_checkpoint()
 
     def _reload_last_checkpoint(self) -> None:

@@ -158,6 +158,19 @@ def log_of(run_dir: Path, job_id: str) -> str:
     return (run_dir / "slurm" / f"train-{job_id}.out").read_text()
 
 
+def preempted_once(slurm: SlurmCluster, run_dir: Path, *overrides: str) -> tuple[str, str]:
+    """A two-node job sent USR1 after its first step, run to its end: (job id, its log); it must
+    have completed after exactly one requeue."""
+    job = submit(run_dir, *job_cluster(2), *overrides, f"hydra.run.dir={run_dir}")
+    wait_for_first_step(slurm, job, run_dir)
+    slurm.run("scancel", "--signal=USR1", "--batch", job)
+    slurm.wait_gone(job)
+    log = log_of(run_dir, job)
+    [info] = slurm.job(job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    return job, log
+
+
 @pytest.mark.slurm
 def test_two_node_job_equals_local_torchrun_and_gets_overrides_verbatim(slurm, reference, corpus_dir, tmp_path):
     run_dir = tmp_path / "run"
@@ -177,13 +190,7 @@ def test_two_node_job_equals_local_torchrun_and_gets_overrides_verbatim(slurm, r
 @pytest.mark.slurm
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, reference, corpus_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    job = submit(run_dir, *job_cluster(2), *two_node_overrides(corpus_dir), f"hydra.run.dir={run_dir}")
-    wait_for_first_step(slurm, job, run_dir)
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    slurm.wait_gone(job)
-    log = log_of(run_dir, job)
-    [info] = slurm.job(job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    job, log = preempted_once(slurm, run_dir, *two_node_overrides(corpus_dir))
     stopped = int(re.search(r"pre-empted by SIGUSR1: checkpoint of step (\d+) written", log).group(1))
     assert 1 <= stopped < STEPS and f"requeueing job {job} (restart 1 of at most 3)" in log
     assert "SLURM_RESTART_COUNT=1; resuming from" in log and f"resumed from {run_dir}/checkpoints/step_{stopped}" in log
@@ -200,14 +207,7 @@ def test_a_deepspeed_job_is_preempted_requeued_and_resumed_like_a_native_one(slu
     the native torchrun run's (to 1e-5 relative, the engines' tolerance in tests/test_deepspeed.py)."""
     pytest.importorskip("deepspeed")
     run_dir = tmp_path / "run"
-    job = submit(run_dir, *job_cluster(2), *two_node_overrides(corpus_dir), "parallel.engine=deepspeed",
-                 f"hydra.run.dir={run_dir}")
-    wait_for_first_step(slurm, job, run_dir)
-    slurm.run("scancel", "--signal=USR1", "--batch", job)
-    slurm.wait_gone(job)
-    log = log_of(run_dir, job)
-    [info] = slurm.job(job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    _, log = preempted_once(slurm, run_dir, *two_node_overrides(corpus_dir), "parallel.engine=deepspeed")
     assert "resumed from" in log
     got = losses(run_dir)
     assert sorted(got) == sorted(reference)

@@ -189,10 +189,10 @@ class DeepSpeedRunner(ModelRunner):
         return model_state, optim, param_groups
 
     def load_checkpoint_states(self, read: Callable[[str, list[str]], dict[str, torch.Tensor]],
-                               param_groups: list[dict]) -> None:
+                               hyperparameters: list[dict]) -> None:
         """Collective: `read(sub, names)` gives the saved full tensors (sub: "model" or "optimizer");
         each rank writes its own slices into DeepSpeed's fp32 weights, model weights and moments,
-        a few parameters at a time."""
+        a few parameters at a time; `hyperparameters` replace the param groups' own."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         for p in self._master_partitions():  # AdamW makes its moments at its first step
@@ -223,8 +223,8 @@ class DeepSpeedRunner(ModelRunner):
         for p in self._master_partitions():
             state = self.base_optimizer.state[p]
             state["step"] = torch.tensor(step) if torch.is_tensor(state["step"]) else int(step)
-        for group, saved in zip(self.base_optimizer.param_groups, param_groups):
-            group.update({k: v for k, v in saved.items() if k != "params"})
+        for group, saved in zip(self.base_optimizer.param_groups, hyperparameters):
+            group.update(saved)
 
     def _set_model_weight(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         """The weights the forward pass reads (DeepSpeed's copy next to its fp32 master)."""

@@ -105,8 +105,9 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
 
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 param_groups: list) -> None:
-    """Collective: fills this rank's shards of the model and of the optimizer state."""
+                 hyperparameters: list[dict]) -> None:
+    """Collective: fills this rank's shards of the model and of the optimizer state; the param
+    groups' `hyperparameters` (optim.saved_hyperparameters) replace the current ones."""
     load_model_weights(directory, model)
     _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
     optim_state = get_optimizer_state_dict(model, optimizer)
@@ -117,8 +118,5 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
         fqn, name = key.split("::")
         optim_state["state"][fqn][name] = t
     # hyper-parameters from the checkpoint, parameter lists from this rank's (pipeline) stages
-    optim_state["param_groups"] = [
-        current | {k: v for k, v in saved.items() if k != "params"}
-        for current, saved in zip(optim_state["param_groups"], param_groups)
-    ]
+    optim_state["param_groups"] = [current | saved for current, saved in zip(optim_state["param_groups"], hyperparameters)]
     set_optimizer_state_dict(model, optimizer, optim_state)

@@ -54,7 +54,7 @@ from scifm.train.checkpoint import (
     start_checkpoint,
 )
 from scifm.train.metrics import MetricsLogger
-from scifm.train.optim import build_optimizer, build_scheduler
+from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors
 from scifm.train.step import (
@@ -213,10 +213,11 @@ class Trainer:
 
     def _load_weights_optimizer_schedule(self, ckpt: Path, state: dict) -> None:
         """What both a resume and a reload after non-finite steps take from a checkpoint."""
+        hyperparameters = saved_hyperparameters(state["optimizer_param_groups"])
         if self.runner.gathers_checkpoint:
-            self.runner.load_checkpoint_states(partial(read_full_tensors, ckpt), state["optimizer_param_groups"])
+            self.runner.load_checkpoint_states(partial(read_full_tensors, ckpt), hyperparameters)
         else:
-            load_sharded(ckpt, self.model, self.optimizer, state["optimizer_param_groups"])
+            load_sharded(ckpt, self.model, self.optimizer, hyperparameters)
         self.scheduler.load_state_dict(state["scheduler"])
 
     # --- the loop ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from scifm.parallel.parallelize import parallelize
 from scifm.parallel.config import ParallelConfig
 from scifm.tokenizers import ScientificTokenizer
 from scifm.config import compose_run_config
-from scifm.train.optim import build_optimizer, build_scheduler
+from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.sharded_state import load_model_weights, load_sharded, save_sharded
 from scifm.train.step import apply_update, scaled_cross_entropy, train_step
 
@@ -125,7 +125,7 @@ def save_resume_reshard(cfg, ctx: DistContext, tokenizer, trained: Training, loa
     saved = whole.state_dict()
     reshard_diff = max(float((saved[k] - v).abs().max()) for k, v in full_params(model, ctx).items())
     resumed = build(cfg, ctx, tokenizer)
-    load_sharded(ckpt_dir, resumed.runner.model, resumed.optimizer, param_groups)
+    load_sharded(ckpt_dir, resumed.runner.model, resumed.optimizer, saved_hyperparameters(param_groups))
     resumed.scheduler.load_state_dict(trained.scheduler.state_dict())
     micro = [loader.next_batch() for _ in range(cfg.trainer.grad_accum)]
     continued = train_step(trained.runner, micro, ctx, cfg.trainer.grad_clip)

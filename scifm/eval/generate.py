@@ -78,6 +78,7 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
 def _generate_batches(model, tokenizer, enc_cfg: EncodersConfig, batches: Iterable[list[EncodedDocument]], *,
                       max_new_tokens: int, seq_len: int, stop: tuple[str, ...],
                       progress: Callable[[int], None] | None) -> list[list[int]]:
+    """Generated ids per prompt, batch after batch of encoded prompts."""
     model.eval()
     placeholders = placeholder_features(tokenizer, enc_cfg)
     device = next(model.parameters()).device

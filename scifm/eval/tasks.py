@@ -80,6 +80,7 @@ def _choices(obj: dict, where: str) -> list[str]:
 
 def _tolerance(obj: dict, key: str, default: float, where: str) -> float:
     value = obj.get(key, default)
+    # `not value >= 0` refuses NaN too (Python's json reads the literal NaN)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
         raise TaskFormatError(f"{where}: field '{key}' must be a number >= 0")
     return float(value)

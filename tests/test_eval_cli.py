@@ -1,4 +1,5 @@
-"""`scifm eval`: results.json / report.md / samples per checkpoint, compare plots, one-line errors."""
+"""`scifm eval`: results.json / report.md / samples per checkpoint, few-shot prompts as lm-eval lays
+them out, compare plots, one-line errors."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
 import pytest
+from lm_eval.api.task import ConfigurableTask
 
+import scifm.eval.multiple_choice
 from scifm.core.checkpoint_files import file_sizes
 from scifm.eval.compare import compare
 from scifm.eval.config import EvalConfig, EvalRunConfig, compose_eval_config
@@ -33,7 +37,7 @@ def write_task_file(path: Path) -> Path:
         {"id": "m3", "skill": "bio.codon", "type": "multiple_choice", "question": "The codon UGG codes for",
          "choices": [" serine", " tryptophan", " leucine", " valine"], "answer": 1},
         {"id": "s1", "skill": "mol.tpsa", "type": "short_answer", "question": mol, "answer": 63.6,
-         "rel_tol": 0.01},
+         "rel_tol": 0.01, "unit": "Å²"},
         {"id": "s2", "skill": "bio.codon", "type": "short_answer", "question": "The codon AUG codes for",
          "answer": "methionine"},
     ]
@@ -69,6 +73,7 @@ def test_eval_writes_results_report_and_samples_for_every_checkpoint(small_run, 
     samples = [json.loads(x) for x in (written[-1].parent / "samples" / "mine.jsonl").read_text().splitlines()]
     assert [s["id"] for s in samples] == ["m1", "m2", "m3", "s1", "s2"]
     assert [s["predicted"] for s in samples[:3]] == [d["predicted"] for d in direct["samples"]]
+    assert samples[3]["unit"] == "Å²" and "unit" not in samples[4]
     report = (written[-1].parent / "report.md").read_text()
     acc = mc["scores"]["acc"]
     assert f"| mine | 3 | {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]" in report
@@ -82,6 +87,75 @@ def test_eval_writes_results_report_and_samples_for_every_checkpoint(small_run, 
     table = (tmp_path / "cmp" / "compare.md").read_text()
     assert table.count(f"| {small_run.name} | 1 |") == 2 and table.count(f"| {small_run.name} | 2 |") == 2
     assert tmp_path / "cmp" / "compare.md" in written_plots
+
+
+def mmlu_question(stem: str, options: list[str]) -> str:
+    return stem + "\n" + "".join(f"{letter}. {o}\n" for letter, o in zip("ABCD", options)) + "Answer:"
+
+
+MMLU_DEV = {  # marked "fewshot": examples only
+    "dev1": (mmlu_question("Which element has atomic number 6?", ["Carbon", "Oxygen", "Iron", "Neon"]), 0),
+    "dev2": (mmlu_question("What is the SI unit of force?", ["Joule", "Watt", "Newton", "Pascal"]), 2),
+    "dev3": (mmlu_question("Which base pairs with adenine in DNA?", ["Cytosine", "Guanine", "Uracil", "Thymine"]), 3),
+}
+MMLU_TEST = {
+    "t1": (mmlu_question("The codon AUG codes for", ["glycine", "methionine", "a stop", "serine"]), 1),
+    "t2": (mmlu_question("Water boils at sea level at", ["100 C", "0 C", "50 C", "200 C"]), 0),
+    "t3": (mmlu_question("Which gas do plants take in?", ["Oxygen", "Helium", "Carbon dioxide", "Argon"]), 2),
+}
+
+
+def mmlu_row(item_id: str, question: str, answer: int, **fields) -> dict:
+    return {"id": item_id, "skill": "mmlu", "type": "multiple_choice", "question": question,
+            "choices": [" A", " B", " C", " D"], "answer": answer} | fields
+
+
+def lm_eval_requests(examples: list[tuple[str, int]], item: tuple[str, int]) -> list[tuple[str, str]]:
+    """The (context, continuation) pairs lm-eval builds for an MMLU-shaped item after these examples
+    in this order (its first_n sampler; default target and few-shot delimiters)."""
+    dataset = datasets.DatasetDict({
+        "dev": datasets.Dataset.from_list([{"question": q, "answer": a} for q, a in examples]),
+        "test": datasets.Dataset.from_list([{"question": item[0], "answer": item[1]}])})
+    task = ConfigurableTask(config={
+        "task": "scifm_mmlu_shape", "custom_dataset": lambda **_: dataset, "test_split": "test",
+        "fewshot_split": "dev", "num_fewshot": len(examples), "fewshot_config": {"sampler": "first_n"},
+        "output_type": "multiple_choice", "doc_to_text": "{{question}}", "doc_to_choice": ["A", "B", "C", "D"],
+        "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]})
+    (doc,) = task.test_docs()
+    return [r.args for r in task.construct_requests(doc, task.fewshot_context(doc, num_fewshot=len(examples)))]
+
+
+def test_mmlu_shaped_few_shot_prompts_hold_the_examples_and_score_only_unmarked_items(small_run, tmp_path,
+                                                                                      monkeypatch):
+    rows = [mmlu_row(i, q, a, fewshot=True) for i, (q, a) in MMLU_DEV.items()]
+    rows += [mmlu_row(i, q, a) for i, (q, a) in MMLU_TEST.items()]
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen: list[tuple[str, str]] = []  # (context, continuation) of every request the model scores
+    real = scifm.eval.multiple_choice.score_continuations
+
+    def recording(model, tokenizer, enc_cfg, requests, **kw):
+        seen.extend(("".join(seg["text"] for seg in r.context), r.continuation) for r in requests)
+        return real(model, tokenizer, enc_cfg, requests, **kw)
+
+    monkeypatch.setattr(scifm.eval.multiple_choice, "score_continuations", recording)
+    cfg = EvalConfig(task_files=[str(path)], num_fewshot=2, out=str(tmp_path / "out"))
+    (written,) = run_eval(EvalRunConfig(str(small_run / "checkpoints" / "step_2"), cfg))
+    results = json.loads(written.read_text())["tasks"]["mmlu"]
+    assert results["n_items"] == 3 and results["multiple_choice"]["scores"]["acc"]["n"] == 3
+    samples = [json.loads(x) for x in (written.parent / "samples" / "mmlu.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in samples] == list(MMLU_TEST)  # the marked items are examples, never scored
+    assert len(seen) == 3 * 4
+    for s in samples:
+        assert len(s["fewshot"]) == 2 and set(s["fewshot"]) <= set(MMLU_DEV)
+        examples = [MMLU_DEV[e] for e in s["fewshot"]]
+        want = lm_eval_requests(examples, MMLU_TEST[s["id"]])
+        assert [r for r in seen if r[0].endswith(MMLU_TEST[s["id"]][0])] == want
+        context = want[0][0]  # the examples with their answers, then the item
+        for q, a in examples:
+            assert f"{q} {'ABCD'[a]}\n\n" in context
+    assert len({tuple(s["fewshot"]) for s in samples}) > 1  # drawn per item, not one fixed pair
 
 
 def fake_results(run: str, step: int, active: int, skills: dict[str, tuple[float, float, float]]) -> dict:
@@ -120,7 +194,6 @@ def test_compare_lists_a_skill_that_falls_with_training_or_scale_beyond_its_inte
 def test_config_composes_with_overrides_and_requires_a_checkpoint():
     cfg = compose_eval_config(["checkpoint=runs/x", "eval.tasks=[tpsa]", "eval.max_items=7"])
     assert cfg.checkpoint == "runs/x" and cfg.eval.tasks == ["tpsa"] and cfg.eval.max_items == 7
-    assert "redefine" in compose_eval_config(["checkpoint=x"]).eval.tasks
 
 
 def one_line_error(out) -> str:

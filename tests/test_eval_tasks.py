@@ -1,5 +1,5 @@
 """Task files: the documented format loads; each malformed line names file, line and field;
-multiple-choice evaluation is exact with a model whose logits are known."""
+numeric tolerances and units; multiple-choice evaluation is exact with a model whose logits are known."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from scifm.eval.multiple_choice import evaluate_multiple_choice
+from scifm.eval.short_answer import is_correct
 from scifm.eval.tasks import MultipleChoiceItem, ShortAnswerItem, TaskFormatError, load_task_file
 
 GOOD = [
@@ -42,6 +43,12 @@ def test_the_documented_format_loads(tmp_path):
     (GOOD[1] | {"question": [{"type": "molecule"}]}, r"task\.jsonl:2: field 'question'"),
     (GOOD[2] | {"rel_tol": -1}, r"task\.jsonl:2: field 'rel_tol'"),
     (GOOD[0], r"task\.jsonl:2: field 'id': 'q1' appears twice"),
+    # the same answer twice, also when only surrounding whitespace differs
+    (GOOD[0] | {"id": "d", "choices": [" 63.6", " 12.0", " 63.6"]}, r"task\.jsonl:2: field 'choices': ' 63\.6' appears twice"),
+    (GOOD[0] | {"id": "d", "choices": [" 63.6", "63.6 "]}, r"task\.jsonl:2: field 'choices': '63\.6 ' appears twice"),
+    (GOOD[0] | {"id": "d", "fewshot": "yes"}, r"task\.jsonl:2: field 'fewshot' must be true or false"),
+    (GOOD[2] | {"unit": 5}, r"task\.jsonl:2: field 'unit' must be a string"),
+    (GOOD[2] | {"abs_tol": float("nan")}, r"task\.jsonl:2: field 'abs_tol'"),
 ])
 def test_a_malformed_line_names_file_line_and_field(tmp_path, bad, message):
     with pytest.raises(TaskFormatError, match=message):
@@ -53,6 +60,28 @@ def test_missing_and_empty_task_files(tmp_path):
         load_task_file(tmp_path / "none.jsonl")
     with pytest.raises(TaskFormatError, match="holds no items"):
         load_task_file(write(tmp_path, [""]))
+    with pytest.raises(TaskFormatError, match="every item is marked \"fewshot\"; none is left to score"):
+        load_task_file(write(tmp_path, [GOOD[0] | {"fewshot": True}]))
+
+
+def short(answer: float, **fields) -> dict:
+    return {"id": "n", "skill": "s", "type": "short_answer", "question": "Value?", "answer": answer} | fields
+
+
+def test_a_zero_target_takes_rel_tol_as_its_default_abs_tol(tmp_path):
+    zero, explicit, nonzero = load_task_file(write(tmp_path, [
+        short(0, rel_tol=0.01), short(0.0, rel_tol=0.01, abs_tol=0.0) | {"id": "e"}, short(5, rel_tol=0.01) | {"id": "f"}]))
+    assert (zero.abs_tol, explicit.abs_tol, nonzero.abs_tol) == (0.01, 0.0, 0.0)
+    assert is_correct("0.004", zero) and is_correct("-0.01", zero) and not is_correct("0.02", zero)
+    assert not is_correct("0.004", explicit) and is_correct("0", explicit)  # an explicit abs_tol wins
+    assert is_correct("5.05", nonzero) and not is_correct("5.06", nonzero)
+
+
+def test_few_shot_flag_and_unit_load(tmp_path):
+    example, item = load_task_file(write(tmp_path, [
+        GOOD[0] | {"fewshot": True}, short(18.015, rel_tol=0.01, unit=" g/mol ")]))
+    assert example.fewshot and not item.fewshot and item.unit == "g/mol"
+    assert not load_task_file(write(tmp_path, GOOD))[2].unit
 
 
 class KnownLogits(torch.nn.Module):

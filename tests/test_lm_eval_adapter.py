@@ -1,5 +1,6 @@
 """lm-evaluation-harness adapter: lm_eval's own command line on a scifm checkpoint, offline, over local
-task YAMLs (tests/data/lm_eval), and every number equal to what scifm computes directly."""
+task YAMLs (tests/data/lm_eval), and every number equal to what scifm computes directly; requests
+longer than max_length cut from the left as lm-eval's hf model cuts them; one-line errors."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from scifm.eval.generate import generate_greedy
-from scifm.eval.lm_eval_adapter import ScifmLM
+from scifm.eval.generate import cut_at_stop, generate_greedy
+from scifm.eval.lm_eval_adapter import ScifmLM, ScifmLMError
 from scifm.eval.loglikelihood import Request, score_continuations
 from scifm.train.export import load_checkpoint_model
 from scifm.train.trainer import train
@@ -86,21 +87,37 @@ def window_logprob(model, ctx: list[int], pred: list[int]) -> float:
     return float(logp[torch.arange(len(ctx) - 1, n), torch.tensor(pred)].sum())
 
 
+def cut_like_hf(tokenizer, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-eval's hf model feeds them: the last max_length + 1 ids
+    of [BOS] + context + continuation."""
+    cont = tokenizer.encode_text(continuation)
+    ids = ([tokenizer.bos_id] + tokenizer.encode_text(context) + cont)[-(max_length + 1):]
+    return ids[: -len(cont)], cont
+
+
 def test_multiple_choice_acc_is_the_argmax_of_scifm_scores(harness, direct):
     results, samples = harness
     model, tokenizer, enc = direct
     items = read_jsonl("mc.jsonl")
     assert len(samples["scifm_mc"]) == len(items)
-    correct = []
+    correct, n_cut = [], 0
     for item, sample in zip(items, samples["scifm_mc"]):
-        want = score_continuations(model, tokenizer, enc, [Request(text(item["question"]), " " + c)
-                                                           for c in item["choices"]], seq_len=MAX_LENGTH)
-        got = [float(r[0][0]) for r in sample["resps"]]  # lm-eval's target_delimiter " " precedes each choice
-        assert got == pytest.approx([w.logprob for w in want], abs=1e-4), item
-        assert [r[0][1] for r in sample["resps"]] == [str(w.greedy) for w in want]
-        best = max(range(len(want)), key=lambda k: want[k].logprob)
+        conts = [" " + c for c in item["choices"]]  # lm-eval's target_delimiter " " precedes each choice
+        got = [float(r[0][0]) for r in sample["resps"]]
+        if len(tokenizer.encode_text(item["question"])) + 1 + max(len(tokenizer.encode_text(c)) for c in conts) \
+                > MAX_LENGTH + 1:  # too long: cut from the left, scored by hand
+            n_cut += 1
+            want = [window_logprob(model, *cut_like_hf(tokenizer, item["question"], c, MAX_LENGTH)) for c in conts]
+        else:
+            scored = score_continuations(model, tokenizer, enc, [Request(text(item["question"]), c) for c in conts],
+                                         seq_len=MAX_LENGTH)
+            assert [r[0][1] for r in sample["resps"]] == [str(w.greedy) for w in scored]
+            want = [w.logprob for w in scored]
+        assert got == pytest.approx(want, abs=1e-4), item
+        best = max(range(len(want)), key=lambda k: want[k])
         correct.append(float(best == item["answer"]))
         assert sample["acc"] == correct[-1]
+    assert n_cut == 1  # the last document is longer than max_length and still scored
     assert results["scifm_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
 
 
@@ -173,6 +190,67 @@ def test_empty_context_sampling_refused_and_model_args(checkpoint, direct):
         == [free[: free.find(stop)]]
     with pytest.raises(ValueError, match="unknown model_args"):
         ScifmLM(checkpoint=str(checkpoint), pretrained="gpt2")
+    with pytest.raises(ScifmLMError, match="model_args batch_size must be an integer >= 1, got 'many'"):
+        ScifmLM(checkpoint=str(checkpoint), batch_size="many")
+
+
+LONG_CONTEXT = "Water boils at one hundred degrees Celsius at sea level. " * 8 + "Water boils at"
+
+
+def doc_request(kind: str, args: tuple, doc_id: int) -> Instance:
+    return Instance(kind, {}, args, doc_id, metadata=("scifm_long", doc_id, 1))
+
+
+def test_a_loglikelihood_request_longer_than_max_length_is_cut_from_the_left_like_hf(checkpoint, direct):
+    model, tokenizer, _ = direct
+    lm = ScifmLM(checkpoint=str(checkpoint), max_length=24, batch_size=2)
+    conts = [" one hundred degrees", " ten"]
+    assert len(tokenizer.encode_text(LONG_CONTEXT)) > 3 * 24
+    got = lm.loglikelihood([doc_request("loglikelihood", (LONG_CONTEXT, c), 0) for c in conts])
+    for (logprob, _), cont in zip(got, conts):
+        ctx, pred = cut_like_hf(tokenizer, LONG_CONTEXT, cont, 24)
+        assert len(ctx) + len(pred) == 25 and ctx[0] != tokenizer.bos_id  # cut: no [BOS] left
+        assert logprob == pytest.approx(window_logprob(model, ctx, pred), abs=1e-4)
+    # a continuation that alone exceeds max_length cannot be kept whole: an error naming the document
+    with pytest.raises(ScifmLMError, match="task scifm_long doc 7: the continuation of .* exceeds max_length=24"):
+        lm.loglikelihood([doc_request("loglikelihood", ("Water", " " + LONG_CONTEXT), 7)])
+
+
+def greedy_by_hand(model, tokenizer, prompt: list[int], max_new: int, stop: tuple[str, ...]) -> str:
+    """Greedy decoding by plain forwards over the whole sequence (positions from 0)."""
+    ids, new = list(prompt), []
+    for _ in range(max_new):
+        n = len(ids)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]), torch.arange(n)[None], torch.zeros(1, n, dtype=torch.long), {}, {})
+        tok = int(logits[0, -1, : tokenizer.vocab_size].argmax())
+        if tok == tokenizer.eos_id:
+            break
+        new.append(tok)
+        ids.append(tok)
+        if any(s in tokenizer.decode(new) for s in stop):
+            break
+    return cut_at_stop(tokenizer.decode(new), stop)
+
+
+def test_a_generation_prompt_is_cut_from_the_left_to_leave_max_gen_toks(checkpoint, direct):
+    model, tokenizer, _ = direct
+    lm = ScifmLM(checkpoint=str(checkpoint), max_length=24)
+    (got,) = lm.generate_until([doc_request("generate_until", (LONG_CONTEXT, {"until": ["\n"], "max_gen_toks": 6}), 0)])
+    prompt = ([tokenizer.bos_id] + tokenizer.encode_text(LONG_CONTEXT))[-(24 - 6):]
+    assert got == greedy_by_hand(model, tokenizer, prompt, 6, ("\n",))
+    with pytest.raises(ScifmLMError, match="task scifm_long doc 3: max_gen_toks=24 leaves no room"):
+        lm.generate_until([doc_request("generate_until", ("Water", {"max_gen_toks": 24}), 3)])
+
+
+def test_a_missing_checkpoint_is_one_line_without_a_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "scifm.eval.lm_eval_adapter", "--model", "scifm", "--model_args",
+           f"checkpoint={tmp_path}/nope", "--tasks", "scifm_mc", "--include_path", TASK_DIR]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("scifm: error: ") and f"{tmp_path}/nope" in errors[0], errors
 
 
 def test_scifm_is_registered_and_declared_as_an_lm_eval_entry_point():

@@ -15,17 +15,20 @@ from scifm.core.checks import require
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=list)  # built-in task names (scifm.eval.builtin)
+    # built-in task names (scifm.eval.builtin); [] = all of them when no task file is named, else none
+    tasks: list[str] = field(default_factory=list)
     task_files: list[str] = field(default_factory=list)  # user JSONL task files (scifm/eval/tasks.py)
-    max_items: int = 0  # per task, the first N items; 0 = all
+    max_items: int = 0  # per task, N items sampled over its skills (scifm/eval/selection.py); 0 = all
+    num_fewshot: int = 0  # solved examples before each item, from the task's items marked "fewshot"
+    seed: int = 0  # of the max_items sample and of the few-shot draws
     batch_size: int = 32  # rows per forward pass
     max_new_tokens: int = 16  # greedy generation budget of a short answer
     device: str = "auto"  # auto = cuda when available, else cpu
     out: str = ""  # "" = RUN/eval/step_N beside the checkpoint's run; else OUT/step_N
 
     def validate(self) -> None:
-        require(bool(self.tasks or self.task_files), "eval.tasks", "name at least one task or task file")
         require(self.max_items >= 0, "eval.max_items", f"must be >= 0, got {self.max_items}")
+        require(self.num_fewshot >= 0, "eval.num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         require(self.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {self.batch_size}")
         require(self.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 

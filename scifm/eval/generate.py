@@ -8,7 +8,7 @@ positions from the prompt's length on). Encoder items enter at prefill only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -75,6 +75,22 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
     return generated
 
 
+def _generate_batches(model, tokenizer, enc_cfg: EncodersConfig, batches: Iterable[list[EncodedDocument]], *,
+                      max_new_tokens: int, seq_len: int, stop: tuple[str, ...],
+                      progress: Callable[[int], None] | None) -> list[list[int]]:
+    """Generated ids per prompt, batch after batch of encoded prompts."""
+    model.eval()
+    placeholders = placeholder_features(tokenizer, enc_cfg)
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for docs in batches:
+        out += _generate_batch(model, tokenizer, docs, placeholders, device,
+                               max_new_tokens=max_new_tokens, seq_len=seq_len, stop=stop)
+        if progress is not None:
+            progress(len(docs))
+    return out
+
+
 @torch.no_grad()
 def generate_greedy_ids(model, tokenizer, enc_cfg: EncodersConfig, contexts: list[list[dict]], *,
                         max_new_tokens: int, seq_len: int, stop: tuple[str, ...] = ("\n",),
@@ -82,17 +98,23 @@ def generate_greedy_ids(model, tokenizer, enc_cfg: EncodersConfig, contexts: lis
                         progress: Callable[[int], None] | None = None) -> list[list[int]]:
     """Generated token ids per context, without the [EOS]; the last one may complete a stop string.
     `progress(n)` is told of each batch's n finished contexts."""
-    model.eval()
-    placeholders = placeholder_features(tokenizer, enc_cfg)
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    for start in range(0, len(contexts), batch_size):
-        docs = [_encode_prompt(c, tokenizer, enc_cfg, base_dir, seq_len) for c in contexts[start : start + batch_size]]
-        out += _generate_batch(model, tokenizer, docs, placeholders, device,
-                               max_new_tokens=max_new_tokens, seq_len=seq_len, stop=stop)
-        if progress is not None:
-            progress(len(docs))
-    return out
+    # encoded a batch at a time: a task's figures and tables need not all be in memory at once
+    batches = ([_encode_prompt(c, tokenizer, enc_cfg, base_dir, seq_len) for c in contexts[start : start + batch_size]]
+               for start in range(0, len(contexts), batch_size))
+    return _generate_batches(model, tokenizer, enc_cfg, batches, max_new_tokens=max_new_tokens, seq_len=seq_len,
+                             stop=stop, progress=progress)
+
+
+@torch.no_grad()
+def generate_greedy_encoded(model, tokenizer, enc_cfg: EncodersConfig, docs: list[EncodedDocument], *,
+                            max_new_tokens: int, seq_len: int, stop: tuple[str, ...] = ("\n",),
+                            batch_size: int = 16) -> list[str]:
+    """generate_greedy for prompts already encoded: each document's ids but the last (the [EOS]
+    an encoded document ends with) are the prompt, and the caller has made them fit seq_len."""
+    batches = (docs[start : start + batch_size] for start in range(0, len(docs), batch_size))
+    ids = _generate_batches(model, tokenizer, enc_cfg, batches, max_new_tokens=max_new_tokens, seq_len=seq_len,
+                            stop=stop, progress=None)
+    return [cut_at_stop(tokenizer.decode(g), stop) for g in ids]
 
 
 @torch.no_grad()

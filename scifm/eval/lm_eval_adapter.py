@@ -9,18 +9,26 @@ registers "scifm" there (`@register_model`), and `main` then runs lm_eval's own 
 (upstream after 0.4.13) find the model from the plain `lm_eval` command.
 
 The three request types, on the checkpoint's own layout ([BOS] context, no [EOS], continuation):
-  loglikelihood          scifm.eval.loglikelihood.score_continuations; an empty context is [BOS] alone
+  loglikelihood          scifm.eval.loglikelihood.score_token_continuations; an empty context is [BOS] alone
   loglikelihood_rolling  the string's tokens after [BOS], in lm-eval's disjoint rolling windows of at
                          most the sequence length (every token scored once; the last window gets as
                          much preceding context as fits), by scifm.eval.loglikelihood.score_token_continuations
-  generate_until         scifm.eval.generate.generate_greedy (greedy only), cut before `until`
-A context longer than the sequence length is an error, never silently truncated.
+  generate_until         scifm.eval.generate.generate_greedy_encoded (greedy only), cut before `until`
+
+Too long for the sequence length (max_length), requests are cut from the left as lm-eval's own hf
+model cuts them, never skipped, so every document gets a score: a loglikelihood request keeps the
+last max_length + 1 ids of [BOS] + context + continuation (the whole continuation, and as much of
+the context as fits), a generate_until prompt keeps its last max_length - max_gen_toks ids. Each
+call logs how many requests it cut. A continuation longer than max_length, or a max_gen_toks that
+leaves no room for a prompt, is an error naming the task and document. `scifm eval` instead skips
+and counts the items of its own task files that do not fit.
 
 model_args: checkpoint (required), batch_size (default 16), device (default cuda if available, else
 cpu; a CUDA device where CUDA is missing falls back to the CPU, as for lm-eval's hf model),
 max_length (default the run's data.seq_len), max_gen_toks (default 256). batch_size and device given
 in model_args win over --batch_size / --device (lm-eval passes --batch_size 1 and --device cuda:0
-when they are unset).
+when they are unset). Through `main`, a scifm error (a missing or damaged checkpoint, a bad model
+argument or request) is one line on stderr and exit status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -42,10 +50,11 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("scifm.eval.lm_eval_adapter needs lm-evaluation-harness: pip install 'scifm[eval]'") from err
 
 from scifm.core.device import pick_device
+from scifm.core.errors import ScifmError, exit_on_user_error
 from scifm.data.encode import EncodedDocument
 from scifm.eval.fit import check_fits
-from scifm.eval.generate import generate_greedy
-from scifm.eval.loglikelihood import Request, score_continuations, score_token_continuations
+from scifm.eval.generate import generate_greedy_encoded
+from scifm.eval.loglikelihood import score_token_continuations
 from scifm.train.export import load_checkpoint_model
 
 log = logging.getLogger(__name__)
@@ -56,9 +65,26 @@ _SAMPLING_ONLY = ("top_p", "top_k", "min_p")
 _GREEDY_REQUIRES = {"num_beams": 1, "repetition_penalty": 1.0}
 
 
-def text_context(context: str) -> list[dict]:
-    """A harness context as scifm segments; the empty context is no segment at all ([BOS] only)."""
-    return [{"type": "text", "text": context}] if context else []
+class ScifmLMError(ScifmError, ValueError):
+    """A bad model argument or request; `main` prints it as one line (a ValueError to lm-eval)."""
+
+
+def request_name(req) -> str:
+    """Which document a request belongs to, for messages."""
+    if getattr(req, "task_name", None) is not None:
+        return f"task {req.task_name} doc {req.doc_id}"
+    return f"request {req.idx}"
+
+
+def left_truncate(ids: list[int], keep: int) -> list[int]:
+    """The last `keep` ids: what lm-eval's hf model feeds when a request is too long."""
+    return ids[-keep:] if len(ids) > keep else ids
+
+
+def log_truncated(kind: str, cut: list, total: int, limit: str) -> None:
+    if cut:
+        log.warning("scifm: %d of %d %s requests exceed %s and were cut from the left (first: %s)",
+                    len(cut), total, kind, limit, request_name(cut[0]))
 
 
 def _as_bool(value) -> bool | None:
@@ -69,15 +95,23 @@ def _as_bool(value) -> bool | None:
     return bool(value)
 
 
+def _int_arg(name: str, value, low: int = 1) -> int:
+    """A model argument that must be an integer >= low (lm-eval passes model_args as strings)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < low:
+        raise ScifmLMError(f"model_args {name} must be an integer >= {low}, got {value!r}")
+    return number
+
+
 def _parse_batch_size(batch_size, max_batch_size) -> int:
     if isinstance(batch_size, str) and batch_size.startswith("auto"):
-        chosen = int(max_batch_size) if max_batch_size else 16
+        chosen = _int_arg("max_batch_size", max_batch_size) if max_batch_size else 16
         log.warning("scifm: batch_size=%s is not supported; using %d", batch_size, chosen)
         return chosen
-    value = int(batch_size)
-    if value < 1:
-        raise ValueError(f"scifm: batch_size must be >= 1, got {batch_size!r}")
-    return value
+    return _int_arg("batch_size", batch_size)
 
 
 def _pick_device(device: str | None) -> torch.device:
@@ -94,20 +128,20 @@ class ScifmLM(LM):
                  **unknown) -> None:
         super().__init__()
         if unknown:
-            raise ValueError(f"scifm: unknown model_args {sorted(unknown)}; known: checkpoint, batch_size, "
-                             "device, max_length, max_gen_toks")
+            raise ScifmLMError(f"unknown model_args {sorted(unknown)}; known: checkpoint, batch_size, "
+                               "device, max_length, max_gen_toks")
         if not checkpoint:
-            raise ValueError("scifm: model_args needs checkpoint=PATH (a scifm checkpoint directory)")
+            raise ScifmLMError("model_args needs checkpoint=PATH (a scifm checkpoint directory)")
         model, self.tokenizer, cfg = load_checkpoint_model(Path(checkpoint))
         self._device = _pick_device(device)
         self.model = model.to(self._device).eval()
         self.enc_cfg = cfg.model.encoders
-        self.seq_len = int(max_length) if max_length else cfg.data.seq_len
-        if not 1 <= self.seq_len <= cfg.model.max_seq_len:
-            raise ValueError(f"scifm: max_length={self.seq_len} must be in [1, model.max_seq_len="
-                             f"{cfg.model.max_seq_len}]")
+        self.seq_len = _int_arg("max_length", max_length) if max_length else cfg.data.seq_len
+        if self.seq_len > cfg.model.max_seq_len:
+            raise ScifmLMError(f"max_length={self.seq_len} must be in [1, model.max_seq_len="
+                               f"{cfg.model.max_seq_len}]")
         self.batch_size = _parse_batch_size(batch_size, max_batch_size)
-        self.max_gen_toks = int(max_gen_toks)
+        self.max_gen_toks = _int_arg("max_gen_toks", max_gen_toks)
 
     # model_args win over lm-eval's --batch_size/--device (it always passes a batch size, 1 when unset)
     @classmethod
@@ -123,17 +157,35 @@ class ScifmLM(LM):
 
     # -- loglikelihood ----------------------------------------------------------------------------
 
+    def context_ids(self, context: str) -> list[int]:
+        """[BOS] and the context's tokens: scifm's layout of a text context without its [EOS]."""
+        return [self.tokenizer.bos_id] + self.tokenizer.encode_text(context)
+
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        args = [r.args for r in requests]
-        scored = [i for i, (_, cont) in enumerate(args) if self.tokenizer.encode_text(cont)]
-        results = score_continuations(self.model, self.tokenizer, self.enc_cfg,
-                                      [Request(text_context(args[i][0]), args[i][1]) for i in scored],
-                                      seq_len=self.seq_len, batch_size=self.batch_size)
-        out: list[tuple[float, bool]] = [(0.0, True)] * len(args)  # an empty continuation: log 1
+        docs, n_conts, scored, cut = [], [], [], []
+        for i, req in enumerate(requests):
+            context, continuation = req.args
+            cont = self.tokenizer.encode_text(continuation)
+            if not cont:
+                continue
+            if len(cont) > self.seq_len:
+                raise ScifmLMError(f"{request_name(req)}: the continuation of {len(cont)} tokens exceeds "
+                                   f"max_length={self.seq_len}")
+            ids = self.context_ids(context) + cont
+            if len(ids) - 1 > self.seq_len:  # the model reads every id but the last
+                ids = left_truncate(ids, self.seq_len + 1)
+                cut.append(req)
+            docs.append(EncodedDocument("eval", "eval", "eval", ids))
+            n_conts.append(len(cont))
+            scored.append(i)
+        log_truncated("loglikelihood", cut, len(requests), f"max_length={self.seq_len}")
+        results = score_token_continuations(self.model, self.tokenizer, self.enc_cfg, docs, n_conts,
+                                            batch_size=self.batch_size)
+        out: list[tuple[float, bool]] = [(0.0, True)] * len(requests)  # an empty continuation: log 1
         for i, res in zip(scored, results):
             out[i] = (res.logprob, res.greedy)
-        for a, o in zip(args, out):
-            self.cache_hook.add_partial("loglikelihood", a, o)
+        for req, o in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood", req.args, o)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -177,34 +229,47 @@ class ScifmLM(LM):
         sampling = (do_sample and (temperature is None or temperature > 0)) or (
             do_sample is None and temperature is not None and temperature > 0)
         if sampling:
-            raise ValueError(f"scifm: only greedy generation is supported, but sampling was requested "
-                             f"(do_sample={do_sample}, temperature={temperature}); use do_sample=false or "
-                             "temperature=0")
+            raise ScifmLMError(f"only greedy generation is supported, but sampling was requested "
+                               f"(do_sample={do_sample}, temperature={temperature}); use do_sample=false or "
+                               "temperature=0")
         for key, required in _GREEDY_REQUIRES.items():
             if key in kw and float(kw.pop(key)) != required:
-                raise ValueError(f"scifm: greedy generation supports only {key}={required}")
+                raise ScifmLMError(f"greedy generation supports only {key}={required}")
         for key in _SAMPLING_ONLY:
             kw.pop(key, None)
         if kw:
-            raise ValueError(f"scifm: unsupported generation kwargs {sorted(kw)}; supported: until, "
-                             f"max_gen_toks, do_sample, temperature (0)")
+            raise ScifmLMError(f"unsupported generation kwargs {sorted(kw)}; supported: until, "
+                               f"max_gen_toks, do_sample, temperature (0)")
         return until, max_gen_toks
 
+    def prompt_ids(self, requests: list, max_gen_toks: int) -> list[list[int]]:
+        """Each request's [BOS] + context, cut from the left to leave max_gen_toks of max_length."""
+        keep = self.seq_len - max_gen_toks
+        if keep < 1:
+            raise ScifmLMError(f"{request_name(requests[0])}: max_gen_toks={max_gen_toks} leaves no room "
+                               f"for a prompt within max_length={self.seq_len}; lower max_gen_toks (model_args or "
+                               "the task's generation_kwargs)")
+        prompts = [self.context_ids(req.args[0]) for req in requests]
+        log_truncated("generate_until", [r for r, p in zip(requests, prompts) if len(p) > keep], len(requests),
+                      f"max_length - max_gen_toks={keep}")
+        return [left_truncate(p, keep) for p in prompts]
+
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        args = [r.args for r in requests]
-        settings = [self._generation_settings(gen_kwargs) for _, gen_kwargs in args]
+        settings = [self._generation_settings(req.args[1]) for req in requests]
         groups: dict[tuple[tuple[str, ...], int], list[int]] = {}
         for i, s in enumerate(settings):
             groups.setdefault(s, []).append(i)
-        out = [""] * len(args)
+        out = [""] * len(requests)
         for (until, max_gen_toks), idx in groups.items():
-            texts = generate_greedy(self.model, self.tokenizer, self.enc_cfg,
-                                    [text_context(args[i][0]) for i in idx], max_new_tokens=max_gen_toks,
-                                    seq_len=self.seq_len, stop=until, batch_size=self.batch_size)
+            prompts = self.prompt_ids([requests[i] for i in idx], max_gen_toks)
+            # an encoded document ends with the [EOS] generation does not feed
+            docs = [EncodedDocument("eval", "eval", "eval", p + [self.tokenizer.eos_id]) for p in prompts]
+            texts = generate_greedy_encoded(self.model, self.tokenizer, self.enc_cfg, docs, max_new_tokens=max_gen_toks,
+                                            seq_len=self.seq_len, stop=until, batch_size=self.batch_size)
             for i, t in zip(idx, texts):
                 out[i] = t
-        for a, o in zip(args, out):
-            self.cache_hook.add_partial("generate_until", a, o)
+        for req, o in zip(requests, out):
+            self.cache_hook.add_partial("generate_until", req.args, o)
         return out
 
 
@@ -220,7 +285,10 @@ def main(argv: Iterable[str] | None = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except ScifmError as err:  # the user's mistake: one line, not lm-eval's traceback
+        exit_on_user_error(err)
 
 
 if __name__ == "__main__":

@@ -25,14 +25,13 @@ def evaluate_multiple_choice(model, tokenizer, enc_cfg: EncodersConfig, items: l
     on_batch = None if progress is None else (lambda n: progress(round(n / per_item)))
     results = score_continuations(model, tokenizer, enc_cfg, requests, seq_len=seq_len,
                                   batch_size=batch_size, base_dir=base_dir, progress=on_batch)
-    logprobs, option_bytes, k = [], [], 0
+    logprobs, k = [], 0
     for item in items:
         n = len(item.choices)
         logprobs.append(np.array([r.logprob for r in results[k : k + n]]))
-        option_bytes.append(np.array([len(c.encode()) for c in item.choices]))
         k += n
     answers = np.array([item.answer for item in items])
-    scores: dict[str, Score] = multiple_choice(logprobs, option_bytes, answers)
+    scores: dict[str, Score] = multiple_choice(logprobs, [item.choices for item in items], answers)
     predicted = [int(np.argmax(lp)) for lp in logprobs]
     correct = np.array([float(p == a) for p, a in zip(predicted, answers)])
     probs = option_probabilities(logprobs)

@@ -52,8 +52,8 @@ def render_report(results: dict) -> str:
     skipped = [(name, reason, e) for name, entry in results["tasks"].items()
                for reason, e in entry["skipped"].items()]
     if skipped:
-        lines += ["", "## Skipped items (do not fit this model)", "", "| task | reason | count | example |",
-                  "|---|---|---|---|"]
+        lines += ["", "## Skipped items (do not fit this model; results.json lists every id)", "",
+                  "| task | reason | count | example |", "|---|---|---|---|"]
         lines += [f"| {name} | {reason} | {e['count']} | {e['example']} |" for name, reason, e in skipped]
     lines += ["", "## Accuracy per skill", "", "| task | type | skill | n | acc |", "|---|---|---|---|---|"]
     for name, kind, ev in task_rows(results):

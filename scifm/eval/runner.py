@@ -7,7 +7,7 @@ import glob
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,7 +29,9 @@ from scifm.eval.config import EvalConfig, EvalRunConfig
 from scifm.eval.fit import check_fits
 from scifm.eval.multiple_choice import evaluate_multiple_choice
 from scifm.eval.progress import Progress
+from scifm.eval.prompts import draw_examples, with_examples
 from scifm.eval.report import print_summary, render_report
+from scifm.eval.selection import sample_over_skills
 from scifm.eval.short_answer import evaluate_short_answer
 from scifm.eval.tasks import MultipleChoiceItem, ShortAnswerItem, load_task_file
 from scifm.model.transformer import count_params
@@ -42,8 +44,9 @@ RESULTS_FILE = "results.json"
 class Task:
     name: str
     source: str  # "builtin" or the task file's path
-    items: list[MultipleChoiceItem | ShortAnswerItem]
+    items: list[MultipleChoiceItem | ShortAnswerItem]  # scored; each question is its whole prompt
     base_dir: Path  # figure paths in the items are relative to it
+    fewshot: dict[str, list[str]] = field(default_factory=dict)  # item id -> its few-shot examples' ids
 
 
 def resolve_checkpoints(spec: str) -> list[Path]:
@@ -65,33 +68,57 @@ def resolve_checkpoints(spec: str) -> list[Path]:
     return sorted(found, key=lambda p: (str(p.parent), step_of(p)))
 
 
+def builtin_task_names(cfg: EvalConfig) -> list[str]:
+    """The built-in tasks to run: those eval.tasks names; all of them when neither tasks nor task
+    files are named (a user who names only task files means those files)."""
+    unknown = [t for t in cfg.tasks if t not in BUILTIN_TASK_NAMES]
+    if unknown:
+        raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; built-in tasks are {list(BUILTIN_TASK_NAMES)} "
+                          "(a task file goes in eval.task_files)")
+    if cfg.tasks or cfg.task_files:
+        return list(cfg.tasks)
+    return list(BUILTIN_TASK_NAMES)
+
+
+def prepare_task(name: str, source: str, items: list, base_dir: Path, cfg: EvalConfig) -> Task:
+    """The items to score (the max_items sample of those not marked "fewshot"), each with its
+    few-shot examples and unit line in its question (scifm.eval.prompts)."""
+    pool = [i for i in items if i.fewshot]
+    if cfg.num_fewshot > len(pool):
+        raise ConfigError(f"eval.num_fewshot={cfg.num_fewshot}: task {name} marks only {len(pool)} item(s) "
+                          '"fewshot": true')
+    scored = [i for i in items if not i.fewshot]
+    if cfg.max_items:
+        scored = sample_over_skills(scored, cfg.max_items, cfg.seed)
+    examples = {i.id: draw_examples(i, pool, cfg.num_fewshot, cfg.seed) for i in scored}
+    return Task(name, source, [with_examples(i, examples[i.id]) for i in scored], base_dir,
+                {k: [ex.id for ex in v] for k, v in examples.items()} if cfg.num_fewshot else {})
+
+
 def load_tasks(cfg: EvalConfig) -> list[Task]:
     tasks: list[Task] = []
-    if cfg.tasks:
-        unknown = [t for t in cfg.tasks if t not in BUILTIN_TASK_NAMES]
-        if unknown:
-            raise ConfigError(f"eval.tasks: unknown task(s) {unknown}; built-in tasks are {list(BUILTIN_TASK_NAMES)} "
-                              "(a task file goes in eval.task_files)")
+    builtin = builtin_task_names(cfg)
+    if builtin:
         tasks_dir = default_tasks_dir()
         build_builtin_tasks(tasks_dir)
-        tasks += [Task(t, "builtin", load_task_file(tasks_dir / f"{t}.jsonl"), tasks_dir) for t in cfg.tasks]
+        tasks += [prepare_task(t, "builtin", load_task_file(tasks_dir / f"{t}.jsonl"), tasks_dir, cfg)
+                  for t in builtin]
     for file in cfg.task_files:
         path = Path(file)
-        tasks.append(Task(path.name.removesuffix(".gz").removesuffix(".jsonl"), str(path), load_task_file(path),
-                          path.parent))
+        tasks.append(prepare_task(path.name.removesuffix(".gz").removesuffix(".jsonl"), str(path),
+                                  load_task_file(path), path.parent, cfg))
     names = [t.name for t in tasks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"eval.task_files: task name(s) {repeated} appear twice; rename the file(s)")
-    if cfg.max_items:
-        tasks = [Task(t.name, t.source, t.items[: cfg.max_items], t.base_dir) for t in tasks]
     return tasks
 
 
 def items_that_fit(task: Task, tokenizer, enc_cfg, seq_len: int) -> tuple[list, dict[str, dict]]:
-    """The items this model can take, and the others counted by reason with an example id: an item
-    whose molecule, protein or table exceeds the model's encoder, or whose question with its longest
-    answer exceeds the sequence length, is reported as skipped rather than stopping the evaluation."""
+    """The items this model can take, and the others by reason with their count, every id and one
+    example message: an item whose molecule, protein or table exceeds the model's encoder, or whose
+    prompt with its longest answer exceeds the sequence length, is reported as skipped rather than
+    stopping the evaluation."""
     usable, skipped = [], {}
     for item in task.items:
         try:
@@ -103,8 +130,9 @@ def items_that_fit(task: Task, tokenizer, enc_cfg, seq_len: int) -> tuple[list, 
             check_fits(len(doc.ids) - 1 + longest - 1, seq_len, "a question with its longest answer")
         except DataError as err:
             reason = err.reason if isinstance(err, DocumentFormatError) else "unreadable"
-            entry = skipped.setdefault(reason, {"count": 0, "example": f"{item.id}: {err}"})
+            entry = skipped.setdefault(reason, {"count": 0, "ids": [], "example": f"{item.id}: {err}"})
             entry["count"] += 1
+            entry["ids"].append(item.id)
             continue
         usable.append(item)
     return usable, skipped
@@ -153,7 +181,8 @@ def evaluate_checkpoint(ckpt: Path, tasks: list[Task], cfg: EvalConfig, device: 
             for kind in ("multiple_choice", "short_answer"):
                 if kind in entry:
                     samples.setdefault(task.name, []).extend(
-                        s | {"type": kind} for s in entry[kind].pop("samples"))
+                        s | {"type": kind} | ({"fewshot": task.fewshot[s["id"]]} if task.fewshot else {})
+                        for s in entry[kind].pop("samples"))
             entry["seconds"] = progress.finish()
             results["tasks"][task.name] = entry
     results["wall_seconds"] = time.perf_counter() - t0

@@ -2,9 +2,14 @@
 each with a 95% interval and per-skill slices.
 
 Multiple-choice items are scored from the summed log-likelihood of each option's continuation:
-the prediction is the option with the highest sum (`acc`) or the highest sum per byte of option
-text (`acc_norm`, as lm-evaluation-harness does), and the softmax of the sums over the options is
-the model's probability for each, which calibration is measured on.
+the prediction is the option with the highest sum (`acc`) or the highest sum per character of the
+option's text (`acc_norm`), and the softmax of the sums over the options is the model's probability
+for each, which calibration is measured on.
+
+`acc_norm` counts characters the way lm-evaluation-harness does: it scores the continuation
+"<target delimiter><choice>" (the delimiter is a space by default) but divides by the length of
+the choice alone. A scifm choice carries its separator itself (" 63.6"), so its leading whitespace
+is not counted.
 """
 
 from __future__ import annotations
@@ -83,12 +88,18 @@ def brier(probs: list[np.ndarray], answers: np.ndarray) -> np.ndarray:
     return np.array([((p - np.eye(p.size)[a]) ** 2).sum() for p, a in zip(probs, answers)])
 
 
-def multiple_choice(option_logprobs: list[np.ndarray], option_bytes: list[np.ndarray],
+def normalising_length(choice: str) -> int:
+    """Characters of a choice that acc_norm divides by: those after its leading separator (at least 1)."""
+    return max(len(choice.lstrip()), 1)
+
+
+def multiple_choice(option_logprobs: list[np.ndarray], choices: list[list[str]],
                     answers: np.ndarray) -> dict[str, Score]:
     """acc, acc_norm, ece and brier (each with a 95% interval) over items with any number of options."""
     answers = np.asarray(answers)
     pred = np.array([int(np.argmax(lp)) for lp in option_logprobs])
-    pred_norm = np.array([int(np.argmax(lp / np.maximum(nb, 1))) for lp, nb in zip(option_logprobs, option_bytes)])
+    pred_norm = np.array([int(np.argmax(lp / np.array([normalising_length(c) for c in cs])))
+                          for lp, cs in zip(option_logprobs, choices)])
     probs = option_probabilities(option_logprobs)
     confidence = np.array([p[i] for p, i in zip(probs, pred)])
     correct = (pred == answers).astype(float)
@@ -112,9 +123,10 @@ def exact_match(prediction: str, target: str) -> bool:
 
 
 def numeric_match(prediction: str, target: float, rel_tol: float, abs_tol: float) -> bool:
-    """The first number in the prediction is within rel_tol (relative) or abs_tol of the target."""
+    """The first number in the prediction is within max(rel_tol * |target|, abs_tol) of the target
+    (relative to the target alone, so a wild prediction cannot widen its own tolerance)."""
     found = _NUMBER.search(prediction.replace(",", ""))
-    return found is not None and math.isclose(float(found.group()), target, rel_tol=rel_tol, abs_tol=abs_tol)
+    return found is not None and abs(float(found.group()) - target) <= max(rel_tol * abs(target), abs_tol)
 
 
 def by_skill(skills: list[str], correct: np.ndarray) -> dict[str, Score]:

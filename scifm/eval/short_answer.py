@@ -24,7 +24,8 @@ def evaluate_short_answer(model, tokenizer, enc_cfg: EncodersConfig, items: list
                           max_new_tokens: int = 16, progress: Callable[[int], None] | None = None) -> dict:
     """acc (95% interval) over all items and per skill, and every item's prediction.
 
-    The answer is the greedy continuation of the question up to the first newline.
+    The answer is the greedy continuation of the question (the whole prompt, scifm.eval.prompts)
+    up to the first newline.
     """
     predictions = generate_greedy(model, tokenizer, enc_cfg, [item.question for item in items],
                                   max_new_tokens=max_new_tokens, seq_len=seq_len, batch_size=batch_size,
@@ -35,5 +36,6 @@ def evaluate_short_answer(model, tokenizer, enc_cfg: EncodersConfig, items: list
         "scores": {"acc": proportion(correct_N).as_dict()},
         "by_skill": {skill: s.as_dict() for skill, s in by_skill([i.skill for i in items], correct_N).items()},
         "samples": [{"id": item.id, "skill": item.skill, "prediction": p, "target": item.answer, "correct": c}
+                    | ({"unit": item.unit} if item.unit else {})
                     for item, p, c in zip(items, predictions, correct)],
     }

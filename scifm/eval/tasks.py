@@ -4,11 +4,16 @@
    "question": "What is the TPSA of aspirin?" | [segments as in docs/architecture.md],
    "choices": [" 63.6", " 12.0", " 40.5"], "answer": 0}
   {"id": "q2", "skill": "bio.codon", "type": "short_answer",
-   "question": "...", "answer": "methionine" | 63.6, "rel_tol": 0.01, "abs_tol": 0.0}
+   "question": "...", "answer": "methionine" | 63.6, "rel_tol": 0.01, "abs_tol": 0.0, "unit": "g/mol"}
+  {"id": "d1", ..., "fewshot": true}   (either type: a few-shot example, never scored)
 
 A question given as a string is one text segment. Choices are continuations of the question and
-are scored by log-likelihood. A numeric short answer is matched within rel_tol / abs_tol (default
-exact); a string answer by normalised exact match. A malformed line is an error naming the file,
+are scored by log-likelihood; two choices with the same text (ignoring surrounding whitespace) are
+an error, since the item would have two right answers or count a guess twice. A numeric short
+answer matches when |prediction - answer| <= max(rel_tol * |answer|, abs_tol); both default to 0
+(exact), except that an answer of exactly 0 takes rel_tol as its default abs_tol (a relative
+tolerance alone accepts only 0 itself there). `unit` is shown in the prompt and the samples; a
+string answer is matched by normalised exact match. A malformed line is an error naming the file,
 the line and the field: an evaluation set that silently lost items would report a wrong score.
 """
 
@@ -33,6 +38,7 @@ class MultipleChoiceItem:
     question: list[dict]
     choices: list[str]
     answer: int
+    fewshot: bool = False  # a few-shot example (eval.num_fewshot), never scored
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,8 @@ class ShortAnswerItem:
     answer: str | float
     rel_tol: float = 0.0
     abs_tol: float = 0.0
+    unit: str = ""  # shown in the prompt and the samples; "" = none
+    fewshot: bool = False
 
 
 def _question(value: object, where: str) -> list[dict]:
@@ -58,6 +66,53 @@ def _question(value: object, where: str) -> list[dict]:
     raise TaskFormatError(f"{where}: field 'question' must be a non-empty string or list of segments")
 
 
+def _choices(obj: dict, where: str) -> list[str]:
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+        raise TaskFormatError(f"{where}: field 'choices' must list at least 2 non-empty strings")
+    texts = [c.strip() for c in choices]
+    for i, text in enumerate(texts):
+        if text in texts[:i]:
+            raise TaskFormatError(f"{where}: field 'choices': {choices[i]!r} appears twice "
+                                  "(choices differing only in surrounding whitespace are the same answer)")
+    return choices
+
+
+def _tolerance(obj: dict, key: str, default: float, where: str) -> float:
+    value = obj.get(key, default)
+    # `not value >= 0` refuses NaN too (Python's json reads the literal NaN)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise TaskFormatError(f"{where}: field '{key}' must be a number >= 0")
+    return float(value)
+
+
+def _optional(obj: dict, key: str, kind: type, default: object, where: str, what: str):
+    value = obj.get(key, default)
+    if not isinstance(value, kind):
+        raise TaskFormatError(f"{where}: field '{key}' must be {what}")
+    return value
+
+
+def _multiple_choice(obj: dict, question: list[dict], fewshot: bool, where: str) -> MultipleChoiceItem:
+    choices = _choices(obj, where)
+    answer = obj.get("answer")
+    if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
+        raise TaskFormatError(f"{where}: field 'answer' must be an index into the {len(choices)} choices")
+    return MultipleChoiceItem(obj["id"], obj["skill"], question, choices, answer, fewshot)
+
+
+def _short_answer(obj: dict, question: list[dict], fewshot: bool, where: str) -> ShortAnswerItem:
+    answer = obj.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or answer == "":
+        raise TaskFormatError(f"{where}: field 'answer' must be a non-empty string or a number")
+    rel_tol = _tolerance(obj, "rel_tol", 0.0, where)
+    # around 0 a relative tolerance accepts only 0 itself, so there rel_tol also bounds the distance
+    abs_tol = _tolerance(obj, "abs_tol", rel_tol if answer == 0 else 0.0, where)
+    unit = _optional(obj, "unit", str, "", where, "a string")
+    return ShortAnswerItem(obj["id"], obj["skill"], question, answer if isinstance(answer, str) else float(answer),
+                           rel_tol, abs_tol, unit.strip(), fewshot)
+
+
 def _parse(obj: object, where: str) -> MultipleChoiceItem | ShortAnswerItem:
     if not isinstance(obj, dict):
         raise TaskFormatError(f"{where}: expected a JSON object")
@@ -65,27 +120,12 @@ def _parse(obj: object, where: str) -> MultipleChoiceItem | ShortAnswerItem:
         if not isinstance(obj.get(key), str) or not obj[key]:
             raise TaskFormatError(f"{where}: field '{key}' must be a non-empty string")
     question = _question(obj.get("question"), where)
+    fewshot = _optional(obj, "fewshot", bool, False, where, "true or false")
     kind = obj.get("type")
     if kind == "multiple_choice":
-        choices = obj.get("choices")
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-            raise TaskFormatError(f"{where}: field 'choices' must list at least 2 non-empty strings")
-        answer = obj.get("answer")
-        if not isinstance(answer, int) or isinstance(answer, bool) or not 0 <= answer < len(choices):
-            raise TaskFormatError(f"{where}: field 'answer' must be an index into the {len(choices)} choices")
-        return MultipleChoiceItem(obj["id"], obj["skill"], question, choices, answer)
+        return _multiple_choice(obj, question, fewshot, where)
     if kind == "short_answer":
-        answer = obj.get("answer")
-        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or answer == "":
-            raise TaskFormatError(f"{where}: field 'answer' must be a non-empty string or a number")
-        tols = {}
-        for key in ("rel_tol", "abs_tol"):
-            value = obj.get(key, 0.0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise TaskFormatError(f"{where}: field '{key}' must be a number >= 0")
-            tols[key] = float(value)
-        return ShortAnswerItem(obj["id"], obj["skill"], question,
-                               answer if isinstance(answer, str) else float(answer), **tols)
+        return _short_answer(obj, question, fewshot, where)
     raise TaskFormatError(f"{where}: field 'type' must be 'multiple_choice' or 'short_answer', got {kind!r}")
 
 
@@ -116,4 +156,6 @@ def load_task_file(path: str | Path) -> list[MultipleChoiceItem | ShortAnswerIte
         raise TaskFormatError(err.detail) from None
     if not items:
         raise TaskFormatError(f"{path}: the task file holds no items")
+    if all(item.fewshot for item in items):
+        raise TaskFormatError(f"{path}: every item is marked \"fewshot\"; none is left to score")
     return items

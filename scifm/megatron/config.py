@@ -44,12 +44,12 @@ def has_moe_layers(cfg: ModelConfig) -> bool:
     return cfg.n_dense_layers < cfg.n_layers
 
 
-def group_limited(cfg: ModelConfig) -> bool:
+def _group_limited(cfg: ModelConfig) -> bool:
     """scifm masks groups only when some are left out (topk_groups < n_groups)."""
     return cfg.moe.topk_groups < cfg.moe.n_groups
 
 
-def refuse_unsupported(cfg: ModelConfig) -> None:
+def _refuse_unsupported(cfg: ModelConfig) -> None:
     """One ConfigError naming the first scifm key Megatron cannot compute identically."""
     blockers = [(cfg.attention_bias == "all", "model.attention_bias",
                  "'all' puts a bias on the attention output projection; Megatron's only attention-only bias "
@@ -71,7 +71,7 @@ def refuse_unsupported(cfg: ModelConfig) -> None:
             (not sigmoid and moe.norm_topk_prob and moe.top_k == 1, "model.moe.norm_topk_prob",
              "true with top_k=1 weights every token's expert by 1; Megatron's softmax router at top-k 1 "
              "must run pre-softmax, which weights by the probability (use false)"),
-            (group_limited(cfg) and moe.top_k // moe.topk_groups != _group_score_width(cfg), "model.moe.top_k",
+            (_group_limited(cfg) and moe.top_k // moe.topk_groups != _group_score_width(cfg), "model.moe.top_k",
              f"{moe.top_k} with topk_groups={moe.topk_groups}: Megatron ranks a group by the sum of its best "
              f"top_k // topk_groups = {moe.top_k // moe.topk_groups} scores, scifm's {moe.score_func} router by "
              f"its best {_group_score_width(cfg)}; choose top_k with top_k // topk_groups = "
@@ -104,7 +104,7 @@ def _moe_keys(cfg: ModelConfig) -> dict:
         # SequentialMLP: one MLP per expert; GroupedMLP needs the grouped_gemm package and bf16
         moe_grouped_gemm=False,
     )
-    if group_limited(cfg):
+    if _group_limited(cfg):
         keys.update(moe_router_num_groups=moe.n_groups, moe_router_group_topk=moe.topk_groups)
     return keys
 
@@ -113,7 +113,7 @@ def megatron_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float
     """megatron.core TransformerConfig computing scifm's decoder; ConfigError for what it cannot."""
     from megatron.core.transformer import TransformerConfig
 
-    refuse_unsupported(cfg)
+    _refuse_unsupported(cfg)
     return TransformerConfig(
         num_layers=cfg.n_layers,
         hidden_size=cfg.d_model,

@@ -271,9 +271,10 @@ def test_settings_megatron_cannot_compute_are_refused_in_one_line(overrides, key
     moe = dataclasses.replace(tiny().moe, **overrides.get("moe", {}))
     cfg = dataclasses.replace(tiny(), moe=moe, **{k: v for k, v in overrides.items() if k != "moe"})
     cfg.validate()  # a valid scifm model
-    with pytest.raises(ConfigError) as err:
-        megatron_config(cfg)
-    assert str(err.value).startswith(f"{key}: ") and "\n" not in str(err.value)
+    for convert in (megatron_config, functools.partial(to_megatron, {})):  # the weight map refuses it too
+        with pytest.raises(ConfigError) as err:
+            convert(cfg)
+        assert str(err.value).startswith(f"{key}: ") and "\n" not in str(err.value)
 
 
 def test_moe_settings_of_a_model_without_moe_layers_are_not_refused():

@@ -49,7 +49,7 @@ def _group_limited(cfg: ModelConfig) -> bool:
     return cfg.moe.topk_groups < cfg.moe.n_groups
 
 
-def _refuse_unsupported(cfg: ModelConfig) -> None:
+def refuse_unsupported(cfg: ModelConfig) -> None:
     """One ConfigError naming the first scifm key Megatron cannot compute identically."""
     blockers = [(cfg.attention_bias == "all", "model.attention_bias",
                  "'all' puts a bias on the attention output projection; Megatron's only attention-only bias "
@@ -113,7 +113,7 @@ def megatron_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float
     """megatron.core TransformerConfig computing scifm's decoder; ConfigError for what it cannot."""
     from megatron.core.transformer import TransformerConfig
 
-    _refuse_unsupported(cfg)
+    refuse_unsupported(cfg)
     return TransformerConfig(
         num_layers=cfg.n_layers,
         hidden_size=cfg.d_model,

@@ -23,7 +23,7 @@ import torch
 
 from scifm.core.errors import CheckpointError
 from scifm.megatron import layouts
-from scifm.megatron.config import has_moe_layers
+from scifm.megatron.config import refuse_unsupported
 from scifm.model.config import ModelConfig
 
 Tensors = list[torch.Tensor]
@@ -120,13 +120,14 @@ def _embeddings(cfg: ModelConfig) -> list[_Group]:
 
 
 def _plan(cfg: ModelConfig) -> list[_Group]:
+    refuse_unsupported(cfg)  # a model Megatron cannot compute has no mapping either
     groups = _embeddings(cfg) + [_Group(("norm.weight",), ("decoder.final_layernorm.weight",))]
     for i in range(cfg.n_layers):
         groups += [_Group((f"layers.{i}.attention_norm.weight",), (f"decoder.layers.{i}.input_layernorm.weight",)),
                    _Group((f"layers.{i}.ffn_norm.weight",), (f"decoder.layers.{i}.pre_mlp_layernorm.weight",))]
         groups += _attention(cfg, i)
-        moe = has_moe_layers(cfg) and i >= cfg.n_dense_layers
-        groups += _moe(cfg, i) if moe else _swiglu(f"layers.{i}.feed_forward", f"decoder.layers.{i}.mlp")
+        dense = i < cfg.n_dense_layers
+        groups += _swiglu(f"layers.{i}.feed_forward", f"decoder.layers.{i}.mlp") if dense else _moe(cfg, i)
     return groups
 
 

@@ -4,8 +4,8 @@ same logits as scifm's decoder.
 
 Megatron's forward asks for CUDA in a few places that are not computation: it allocates buffers on
 torch.cuda.current_device() and makes the default causal mask on "cuda" (a mask is always passed here).
-Without CUDA the module fixture points current_device at the CPU, so the forward runs here in fp32
-(on CUDA where there is one).
+Without CUDA the module fixture points current_device at the CPU, so the forward runs here, in fp32
+and in bf16 (on CUDA where there is one).
 
 Logit tolerance in fp32: 1e-5 absolute on CPU, on logits of size ~1. The two implementations round in
 a different order (Megatron's attention is baddbmm + softmax, scifm's SDPA; Megatron applies an

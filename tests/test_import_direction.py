@@ -18,6 +18,7 @@ ALLOWED = {
     "model": {"core"},
     "parallel": {"core", "model"},
     "hf": {"core", "model", "tokenizers"},
+    "megatron": {"core", "model"},
     "config": {"core", "data", "model", "parallel"},
     "train": {"core", "config", "data", "hf", "model", "parallel", "tokenizers"},
     "eval": {"core", "config", "data", "model", "tokenizers", "train"},

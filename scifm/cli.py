@@ -1,4 +1,4 @@
-"""The `scifm` command: train | data build | params | eval | export."""
+"""The `scifm` command: train | data build | data tokenize | params | eval | export."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ USAGE = """usage: scifm COMMAND [ARGS]
 commands:
   train [KEY=VALUE ...]     train (Hydra overrides, e.g. experiment=tiny trainer.max_steps=100)
   data build [--out DIR]    build the built-in corpus from data shipped in pip packages
+  data tokenize INPUT ... --tokenizer DIR --out PREFIX [--docs-per-shard N]
+                            JSONL files or directories -> Megatron-Core .bin/.idx shards of
+                            scifm token ids, read by data.sources=[{path:PREFIX,kind:indexed}]
   params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
                             meta device (e.g. scifm params model=paper_1t)
   eval checkpoint=PATH [eval.tasks=[...]] [eval.task_files=[...]] [KEY=VALUE ...]
@@ -40,13 +43,35 @@ def data_main(argv: list[str]) -> None:
     build = sub.add_parser("build", help="build the built-in corpus")
     build.add_argument("--out", default=None, help="output directory (default: the cache)")
     build.add_argument("--max-docs-per-source", type=int, default=None)
+    tokenize = sub.add_parser("tokenize", help="write JSONL documents as an indexed dataset")
+    tokenize.add_argument("inputs", nargs="+", help=".jsonl(.gz) files or directories searched recursively")
+    tokenize.add_argument("--tokenizer", required=True, help="a saved tokenizer: a run's or a checkpoint's tokenizer/")
+    tokenize.add_argument("--out", required=True, help="output prefix: PREFIX.bin/.idx, PREFIX.json, PREFIX.tokenizer/")
+    tokenize.add_argument("--docs-per-shard", type=int, default=0, help="documents per shard (0 = one shard)")
     args = parser.parse_args(argv)
+    if args.action == "tokenize":
+        tokenize_main(args)
+        return
     out = args.out or default_corpus_dir()
     report = build_corpus(out, max_docs_per_source=args.max_docs_per_source)
     n_docs = sum(report["docs_per_source"].values())
     print(f"built-in corpus: {n_docs} documents from {len(report['docs_per_source'])} sources in {out}")
     for source, n in sorted(report["docs_per_source"].items()):
         print(f"  {source:28s} {n:6d}")
+
+
+def tokenize_main(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from scifm.data.indexed.write import tokenize_corpus
+
+    meta = tokenize_corpus(args.inputs, Path(args.tokenizer), Path(args.out), args.docs_per_shard)
+    print(f"indexed dataset {args.out}: {meta['documents']} documents, {meta['tokens']} tokens "
+          f"({meta['dtype']}) in {len(meta['shards'])} shard(s); sidecar {args.out}.json")
+    for reason, n in meta["skipped"].items():
+        print(f"  skipped {n:6d} {reason:20s} e.g. {meta['skip_examples'][reason]}")
+    if any(reason in meta["skipped"] for reason in ("table_not_indexed", "figure_not_indexed")):
+        print("note: tables and figures are not stored as token ids; train on those documents from a JSONL source")
 
 
 def params_main(overrides: list[str]) -> None:

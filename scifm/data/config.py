@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from scifm.core.checks import require
 
 
+SOURCE_KINDS = ("jsonl", "indexed")
+
+
 @dataclass
 class SourceConfig:
     path: str = "builtin"  # "builtin" = the built-in corpus; else a .jsonl(.gz) file or a directory
     weight: float = 1.0
     name: str = ""  # defaults to the file or directory stem
+    kind: str = "jsonl"  # "jsonl"; or "indexed": `path` is the --out prefix of `scifm data tokenize`
 
 
 @dataclass
@@ -31,6 +35,10 @@ class DataConfig:
         require(len(self.sources) > 0, "data.sources", "list at least one source")
         for i, src in enumerate(self.sources):
             require(src.weight > 0, f"data.sources[{i}].weight", f"must be > 0, got {src.weight}")
+            require(src.kind in SOURCE_KINDS, f"data.sources[{i}].kind",
+                    f"must be one of {', '.join(SOURCE_KINDS)}, got {src.kind!r}")
+            require(src.kind == "jsonl" or src.path != "builtin", f"data.sources[{i}].path",
+                    "an indexed source needs the prefix `scifm data tokenize --out` was given")
         require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
         require(self.temperature > 0, "data.temperature", "must be > 0")
         require(0 <= self.max_bad_fraction <= 1, "data.max_bad_fraction", "must be in [0, 1]")

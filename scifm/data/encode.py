@@ -43,11 +43,19 @@ def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir:
             ids.extend(tokenizer.encode_text(seg["text"]))
             continue
         assert kind in MODALITIES, kind  # Document.from_dict already rejected other types
-        features = featurize_segment(seg, tokenizer, enc_cfg, base_dir)
-        k = getattr(enc_cfg, kind).slots
-        ids.append(tokenizer.start_id(kind))
-        items.append(EncodedItem(kind, len(ids), k, features))
-        ids.extend([tokenizer.slot_id(kind)] * k)
-        ids.append(tokenizer.end_id(kind))
+        append_item(ids, items, seg, tokenizer, enc_cfg, base_dir)
     ids.append(tokenizer.eos_id)
     return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
+
+
+def append_item(ids: list[int], items: list[EncodedItem], seg: dict, tokenizer, enc_cfg: EncodersConfig,
+                base_dir: Path) -> None:
+    """Featurizes one non-text segment and lays out its [START_X] k x [SLOT_X] [END_X] after `ids`.
+    Shared with indexed datasets (scifm.data.indexed), whose documents must come out the same."""
+    kind = seg["type"]
+    features = featurize_segment(seg, tokenizer, enc_cfg, base_dir)
+    k = getattr(enc_cfg, kind).slots
+    ids.append(tokenizer.start_id(kind))
+    items.append(EncodedItem(kind, len(ids), k, features))
+    ids.extend([tokenizer.slot_id(kind)] * k)
+    ids.append(tokenizer.end_id(kind))

@@ -5,8 +5,9 @@ documents, greedy packing) and keeps rows rank, rank + W, ...: the global batch 
 same for every layout, which is what lets a parallel run equal the single-process one.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
-file apart (each file's size, and the hash of what each stream read of its current file), so a
-resumed run that would read other data stops with the file's name instead.
+file apart (each file's size, and the hash of what each stream read of its current file; for an
+indexed source, the sidecar's digest of its current shard), so a resumed run that would read other
+data stops with the file's name instead.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import numpy as np
 from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
+from scifm.data.indexed.files import check_tokenizer
+from scifm.data.indexed.layout import IndexedDocument
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
-from scifm.data.streams import DocumentStream, SourceSpec, changed, skill_counts
+from scifm.data.streams import SourceSpec, changed, open_stream, skill_counts
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
@@ -47,12 +50,15 @@ class PackedLoader:
         self.split, self.batch_size = split, batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.specs = specs
+        for spec in specs:
+            if spec.index is not None:
+                check_tokenizer(spec.index, tokenizer)
         skills = [skill_counts(s, split) for s in specs] if cfg.balance_skills else None
         self.probs, layout = stream_probabilities([s.weight for s in specs], cfg.temperature, skills)
         if not layout:
             raise DataError(f"no source has documents in the {split} split ("
                             + ", ".join(f"'{s.name}'" for s in specs) + "); add documents to data.sources")
-        self.streams = [DocumentStream(specs[i], split, skill, skills[i] if skills else None) for i, skill in layout]
+        self.streams = [open_stream(specs[i], split, skill, skills[i] if skills else None) for i, skill in layout]
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.skips = SkipCounter(cfg.max_bad_fraction, split=split)
         self.tokens_by_source: dict[str, int] = defaultdict(int)
@@ -63,9 +69,11 @@ class PackedLoader:
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
-    def _encode(self, doc: Document, file: Path) -> list[Chunk]:
-        # figure paths are relative to the document's file
-        enc = encode_document(doc, self.tokenizer, self.enc_cfg, Path(file).parent)
+    def _encode(self, doc: Document | IndexedDocument, file: Path) -> list[Chunk]:
+        if isinstance(doc, IndexedDocument):  # stored ids: only its items are featurized
+            enc = doc.encode(self.tokenizer, self.enc_cfg)
+        else:  # figure paths are relative to the document's file
+            enc = encode_document(doc, self.tokenizer, self.enc_cfg, Path(file).parent)
         return chunk_document(enc, self.cfg.seq_len)
 
     def _next_document(self) -> None:

@@ -27,8 +27,9 @@ Cursor = tuple[int, int, int]  # (epoch, file index, 1-based line number of the 
 @dataclass(frozen=True)
 class SourceSpec:
     name: str
-    files: tuple[Path, ...]
+    files: tuple[Path, ...]  # JSONL files; for an indexed source, its shards' token .bin files
     weight: float
+    index: Path | None = None  # an indexed source's sidecar (scifm.data.indexed); None for JSONL
 
 
 def builtin_corpus_dir(cfg: DataConfig) -> Path:
@@ -46,6 +47,12 @@ def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
         if src.path == "builtin":
             for f in jsonl_files(builtin_corpus_dir(cfg)):
                 specs.append(SourceSpec(f.name.split(".")[0], (f,), src.weight))
+        elif src.kind == "indexed":
+            from scifm.data.indexed.files import shard_bins, sidecar_path
+
+            prefix = Path(src.path).expanduser()
+            sidecar = sidecar_path(prefix)
+            specs.append(SourceSpec(src.name or prefix.name, shard_bins(sidecar), src.weight, sidecar))
         else:
             path = Path(src.path).expanduser()
             name = src.name or path.name.split(".")[0]
@@ -58,7 +65,12 @@ def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
 
 
 def skill_counts(spec: SourceSpec, split: str) -> Counter:
-    """One streamed pass counting documents per skill (bad lines are left to the loader to count)."""
+    """One streamed pass counting documents per skill (bad lines are left to the loader to count);
+    an indexed source's sidecar holds the counts."""
+    if spec.index is not None:
+        from scifm.data.indexed.files import read_sidecar
+
+        return Counter(read_sidecar(spec.index)["skills"][split])
     counts: Counter = Counter()
     for f in spec.files:
         try:
@@ -82,6 +94,15 @@ def report_damaged(err: DamagedFileError) -> None:
     if err.path not in _reported:
         _reported.add(err.path)
         print(f"scifm: warning: {err.detail}", file=sys.stderr, flush=True)
+
+
+def open_stream(spec: SourceSpec, split: str, skill: str | None = None, skills: dict[str, int] | None = None):
+    """The stream of a JSONL or an indexed source; both give (cursor, document, where) from `next`."""
+    if spec.index is not None:
+        from scifm.data.indexed.stream import IndexedStream
+
+        return IndexedStream(spec, split, skill)
+    return DocumentStream(spec, split, skill, skills)
 
 
 def changed(path: Path, why: str) -> DataError:

@@ -13,7 +13,8 @@ from scifm.tokenizers import ScientificTokenizer
 
 
 def _train_documents(specs: list[SourceSpec], limit: int):
-    """Round-robin over sources (one pass each) so every source shapes the vocabulary."""
+    """Round-robin over sources (one pass each) so every source shapes the vocabulary. Indexed sources
+    are left out: their ids already belong to the tokenizer saved beside them."""
     def one_pass(spec: SourceSpec):
         stream = DocumentStream(spec, "train")
         while stream.cursor[0] == 0:
@@ -21,7 +22,7 @@ def _train_documents(specs: list[SourceSpec], limit: int):
             if isinstance(doc, Document) and stream.cursor[0] == 0:
                 yield doc
 
-    passes = [one_pass(s) for s in specs]
+    passes = [one_pass(s) for s in specs if s.index is None]
     docs = (d for group in itertools.zip_longest(*passes) for d in group if d is not None)
     return itertools.islice(docs, limit)
 

@@ -15,6 +15,7 @@ The special tokens are not in the BPE: a `$` special would take the id of the by
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -136,6 +137,20 @@ class ScientificTokenizer:
             return cls(bpe, domains, meta["special_tokens"], meta.get("text_ids"))
         except Exception as e:  # HF raises a bare Exception on a bad tokenizer.json
             raise TokenizerError(f"tokenizer in {directory} is corrupt ({e}); save or train it again") from e
+
+    def fingerprint(self) -> str:
+        """SHA-256 of everything that decides an id: the prose BPE, the special tokens and their place,
+        the domain vocabularies. Ids stored under one tokenizer are only meaningful under another
+        with the same fingerprint (scifm.data.indexed checks it)."""
+        content = {
+            "format": FORMAT,
+            "bpe": json.loads(self._bpe.to_str()),
+            "text_ids": self._bpe_size,
+            "special_tokens": self._specials,
+            "domains": [d.to_dict() for d in self._domains.values()],
+        }
+        canonical = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     @property
     def prose(self) -> Tokenizer:

@@ -24,6 +24,7 @@ from scifm.config import RunConfig
 from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ScifmError
+from scifm.data.indexed.files import indexed_tokenizer
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
 from scifm.data.streams import resolve_sources
@@ -143,10 +144,12 @@ class Trainer:
 
     def _new_tokenizer(self) -> ScientificTokenizer:
         """Trained on the run's sources; with model.init_from the prose part is the pretrained one
-        (and an exported scifm model brings its whole tokenizer)."""
+        (and an exported scifm model brings its whole tokenizer). Indexed sources bring the tokenizer
+        their ids were written with."""
         hf_dir = init_from_dir(self.cfg.model)
         if hf_dir is None:
-            return train_tokenizer(self.specs, self.cfg.data)
+            indexed = indexed_tokenizer([s.index for s in self.specs if s.index is not None])
+            return indexed or train_tokenizer(self.specs, self.cfg.data)
         return exported_tokenizer(hf_dir) or train_tokenizer(self.specs, self.cfg.data, pretrained_prose(hf_dir))
 
     def _build_model(self) -> None:

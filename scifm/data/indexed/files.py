@@ -1,0 +1,109 @@
+"""The files of an indexed dataset, its sidecar, and the tokenizer its ids belong to.
+
+`scifm data tokenize --out PREFIX` writes, beside each other:
+  PREFIX.json             the sidecar: format, tokenizer fingerprint, shards, counts, skipped documents
+  PREFIX.tokenizer/       the tokenizer the ids were written with
+  SHARD.bin, SHARD.idx    token ids: one Megatron sequence and one Megatron document per scifm document
+  SHARD.docs.bin/.idx     each document's [id, source, skill] as UTF-8 JSON bytes (uint8), same order
+SHARD is PREFIX itself, or PREFIX-00000, PREFIX-00001, ... with --docs-per-shard. The sidecar is
+written last, so shards without one are an unfinished write and never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+from scifm.core.errors import DataError
+from scifm.tokenizers import ScientificTokenizer
+
+FORMAT = "scifm-indexed/1"
+DOCS = ".docs"  # the suffix of a shard's metadata dataset
+SIDECAR_KEYS = ("tokenizer", "shards", "documents", "tokens", "skills", "skipped")
+
+
+def megatron_indexed() -> ModuleType:
+    """megatron.core.datasets.indexed_dataset, imported on first use (an optional dependency)."""
+    try:
+        with warnings.catch_warnings():  # megatron.core warns at import about GPU extensions it lacks
+            warnings.simplefilter("ignore")
+            from megatron.core.datasets import indexed_dataset
+    except ImportError:
+        raise DataError("indexed datasets need megatron-core: pip install 'scifm[megatron]'") from None
+    return indexed_dataset
+
+
+def sidecar_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".json")
+
+
+def tokenizer_dir(sidecar: Path) -> Path:
+    return sidecar.with_suffix(".tokenizer")
+
+
+def shard_files(prefix: Path) -> list[Path]:
+    """The four files of one shard, tokens first."""
+    return [Path(f"{prefix}{part}{ext}") for part in ("", DOCS) for ext in (".bin", ".idx")]
+
+
+def file_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 over the files' bytes, read in blocks."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sidecar(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: not found; an indexed source's path is the --out prefix of "
+                        "`scifm data tokenize`, and a write that did not finish has no sidecar")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        valid = meta.get("format") == FORMAT and all(key in meta for key in SIDECAR_KEYS)
+    except (ValueError, UnicodeDecodeError, AttributeError):  # not JSON, not UTF-8, not an object
+        valid = False
+    if not valid:
+        raise DataError(f"{path}: not a sidecar of `scifm data tokenize` (format {FORMAT}); write the dataset again")
+    return meta
+
+
+def shard_bins(sidecar: Path) -> tuple[Path, ...]:
+    """The token .bin file of every shard, in order."""
+    return tuple(sidecar.parent / f"{shard['name']}.bin" for shard in read_sidecar(sidecar)["shards"])
+
+
+def open_shard(sidecar: Path, shard: dict) -> tuple:
+    """Megatron's IndexedDatasets of a shard's token ids and its documents' metadata."""
+    indexed = megatron_indexed()
+    prefix = sidecar.parent / shard["name"]
+    try:
+        tokens = indexed.IndexedDataset(str(prefix))
+        docs = indexed.IndexedDataset(f"{prefix}{DOCS}")
+    except (AssertionError, OSError, ValueError) as err:  # Megatron asserts on missing or foreign files
+        raise DataError(f"{prefix}.bin: not readable as an indexed dataset ({type(err).__name__}: {err}); "
+                        "write it again with `scifm data tokenize`") from None
+    if len(tokens) != shard["documents"] or len(docs) != shard["documents"]:
+        raise DataError(f"{prefix}.bin: holds {len(tokens)} documents, its sidecar {shard['documents']}; "
+                        "write the dataset again with `scifm data tokenize`")
+    return tokens, docs
+
+
+def check_tokenizer(sidecar: Path, tokenizer: ScientificTokenizer) -> None:
+    """Stored ids mean something only under the tokenizer they were written with."""
+    want, have = read_sidecar(sidecar)["tokenizer"]["fingerprint"], tokenizer.fingerprint()
+    if want != have:
+        raise DataError(f"{sidecar}: its ids were written with tokenizer {want[:12]}, this run's is {have[:12]}; "
+                        f"train with the one saved beside it ({tokenizer_dir(sidecar)}) or tokenize again")
+
+
+def indexed_tokenizer(sidecars: Sequence[Path]) -> ScientificTokenizer | None:
+    """The tokenizer saved beside the first indexed source (the loader checks every source against
+    it); None without indexed sources."""
+    return ScientificTokenizer.load(tokenizer_dir(sidecars[0])) if sidecars else None

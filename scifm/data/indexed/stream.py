@@ -1,0 +1,74 @@
+"""An indexed source read as a resumable stream, with DocumentStream's interface (the loader uses either).
+
+The cursor is (epoch, shard index, index of the next document in the shard), so a resumed run reads
+its next document directly. Documents of other splits (by the hash of the id, as for JSONL) and,
+with skills balanced, of other skills are passed over after reading their metadata alone. A resumed
+stream checks that the cursor's shard is still the one it read: the checkpoint keeps the sidecar's
+digest of it (the loader also keeps every shard's size).
+"""
+
+from __future__ import annotations
+
+import json
+
+from scifm.core.errors import DataError
+from scifm.data.documents import split_of
+from scifm.data.indexed.files import open_shard, read_sidecar
+from scifm.data.indexed.layout import IndexedDocument
+from scifm.data.streams import Cursor, SourceSpec, changed
+
+
+class IndexedStream:
+    def __init__(self, spec: SourceSpec, split: str, skill: str | None = None):
+        self.spec, self.split, self.skill = spec, split, skill
+        sidecar = read_sidecar(spec.index)
+        self._shards: list[dict] = sidecar["shards"]
+        counts: dict[str, int] = sidecar["skills"][split]
+        self._matching = counts.get(skill, 0) if skill is not None else sum(counts.values())
+        self.cursor: Cursor = (0, 0, 0)
+        self._open: tuple[int, object, object] | None = None  # (shard index, tokens, metadata)
+
+    def seek(self, cursor: Cursor, prefix_sha256: str | None = None) -> None:
+        """Continue at `cursor`; with the checkpoint's shard digest, checks the shard is the same."""
+        _, shard, pos = cursor
+        if not (0 <= shard < len(self._shards) and 0 <= pos <= self._shards[shard]["documents"]):
+            raise DataError(f"{self.spec.index}: the checkpoint read shard {shard + 1}, document {pos}, which "
+                            "this dataset lacks now: it changed since the checkpoint; restore it or start a new run")
+        if prefix_sha256 is not None and prefix_sha256 != self._shards[shard]["sha256"]:
+            raise changed(self.spec.files[shard], "it was written again")
+        self.cursor = tuple(cursor)  # type: ignore[assignment]
+
+    def prefix_sha256(self) -> str:
+        return self._shards[self.cursor[1]]["sha256"]
+
+    def next(self) -> tuple[Cursor, IndexedDocument, str]:
+        """The next document of this split (and skill); an indexed dataset holds no bad records."""
+        if not self._matching:
+            raise DataError(f"source '{self.spec.name}' has no documents in the {self.split} split"
+                            + (f" with skill '{self.skill}'" if self.skill else "")
+                            + f" ({self.spec.index}); add documents or remove it from data.sources")
+        while True:
+            epoch, shard, pos = self.cursor
+            if pos == self._shards[shard]["documents"]:
+                more = shard + 1 < len(self._shards)
+                self.cursor = (epoch, shard + 1, 0) if more else (epoch + 1, 0, 0)
+                continue
+            self.cursor = (epoch, shard, pos + 1)
+            doc_id, _, skill = self._metadata(shard, pos)
+            if split_of(doc_id) == self.split and self.skill in (None, skill):
+                return (epoch, shard, pos), self.read_at((epoch, shard, pos)), f"{self.spec.files[shard]}:{pos}"
+
+    def read_at(self, cursor: Cursor) -> IndexedDocument:
+        _, shard, pos = cursor
+        tokens, _ = self._datasets(shard)
+        return IndexedDocument(*self._metadata(shard, pos), tokens[pos].tolist())
+
+    def _metadata(self, shard: int, pos: int) -> tuple[str, str, str]:
+        _, docs = self._datasets(shard)
+        doc_id, source, skill = json.loads(docs[pos].tobytes())
+        return doc_id, source, skill
+
+    def _datasets(self, shard: int) -> tuple:
+        if self._open is None or self._open[0] != shard:
+            self._open = (shard, *open_shard(self.spec.index, self._shards[shard]))
+        return self._open[1], self._open[2]

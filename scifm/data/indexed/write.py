@@ -1,0 +1,149 @@
+"""`scifm data tokenize`: JSONL documents -> an indexed dataset (files.py names its files).
+
+Documents are read as the loader reads them (bytes, a line at a time), tokenized once with a saved
+tokenizer and appended with Megatron-Core's IndexedDatasetBuilder, in the id width Megatron picks for
+the vocabulary. A line that is not a document, a table or figure, or an item the featurizers refuse
+is skipped and counted by reason, with its first example. Every file is written under a temporary
+name and renamed at the end; the sidecar comes last and marks the dataset complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from scifm.core.errors import DataError, DocumentFormatError
+from scifm.data.build_once import swap_in
+from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
+from scifm.data.indexed.files import (DOCS, FORMAT, file_digest, megatron_indexed, shard_files, sidecar_path,
+                                      tokenizer_dir)
+from scifm.data.indexed.layout import stored_ids
+from scifm.tokenizers import ScientificTokenizer
+
+
+class _ShardWriter:
+    """One shard, written under a temporary prefix beside its final one."""
+
+    def __init__(self, final: Path, dtype: type):
+        indexed = megatron_indexed()
+        self.final = final
+        self.temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
+        self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
+        self.documents = self.n_tokens = 0
+
+    def add(self, doc_id: str, source: str, skill: str, ids: list[int]) -> None:
+        self.tokens.add_document(ids, [len(ids)])
+        record = json.dumps([doc_id, source, skill], ensure_ascii=False).encode("utf-8")
+        self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
+        self.documents += 1
+        self.n_tokens += len(ids)
+
+    def finish(self) -> dict:
+        self.tokens.finalize(f"{self.temp}.idx")
+        self.docs.finalize(f"{self.temp}{DOCS}.idx")
+        return {"name": self.final.name, "documents": self.documents, "tokens": self.n_tokens,
+                "sha256": file_digest(shard_files(self.temp))}
+
+    def commit(self) -> None:
+        for temp, final in zip(shard_files(self.temp), shard_files(self.final)):
+            os.replace(temp, final)
+
+
+class _Skips:
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.examples: dict[str, str] = {}
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        self.examples.setdefault(reason, where)
+
+
+def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per_shard: int = 0) -> dict:
+    """Writes the dataset at prefix `out` from JSONL files or directories; returns its sidecar."""
+    if docs_per_shard < 0:
+        raise DataError(f"--docs-per-shard must be >= 0 (0 = one shard), got {docs_per_shard}")
+    tokenizer = ScientificTokenizer.load(tokenizer_path)
+    files = [f for path in inputs for f in jsonl_files(path)]
+    dtype = megatron_indexed().DType.optimal_dtype(tokenizer.vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    skips, skills = _Skips(), {split: Counter() for split in SPLITS}
+    finished: list[_ShardWriter] = []
+    shards: list[dict] = []
+    writer: _ShardWriter | None = None
+    try:
+        for where, raw in _lines(files, skips):
+            try:
+                doc = parse_line(raw)
+                ids = stored_ids(doc, tokenizer)
+            except DocumentFormatError as err:
+                skips.add(err.reason, where)
+                continue
+            if writer is None:
+                name = out.name if docs_per_shard == 0 else f"{out.name}-{len(shards):05d}"
+                writer = _ShardWriter(out.with_name(name), dtype)
+            writer.add(doc.id, doc.source, doc.skill, ids)
+            skills[split_of(doc.id)][doc.skill] += 1
+            if writer.documents == docs_per_shard:
+                shards.append(writer.finish())
+                finished.append(writer)
+                writer = None
+        if writer is not None:
+            shards.append(writer.finish())
+            finished.append(writer)
+            writer = None
+        if not shards:
+            raise DataError(f"none of the {sum(skips.counts.values())} records of {len(files)} file(s) could be "
+                            f"stored ({_reasons(skips.counts)}); nothing was written")
+        sidecar = {
+            "format": FORMAT,
+            "tokenizer": {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size},
+            "dtype": np.dtype(dtype).name,
+            "shards": shards,
+            "documents": sum(s["documents"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "skills": {split: dict(sorted(counts.items())) for split, counts in skills.items()},
+            "skipped": dict(sorted(skips.counts.items())),
+            "skip_examples": dict(sorted(skips.examples.items())),
+            "inputs": [str(f) for f in files],
+        }
+        _commit(out, finished, tokenizer, sidecar)
+        return sidecar
+    finally:  # an interrupted write leaves no temporary file behind
+        for w in [*finished, *([writer] if writer else [])]:
+            for temp in shard_files(w.temp):
+                temp.unlink(missing_ok=True)
+
+
+def _lines(files: list[Path], skips: _Skips):
+    """(where, line bytes) of every non-blank line; a damaged file is one counted skip, as in training."""
+    for path in files:
+        try:
+            for lineno, raw in read_lines(path):
+                if raw.strip():
+                    yield f"{path}:{lineno}", raw
+        except DamagedFileError as err:
+            skips.add(err.reason, f"{path}:{err.last_line + 1}")
+
+
+def _commit(out: Path, finished: list[_ShardWriter], tokenizer: ScientificTokenizer, sidecar: dict) -> None:
+    """The old sidecar goes first, so the old dataset stops being one before its files are replaced."""
+    final = sidecar_path(out)
+    final.unlink(missing_ok=True)
+    for writer in finished:
+        writer.commit()
+    staging = out.with_name(f"{out.name}.tokenizer.tmp-{os.getpid()}")
+    tokenizer.save(staging)
+    swap_in(staging, tokenizer_dir(final))
+    temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    temp.write_text(json.dumps(sidecar, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temp, final)
+
+
+def _reasons(counts: Counter) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in counts.most_common()) or "no records"

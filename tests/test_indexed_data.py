@@ -1,0 +1,276 @@
+"""Indexed datasets (issue 13): `scifm data tokenize` writes Megatron-Core .bin/.idx shards that
+Megatron itself reads back as scifm's ids; `data.sources` of kind indexed give the loader the batches
+the JSONL files give, resume exactly, and refuse a foreign tokenizer; bad input is counted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("megatron.core")
+
+from scifm.cli import main  # noqa: E402
+from scifm.core.errors import DataError  # noqa: E402
+from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
+from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
+from scifm.data.streams import resolve_sources  # noqa: E402
+from scifm.tokenizers import ScientificTokenizer  # noqa: E402
+from tests.test_data_pipeline import batches_equal, make_loader, text_doc, user_config  # noqa: E402
+
+# built-in sources whose documents are text, molecules, proteins and LaTeX only
+CHEM_FILES = ("chembl-fraggle.jsonl", "pyhmmer-proteome.jsonl")
+LATEX_FILE = "sympy-latex-pairs.jsonl"
+DOCS_PER_SHARD = 40
+# modality -> (domain vocabulary, segment field), as the stored layout is specified
+DOMAIN = {"molecule": ("smiles", "smiles"), "protein": ("protein", "sequence"), "latex": ("latex", "latex")}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tokenizer) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_corpus(tmp_path_factory, corpus_dir) -> Path:
+    """Two JSONL sources: a directory 'chem' (molecules, proteins) and a file 'latex.jsonl'."""
+    out = tmp_path_factory.mktemp("token_corpus")
+    (out / "chem").mkdir()
+    for name in CHEM_FILES:
+        shutil.copy(corpus_dir / name, out / "chem" / name)
+    shutil.copy(corpus_dir / LATEX_FILE, out / "latex.jsonl")
+    return out
+
+
+@pytest.fixture(scope="session")
+def indexed(tmp_path_factory, token_corpus, tokenizer_dir) -> Path:
+    """The same two sources as indexed datasets: 'chem' in shards of DOCS_PER_SHARD, 'latex' in one."""
+    out = tmp_path_factory.mktemp("indexed")
+    tokenize_corpus([str(token_corpus / "chem")], tokenizer_dir, out / "chem", DOCS_PER_SHARD)
+    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, out / "latex")
+    return out
+
+
+def jsonl_config(make_config, corpus: Path, *extra: str):
+    return user_config(make_config, f"[{{path:{corpus / 'chem'},name:chem,weight:2.0}},"
+                                    f"{{path:{corpus / 'latex.jsonl'},name:latex}}]", *extra)
+
+
+def indexed_config(make_config, prefixes: Path, *extra: str):
+    return user_config(make_config, f"[{{path:{prefixes / 'chem'},kind:indexed,name:chem,weight:2.0}},"
+                                    f"{{path:{prefixes / 'latex'},kind:indexed,name:latex}}]", *extra)
+
+
+def documents(path: Path) -> list:
+    return [parse_line(raw) for f in jsonl_files(path) for _, raw in read_lines(f) if raw.strip()]
+
+
+def expected_ids(doc, tok) -> list[int]:
+    """[BOS], prose ids, [START_X] domain ids [END_X] per item, [EOS]."""
+    ids = [tok.bos_id]
+    for seg in doc.segments:
+        kind = seg["type"]
+        if kind == "text":
+            ids += tok.encode_text(seg["text"])
+        else:
+            domain, key = DOMAIN[kind]
+            ids += [tok.start_id(kind), *tok.encode_domain(domain, seg[key]), tok.end_id(kind)]
+    return ids + [tok.eos_id]
+
+
+# --- the files, read by Megatron ---------------------------------------------------------------
+
+def test_megatron_reads_back_the_ids_scifm_gives_each_document(indexed, token_corpus, tokenizer):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    docs = documents(token_corpus / "chem")
+    sidecar = json.loads((indexed / "chem.json").read_text())
+    assert sidecar["skipped"] == {} and sidecar["documents"] == len(docs)
+    assert [s["documents"] for s in sidecar["shards"]] == [DOCS_PER_SHARD] * (len(docs) // DOCS_PER_SHARD) + \
+        ([len(docs) % DOCS_PER_SHARD] if len(docs) % DOCS_PER_SHARD else [])
+    stored = []
+    for shard in sidecar["shards"]:
+        ds = IndexedDataset(str(indexed / shard["name"]))
+        assert ds.index.dtype == np.uint16  # Megatron's choice for a vocabulary under 65500
+        assert list(ds.document_indices) == list(range(len(ds) + 1))  # one Megatron document per document
+        stored += [ds[i].tolist() for i in range(len(ds))]
+    assert stored == [expected_ids(d, tokenizer) for d in docs]
+    assert sum(map(len, stored)) == sidecar["tokens"]
+    want_skills = {split: Counter(d.skill for d in docs if split_of(d.id) == split) for split in sidecar["skills"]}
+    assert {split: Counter(c) for split, c in sidecar["skills"].items()} == want_skills
+    assert sidecar["tokenizer"] == {"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size}
+
+
+def test_the_tokenizers_decoding_recovers_every_smiles_sequence_and_latex(indexed, token_corpus, tokenizer):
+    """What the encoders are given comes from decoding the stored span: it must be the JSONL field."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    seen = Counter()
+    for name, source in (("chem", token_corpus / "chem"), ("latex", token_corpus / "latex.jsonl")):
+        sidecar = json.loads((indexed / f"{name}.json").read_text())
+        stored = [ids.tolist() for s in sidecar["shards"] for ids in IndexedDataset(str(indexed / s["name"]))]
+        for doc, ids in zip(documents(source), stored, strict=True):
+            for seg in (s for s in doc.segments if s["type"] in DOMAIN):
+                start = ids.index(tokenizer.start_id(seg["type"]))
+                end = ids.index(tokenizer.end_id(seg["type"]), start)
+                assert tokenizer.decode(ids[start + 1 : end]) == seg[DOMAIN[seg["type"]][1]]
+                ids = ids[end + 1 :]
+                seen[seg["type"]] += 1
+    assert all(seen[kind] >= 50 for kind in DOMAIN), seen
+
+
+def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, tokenizer):
+    assert ScientificTokenizer.load(indexed / "chem.tokenizer").fingerprint() == tokenizer.fingerprint()
+    other = ScientificTokenizer.train(["a different corpus of prose, said twice"] * 2, vocab_size=300)
+    assert other.fingerprint() != tokenizer.fingerprint()
+
+
+def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus, tokenizer_dir, tmp_path):
+    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex")
+    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".json"):
+        assert (tmp_path / f"latex{suffix}").read_bytes() == (indexed / f"latex{suffix}").read_bytes(), suffix
+    assert not list(tmp_path.glob("*.tmp-*")), "temporary files were left behind"
+
+
+# --- the loader --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, make_config, balance):
+    extra = ("data.seq_len=64", f"data.balance_skills={balance}")
+    modalities = set()
+    for split, seed in (("train", 0), ("validation", 1)):
+        a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, split=split, seed=seed)
+        b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, split=split, seed=seed)
+        for _ in range(6):
+            want, got = a.next_batch(), b.next_batch()
+            assert batches_equal(want, got)
+            modalities |= {m for m, idx in got.slot_index.items() if idx.numel()}
+        assert a.tokens_by_source == b.tokens_by_source and a.tokens_by_skill == b.tokens_by_skill
+        assert a.skips.as_dict() == b.skips.as_dict()
+    assert modalities >= set(DOMAIN), modalities  # every stored modality reached the encoders
+
+
+def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir, make_config, tmp_path):
+    docs = [text_doc(i) for i in range(40)]
+    for i in range(0, 40, 3):
+        docs[i]["segments"].append({"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"[: 10 + i % 12]})
+    (tmp_path / "small.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tokenize_corpus([str(tmp_path / "small.jsonl")], tokenizer_dir, tmp_path / "small", 7)
+    a = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'small.jsonl'}}}]", "data.seq_len=64"), tokenizer)
+    b = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'small'},kind:indexed}}]", "data.seq_len=64"),
+                    tokenizer)
+    for _ in range(12):
+        assert batches_equal(a.next_batch(), b.next_batch())
+    assert b.streams[0].cursor[0] >= 2, "the stream did not start a new epoch"
+
+
+def test_indexed_loader_resumes_mid_document_across_shards(indexed, token_corpus, tokenizer, make_config):
+    cfg = indexed_config(make_config, indexed, "data.seq_len=32")
+    a = make_loader(cfg, tokenizer, batch_size=2)
+    for _ in range(300):
+        a.next_batch()
+        if a.streams[0].cursor[1] >= 1 and a.pending is not None and a.pending[2] > 0:
+            break
+    assert a.streams[0].cursor[1] >= 1, "the chem stream never left its first shard"
+    assert a.pending is not None and a.pending[2] > 0, "no document was split across rows"
+    state = json.loads(json.dumps(a.state_dict()))
+    b = make_loader(cfg, tokenizer, batch_size=2)
+    b.load_state_dict(state)
+    for _ in range(5):
+        assert batches_equal(a.next_batch(), b.next_batch())
+    assert a.skips.as_dict() == b.skips.as_dict() and a.tokens_by_skill == b.tokens_by_skill
+
+
+def test_resume_after_the_dataset_was_written_again_names_the_shard(token_corpus, tokenizer, tokenizer_dir,
+                                                                    make_config, tmp_path):
+    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", DOCS_PER_SHARD)
+    cfg = user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]", "data.seq_len=32")
+    a = make_loader(cfg, tokenizer)
+    for _ in range(3):
+        a.next_batch()
+    state = json.loads(json.dumps(a.state_dict()))
+    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", DOCS_PER_SHARD)
+    make_loader(cfg, tokenizer).load_state_dict(state)  # the same input writes the same shards
+    lines = (token_corpus / "latex.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["segments"][0]["text"] = first["segments"][0]["text"][::-1]
+    (tmp_path / "edited.jsonl").write_text("\n".join([json.dumps(first), *lines[1:]]) + "\n")
+    tokenize_corpus([str(tmp_path / "edited.jsonl")], tokenizer_dir, tmp_path / "latex", DOCS_PER_SHARD)
+    with pytest.raises(DataError, match=r"latex-00000\.bin changed since the checkpoint"):
+        make_loader(cfg, tokenizer).load_state_dict(state)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def test_bad_records_are_counted_and_tables_and_figures_refused(tmp_path, tokenizer_dir, capsys):
+    docs = [text_doc(i) for i in range(20)]
+    docs[5]["segments"] = [{"type": "molecule", "smiles": "C1CC(("}]
+    docs[7]["segments"] = [{"type": "table", "columns": ["a"], "rows": [[1]]}]
+    docs[9]["segments"] = [{"type": "text", "text": "A plot:"}, {"type": "figure", "array": [[0.0, 1.0]]}]
+    lines = [json.dumps(d).encode() for d in docs]
+    lines[3] = b"{not json"
+    lines[11] = b'{"id": "caf\xe9"}'  # Latin-1, not UTF-8
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    whole = gzip.compress(b"".join(json.dumps(text_doc(100 + i)).encode() + b"\n" for i in range(10)))
+    (tmp_path / "in" / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # cut short
+
+    main(["data", "tokenize", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    sidecar = json.loads((tmp_path / "out.json").read_text())
+    assert sidecar["skipped"] == {"bad_json": 1, "bad_smiles": 1, "bad_utf8": 1, "figure_not_indexed": 1,
+                                  "table_not_indexed": 1, "truncated_file": 1}
+    assert sidecar["skip_examples"]["bad_json"] == f"{tmp_path / 'in' / 'a.jsonl'}:4"
+    assert 15 <= sidecar["documents"] < 25  # a.jsonl's 15 good documents and b's lines before the cut
+    assert "skipped      1 table_not_indexed" in out and "note: tables and figures" in out
+
+
+def test_a_wrong_tokenizer_is_refused_in_one_line(indexed, tokenizer, make_config):
+    other = ScientificTokenizer.train(["a different corpus of prose, said twice"] * 2, vocab_size=300)
+    with pytest.raises(DataError) as err:
+        make_loader(indexed_config(make_config, indexed), other)
+    message = str(err.value)
+    assert "\n" not in message and "chem.json" in message and "chem.tokenizer" in message
+
+
+def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, token_corpus, make_config, capsys):
+    cases = [
+        [str(tmp_path / "missing.jsonl"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x")],
+        [str(token_corpus / "latex.jsonl"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "x")],
+        [str(token_corpus / "latex.jsonl"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x"),
+         "--docs-per-shard", "-1"],
+    ]
+    for argv in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "tokenize", *argv])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("scifm: error: ") and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("x*")), "a failed command wrote files"
+    with pytest.raises(DataError, match=r"nowhere\.json: not found.*scifm data tokenize"):
+        resolve_sources(user_config(make_config, f"[{{path:{tmp_path / 'nowhere'},kind:indexed}}]").data)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_training_from_indexed_sources_uses_their_tokenizer_and_resumes_exactly(indexed, make_config, tmp_path):
+    from scifm.train.trainer import train
+    from tests.test_train import losses
+
+    common = ("trainer.max_steps=4", "trainer.log_every=1", "trainer.val_every=100", "trainer.ckpt_every=2",
+              "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=1")
+    full = tmp_path / "full"
+    train(indexed_config(make_config, indexed, *common), full)
+    sidecar = json.loads((indexed / "chem.json").read_text())
+    assert ScientificTokenizer.load(full / "tokenizer").fingerprint() == sidecar["tokenizer"]["fingerprint"]
+    resumed = tmp_path / "resumed"
+    train(indexed_config(make_config, indexed, *common, f"resume={full / 'checkpoints' / 'step_2'}"), resumed)
+    want, got = losses(full), losses(resumed)
+    assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got), (want, got)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -86,7 +87,7 @@ def open_shard(sidecar: Path, shard: dict) -> tuple:
     try:
         tokens = indexed.IndexedDataset(str(prefix))
         docs = indexed.IndexedDataset(f"{prefix}{DOCS}")
-    except (AssertionError, OSError, ValueError) as err:  # Megatron asserts on missing or foreign files
+    except (AssertionError, OSError, ValueError, struct.error) as err:  # Megatron asserts on foreign files
         raise DataError(f"{prefix}.bin: not readable as an indexed dataset ({type(err).__name__}: {err}); "
                         "write it again with `scifm data tokenize`") from None
     if len(tokens) != shard["documents"] or len(docs) != shard["documents"]:

@@ -68,6 +68,8 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
     """Writes the dataset at prefix `out` from JSONL files or directories; returns its sidecar."""
     if docs_per_shard < 0:
         raise DataError(f"--docs-per-shard must be >= 0 (0 = one shard), got {docs_per_shard}")
+    if not out.name or out.is_dir():
+        raise DataError(f"--out {out}: a prefix of file names (e.g. DIR/corpus), not a directory")
     tokenizer = ScientificTokenizer.load(tokenizer_path)
     files = [f for path in inputs for f in jsonl_files(path)]
     dtype = megatron_indexed().DType.optimal_dtype(tokenizer.vocab_size)

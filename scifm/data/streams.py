@@ -18,6 +18,7 @@ from typing import Iterator
 from scifm.data.config import DataConfig
 from scifm.data.documents import (DamagedFileError, Document, jsonl_files, parse_line, read_lines, record_keys,
                                   split_of, unit_hash)
+from scifm.data.indexed.files import read_sidecar, shard_bins, sidecar_path
 from scifm.core.errors import DataError, DocumentFormatError
 
 
@@ -41,15 +42,14 @@ def builtin_corpus_dir(cfg: DataConfig) -> Path:
 
 
 def resolve_sources(cfg: DataConfig) -> list[SourceSpec]:
-    """The built-in corpus expands to one source per built-in file, each with the given weight."""
+    """The built-in corpus expands to one source per built-in file, each with the given weight; an
+    indexed source is its shards' token files and its sidecar."""
     specs: list[SourceSpec] = []
     for src in cfg.sources:
         if src.path == "builtin":
             for f in jsonl_files(builtin_corpus_dir(cfg)):
                 specs.append(SourceSpec(f.name.split(".")[0], (f,), src.weight))
         elif src.kind == "indexed":
-            from scifm.data.indexed.files import shard_bins, sidecar_path
-
             prefix = Path(src.path).expanduser()
             sidecar = sidecar_path(prefix)
             specs.append(SourceSpec(src.name or prefix.name, shard_bins(sidecar), src.weight, sidecar))
@@ -68,8 +68,6 @@ def skill_counts(spec: SourceSpec, split: str) -> Counter:
     """One streamed pass counting documents per skill (bad lines are left to the loader to count);
     an indexed source's sidecar holds the counts."""
     if spec.index is not None:
-        from scifm.data.indexed.files import read_sidecar
-
         return Counter(read_sidecar(spec.index)["skills"][split])
     counts: Counter = Counter()
     for f in spec.files:
@@ -99,7 +97,7 @@ def report_damaged(err: DamagedFileError) -> None:
 def open_stream(spec: SourceSpec, split: str, skill: str | None = None, skills: dict[str, int] | None = None):
     """The stream of a JSONL or an indexed source; both give (cursor, document, where) from `next`."""
     if spec.index is not None:
-        from scifm.data.indexed.stream import IndexedStream
+        from scifm.data.indexed.stream import IndexedStream  # here: it imports this module
 
         return IndexedStream(spec, split, skill)
     return DocumentStream(spec, split, skill, skills)

@@ -71,6 +71,9 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
     if not out.name or out.is_dir():
         raise DataError(f"--out {out}: a prefix of file names (e.g. DIR/corpus), not a directory")
     tokenizer = ScientificTokenizer.load(tokenizer_path)
+    missing = [path for path in inputs if not Path(path).exists()]
+    if missing:  # jsonl_files would point at data.sources, which this command does not read
+        raise DataError(f"{missing[0]}: no such file or directory")
     files = [f for path in inputs for f in jsonl_files(path)]
     dtype = megatron_indexed().DType.optimal_dtype(tokenizer.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -156,7 +156,7 @@ def cpu_adam_built():
 @pytest.mark.slow
 def test_offloading_optimizer_and_parameters_matches_one_native_process(cpu_adam_built, native, corpus_dir, tmp_path):
     """ZeRO-3 with the optimizer (DeepSpeed's CPU AdamW) and the parameters offloaded; its AdamW
-    differs from torch's by a few float32 ulps per step (measured 7e-7 on unit weights after 5 steps)."""
+    rounds differently from torch's, which the 1e-5 tolerance covers with room."""
     run = tmp_path / "offload"
     train_cli(2, run, corpus_dir, *DS, "parallel.deepspeed.zero_stage=3", "parallel.deepspeed.offload_optimizer=true",
               "parallel.deepspeed.offload_params=true")

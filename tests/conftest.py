@@ -9,6 +9,8 @@ import pytest
 
 # keep every cache a test run makes inside pytest's temp area, never in the user's home
 os.environ.setdefault("SCIFM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "scifm-test-cache"))
+# DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) once into torch's extension cache
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["SCIFM_CACHE"]) / "torch_extensions"))
 
 SMALL_CORPUS_DOCS = 150  # per source
 

@@ -144,10 +144,19 @@ def test_zero_stage_matches_one_native_process_and_its_checkpoints_move_between_
         assert_same_losses(losses(from_native), want)
 
 
+@pytest.fixture(scope="module")
+def cpu_adam_built():
+    """DeepSpeed's CPU AdamW compiled here, once (about 2 minutes on 2 cores), not inside a training
+    run's time limit; the runs find it in TORCH_EXTENSIONS_DIR (tests/conftest.py)."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load()
+
+
 @pytest.mark.slow
-def test_offloading_optimizer_and_parameters_matches_one_native_process(native, corpus_dir, tmp_path):
+def test_offloading_optimizer_and_parameters_matches_one_native_process(cpu_adam_built, native, corpus_dir, tmp_path):
     """ZeRO-3 with the optimizer (DeepSpeed's CPU AdamW) and the parameters offloaded; its AdamW
-    differs from torch's by a few float32 ulps per step (measured 7e-7 on unit weights after 5 steps)."""
+    rounds differently from torch's, which the 1e-5 tolerance covers with room."""
     run = tmp_path / "offload"
     train_cli(2, run, corpus_dir, *DS, "parallel.deepspeed.zero_stage=3", "parallel.deepspeed.offload_optimizer=true",
               "parallel.deepspeed.offload_params=true")

@@ -1,7 +1,13 @@
 """The demo checkpoint (`experiment=tiny`, 200 steps) against the untrained weights of the same config
-on the built-in tasks: what the issue asks the evaluation to show, with the intervals printed."""
+on the built-in tasks: what the issue asks the evaluation to show, with the intervals printed. The
+margin is a statistical one, so float-rounding changes in training (a fused optimizer) move accuracies
+by an item or two without deciding the outcome."""
 
 from __future__ import annotations
+
+import json
+import math
+from statistics import NormalDist
 
 import pytest
 
@@ -10,8 +16,6 @@ from scifm.eval.report import fmt
 from scifm.eval.runner import run_eval
 from scifm.config import compose_run_config
 from scifm.train.trainer import train
-
-import json
 
 
 @pytest.mark.slow
@@ -27,16 +31,21 @@ def test_demo_checkpoint_beats_its_untrained_weights_on_three_builtin_tasks(demo
         results = json.loads(path.read_text())
         accuracy[name] = {task: e["multiple_choice"]["scores"]["acc"] for task, e in results["tasks"].items()}
 
-    better, separated = [], []
-    print("\nmultiple-choice accuracy, 95% interval: demo (200 steps) vs untrained (step 0)")
+    # a gain counts as training, not luck, when a one-sided z-test of the difference of the two
+    # accuracies passes at 5% for the whole family of tasks (Bonferroni: 5% / 9 per task). Unpaired,
+    # so conservative: both models answer the same items, whose difficulties correlate their scores.
+    z_needed = NormalDist().inv_cdf(1 - 0.05 / len(accuracy["demo"]))
+    better, significant = [], []
+    print("\nmultiple-choice accuracy, 95% interval: demo (200 steps) vs untrained (step 0); z of the gain")
     for task, demo in accuracy["demo"].items():
         base = accuracy["untrained"][task]
-        print(f"  {task:14s} {fmt(demo)}  vs  {fmt(base)}")
-        if demo["value"] > base["value"]:
+        p, q = demo["value"], base["value"]
+        z = (p - q) / math.sqrt(p * (1 - p) / demo["n"] + q * (1 - q) / base["n"])
+        print(f"  {task:14s} {fmt(demo)}  vs  {fmt(base)}  z={z:+.2f}")
+        if p > q:
             better.append(task)
-        if demo["ci95"][0] > base["ci95"][1]:
-            separated.append(task)
-    print(f"  above: {better}; intervals apart: {separated}")
+        if z > z_needed:
+            significant.append(task)
+    print(f"  above: {better}; significant (z > {z_needed:.2f}): {significant}")
     assert len(better) >= 3, better
-    # at least one gain is larger than the noise of both estimates: training, not luck
-    assert separated, accuracy
+    assert significant, accuracy

@@ -80,6 +80,13 @@ def test_dry_run_renders_without_slurm_and_bash_reads_overrides_unchanged(tmp_pa
     assert subprocess.run(["/bin/bash", "-n", str(run_dir / "slurm" / "train.sbatch")]).returncode == 0
 
 
+def test_the_readmes_sbatch_args_example_works_as_typed(tmp_path, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [example] = re.findall(r"`'(cluster\.sbatch_args=\[.*?\])'`", readme)
+    scifm(["submit", "--dry-run", "experiment=tiny", example, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert "#SBATCH --qos=high\n" in capsys.readouterr().out
+
+
 def test_dry_run_of_a_sweep_renders_a_job_array_and_one_eval_task_per_checkpoint(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     scifm(["submit", "--dry-run", "--eval-after", "-m", "experiment=tiny", "trainer.max_steps=4",

@@ -16,7 +16,7 @@ import torch
 
 from scifm.core.errors import ConfigError
 from scifm.parallel.parallelize import apply_recompute_and_compile
-from scifm.parallel.runner import LossFn, ModelRunner, MicroBatch
+from scifm.parallel.runner import LossFn, ModelRunner
 
 _WRAPPER_PREFIX = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 LOAD_CHUNK = 16  # parameters read and scattered at a time when loading (bounds the host memory)
@@ -75,8 +75,8 @@ def require_deepspeed() -> None:
 
 
 def deepspeed_optimizer(optimizer: torch.optim.AdamW, cfg) -> torch.optim.Optimizer:
-    """With the optimizer offloaded, DeepSpeed's CPU AdamW (its vectorised host kernel, AdamW's
-    update to a few float32 ulps) over the same parameter groups; else `optimizer` itself."""
+    """With the optimizer offloaded, DeepSpeed's CPU AdamW (its vectorised host kernel, the same
+    update up to float32 rounding) over the same parameter groups; else `optimizer` itself."""
     if not cfg.offload_optimizer:
         return optimizer
     from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -107,8 +107,8 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer, scheduler, ctx, para
 
 
 class DeepSpeedRunner(ModelRunner):
-    """ModelRunner over a DeepSpeed engine: each micro-batch's backward accumulates; `clip_grad_norm`
-    applies the whole update (the engine reduces, clips, steps the optimizer and the schedule) and
+    """ModelRunner over a DeepSpeed engine: each micro-batch's backward (the engine's) accumulates;
+    `clip_grad_norm` applies the whole update (the engine reduces, clips, steps the optimizer and the schedule) and
     returns the gradient norm it measured. Checkpoints are the native layout-free ones: full tensors
     gathered from DeepSpeed's partitions on save, scattered back into them on load."""
 
@@ -118,20 +118,13 @@ class DeepSpeedRunner(ModelRunner):
     def __init__(self, engine, loss_fn: LossFn, autocast, device: torch.device, group_names: list[list[str]]):
         super().__init__(engine.module, loss_fn, autocast, device)
         self.engine = engine
+        self.train_forward = engine  # its forward runs DeepSpeed's hooks (ZeRO-3 gathers, timers)
         self.group_names = group_names  # the optimizer's param groups, by parameter name
         self.base_optimizer = engine.optimizer.optimizer  # the AdamW over DeepSpeed's fp32 partitions
         self.zero3 = engine.zero_optimization_stage() == 3
 
-    def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for batch in micro:
-            batch = batch.to(self.device)
-            with self.autocast:
-                logits_BSV = self.engine(batch.input_ids, **batch.model_kwargs())
-            loss = self.loss_fn(logits_BSV, batch.labels, scale)
-            self.engine.backward(loss, scale_wrt_gas=False)  # scifm's loss is already scaled for the global batch
-            total += loss.detach().double()
-        return total.cpu()
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # scifm's loss is already scaled for the global batch
 
     def clip_grad_norm(self, max_norm: float) -> float:
         self.engine.step()  # gradient_clipping in the config is max_norm

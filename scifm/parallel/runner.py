@@ -70,6 +70,7 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, autocast, device: torch.device):
         self.model = model
+        self.train_forward = model  # what training steps call (an engine may wrap the model)
         self.loss_fn = loss_fn
         self.autocast = autocast
         self.device = device
@@ -81,12 +82,15 @@ class ModelRunner:
         for batch in micro:
             batch = batch.to(self.device)
             with self.autocast:
-                logits_BSV = self.model(batch.input_ids, **batch.model_kwargs())
+                logits_BSV = self.train_forward(batch.input_ids, **batch.model_kwargs())
             with loss_parallel_for(logits_BSV):
                 loss = self.loss_fn(logits_BSV, batch.labels, scale)
-                loss.backward()
+                self.backward(loss)
             total += full_value(loss.detach()).double()
         return total.cpu()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
 
     @torch.no_grad()
     def loss_sum(self, batch: MicroBatch) -> float:

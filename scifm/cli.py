@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from scifm.core.errors import ScifmError, exit_on_user_error
@@ -12,7 +13,7 @@ USAGE = """usage: scifm COMMAND [ARGS]
 commands:
   train [KEY=VALUE ...]     train (Hydra overrides, e.g. experiment=tiny trainer.max_steps=100)
   data build [--out DIR]    build the built-in corpus from data shipped in pip packages
-  data tokenize INPUT ... --tokenizer DIR --out PREFIX [--docs-per-shard N]
+  data tokenize INPUT ... --tokenizer DIR --out PREFIX [--docs-per-shard N] [--workers N]
                             JSONL files or directories -> Megatron-Core .bin/.idx shards of
                             scifm token ids, read by data.sources=[{path:PREFIX,kind:indexed}]
   params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
@@ -48,6 +49,9 @@ def data_main(argv: list[str]) -> None:
     tokenize.add_argument("--tokenizer", required=True, help="a saved tokenizer: a run's or a checkpoint's tokenizer/")
     tokenize.add_argument("--out", required=True, help="output prefix: PREFIX.bin/.idx, PREFIX.json, PREFIX.tokenizer/")
     tokenize.add_argument("--docs-per-shard", type=int, default=0, help="documents per shard (0 = one shard)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    tokenize.add_argument("--workers", type=int, default=cpus,
+                          help="tokenizing processes (default: the CPUs this process may use)")
     args = parser.parse_args(argv)
     if args.action == "tokenize":
         tokenize_main(args)
@@ -65,7 +69,7 @@ def tokenize_main(args: argparse.Namespace) -> None:
 
     from scifm.data.indexed.write import tokenize_corpus
 
-    meta = tokenize_corpus(args.inputs, Path(args.tokenizer), Path(args.out), args.docs_per_shard)
+    meta = tokenize_corpus(args.inputs, Path(args.tokenizer), Path(args.out), args.docs_per_shard, args.workers)
     print(f"indexed dataset {args.out}: {meta['documents']} documents, {meta['tokens']} tokens "
           f"({meta['dtype']}) in {len(meta['shards'])} shard(s); sidecar {args.out}.json")
     for reason, n in meta["skipped"].items():

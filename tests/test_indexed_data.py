@@ -133,7 +133,8 @@ def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, t
 
 
 def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus, tokenizer_dir, tmp_path):
-    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex")
+    # the fixture tokenized in this process; worker processes must write the same bytes
+    tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", workers=2)
     for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".json"):
         assert (tmp_path / f"latex{suffix}").read_bytes() == (indexed / f"latex{suffix}").read_bytes(), suffix
     assert not list(tmp_path.glob("*.tmp-*")), "temporary files were left behind"
@@ -246,6 +247,8 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, token_corpus, make_con
         [str(token_corpus / "latex.jsonl"), "--tokenizer", str(tmp_path), "--out", str(tmp_path / "x")],
         [str(token_corpus / "latex.jsonl"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x"),
          "--docs-per-shard", "-1"],
+        [str(token_corpus / "latex.jsonl"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "x"),
+         "--workers", "0"],
     ]
     for argv in cases:
         with pytest.raises(SystemExit) as exit_:

@@ -75,6 +75,11 @@ def mol_features(mol: Chem.Mol) -> dict[str, np.ndarray]:
 
 
 def featurize_molecule(smiles: object, max_len: int) -> dict[str, np.ndarray]:
+    return mol_features(parse_molecule(smiles, max_len))
+
+
+def parse_molecule(smiles: object, max_len: int) -> Chem.Mol:
+    """The molecule, or DocumentFormatError with the reason the featurizer counts."""
     if not isinstance(smiles, str) or not smiles.strip():
         raise DocumentFormatError("bad_smiles", "'smiles' must be a non-empty string")
     with rdBase.BlockLogs():  # a bad SMILES is counted by the caller, not printed to stderr
@@ -83,4 +88,4 @@ def featurize_molecule(smiles: object, max_len: int) -> dict[str, np.ndarray]:
         raise DocumentFormatError("bad_smiles", f"RDKit cannot parse {smiles[:60]!r}")
     if mol.GetNumAtoms() > max_len:
         raise DocumentFormatError("too_long", f"{mol.GetNumAtoms()} atoms > max_len {max_len}")
-    return mol_features(mol)
+    return mol

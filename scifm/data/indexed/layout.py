@@ -21,7 +21,7 @@ from scifm.core.errors import DocumentFormatError
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, EncodedItem, append_item
 from scifm.data.features.latex import featurize_latex
-from scifm.data.features.molecule import featurize_molecule
+from scifm.data.features.molecule import parse_molecule
 from scifm.data.features.protein import featurize_protein
 
 # modality -> (its domain vocabulary, the segment field holding the string)
@@ -55,7 +55,7 @@ def check_item(seg: dict, tokenizer) -> None:
     if kind == "latex":
         featurize_latex(seg["latex"], tokenizer, NO_LENGTH_LIMIT)
     elif kind == "molecule":
-        featurize_molecule(seg["smiles"], NO_LENGTH_LIMIT)
+        parse_molecule(seg["smiles"], NO_LENGTH_LIMIT)  # the graph's features are the loader's work
     else:
         featurize_protein(seg["sequence"], tokenizer, NO_LENGTH_LIMIT)
 

@@ -1,8 +1,9 @@
 """`scifm data tokenize`: JSONL documents -> an indexed dataset (files.py names its files).
 
 Documents are read as the loader reads them (bytes, a line at a time), tokenized once with a saved
-tokenizer and appended with Megatron-Core's IndexedDatasetBuilder, in the id width Megatron picks for
-the vocabulary. A line that is not a document, a table or figure, or an item the featurizers refuse
+tokenizer in `workers` processes (chunks of lines, a bounded number in flight, results taken in input
+order, so the bytes written do not depend on the number of workers) and appended with Megatron-Core's
+IndexedDatasetBuilder, in the id width Megatron picks for the vocabulary. A line that is not a document, a table or figure, or an item the featurizers refuse
 is skipped and counted by reason, with its first example. Every file is written under a temporary
 name and renamed at the end; the sidecar comes last and marks the dataset complete.
 """
@@ -10,9 +11,12 @@ name and renamed at the end; the sidecar comes last and marks the dataset comple
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
-from collections import Counter
+from collections import Counter, deque
+from itertools import islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -64,10 +68,13 @@ class _Skips:
         self.examples.setdefault(reason, where)
 
 
-def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per_shard: int = 0) -> dict:
+def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per_shard: int = 0,
+                    workers: int = 1) -> dict:
     """Writes the dataset at prefix `out` from JSONL files or directories; returns its sidecar."""
     if docs_per_shard < 0:
         raise DataError(f"--docs-per-shard must be >= 0 (0 = one shard), got {docs_per_shard}")
+    if workers < 1:
+        raise DataError(f"--workers must be >= 1, got {workers}")
     if not out.name or out.is_dir():
         raise DataError(f"--out {out}: a prefix of file names (e.g. DIR/corpus), not a directory")
     tokenizer = ScientificTokenizer.load(tokenizer_path)
@@ -82,18 +89,16 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
     shards: list[dict] = []
     writer: _ShardWriter | None = None
     try:
-        for where, raw in _lines(files, skips):
-            try:
-                doc = parse_line(raw)
-                ids = stored_ids(doc, tokenizer)
-            except DocumentFormatError as err:
-                skips.add(err.reason, where)
+        for where, stored, reason in _stored_documents(_lines(files, skips), tokenizer, tokenizer_path, workers):
+            if reason is not None:
+                skips.add(reason, where)
                 continue
             if writer is None:
                 name = out.name if docs_per_shard == 0 else f"{out.name}-{len(shards):05d}"
                 writer = _ShardWriter(out.with_name(name), dtype)
-            writer.add(doc.id, doc.source, doc.skill, ids)
-            skills[split_of(doc.id)][doc.skill] += 1
+            doc_id, _, skill, _ = stored
+            writer.add(*stored)
+            skills[split_of(doc_id)][skill] += 1
             if writer.documents == docs_per_shard:
                 shards.append(writer.finish())
                 finished.append(writer)
@@ -123,6 +128,54 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
         for w in [*finished, *([writer] if writer else [])]:
             for temp in shard_files(w.temp):
                 temp.unlink(missing_ok=True)
+
+
+CHUNK_LINES = 256  # lines per task: enough to amortize passing them between processes
+_worker_tokenizer: ScientificTokenizer | None = None
+
+
+def _stored_documents(lines: Iterable[tuple[str, bytes]], tokenizer: ScientificTokenizer, tokenizer_path: Path,
+                      workers: int) -> Iterator[tuple]:
+    """(where, (id, source, skill, stored ids) or None, skip reason or None) per line, in input order."""
+    chunks = iter(lambda: list(islice(lines, CHUNK_LINES)), [])
+    if workers == 1:
+        results: Iterable[list] = (_store_chunk(chunk, tokenizer) for chunk in chunks)
+    else:
+        results = _in_workers(chunks, tokenizer_path, workers)
+    for result in results:
+        yield from result
+
+
+def _in_workers(chunks: Iterator[list], tokenizer_path: Path, workers: int) -> Iterator[list]:
+    """Pool.imap would read the whole input ahead of the workers; at most 2 chunks per worker are in
+    flight here, so memory stays flat however large the corpus. Spawned, not forked: the parent has
+    torch's and the tokenizer's threads running."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_load_worker_tokenizer, initargs=(tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_store_chunk, (chunk,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _load_worker_tokenizer(path: Path) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = ScientificTokenizer.load(path)
+
+
+def _store_chunk(chunk: list[tuple[str, bytes]], tokenizer: ScientificTokenizer | None = None) -> list[tuple]:
+    tokenizer = tokenizer or _worker_tokenizer
+    out = []
+    for where, raw in chunk:
+        try:
+            doc = parse_line(raw)
+            out.append((where, (doc.id, doc.source, doc.skill, stored_ids(doc, tokenizer)), None))
+        except DocumentFormatError as err:
+            out.append((where, None, err.reason))
+    return out
 
 
 def _lines(files: list[Path], skips: _Skips):

@@ -53,9 +53,12 @@ class DomainVocab:
         return cls(name, tokens)
 
     def encode(self, s: str) -> list[int]:
+        pieces = self._split.findall(s)
+        known = list(map(self._ids.get, pieces))
+        if None not in known:  # the common case, in one pass (proteins are thousands of pieces)
+            return known
         out: list[int] = []
-        for piece in self._split.findall(s):
-            tid = self._ids.get(piece)
+        for piece, tid in zip(pieces, known):
             if tid is not None:
                 out.append(tid)
                 continue

@@ -51,10 +51,15 @@ def environments_balanced(src: str) -> bool:
 
 
 def featurize_latex(src: object, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
+    check_latex(src)
+    return encode_domain(tokenizer, "latex", src, max_len, "bad_latex")
+
+
+def check_latex(src: object) -> None:
+    """DocumentFormatError for what no LaTeX encoder takes, whatever its length limit."""
     if not isinstance(src, str) or not src.strip():
         raise DocumentFormatError("bad_latex", "'latex' must be a non-empty string")
     if not braces_balanced(src):
         raise DocumentFormatError("bad_latex", f"unbalanced braces in {src[:40]!r}")
     if not environments_balanced(src):
         raise DocumentFormatError("bad_latex", f"unbalanced \\begin/\\end environments in {src[:40]!r}")
-    return encode_domain(tokenizer, "latex", src, max_len, "bad_latex")

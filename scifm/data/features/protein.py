@@ -14,11 +14,16 @@ AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYBZXUO")
 
 
 def featurize_protein(sequence: object, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
+    check_protein(sequence)
+    if len(sequence) > max_len:  # cropping would silently change the protein
+        raise DocumentFormatError("too_long", f"{len(sequence)} residues > max_len {max_len}")
+    return encode_domain(tokenizer, "protein", sequence, max_len, "bad_protein")
+
+
+def check_protein(sequence: object) -> None:
+    """DocumentFormatError for what no protein encoder takes, whatever its length limit."""
     if not isinstance(sequence, str) or not sequence:
         raise DocumentFormatError("bad_protein", "'sequence' must be a non-empty string")
     bad = sorted(set(sequence) - AMINO_ACIDS)
     if bad:
         raise DocumentFormatError("bad_protein", f"letters outside the amino-acid alphabet: {''.join(bad)!r}")
-    if len(sequence) > max_len:  # cropping would silently change the protein
-        raise DocumentFormatError("too_long", f"{len(sequence)} residues > max_len {max_len}")
-    return encode_domain(tokenizer, "protein", sequence, max_len, "bad_protein")

@@ -20,9 +20,9 @@ from scifm.core.encoders_config import EncodersConfig
 from scifm.core.errors import DocumentFormatError
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, EncodedItem, append_item
-from scifm.data.features.latex import featurize_latex
+from scifm.data.features.latex import check_latex
 from scifm.data.features.molecule import parse_molecule
-from scifm.data.features.protein import featurize_protein
+from scifm.data.features.protein import check_protein
 
 # modality -> (its domain vocabulary, the segment field holding the string)
 STORED = {"latex": ("latex", "latex"), "molecule": ("smiles", "smiles"), "protein": ("protein", "sequence")}
@@ -39,7 +39,7 @@ def stored_ids(doc: Document, tokenizer) -> list[int]:
             ids += tokenizer.encode_text(seg["text"])
         elif kind in STORED:
             domain, key = STORED[kind]
-            check_item(seg, tokenizer)
+            check_item(seg)
             ids += [tokenizer.start_id(kind), *tokenizer.encode_domain(domain, seg[key]), tokenizer.end_id(kind)]
         else:
             raise DocumentFormatError(f"{kind}_not_indexed", f"a {kind} segment cannot be stored as token ids; "
@@ -48,16 +48,16 @@ def stored_ids(doc: Document, tokenizer) -> list[int]:
     return ids
 
 
-def check_item(seg: dict, tokenizer) -> None:
+def check_item(seg: dict) -> None:
     """What the featurizers refuse under any encoder config (a SMILES RDKit cannot parse, letters that
-    are no amino acids, unbalanced LaTeX), refused before it is stored."""
+    are no amino acids, unbalanced LaTeX), refused before it is stored; features are the loader's work."""
     kind = seg["type"]
     if kind == "latex":
-        featurize_latex(seg["latex"], tokenizer, NO_LENGTH_LIMIT)
+        check_latex(seg["latex"])
     elif kind == "molecule":
-        parse_molecule(seg["smiles"], NO_LENGTH_LIMIT)  # the graph's features are the loader's work
+        parse_molecule(seg["smiles"], NO_LENGTH_LIMIT)
     else:
-        featurize_protein(seg["sequence"], tokenizer, NO_LENGTH_LIMIT)
+        check_protein(seg["sequence"])
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,21 @@ LAYOUTS = {
 }
 
 
+# Layouts whose weights and optimizer state sit on the ranks as in an earlier layout of the same world
+# size (only the schedule, the recompute or the communication differs): their checkpoint round trip
+# (save, reshard into one process, resume) would repeat that layout's, so it is left out
+SAME_PLACEMENT = {
+    "parallel.tp=2 parallel.sequence_parallel=false parallel.loss_parallel=false",  # as tp=2
+    "parallel.dp_shard=2 parallel.activation_checkpoint=selective",  # as activation_checkpoint=full
+    "parallel.dp_shard=2 parallel.mixed_precision=bf16",  # bf16 is a compute copy: the fp32 shards as dp_shard=2
+    "parallel.pp=2 parallel.pp_schedule=1F1B",  # as GPipe
+    "parallel.pp=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",  # as Interleaved1F1B
+    "parallel.pp=2 parallel.tp=2 parallel.pp_schedule=ZBVZeroBubble parallel.pp_virtual_stages=2",  # V stages at pp=2
+    "parallel.pp=2 parallel.dp_shard=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",
+}
+assert SAME_PLACEMENT <= {" ".join(layout) for layouts in LAYOUTS.values() for layout in layouts}
+
+
 @pytest.fixture(scope="module")
 def tokenizer_dir(tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
@@ -73,12 +88,15 @@ def tokenizer_dir(tokenizer, tmp_path_factory):
 def test_layouts_match_a_single_process(world, corpus_dir, tokenizer_dir, tmp_path):
     results = run_torchrun("parity_worker.py", world, tmp_path, "--corpus", str(corpus_dir),
                            "--corpus-docs", str(SMALL_CORPUS_DOCS), "--tokenizer", str(tokenizer_dir),
-                           "--layouts", json.dumps(LAYOUTS[world]), timeout=600)
+                           "--layouts", json.dumps(LAYOUTS[world]), "--same-placement", json.dumps(sorted(SAME_PLACEMENT)),
+                           timeout=600)
     assert len(results) == len(LAYOUTS[world])
     for layout, r in results.items():
-        # every layout also saves after validation, reshards into one process and resumes exactly
-        assert r["checkpoint"]["reshard_max_diff"] == 0.0, (layout, r["checkpoint"])
-        assert r["checkpoint"]["resumed"] == r["checkpoint"]["continued"], (layout, r["checkpoint"])
+        # the others also save after validation, reshard into one process and resume exactly
+        assert (r["checkpoint"] is None) == (layout in SAME_PLACEMENT), layout
+        if r["checkpoint"] is not None:
+            assert r["checkpoint"]["reshard_max_diff"] == 0.0, (layout, r["checkpoint"])
+            assert r["checkpoint"]["resumed"] == r["checkpoint"]["continued"], (layout, r["checkpoint"])
         # a gradient that is exactly zero in one process (an encoder fed only a placeholder item, an
         # expert no token chose) is a product with zero under every layout: exactly zero too
         assert r["n_zero_grads"] > 0 and r["zero_grad_max"] == 0.0, (layout, r["zero_grad_max"])

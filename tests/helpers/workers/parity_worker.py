@@ -6,7 +6,8 @@ also trains the single-process reference in-process on the whole batch. Rank 0 w
 largest loss and gradient differences per layout. Pipeline stages hold only their own layers'
 gradients, so those are pooled over the ranks before comparing. Then each layout validates (a
 forward-only pass), saves a sharded checkpoint, loads it whole into one process (reshard) and
-resumes from it in a fresh copy of the layout (resume), as the trainer does.
+resumes from it in a fresh copy of the layout (resume), as the trainer does; layouts named by
+--same-placement (parameters placed as in another layout) skip that round trip.
 """
 
 from __future__ import annotations
@@ -140,6 +141,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--layouts", required=True, help="json list of override lists")
     ap.add_argument("--corpus-docs", default="150")
+    ap.add_argument("--same-placement", default="[]", help="json list of layouts that skip the checkpoint round trip")
     args = ap.parse_args()
     torch.set_num_threads(1)
     tokenizer = ScientificTokenizer.load(args.tokenizer)
@@ -161,8 +163,8 @@ def main() -> None:
             references[key] = run(cfg, single, tokenizer, specs)[:4]
         ref_losses, ref_norms, ref_grads, ref_memory = references[key]
         losses, norms, grads, memory, trained, loader = run(cfg, ctx, tokenizer, specs)
-        checkpoint = save_resume_reshard(cfg, ctx, tokenizer, trained, loader,
-                                         Path(args.out).parent / f"ckpt-{len(results)}")
+        checkpoint = None if name in json.loads(args.same_placement) else save_resume_reshard(
+            cfg, ctx, tokenizer, trained, loader, Path(args.out).parent / f"ckpt-{len(results)}")
         assert ref_grads.keys() == grads.keys(), sorted(set(ref_grads) ^ set(grads))[:5]
         grad_rel = max(
             float((grads[k] - ref_grads[k]).abs().max() / (ref_grads[k].abs().max() + 1e-12))

@@ -1,8 +1,17 @@
-"""Shared fixtures: a small built-in corpus and a tokenizer trained on it, built once per session."""
+"""Shared fixtures: a small built-in corpus and a tokenizer trained on it, built once per session.
+
+The suite runs in two pytest-xdist workers, a test file per worker at a time (pyproject's addopts):
+the machine's second core is otherwise idle while a single-process test runs. Session fixtures
+that take minutes are built once for both workers (`once_per_session`).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,8 +44,23 @@ def corpus_dir(tmp_path_factory) -> Path:
         return Path(os.environ["SCIFM_TEST_CORPUS"])
     from scifm.data.corpus import build_corpus
 
-    out = tmp_path_factory.mktemp("corpus")
-    build_corpus(out, max_docs_per_source=SMALL_CORPUS_DOCS)
+    return once_per_session(tmp_path_factory, "corpus", lambda out: build_corpus(out, max_docs_per_source=SMALL_CORPUS_DOCS))
+
+
+def once_per_session(tmp_path_factory, name: str, build: Callable[[Path], object]) -> Path:
+    """A directory `build` fills once per test session: the first xdist worker to ask builds it while
+    the other waits on a lock, then both read it (a worker's temp root is inside the session's)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    out, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(out, ignore_errors=True)  # a worker that failed half way
+            out.mkdir()
+            build(out)
+            done.touch()
     return out
 
 
@@ -70,5 +94,9 @@ def demo_run(tmp_path_factory) -> tuple[Path, dict]:
     from scifm.config import compose_run_config
     from scifm.train.trainer import train
 
-    run_dir = tmp_path_factory.mktemp("demo")
-    return run_dir, train(compose_run_config(["experiment=tiny"]), run_dir)
+    def build(out: Path) -> None:  # what train returned, kept outside the run directory
+        summary = train(compose_run_config(["experiment=tiny"]), out)
+        out.with_name("demo-summary.json").write_text(json.dumps(summary))
+
+    run_dir = once_per_session(tmp_path_factory, "demo", build)
+    return run_dir, json.loads(run_dir.with_name("demo-summary.json").read_text())

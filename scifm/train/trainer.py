@@ -194,6 +194,8 @@ class Trainer:
         val_loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="validation",
                                   seed=self.tc.seed + 1, **common)
         self.val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]
+        # every rank builds every row (and keeps its own), so these are the same names on every rank
+        self.val_sources, self.val_skills = sorted(val_loader.tokens_by_source), sorted(val_loader.tokens_by_skill)
 
     def _resume(self, ckpt: Path) -> None:
         """Every file is checked before any state changes; then the loader, weights, optimizer, RNG."""
@@ -302,12 +304,15 @@ class Trainer:
             record["update_skipped"] = True
         if evaluation is not None:
             record["val_loss"] = evaluation.val_loss
+            record["val_loss_by_source"] = evaluation.by_source
+            record["val_loss_by_skill"] = evaluation.by_skill
             record["tokens_by_source"] = dict(self.loader.tokens_by_source)
             record["tokens_by_skill"] = dict(self.loader.tokens_by_skill)
         logger.log(record)
 
     def validate(self) -> Evaluation:
-        return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx)
+        return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx, self.val_sources,
+                        self.val_skills)
 
     def checkpoint(self) -> None:
         """Collective: every rank writes its shards of step_N; rank 0 the rest. With

@@ -84,8 +84,8 @@ class WandbLog:
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         try:
-            # a resumed run continues its W&B run; W&B keeps the values it already has of a step the
-            # run trains again (the same values: resuming is exact)
+            # a resumed run continues its W&B run (the steps it trains again carry the same values:
+            # resuming is exact)
             self.run = wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or run_dir.name,
                                   tags=list(cfg.tags), mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow",
                                   config=run_config)

@@ -98,7 +98,8 @@ def evaluate(runner: ModelRunner, val_batches: list[Batch], unigram_counts: torc
         losses = runner.target_losses(batch, target_cross_entropy)[is_target]
         sums += torch.tensor([float(losses.sum()), float(-log_p[batch.labels[is_target]].sum()), losses.numel()],
                              dtype=torch.float64)
-        groups = torch.cat([tag_index(batch, sources, 0)[is_target], len(sources) + tag_index(batch, skills, 1)[is_target]])
+        groups = torch.cat([tag_index(batch, sources, 0)[is_target],
+                            len(sources) + tag_index(batch, skills, 1)[is_target]])
         by_group[0].index_add_(0, groups, losses.repeat(2))
         by_group[1].index_add_(0, groups, torch.ones_like(groups, dtype=torch.float64))
     ctx.all_reduce_sum(sums)

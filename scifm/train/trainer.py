@@ -235,8 +235,9 @@ class Trainer:
             print(f"model {cfg.model.name}: {self.total_params / 1e6:.2f}M parameters, "
                   f"{self.active_params / 1e6:.2f}M active per token; vocabulary {self.vocab}; "
                   f"{ctx.world_size} process(es) on {ctx.device}, layout {ctx.dims}", flush=True)
-            dashboards = Dashboards(tc, self.run_dir, self.start_step, OmegaConf.to_container(OmegaConf.structured(cfg)))
-            logger = MetricsLogger(self.run_dir, tc.max_steps, self.start_step, dashboards)
+            run_config = OmegaConf.to_container(OmegaConf.structured(cfg))  # a W&B run's config
+            logger = MetricsLogger(self.run_dir, tc.max_steps, self.start_step,
+                                   Dashboards(tc, self.run_dir, self.start_step, run_config))
         try:
             last_eval = self.train_steps(watch, logger)
         finally:

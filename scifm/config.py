@@ -21,6 +21,23 @@ from scifm.parallel.fp8_config import Fp8Config
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases (trainer.wandb.*): rank 0 logs the metrics.jsonl records to a W&B run.
+    Needs the wandb extra (pip install -e '.[wandb]')."""
+
+    mode: str = "disabled"  # disabled | offline (files under the run directory; `wandb sync` them later) | online
+    project: str = "scifm"
+    entity: str = ""  # "" = the W&B account's default entity
+    name: str = ""  # "" = the run directory's name
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        require(self.mode in ("disabled", "offline", "online"), "trainer.wandb.mode",
+                f"must be disabled, offline or online, got {self.mode!r}")
+        require(bool(self.project), "trainer.wandb.project", "must not be empty")
+
+
+@dataclass
 class TrainerConfig:
     seed: int = 0
     max_steps: int = 300
@@ -46,6 +63,8 @@ class TrainerConfig:
     async_checkpoint: bool = False  # write checkpoint shards in the background while training goes on
     nonfinite_reload_after: int = 3  # non-finite steps in a row that reload the last checkpoint; 0 = never
     max_nonfinite_steps: int = 10  # more steps with a non-finite loss or gradient than this stop the run
+    tensorboard: bool = True  # TensorBoard event files of the logged metrics in the run directory's tensorboard/
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         # NumPy's generators take no negative seed (the loaders draw with seed and seed + 1)
@@ -69,6 +88,7 @@ class TrainerConfig:
             require(getattr(self, key) >= 1, f"trainer.{key}", "must be >= 1")
         for key in ("ckpt_every", "keep_last", "keep_every", "nonfinite_reload_after", "max_nonfinite_steps"):
             require(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
+        self.wandb.validate()
 
     def saves_checkpoint_at(self, step: int) -> bool:
         """Every ckpt_every steps and at the end (step 0 only when max_steps is 0: the initial weights)."""

@@ -80,6 +80,8 @@ BAD_VALUES = [
     ("trainer.log_every=0", "trainer.log_every"),
     ("trainer.val_every=0", "trainer.val_every"),
     ("trainer.ckpt_every=-1", "trainer.ckpt_every"),
+    ("trainer.wandb.mode=cloud", "trainer.wandb.mode"),
+    ("trainer.wandb.project=''", "trainer.wandb.project"),
     *((f"parallel.{key}=0", f"parallel.{key}") for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep",
                                                            "pp_virtual_stages")),
     ("parallel.pp_split=[4,0]", "parallel.pp_split"),

@@ -110,9 +110,11 @@ class PackedLoader:
             chunk = self._peek_chunk()
             if used + chunk.length > self.cfg.seq_len and row.chunks:
                 return row
-            self.tokens_by_source[self.streams[self.pending[0]].spec.name] += chunk.length
+            source = self.streams[self.pending[0]].spec.name
+            self.tokens_by_source[source] += chunk.length
             self._pop_chunk()
             row.chunks.append(chunk)
+            row.sources.append(source)
             used += chunk.length
             self.tokens_by_skill[chunk.doc.skill] += chunk.length
             if used == self.cfg.seq_len:

@@ -55,6 +55,7 @@ def chunk_document(doc: EncodedDocument, seq_len: int) -> list[Chunk]:
 @dataclass
 class Row:
     chunks: list[Chunk] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # each chunk's data.sources name (the loader's rows)
 
     @property
     def used(self) -> int:
@@ -69,6 +70,8 @@ class Batch:
     doc_ids: torch.Tensor  # [B, S] long, attention segment id; padding gets its own id
     items: dict[str, dict[str, torch.Tensor]]  # modality -> collated encoder inputs
     slot_index: dict[str, torch.Tensor]  # modality -> [N, k] flat indices b * S + s of the slots
+    # per row, each chunk's (source, skill), indexed by doc_ids: the validation loss per source and skill
+    chunk_tags: list[list[tuple[str, str]]] = field(default_factory=list)
 
     def model_kwargs(self) -> dict:
         """The model's inputs besides input_ids (ScientificMoE.forward's keyword names): the one
@@ -82,6 +85,7 @@ class Batch:
             self.doc_ids.to(device),
             {m: {k: v.to(device) for k, v in feats.items()} for m, feats in self.items.items()},
             {m: v.to(device) for m, v in self.slot_index.items()},
+            self.chunk_tags,
         )
 
     @property
@@ -138,4 +142,5 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
         input_ids, labels, positions, doc_ids,
         {m: collate(m, feats) for m, feats in features.items()},
         {m: torch.stack(idx) if idx else torch.empty((0, 0), dtype=torch.long) for m, idx in slots.items()},
+        [[(source, chunk.doc.skill) for source, chunk in zip(row.sources, row.chunks)] for row in rows],
     )

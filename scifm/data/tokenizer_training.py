@@ -6,6 +6,7 @@ import itertools
 
 from tokenizers import Tokenizer
 
+from scifm.core.progress import Progress
 from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.streams import DocumentStream, SourceSpec
@@ -31,7 +32,9 @@ def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig,
                     pretrained: tuple[Tokenizer, int] | None = None) -> ScientificTokenizer:
     """`pretrained`: (prose tokenizer, its model's vocabulary) to keep; then only the domains are learned."""
     texts, smiles, latex = [], [], []
+    progress = Progress("tokenizer: reading its training documents", cfg.tokenizer_train_docs, "docs")
     for doc in _train_documents(specs, cfg.tokenizer_train_docs):
+        progress()
         for seg in doc.segments:
             kind = seg["type"]
             if kind == "text":
@@ -44,5 +47,6 @@ def train_tokenizer(specs: list[SourceSpec], cfg: DataConfig,
                 texts.append(" ".join(str(c) for c in seg["columns"]))
                 texts.extend(" ".join(str(c) for c in row) for row in seg["rows"])
                 texts.append(str(seg.get("caption", "")))
+    progress.finish()  # the sources may hold fewer documents than the limit
     return ScientificTokenizer.train(texts, vocab_size=cfg.tokenizer_vocab_size, smiles=smiles, latex=latex,
                                      pretrained=pretrained)

@@ -24,11 +24,11 @@ from scifm.core.checkpoint_files import (
 )
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
+from scifm.core.progress import Progress
 from scifm.eval.builtin import BUILTIN_TASK_NAMES, build_builtin_tasks, default_tasks_dir
 from scifm.eval.config import EvalConfig, EvalRunConfig
 from scifm.eval.fit import check_fits
 from scifm.eval.multiple_choice import evaluate_multiple_choice
-from scifm.eval.progress import Progress
 from scifm.eval.prompts import draw_examples, with_examples
 from scifm.eval.report import print_summary, render_report
 from scifm.eval.selection import sample_over_skills

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from scifm.core.errors import ConfigError
+from scifm.core.progress import Progress
 from scifm.hf.weight_names import from_hf, hf_names, is_decoder, to_hf
 
 INDEX = "model.safetensors.index.json"
@@ -66,6 +67,7 @@ def write_weights(tensors: dict[str, torch.Tensor], arch: str, out: Path, max_sh
     shards = plan_shards(tensors, max_shard_bytes, dtype)
     weight_map: dict[str, str] = {}
     total = 0
+    progress = Progress("export", len(tensors), "tensors")
     for i, names in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         part = {}
@@ -76,6 +78,8 @@ def write_weights(tensors: dict[str, torch.Tensor], arch: str, out: Path, max_sh
                 total += part[hf_name].numel() * part[hf_name].element_size()
         save_file(part, str(out / file), metadata={"format": "pt"})
         del part  # one shard's converted copies at a time
+        progress(len(names))  # counted once written: writing is most of a shard's time
+    progress.finish()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / INDEX).write_text(json.dumps(index, indent=1), encoding="utf-8")
     return total

@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_map_only
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.config import ParallelConfig
 from scifm.parallel.distributed import DistContext
-from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, full_value, reshard
+from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, TargetLossFn, full_value, reshard
 
 
 def layer_ranges(n_layers: int, n_stages: int, split: list[int]) -> list[range]:
@@ -136,11 +136,11 @@ class PipelineRunner(ModelRunner):
         self._schedule_key = key
         return self.schedule
 
-    def _sum_over_stages(self, value: float) -> float:
-        """Only the last stage has losses: after this, every pp rank has them."""
-        t = torch.tensor(value, dtype=torch.float64, device=self.device)  # nccl takes no CPU tensors
+    def _sum_over_stages(self, mine: torch.Tensor) -> torch.Tensor:
+        """Only the last stage has losses (the others hold zeros): after this, every pp rank has them."""
+        t = mine.to(self.device, torch.float64)  # nccl takes no CPU tensors
         dist.all_reduce(t, group=self.pp_group)
-        return float(t)
+        return t.cpu()
 
     def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
         micro = [b.to(self.device) for b in micro]
@@ -156,16 +156,16 @@ class PipelineRunner(ModelRunner):
             )
         # tp ranks of the last stage hold the same losses
         mine = sum(float(full_value(loss.detach())) for loss in losses)
-        return torch.tensor(self._sum_over_stages(mine), dtype=torch.float64)
+        return self._sum_over_stages(torch.tensor(mine, dtype=torch.float64))
 
     @torch.no_grad()
-    def loss_sum(self, batch: MicroBatch) -> float:
+    def target_losses(self, batch: MicroBatch, loss_fn: TargetLossFn) -> torch.Tensor:
         """Forward only, one stage after the other (no schedule: validation has its own number of
         batches), sending hidden states between pp ranks."""
         batch = batch.to(self.device)
         x, kwargs = batch.input_ids, batch.model_kwargs()
         n_stages = len(self.stage_owner)
-        mine = 0.0
+        mine = torch.zeros(batch.labels.shape, dtype=torch.float64)
         with self.autocast, self._loss_context():
             for s, stage in sorted(self.stages.items()):
                 if s > 0 and s - 1 not in self.stages:
@@ -174,7 +174,7 @@ class PipelineRunner(ModelRunner):
                     dist.recv(x, group=self.pp_group, group_src=self.stage_owner[s - 1])
                 x = stage(x, **kwargs)
                 if s == n_stages - 1:
-                    mine = float(full_value(self.loss_fn(x, batch.labels, 1.0)))
+                    mine = full_value(loss_fn(x, batch.labels))
                 elif s + 1 not in self.stages:
                     dist.send(x.contiguous(), group=self.pp_group, group_dst=self.stage_owner[s + 1])
         for stage in self.stages.values():

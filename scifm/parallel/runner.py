@@ -1,7 +1,7 @@
 """How a step's micro-batches go through the parallelised model, whatever the layout.
 
 `parallelize` returns a runner; the trainer only ever talks to it: forward and backward over a
-step's micro-batches, the loss of a validation batch, gradient clipping and the MoE statistics
+step's micro-batches, the losses of a validation batch, gradient clipping and the MoE statistics
 of every layer. ModelRunner runs each micro-batch through the whole model (one process, FSDP,
 TP/SP, EP); PipelineRunner (pipeline.py) hands them to a pipeline schedule. Results are the
 same on every rank of a data-parallel replica, so the trainer needs no per-layout branches.
@@ -27,6 +27,8 @@ from scifm.parallel.grad_norm import clip_grad_norm
 
 # (logits_BSV, labels_BS, scale) -> summed cross-entropy x scale
 LossFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+# (logits_BSV, labels_BS) -> each target's loss [B, S]: validation's losses, summed by its caller
+TargetLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class MicroBatch(Protocol):
@@ -93,15 +95,15 @@ class ModelRunner:
         loss.backward()
 
     @torch.no_grad()
-    def loss_sum(self, batch: MicroBatch) -> float:
-        """Summed loss (scale 1) of one batch, forward only."""
+    def target_losses(self, batch: MicroBatch, loss_fn: TargetLossFn) -> torch.Tensor:
+        """Forward only: `loss_fn`'s loss of each target of one batch, [B, S] float64 on the CPU."""
         batch = batch.to(self.device)
         with self.autocast:
             logits_BSV = self.model(batch.input_ids, **batch.model_kwargs())
         with loss_parallel_for(logits_BSV):
-            loss = float(full_value(self.loss_fn(logits_BSV, batch.labels, 1.0)))
+            losses = full_value(loss_fn(logits_BSV, batch.labels)).double().cpu()
         reshard(self.model)
-        return loss
+        return losses
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clips when max_norm > 0; the total gradient norm, identical on every rank."""

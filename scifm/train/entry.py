@@ -27,6 +27,7 @@ from scifm.hf.pretrained import pretrained_model_config
 from scifm.parallel.distributed import dims_of
 from scifm.parallel.deepspeed_engine import require_deepspeed
 from scifm.parallel.fp8 import resolve_fp8
+from scifm.train.dashboards import require_wandb
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
 QUIET_RANK_WAIT_S = 30.0
@@ -65,6 +66,7 @@ def check_before_work(cfg: RunConfig) -> None:
         require_deepspeed()
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
+    require_wandb(cfg.trainer.wandb)
 
 
 def exit_on_config_error(err: ConfigError) -> None:

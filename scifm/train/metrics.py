@@ -1,4 +1,5 @@
-"""metrics.jsonl (one JSON object per logged step) and the live progress line."""
+"""Where a logged step's record goes: metrics.jsonl (one JSON object per logged step), the dashboards
+(TensorBoard, W&B) and the live progress line."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import time
 from pathlib import Path
 
 from scifm.core.formatting import format_duration
+from scifm.train.dashboards import Dashboards
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, max_steps: int, start_step: int):
+    def __init__(self, run_dir: Path, max_steps: int, start_step: int, dashboards: Dashboards):
         self.path = run_dir / "metrics.jsonl"
         self.max_steps = max_steps
         self.start_step = start_step
+        self.dashboards = dashboards
         self.t0 = time.perf_counter()
         self._drop_steps_after(start_step)
 
@@ -33,6 +36,7 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.dashboards.log(record)
         step = record["step"]
         done = step - self.start_step
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.max_steps - step)
@@ -43,6 +47,9 @@ class MetricsLogger:
         if "val_loss" in record:
             line += f" | val {record['val_loss']:.4f}"
         print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.dashboards.close()
 
 
 def _step_of(line: str) -> float:

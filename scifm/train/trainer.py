@@ -5,7 +5,8 @@ batch stream and keeps its data-parallel rows; checkpoints hold full tensors und
 names, so a run saved under one layout resumes under another.
 
 `Trainer` reads top to bottom as a run does: set-up (config, tokenizer, model, layout, optimizer,
-loaders, resume), then per step: train, log, validate, checkpoint; then the summary.
+loaders, resume), then per step: train, log (metrics.jsonl, dashboards), validate, checkpoint; then the
+summary and plots/.
 """
 
 from __future__ import annotations
@@ -54,8 +55,10 @@ from scifm.train.checkpoint import (
     resolve_checkpoint,
     start_checkpoint,
 )
+from scifm.train.dashboards import Dashboards, require_wandb
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
+from scifm.train.plots import write_plots
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors
 from scifm.train.step import (
@@ -76,6 +79,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     device = pick_device(cfg.trainer.device, "trainer.device")
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
+    require_wandb(cfg.trainer.wandb)
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:
@@ -197,6 +201,8 @@ class Trainer:
         val_loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="validation",
                                   seed=self.tc.seed + 1, **common)
         self.val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]
+        # every rank builds every row (and keeps its own), so these are the same names on every rank
+        self.val_sources, self.val_skills = sorted(val_loader.tokens_by_source), sorted(val_loader.tokens_by_skill)
 
     def _resume(self, ckpt: Path) -> None:
         """Every file is checked before any state changes; then the loader, weights, optimizer, RNG."""
@@ -227,12 +233,28 @@ class Trainer:
 
     def run(self, watch: PreemptionWatch, t_start: float) -> dict:
         cfg, tc, ctx = self.cfg, self.tc, self.ctx
+        logger = None
         if ctx.is_main:
             print(f"model {cfg.model.name}: {self.total_params / 1e6:.2f}M parameters, "
                   f"{self.active_params / 1e6:.2f}M active per token; vocabulary {self.vocab}; "
                   f"{ctx.world_size} process(es) on {ctx.device}, layout {ctx.dims}", flush=True)
-        logger = MetricsLogger(self.run_dir, tc.max_steps, self.start_step) if ctx.is_main else None
-        last_eval: Evaluation | None = None
+            run_config = OmegaConf.to_container(OmegaConf.structured(cfg))  # a W&B run's config
+            logger = MetricsLogger(self.run_dir, tc.max_steps, self.start_step,
+                                   Dashboards(tc, self.run_dir, self.start_step, run_config))
+        try:
+            last_eval = self.train_steps(watch, logger)
+        finally:
+            if logger is not None:  # a run that stops early (pre-emption, divergence) leaves whole dashboard files
+                logger.close()
+        if self.step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
+            self.checkpoint()
+        self.wait_for_checkpoint()
+        # resumed at max_steps, or max_steps=0: nothing trained, still report
+        return self.finish(last_eval or self.validate(), t_start)
+
+    def train_steps(self, watch: PreemptionWatch, logger: MetricsLogger | None) -> Evaluation | None:
+        """Up to trainer.max_steps: train, log, validate, checkpoint; returns the last validation."""
+        tc, last_eval = self.tc, None
         self.model.train()
         while self.step < tc.max_steps:
             result = self.train_one_step()
@@ -244,13 +266,9 @@ class Trainer:
             checkpointed = tc.saves_checkpoint_at(self.step)
             if checkpointed:
                 self.checkpoint()
-            if not at_end and watch.requested(ctx):
+            if not at_end and watch.requested(self.ctx):
                 self._stop_for_preemption(watch, checkpointed)
-        if self.step == 0 and tc.saves_checkpoint_at(0):  # max_steps=0: the initial weights, an untrained baseline
-            self.checkpoint()
-        self.wait_for_checkpoint()
-        # resumed at max_steps, or max_steps=0: nothing trained, still report
-        return self.finish(last_eval or self.validate(), t_start)
+        return last_eval
 
     def train_one_step(self) -> StepResult:
         t0 = time.perf_counter()
@@ -305,12 +323,15 @@ class Trainer:
             record["update_skipped"] = True
         if evaluation is not None:
             record["val_loss"] = evaluation.val_loss
+            record["val_loss_by_source"] = evaluation.by_source
+            record["val_loss_by_skill"] = evaluation.by_skill
             record["tokens_by_source"] = dict(self.loader.tokens_by_source)
             record["tokens_by_skill"] = dict(self.loader.tokens_by_skill)
         logger.log(record)
 
     def validate(self) -> Evaluation:
-        return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx)
+        return evaluate(self.runner, self.val_batches, self._global_unigram(), self.ctx, self.val_sources,
+                        self.val_skills)
 
     def checkpoint(self) -> None:
         """Collective: every rank writes its shards of step_N; rank 0 the rest. With
@@ -367,6 +388,7 @@ class Trainer:
                               "expert_blocks": len(self.fp8.experts), "high_precision_misfits": self.fp8.misfits}
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_plots(self.run_dir)
             print(
                 f"final validation loss {summary['final_val_loss']:.4f} vs unigram {summary['unigram_val_loss']:.4f} "
                 f"({1 - summary['val_loss_vs_unigram']:.1%} below); {self.step} steps in "

@@ -22,6 +22,7 @@ from scifm.data.corpus.version import CORPUS_VERSION
 from scifm.data.documents import SPLITS, split_of, write_jsonl
 from scifm.data.skips import SkipCounter
 from scifm.core.errors import DataError
+from scifm.core.progress import Progress
 
 REPORT_FILE = "build_report.json"
 SPLITS_FILE = "splits.json"
@@ -72,6 +73,7 @@ def write_corpus(root: Path, params: dict) -> dict:
     held_out: dict[str, list[str]] = {"validation": [], "test": []}
     split_counts: Counter[str] = Counter()
     ids: set[str] = set()
+    progress = Progress("building the corpus", len(SOURCES), "sources")
     for name, source in SOURCES.items():
         ctx = source_context(name, params["seed"], skips, root)
         docs = []
@@ -87,6 +89,8 @@ def write_corpus(root: Path, params: dict) -> dict:
             if split in held_out:
                 held_out[split].append(doc.id)
         per_source[name] = write_jsonl(root / f"{name}.jsonl", docs)
+        progress()
+    progress.finish()
     manifest = {
         "rule": SPLIT_RULE,
         "counts": {s: split_counts[s] for s in SPLITS},

@@ -38,7 +38,7 @@ from scifm.tokenizers import ScientificTokenizer
 from scifm.config import compose_run_config
 from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.sharded_state import load_model_weights, load_sharded, save_sharded
-from scifm.train.step import apply_update, scaled_cross_entropy, train_step
+from scifm.train.step import apply_update, scaled_cross_entropy, target_cross_entropy, train_step
 
 STEPS = 3
 WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod|_fsdp_wrapped_module)\.")
@@ -118,7 +118,7 @@ def save_resume_reshard(cfg, ctx: DistContext, tokenizer, trained: Training, loa
     it takes the next step exactly as the original does (resume)."""
     model = trained.runner.model
     model.eval()
-    trained.runner.loss_sum(loader.next_batch())
+    trained.runner.target_losses(loader.next_batch(), target_cross_entropy)
     model.train()
     param_groups, _ = save_sharded(ckpt_dir, model, trained.optimizer, ctx.distributed)
     whole = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))

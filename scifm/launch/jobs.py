@@ -31,7 +31,8 @@ def why_cancelled(job: dict[str, str]) -> str:
     if after is None:
         return f"cancelled: its dependency ({job.get('Dependency')}) can never be satisfied"
     train_id = after.group(1)
-    failed = [t for t in show_jobs(train_id) or [] if t.get("JobState") != "COMPLETED"]
+    # a sweep's other tasks may still be running or pending
+    failed = [t for t in show_jobs(train_id) or [] if t.get("JobState") not in ("COMPLETED", "RUNNING", "PENDING")]
     if not failed:  # slurmctld has forgotten the training job
         return f"cancelled: training job {train_id} did not succeed"
     t = min(failed, key=first_task)

@@ -7,12 +7,14 @@ that types cannot express live in `validate()`, called before any work starts.
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from scifm.core.checks import require
+from scifm.core.errors import ConfigError
 from scifm.core.hydra_compose import compose_config, hydra_errors_as_config_errors
 from scifm.data.config import DataConfig
 from scifm.model.config import ModelConfig
@@ -96,6 +98,28 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalJobConfig:
+    """The `--eval-after` array's resources (cluster.eval.*): one process on one node per task,
+    none of the training job's --exclusive, --mem or time limit."""
+
+    gpus: int | None = None  # 0 or 1 (the eval runs on one device); None = 1 if cluster.gpus_per_node > 0
+    cpus_per_task: int | None = None  # None = cluster.cpus_per_task
+    mem: str = ""  # sbatch --mem; "" = the partition's default (not cluster.mem)
+    time: str = "02:00:00"  # sbatch --time, per task
+    partition: str = ""  # "" = cluster.partition
+    parallelism: int = 0  # at most this many eval tasks at once (--array=...%N); 0 = no limit
+    sbatch_args: list[str] = field(default_factory=list)  # the eval script's only (cluster.sbatch_args: training's)
+
+    def validate(self) -> None:
+        require(self.gpus in (None, 0, 1), "cluster.eval.gpus",
+                f"the eval runs in one process on one device: 0 or 1 (or null: 1 on a GPU cluster), got {self.gpus}")
+        require(self.cpus_per_task is None or self.cpus_per_task >= 1, "cluster.eval.cpus_per_task",
+                f"must be >= 1, got {self.cpus_per_task}")
+        require(bool(self.time), "cluster.eval.time", "give a time limit, e.g. 02:00:00")
+        require(self.parallelism >= 0, "cluster.eval.parallelism", f"must be >= 0, got {self.parallelism}")
+
+
+@dataclass
 class ClusterConfig:
     """Where `scifm submit` sends a run (configs/cluster/*.yaml); training itself never reads it."""
 
@@ -108,12 +132,16 @@ class ClusterConfig:
     time: str = "01:00:00"  # sbatch --time
     signal_seconds: int = 120  # Slurm sends USR1 this long before the time limit; the run checkpoints
     max_restarts: int = 3  # requeues after pre-emption before the job gives up
+    array_parallelism: int = 0  # a sweep's points training at once (--array=...%N); 0 = no limit
     container_image: str = ""  # pyxis/enroot image for srun --container-image; "" = no container
     container_mounts: str = ""  # srun --container-mounts, e.g. /lustre:/lustre (mount the run directory)
     setup: list[str] = field(default_factory=list)  # shell lines before launch: module load, venv, conda
     env: dict[str, str] = field(default_factory=dict)  # exported to every task, e.g. NCCL_* settings
-    sbatch_args: list[str] = field(default_factory=list)  # further sbatch options, e.g. --qos=high
-    python: str = "python"  # the job's interpreter, after setup
+    sbatch_args: list[str] = field(default_factory=list)  # more sbatch options for training, e.g. --qos=high
+    # the command that runs python, after setup; split into words as a shell would, e.g.
+    # "apptainer exec --nv img.sif python"
+    python: str = "python"
+    eval: EvalJobConfig = field(default_factory=EvalJobConfig)
 
     @property
     def tasks_per_node(self) -> int:
@@ -123,14 +151,24 @@ class ClusterConfig:
     def world_size(self) -> int:
         return self.nodes * self.tasks_per_node
 
+    @property
+    def python_words(self) -> list[str]:
+        return shlex.split(self.python)
+
     def validate(self) -> None:
         for key in ("nodes", "cpus_per_task"):
             require(getattr(self, key) >= 1, f"cluster.{key}", f"must be >= 1, got {getattr(self, key)}")
-        for key in ("gpus_per_node", "signal_seconds", "max_restarts"):
+        for key in ("gpus_per_node", "signal_seconds", "max_restarts", "array_parallelism"):
             require(getattr(self, key) >= 0, f"cluster.{key}", f"must be >= 0, got {getattr(self, key)}")
         require(bool(self.time), "cluster.time", "give a time limit, e.g. 04:00:00 or 2-00:00:00")
         require(not self.container_mounts or bool(self.container_image), "cluster.container_mounts",
                 "mounts need cluster.container_image")
+        try:
+            words = self.python_words
+        except ValueError as err:  # shlex: an unclosed quote or a trailing backslash
+            raise ConfigError(f"cluster.python: {self.python!r}: {err}") from None
+        require(bool(words), "cluster.python", "give the command that runs python, e.g. python")
+        self.eval.validate()
 
 
 @dataclass

@@ -87,6 +87,16 @@ def test_the_readmes_sbatch_args_example_works_as_typed(tmp_path, capsys):
     assert "#SBATCH --qos=high\n" in capsys.readouterr().out
 
 
+def test_the_readmes_apptainer_example_works_as_typed(tmp_path):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [example] = re.findall(r"\"(cluster\.python='apptainer .*?')\"", readme)
+    run_dir = tmp_path / "run"
+    scifm(["submit", "--dry-run", "experiment=tiny", "cluster=gpu", "cluster.gpus_per_node=1", example,
+           f"hydra.run.dir={run_dir}"])
+    srun = "srun --cpus-per-task=8 apptainer exec --nv /images/scifm.sif python -m scifm.launch.train_task "
+    assert srun in (run_dir / "slurm" / "train.sbatch").read_text()
+
+
 def test_dry_run_of_a_sweep_renders_a_job_array_and_one_eval_task_per_checkpoint(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     scifm(["submit", "--dry-run", "--eval-after", "-m", "experiment=tiny", "trainer.max_steps=4",
@@ -102,12 +112,57 @@ def test_dry_run_of_a_sweep_renders_a_job_array_and_one_eval_task_per_checkpoint
                      ("2", f"{sweep}/1", "0", "2"), ("3", f"{sweep}/1", "1", "2")]
 
 
+def sbatch_options(script: str) -> list[str]:
+    return re.findall(r"^#SBATCH (\S+)$", script, re.M)
+
+
+def test_the_eval_array_has_its_own_resources_not_the_training_jobs(tmp_path, capsys):
+    """The issue's example: training takes whole 8-GPU nodes for a day; each eval task one GPU for 2 h."""
+    run_dir = tmp_path / "run"
+    scifm(["submit", "--dry-run", "--eval-after", "experiment=tiny", "cluster=gpu", "cluster.nodes=2",
+           "cluster.gpus_per_node=8", "parallel.dp_shard=16", f"hydra.run.dir={run_dir}"])
+    train, evals = ((run_dir / "slurm" / f"{kind}.sbatch").read_text() for kind in ("train", "eval"))
+    assert {"--exclusive", "--mem=0", "--time=24:00:00", "--gpus-per-node=8"} <= set(sbatch_options(train))
+    assert sbatch_options(evals)[1:] == ["--nodes=1", "--ntasks=1", "--cpus-per-task=8", "--time=02:00:00",
+                                         f"--output={run_dir}/slurm/eval-%A_%a.out", "--array=0-1",
+                                         "--partition=gpu", "--gpus-per-node=1"]
+    assert "--kill-on-invalid-dep=yes" in capsys.readouterr().out
+
+
+def test_eval_keys_throttles_and_a_wrapper_command_for_python(tmp_path):
+    sweep = tmp_path / "sweep"
+    scifm(["submit", "--dry-run", "--eval-after", "-m", "experiment=tiny", "trainer.lr=1e-3,2e-3,3e-3",
+           "cluster=gpu", "cluster.gpus_per_node=1", "cluster.array_parallelism=2", "cluster.eval.parallelism=1",
+           "cluster.eval.gpus=0", "cluster.eval.cpus_per_task=4", "cluster.eval.time=00:30:00",
+           "cluster.eval.mem=32G", "cluster.eval.partition=cpu", 'cluster.eval.sbatch_args=["--qos=eval"]',
+           'cluster.sbatch_args=["--qos=high"]', "cluster.python='apptainer exec --nv \"/images/an image.sif\" python'",
+           f"hydra.sweep.dir={sweep}"])
+    train, evals = ((sweep / "slurm" / f"{kind}.sbatch").read_text() for kind in ("train", "eval"))
+    assert sbatch_options(train)[-5:] == ["--array=0-2%2", "--partition=gpu", "--mem=0", "--gpus-per-node=1",
+                                          "--qos=high"]
+    assert sbatch_options(evals)[1:] == ["--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--time=00:30:00",
+                                         f"--output={sweep}/slurm/eval-%A_%a.out", "--array=0-5%1",
+                                         "--partition=cpu", "--mem=32G", "--qos=eval"]
+    assert "export OMP_NUM_THREADS=4\n" in evals and "srun --cpus-per-task=4 apptainer" in evals
+    # the interpreter is a command: bash reads back its words, the one with a space in one piece
+    wrapped = "apptainer exec --nv '/images/an image.sif' python -m scifm.launch."
+    for script, entry in ((train, "train_task"), (evals, "eval_task")):
+        assert wrapped + entry in script
+    got = subprocess.run(["/bin/bash", "-c", f"printf '%s\\0' {wrapped}"], capture_output=True, check=True)
+    assert got.stdout.decode().split("\0")[:-1] == ["apptainer", "exec", "--nv", "/images/an image.sif",
+                                                     "python", "-m", "scifm.launch."]
+
+
 @pytest.mark.parametrize("args, message", [
     (["experiment=tiny"], "sbatch not found on PATH"),
     (["--dry-run", "experiment=tiny", "cluster=nowhere"], "cluster=nowhere: unknown cluster; available: gpu, local"),
     (["--dry-run", "experiment=tiny", "cluster.nodes=2"], "cluster: nodes=2 x 1 CPU task per node = 2 processes, "
                                                           "but the parallel layout"),
     (["--dry-run", "experiment=tiny", "cluster=gpu", "parallel.tp=8"], "parallel.tp: n_heads="),
+    (["--dry-run", "experiment=tiny", "cluster.python='python \"img'"], "cluster.python: 'python \"img': No closing"),
+    (["--dry-run", "experiment=tiny", "cluster.python=''"], "cluster.python: give the command that runs python"),
+    (["--dry-run", "experiment=tiny", "cluster.eval.gpus=2"], "cluster.eval.gpus: the eval runs in one process"),
+    (["--dry-run", "experiment=tiny", "cluster.eval.parallelism=-1"], "cluster.eval.parallelism: must be >= 0"),
 ])
 def test_bad_input_is_one_error_line(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
@@ -148,8 +203,25 @@ def reference(corpus_dir, tmp_path_factory) -> dict[int, float]:
     return losses(run_dir)
 
 
-def job_cluster(nodes: int) -> list[str]:
-    return ["cluster=local", f"cluster.nodes={nodes}", "cluster.time=00:10:00", f"cluster.python={sys.executable}"]
+def job_cluster(nodes: int, python: str = sys.executable) -> list[str]:
+    return ["cluster=local", f"cluster.nodes={nodes}", "cluster.time=00:10:00", f"cluster.python='{python}'"]
+
+
+def container_stand_in(tmp_path: Path) -> str:
+    """A command in the shape of `apptainer exec --nv IMAGE python`: the wrapper prints its two
+    arguments to the job's log, then runs the rest."""
+    wrapper = tmp_path / "wrap"
+    wrapper.write_text('#!/bin/sh\necho "wrapper: $1|$2"\nshift 2\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    return f'{wrapper} --nv "an image.sif" {sys.executable}'
+
+
+def jobs_table(capsys, run_dir: Path) -> dict[str, list[str]]:
+    """`scifm jobs` rows by job name: kind, state, elapsed, restarts, nodes/reason, log."""
+    capsys.readouterr()
+    scifm(["jobs", str(run_dir)])
+    lines = capsys.readouterr().out.splitlines()[1:]
+    return {row[0]: [*row[1:5], " ".join(row[5:-1]), row[-1]] for row in map(str.split, lines)}
 
 
 def wait_for_first_step(slurm: SlurmCluster, job: str, run_dir: Path) -> None:
@@ -245,21 +317,50 @@ def test_no_requeue_past_the_restart_limit_nor_after_scancel(slurm, corpus_dir, 
 
 
 @pytest.mark.slurm
-def test_eval_after_reports_every_checkpoint(slurm, corpus_dir, tmp_path, capsys):
+def test_eval_after_reports_every_checkpoint_with_python_wrapped_in_a_command(slurm, corpus_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    submit(run_dir, "--eval-after", "--eval-override", "eval.max_items=4", *job_cluster(1), *base_overrides(corpus_dir),
-           "trainer.max_steps=4", "trainer.val_every=2", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}")
+    job = submit(run_dir, "--eval-after", "--eval-override", "eval.max_items=4",
+                 *job_cluster(1, container_stand_in(tmp_path)), *base_overrides(corpus_dir), "trainer.max_steps=4",
+                 "trainer.val_every=2", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}")
     eval_job = json.loads((run_dir / "slurm" / "jobs.json").read_text())[1]["job_id"]
-    capsys.readouterr()
-    scifm(["jobs", str(run_dir)])
-    assert [f"{eval_job}_0-1", "eval", "PENDING"] in [r.split()[:3] for r in capsys.readouterr().out.splitlines()]
+    # the pending array's log is a pattern, not a file named after Slurm's placeholder task id
+    pending = jobs_table(capsys, run_dir)[f"{eval_job}_0-1"]
+    assert pending[:2] == ["eval", "PENDING"] and pending[-1] == f"{run_dir}/slurm/eval-{eval_job}_%a.out", pending
     slurm.wait_gone(eval_job)
     tasks = slurm.job(eval_job)
-    logs = {p.name: p.read_text()[-2000:] for p in (run_dir / "slurm").glob("eval-*.out")}
+    logs = {p.name: p.read_text()[-2000:] for p in (run_dir / "slurm").glob("*.out")}
     assert sorted(t["JobState"] for t in tasks) == ["COMPLETED", "COMPLETED"], (tasks, logs)
     for step in (2, 4):
         assert (run_dir / "eval" / f"step_{step}" / "results.json").is_file(), logs
         assert (run_dir / "eval" / f"step_{step}" / "report.md").is_file(), logs
+    # every python ran inside the wrapper, which got the image path as one word
+    wrapped = [p.name for p in (run_dir / "slurm").glob("*.out") if "wrapper: --nv|an image.sif\n" in p.read_text()]
+    assert sorted(wrapped) == [f"eval-{eval_job}_0.out", f"eval-{eval_job}_1.out", f"train-{job}.out"], logs
+    # finished tasks: no reason left over from their pending days, and their logs
+    table = jobs_table(capsys, run_dir)
+    for task in (0, 1):
+        row = table[f"{eval_job}_{task}"]
+        assert row[1] == "COMPLETED" and row[4] == "-" and Path(row[5]).is_file(), table
+
+
+@pytest.mark.slurm
+def test_a_failed_training_job_cancels_its_eval_array_and_jobs_says_why(slurm, tmp_path, capsys):
+    """The job's python cannot import scifm's packages (-S: no site-packages), as when the venv
+    was not activated; no corpus is needed to fail."""
+    run_dir = tmp_path / "run"
+    job = submit(run_dir, "--eval-after", *job_cluster(1, f"{sys.executable} -S"), "experiment=tiny",
+                 f"hydra.run.dir={run_dir}")
+    eval_job = json.loads((run_dir / "slurm" / "jobs.json").read_text())[1]["job_id"]
+    slurm.wait_gone(eval_job, timeout=60)  # Slurm cancels it; no scancel here
+    assert "ModuleNotFoundError" in log_of(run_dir, job)
+    [info] = slurm.job(eval_job)
+    assert info["JobState"] == "CANCELLED" and info["Reason"] == "DependencyNeverSatisfied", info
+    table = jobs_table(capsys, run_dir)
+    kind, state, _, _, why, log = table[job]
+    assert [kind, state, why, log] == ["train", "FAILED", "exit code 1", f"{run_dir}/slurm/train-{job}.out"], table
+    # never started: no run time, no log
+    assert table[f"{eval_job}_0-1"] == ["eval", "CANCELLED", "-", "0",
+                                        f"cancelled: training job {job} failed (exit code 1)", "-"], (table, info)
 
 
 @pytest.mark.slurm

@@ -1,7 +1,8 @@
 """slurm/*.sbatch filled in from a Plan.
 
 What the user typed reaches bash single-quoted (shlex.quote), so no value is ever expanded or
-executed by a shell; values on #SBATCH lines, which sbatch reads itself, must be single words.
+executed by a shell (cluster.python is a command: split into words as a shell would, then each
+word quoted); values on #SBATCH lines, which sbatch reads itself, must be single words.
 cluster.setup is the exception by design: it is shell code (module load, activate a venv).
 """
 
@@ -41,25 +42,27 @@ def bash_array(words: list[str]) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def sbatch_lines(cluster: ClusterConfig, gpus_per_node: int, array: str = "") -> str:
-    opts = [f"--array={array}"] if array else []
-    for key in ("partition", "account", "mem"):
-        if getattr(cluster, key):
-            opts.append(f"--{key}={sbatch_word(f'cluster.{key}', getattr(cluster, key))}")
-    if gpus_per_node:
-        opts.append(f"--gpus-per-node={gpus_per_node}")
-    opts += [sbatch_word("cluster.sbatch_args", a) for a in cluster.sbatch_args]
+def sbatch_lines(options: list[tuple[str, str, object]], args_key: str, args: list[str]) -> str:
+    """#SBATCH --OPTION=VALUE for each (config key, OPTION, VALUE) that is set ("" and 0 leave the
+    site's default), then the config's own sbatch arguments as typed."""
+    opts = [f"--{opt}={sbatch_word(key, str(value))}" for key, opt, value in options if value]
+    opts += [sbatch_word(args_key, a) for a in args]
     return "\n".join(f"#SBATCH {o}" for o in opts)
 
 
-def job_values(cluster: ClusterConfig) -> dict[str, object]:
-    """What the training and eval scripts share: set-up, environment, srun options, time limit."""
+def array_range(tasks: int, parallelism: int) -> str:
+    """--array value: tasks 0..tasks-1, at most `parallelism` of them running at once (0: no limit)."""
+    return f"0-{tasks - 1}" + (f"%{parallelism}" if parallelism else "")
+
+
+def job_values(cluster: ClusterConfig, cpus_per_task: int) -> dict[str, object]:
+    """What the training and eval scripts share: set-up, environment, srun options, interpreter."""
     # threads per task = its cores, as torchrun sets OMP_NUM_THREADS; cluster.env may override
-    env = {"OMP_NUM_THREADS": str(cluster.cpus_per_task)} | cluster.env
+    env = {"OMP_NUM_THREADS": str(cpus_per_task)} | cluster.env
     for name in env:
         if not ENV_NAME.match(name):
             raise ConfigError(f"cluster.env: {name!r} is not an environment variable name")
-    srun = [f"--cpus-per-task={cluster.cpus_per_task}"]  # srun does not inherit it from sbatch (22.05+)
+    srun = [f"--cpus-per-task={cpus_per_task}"]  # srun does not inherit it from sbatch (22.05+)
     if cluster.container_image:
         srun += [f"--container-image={cluster.container_image}", f"--container-workdir={Path.cwd()}"]
         if cluster.container_mounts:
@@ -68,9 +71,8 @@ def job_values(cluster: ClusterConfig) -> dict[str, object]:
         "setup": "\n".join(cluster.setup) or "# (none)",
         "exports": "\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
         "srun_args": bash_array(srun),
-        "python": shlex.quote(cluster.python),
-        "cpus_per_task": cluster.cpus_per_task,
-        "time": sbatch_word("cluster.time", cluster.time),
+        "python": bash_array(cluster.python_words),
+        "cpus_per_task": cpus_per_task,
     }
 
 
@@ -84,13 +86,20 @@ def train_script(plan: Plan) -> str:
         f"  {i})\n    RUN_DIR={shlex.quote(str(p.run_dir))}\n    OVERRIDES=({bash_array(p.overrides)})\n    ;;"
         for i, p in enumerate(plan.points)
     )
-    return fill("train.sbatch", job_values(c) | {
+    array = array_range(len(plan.points), c.array_parallelism) if plan.multirun else ""
+    return fill("train.sbatch", job_values(c, c.cpus_per_task) | {
         "job_name": job_name(plan, "train"),
         "nodes": c.nodes,
         "tasks_per_node": c.tasks_per_node,
+        "time": sbatch_word("cluster.time", c.time),
         "log": log_pattern(plan.root, "train-%A_%a.out" if plan.multirun else "train-%j.out"),
         "signal_seconds": c.signal_seconds,
-        "sbatch_lines": sbatch_lines(c, c.gpus_per_node, f"0-{len(plan.points) - 1}" if plan.multirun else ""),
+        "sbatch_lines": sbatch_lines([("cluster.array_parallelism", "array", array),
+                                      ("cluster.partition", "partition", c.partition),
+                                      ("cluster.account", "account", c.account),
+                                      ("cluster.mem", "mem", c.mem),
+                                      ("cluster.gpus_per_node", "gpus-per-node", c.gpus_per_node)],
+                                     "cluster.sbatch_args", c.sbatch_args),
         "points": points,
         "requeue_exit_code": REQUEUE_EXIT_CODE,
         "max_restarts": c.max_restarts,
@@ -98,19 +107,29 @@ def train_script(plan: Plan) -> str:
 
 
 def eval_script(plan: Plan, eval_overrides: list[str]) -> str:
-    """One array task per checkpoint each run schedules (see slurm/eval.sbatch for the slots)."""
+    """One array task per checkpoint each run schedules (see slurm/eval.sbatch for the slots), with
+    the resources of cluster.eval (unset ones: see EvalJobConfig)."""
     tasks = []
     for p in plan.points:
         stride = len(checkpoint_steps(p.cfg.trainer))
         tasks += [(p.run_dir, slot, stride) for slot in range(stride)]
     cases = "\n".join(f"  {i}) TASK=({shlex.quote(str(run))} {slot} {stride}) ;;"
                       for i, (run, slot, stride) in enumerate(tasks))
-    c = plan.cluster
-    return fill("eval.sbatch", job_values(c) | {
+    c, e = plan.cluster, plan.cluster.eval
+    gpus = int(c.gpus_per_node > 0) if e.gpus is None else e.gpus
+    cpus = c.cpus_per_task if e.cpus_per_task is None else e.cpus_per_task
+    partition = (("cluster.eval.partition", "partition", e.partition) if e.partition
+                 else ("cluster.partition", "partition", c.partition))
+    return fill("eval.sbatch", job_values(c, cpus) | {
         "job_name": job_name(plan, "eval"),
+        "time": sbatch_word("cluster.eval.time", e.time),
         "log": log_pattern(plan.root, "eval-%A_%a.out"),
-        "last_task": len(tasks) - 1,
-        "sbatch_lines": sbatch_lines(c, min(c.gpus_per_node, 1)),
+        "array": array_range(len(tasks), e.parallelism),
+        "sbatch_lines": sbatch_lines([partition,
+                                      ("cluster.account", "account", c.account),
+                                      ("cluster.eval.mem", "mem", e.mem),
+                                      ("cluster.eval.gpus", "gpus-per-node", gpus)],
+                                     "cluster.eval.sbatch_args", e.sbatch_args),
         "tasks": cases,
         "eval_overrides": bash_array(eval_overrides),
     })

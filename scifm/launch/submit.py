@@ -25,6 +25,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def eval_dependency(train_id: str) -> list[str]:
+    """sbatch options of the eval array: it starts once the training job succeeded, and Slurm
+    cancels it once the training job failed or was cancelled (else it stays pending for ever)."""
+    return [f"--dependency=afterok:{train_id}", "--kill-on-invalid-dep=yes"]
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -46,7 +52,8 @@ def submit_main(argv: list[str]) -> None:
     if args.dry_run:
         for kind, script in scripts:
             print(f"# ---- {script} ----\n{script.read_text()}")
-        then = "; the eval array would be queued with --dependency=afterok:<training job>" if args.eval_after else ""
+        then = (f"; the eval array would be queued with {' '.join(eval_dependency('<training job>'))}"
+                if args.eval_after else "")
         print(f"# dry run: {len(plan.points)} run(s) of {shape}; nothing submitted{then}")
         return
     train_id = sbatch(scripts[0][1])
@@ -55,7 +62,7 @@ def submit_main(argv: list[str]) -> None:
     print(f"submitted training job {train_id} ({len(plan.points)} run(s) of {shape}); "
           f"run directory {plan.root}; log {logs}")
     if args.eval_after:
-        eval_id = sbatch(scripts[1][1], f"--dependency=afterok:{train_id}")
+        eval_id = sbatch(scripts[1][1], *eval_dependency(train_id))
         record_job(plan.root, eval_id, "eval", scripts[1][1])
         print(f"submitted eval array {eval_id} after job {train_id}; reports in RUN/eval/step_N/; "
               f"logs {slurm_dir / f'eval-{eval_id}_<task>.out'}")

@@ -99,7 +99,10 @@ class SlotHead(nn.Module):
         self.projector = Projector(cfg.width, d_model)
 
     def forward(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.resampler(x_BLD, mask_BL))
+        # nn.Linear on a 3-D input returns a view of its 2-D matmul result. This is the encoder's
+        # output, where FSDP2 hooks the encoder's backward (parallel/fsdp.py); an in-place op on
+        # a view there would drop that hook, so hand out a tensor of its own (a copy of N x K x D)
+        return self.projector(self.resampler(x_BLD, mask_BL)).clone()
 
 
 class TokenSequenceEncoder(nn.Module):

@@ -10,6 +10,28 @@ from scifm.megatron.config import gpt_model_args, megatron_config
 from scifm.model.config import ModelConfig
 
 
+class _TorchRMSNorm:
+    """torch's RMSNorm, built as the local spec's WrappedTorchNorm builds it, without that builder's
+    refusal of sequence parallelism: the refusal guards Megatron's own gradient reduction, which finds
+    only weights marked `sequence_parallel`; scifm's engine sums these weights' gradients over the
+    tensor-parallel ranks itself (megatron_engine.MegatronRunner)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        return torch.nn.RMSNorm(hidden_size, eps=eps)
+
+
+def _swap(spec, old: type, new: type):
+    """A layer spec (ModuleSpec, submodules dataclass, list, class) with every `old` module replaced by `new`."""
+    if spec is old:
+        return new
+    if isinstance(spec, list):
+        return [_swap(s, old, new) for s in spec]
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _swap(getattr(spec, f.name), old, new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
 def build_megatron_decoder(cfg: ModelConfig, vocab_size: int, *, params_dtype: torch.dtype = torch.float32,
                            **model_parallel):
     """A Megatron GPTModel (embedding, pre-norm blocks, final norm, output layer; all in one pipeline
@@ -32,5 +54,5 @@ def build_megatron_decoder(cfg: ModelConfig, vocab_size: int, *, params_dtype: t
     config = megatron_config(cfg, params_dtype=params_dtype, **model_parallel)
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     # the final norm would be apex's FusedLayerNorm where apex is installed, and that has no RMSNorm
-    spec = dataclasses.replace(spec, layer_norm=WrappedTorchNorm)
+    spec = _swap(dataclasses.replace(spec, layer_norm=WrappedTorchNorm), WrappedTorchNorm, _TorchRMSNorm)
     return GPTModel(config, spec, pre_process=True, post_process=True, **gpt_model_args(cfg, vocab_size))

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from scifm.core.checks import require
 from scifm.core.errors import ConfigError
@@ -121,24 +123,30 @@ class MegatronScientificMoE(nn.Module):
     the GPTModel as decoder_input [S, B, M]."""
 
     def __init__(self, front: ScientificMoE, decoder: nn.Module, routing: list[MegatronRouting],
-                 sequence_parallel: bool):
+                 sequence_parallel: bool, vocab_mesh: DeviceMesh | None):
         super().__init__()
         self.front = front
         self.decoder = decoder
         self.routing = nn.ModuleList(routing)
         self.sequence_parallel = sequence_parallel
+        self.vocab_mesh = vocab_mesh  # the tp mesh when the logits stay vocab-sharded (parallel.loss_parallel)
 
     def forward(self, x: torch.Tensor, positions_BS: torch.Tensor, doc_ids_BS: torch.Tensor,
                 items: dict | None = None, slot_index: dict | None = None) -> torch.Tensor:
-        """Logits [B, S, V], whole on every tensor-parallel rank. Megatron's RoPE counts positions
-        0..S-1; the document mask makes that scifm's per-document positions (positions_BS)."""
+        """Logits [B, S, V]: whole on every tensor-parallel rank, or with a vocab mesh a DTensor of
+        each rank's vocabulary shard (which the runner's loss takes under torch's loss_parallel).
+        Megatron's RoPE counts positions 0..S-1; the document mask makes that scifm's per-document
+        positions (positions_BS)."""
         from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
         h_SBM = self.front.embed(x, items or {}, slot_index or {}).transpose(0, 1).contiguous()
         if self.sequence_parallel:
             h_SBM = scatter_to_sequence_parallel_region(h_SBM)
-        return self.decoder(x, positions_BS, ~document_causal_mask(doc_ids_BS), decoder_input=h_SBM,
-                            runtime_gather_output=True)
+        logits_BSV = self.decoder(x, positions_BS, ~document_causal_mask(doc_ids_BS), decoder_input=h_SBM,
+                                  runtime_gather_output=self.vocab_mesh is None)
+        if self.vocab_mesh is not None:
+            logits_BSV = DTensor.from_local(logits_BSV, self.vocab_mesh, [Shard(2)], run_check=False)
+        return logits_BSV
 
 
 def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, loss_fn: LossFn, autocast,
@@ -159,10 +167,21 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
                                          sequence_parallel=sequence_parallel)
     front = model
     front.tok_embeddings = decoder.embedding.word_embeddings
+    # the items are spliced into whole rows; GPTModel, given decoder_input, never calls its embedding
+    # itself, which under sequence parallelism would reduce-scatter the rows over the sequence
+    front.tok_embeddings.reduce_scatter_embeddings = False
     front.layers, front.norm, front.output = nn.ModuleDict(), None, None
     routing = [MegatronRouting(layer.mlp.router, model.cfg.moe) for layer in decoder.decoder.layers
                if hasattr(layer.mlp, "router")]
-    wrapper = MegatronScientificMoE(front, decoder, routing, sequence_parallel).to(ctx.device)
+    if sequence_parallel:
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        # each tp rank routes its part of the sequence: the statistics are summed over the tp ranks,
+        # and the backward is the identity, since the routers' gradients are summed there afterwards
+        for r in routing:
+            r.reduce_stats = reduce_from_tensor_model_parallel_region
+    vocab_mesh = ctx.submesh("tp") if ctx.dims.tp > 1 and cfg.loss_parallel else None
+    wrapper = MegatronScientificMoE(front, decoder, routing, sequence_parallel, vocab_mesh).to(ctx.device)
     runner = MegatronRunner(wrapper, loss_fn, autocast, ctx, native_params)
     runner.load_native(native_state)
     runner.optimizer = build_optimizer(wrapper)
@@ -192,15 +211,20 @@ class MegatronRunner(ModelRunner):
         self.params = dict(model.decoder.named_parameters()) | {
             f"encoders.{n}": p for n, p in model.front.encoders.named_parameters()}
         assert len(self.params) == len(list(model.parameters()))
+        # decoder weights every tp rank holds whole but computes a part of the gradient of, which
+        # Megatron's finalize_model_grads would sum: the q/k norms (this rank's heads) and, under
+        # sequence parallelism, every norm and router (this rank's tokens)
+        self.partial_grads = [p for n, p in model.decoder.named_parameters() if self.tp > 1
+                              and not getattr(p, "tensor_model_parallel", False)
+                              and (model.sequence_parallel or "q_layernorm" in n or "k_layernorm" in n)]
 
     # --- gradients ----------------------------------------------------------------------------
 
     def forward_backward(self, micro, scale: float) -> torch.Tensor:
         total = super().forward_backward(micro, scale)
-        if self.model.sequence_parallel:
-            for p in self.params.values():  # norms and routers saw only this rank's tokens
-                if getattr(p, "sequence_parallel", False) and p.grad is not None:
-                    dist.all_reduce(p.grad, group=self.tp_group)
+        for p in self.partial_grads:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=self.tp_group)
         return total
 
     def clip_grad_norm(self, max_norm: float) -> float:

@@ -75,11 +75,12 @@ class ParallelConfig:
                 f"(expert parallelism runs under engine=native), got ep={self.ep}")
 
     def _validate_megatron(self) -> None:
-        """What engine=megatron does not run (yet); the model's own limits are megatron_engine.check_megatron's."""
+        """What engine=megatron does not run; the model's own limits are megatron_engine.check_megatron's."""
         for key, why in (("pp", "pipeline stages"), ("ep", "expert parallelism"),
-                         ("dp_replicate", "data-parallel replicas"), ("dp_shard", "data-parallel shards")):
+                         ("dp_shard", "sharded data parallelism (its replicas are parallel.dp_replicate)")):
             require(getattr(self, key) == 1, f"parallel.{key}",
-                    f"engine=megatron runs tensor (and sequence) parallelism only, not {why}; got {key}={getattr(self, key)}")
+                    f"engine=megatron runs tensor (and sequence) parallelism and data-parallel replicas, not {why}; "
+                    f"got {key}={getattr(self, key)}")
         require(self.mixed_precision == "fp32", "parallel.mixed_precision",
                 "engine=megatron keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
                 f"got {self.mixed_precision!r}")

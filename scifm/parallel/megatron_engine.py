@@ -13,6 +13,7 @@ and gathered back whole for checkpoints.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import warnings
@@ -37,6 +38,7 @@ from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.config import ParallelConfig
 from scifm.parallel.distributed import DistContext
 from scifm.parallel.grad_norm import clip_grad_norm
+from scifm.parallel.router_stats import apply_global_router_stats
 from scifm.parallel.runner import LossFn, ModelRunner
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -149,6 +151,24 @@ class MegatronScientificMoE(nn.Module):
         return logits_BSV
 
 
+def _global_router_stats(routing: list[MegatronRouting], ctx: DistContext, sequence_parallel: bool) -> None:
+    """Each layer's statistics over the global batch: summed over the data-parallel replicas as
+    natively (router_stats.py), and under sequence parallelism first over the tp ranks, each of which
+    routes its part of the sequence; that sum's backward is the identity, since the routers'
+    gradients are summed over the tp ranks afterwards (MegatronRunner.partial_grads)."""
+    if ctx.dims.dp_size > 1:
+        apply_global_router_stats(nn.ModuleList(routing), ctx.dp_group)
+    if sequence_parallel:
+        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
+
+        for r in routing:
+            r.reduce_stats = functools.partial(_then, reduce_from_tensor_model_parallel_region, r.reduce_stats)
+
+
+def _then(first: Callable, second: Callable, t: torch.Tensor) -> torch.Tensor:
+    return second(first(t))
+
+
 def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelConfig, loss_fn: LossFn, autocast,
                         build_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> "MegatronRunner":
     """`model` initialised (scifm's init) and whole on every rank; its decoder is rebuilt in Megatron
@@ -173,13 +193,7 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
     front.layers, front.norm, front.output = nn.ModuleDict(), None, None
     routing = [MegatronRouting(layer.mlp.router, model.cfg.moe) for layer in decoder.decoder.layers
                if hasattr(layer.mlp, "router")]
-    if sequence_parallel:
-        from megatron.core.tensor_parallel import reduce_from_tensor_model_parallel_region
-
-        # each tp rank routes its part of the sequence: the statistics are summed over the tp ranks,
-        # and the backward is the identity, since the routers' gradients are summed there afterwards
-        for r in routing:
-            r.reduce_stats = reduce_from_tensor_model_parallel_region
+    _global_router_stats(routing, ctx, sequence_parallel)
     vocab_mesh = ctx.submesh("tp") if ctx.dims.tp > 1 and cfg.loss_parallel else None
     wrapper = MegatronScientificMoE(front, decoder, routing, sequence_parallel, vocab_mesh).to(ctx.device)
     runner = MegatronRunner(wrapper, loss_fn, autocast, ctx, native_params)
@@ -204,7 +218,8 @@ class MegatronRunner(ModelRunner):
         self.cfg = model.front.cfg
         self.optimizer: torch.optim.Optimizer | None = None  # set by initialize_megatron
         self.native_params = native_params
-        self.tp = ctx.dims.tp
+        self.tp, self.dp = ctx.dims.tp, ctx.dims.dp_size
+        self.dp_group = ctx.dp_group
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         # every parameter once, under Megatron's decoder names or the native encoder names
@@ -225,7 +240,23 @@ class MegatronRunner(ModelRunner):
         for p in self.partial_grads:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=self.tp_group)
+        if self.dp > 1:
+            self._average_over_replicas()
         return total
+
+    def _average_over_replicas(self) -> None:
+        """Plain data parallelism: every gradient averaged over the replicas (the loss scale counts
+        on that, scifm.train.step), in one all-reduce; a parameter no replica's batch reached keeps
+        no gradient, as in one process."""
+        params = list(self.params.values())
+        reached = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(reached, op=dist.ReduceOp.MAX, group=self.dp_group)
+        params = [p for p, r in zip(params, reached.tolist()) if r]
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        dist.all_reduce(flat, group=self.dp_group)
+        flat /= self.dp
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p).clone()
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The norm counts a tensor-parallel slice on every tp rank, a replicated tensor once."""

@@ -81,10 +81,6 @@ def init_distributed(cfg: ParallelConfig, model: ModelConfig, device: torch.devi
     dims = dims_of(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims.validate(model, world_size)
-    if cfg.engine == "megatron":
-        from scifm.parallel.megatron_engine import check_megatron
-
-        check_megatron(cfg, model)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -44,13 +44,19 @@ from scifm.parallel.runner import LossFn, ModelRunner
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def check_megatron(cfg: ParallelConfig, model: ModelConfig) -> None:
-    """Before any process group: megatron-core is installed, computes the model, and trains its layout."""
+def check_megatron(cfg: ParallelConfig, model: ModelConfig, precision: str, device: torch.device) -> None:
+    """Before any process group: megatron-core is installed, computes the model, and trains its layout
+    in `precision` (trainer.precision) on `device`."""
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         raise ConfigError("parallel.engine=megatron: megatron-core is not installed; pip install -e '.[megatron]'")
     refuse_unsupported(model)
     require(cfg.tp == 1 or cfg.sequence_parallel or not has_moe_layers(model), "parallel.sequence_parallel",
             f"Megatron-Core trains MoE layers under tensor parallelism (tp={cfg.tp}) only with sequence parallelism")
+    require(precision != "fp8", "trainer.precision",
+            "fp8 swaps scifm's decoder linears, which engine=megatron replaces by Megatron's; use bf16 or fp32")
+    require(precision != "bf16" or device.type == "cuda", "trainer.precision",
+            "Megatron-Core's linear layers follow autocast on CUDA only (their backward runs outside a CPU "
+            "autocast and mixes bf16 with fp32); use fp32 on the CPU")
 
 
 @contextlib.contextmanager
@@ -70,15 +76,16 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _run_on_cpu() -> None:
-    """Megatron-Core 0.16.1's forward asks for the current CUDA device only to place buffers, and
-    its router reads Transformer Engine's te_general_gemm, bound only when TE imports (None selects
-    its torch.mm path). On a CPU device scifm points both at the CPU, for tests and demos."""
+def _patch_megatron(device: torch.device) -> None:
+    """Megatron-Core 0.16.1's router reads Transformer Engine's te_general_gemm, bound only when TE
+    imports; None selects its torch.mm path. Its forward asks for the current CUDA device only to
+    place buffers; on a CPU device scifm points it at the CPU, for tests and demos."""
     from megatron.core.transformer.moe import moe_utils
 
-    torch.cuda.current_device = lambda: "cpu"
     if not moe_utils.HAVE_TE:
         moe_utils.te_general_gemm = None
+    if device.type == "cpu":
+        torch.cuda.current_device = lambda: "cpu"
 
 
 def _init_parallel_state(ctx: DistContext) -> None:
@@ -175,8 +182,7 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
     with the same weights (this rank's tensor-parallel slices), its embedding and encoders stay.
     `build_optimizer` makes the optimizer over the resulting module's parameters."""
     with _quiet():
-        if ctx.device.type == "cpu":
-            _run_on_cpu()
+        _patch_megatron(ctx.device)
         _init_parallel_state(ctx)
     native_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     native_params = [n for n, _ in model.named_parameters()]

@@ -65,7 +65,7 @@ def check_before_work(cfg: RunConfig) -> None:
     if cfg.parallel.engine == "deepspeed":
         require_deepspeed()
     if cfg.parallel.engine == "megatron":
-        check_megatron(cfg.parallel, cfg.model)
+        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, pick_device(cfg.trainer.device, "trainer.device"))
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
 

@@ -41,7 +41,7 @@ from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.deepspeed_engine import deepspeed_optimizer, initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
-from scifm.parallel.megatron_engine import initialize_megatron
+from scifm.parallel.megatron_engine import check_megatron, initialize_megatron
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
@@ -76,6 +76,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     device = pick_device(cfg.trainer.device, "trainer.device")
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
+    if cfg.parallel.engine == "megatron":
+        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, device)
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:

@@ -70,12 +70,14 @@ def megatron(make_config, tmp_path_factory):
     return run_dir, run(make_config, run_dir, MEGATRON)
 
 
+@pytest.mark.slow
 def test_megatron_trains_as_the_native_engine(native, megatron):
     assert sorted(megatron[1]) == [1, 2, 3]
     assert all(r["aux_loss"] > 0 and len(r["moe"]) == 3 for r in megatron[1].values())  # scifm's aux losses
     assert_same_steps(megatron[1], native[1])
 
 
+@pytest.mark.slow
 def test_megatron_checkpoints_are_native_ones(native, megatron, tmp_path):
     """The exported step-3 weights under the native names. AdamW divides each gradient element by
     its own running magnitude, so an element near zero, where the summation orders differ most in
@@ -88,12 +90,14 @@ def test_megatron_checkpoints_are_native_ones(native, megatron, tmp_path):
         torch.testing.assert_close(t, theirs[name], rtol=0, atol=3e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_megatron_resumes_its_own_checkpoint_exactly(make_config, megatron, tmp_path):
     resumed = run(make_config, tmp_path, MEGATRON, f"resume={megatron[0] / 'checkpoints/step_2'}")
     assert sorted(resumed) == [3]
     assert_same_steps(resumed, megatron[1], rel=1e-7)
 
 
+@pytest.mark.slow
 def test_checkpoints_move_between_the_engines(make_config, native, megatron, tmp_path):
     on_native = run(make_config, tmp_path / "native", f"resume={megatron[0] / 'checkpoints/step_2'}")
     on_megatron = run(make_config, tmp_path / "megatron", MEGATRON, f"resume={native[0] / 'checkpoints/step_2'}")
@@ -102,6 +106,7 @@ def test_checkpoints_move_between_the_engines(make_config, native, megatron, tmp
     assert_same_steps(on_megatron, native[1])
 
 
+@pytest.mark.slow
 def test_sigmoid_routing_with_the_expert_bias_update_matches_native(make_config, tmp_path):
     """Megatron's sigmoid router chooses on scores + expert_bias; scifm's update moves that bias after
     each step (it changes step 2's routing), and the checkpoint holds it under the native name."""
@@ -125,6 +130,7 @@ def torchrun(corpus_dir, run_dir, *overrides: str) -> dict[int, dict]:
     return records(run_dir)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_matches_native_and_its_checkpoint_is_whole(make_config, native, corpus_dir, tmp_path):
     """Vocab-sharded logits under torch's loss_parallel. Gradient norms to 3e-5: scifm's norm adds
     float32 squares per tensor, and the tp=2 slices group the elements differently (measured 8e-6
@@ -138,6 +144,7 @@ def test_tensor_parallel_matches_native_and_its_checkpoint_is_whole(make_config,
     assert_same_steps(one, native[1])  # the checkpoint holds whole tensors
 
 
+@pytest.mark.slow
 def test_tensor_parallel_resumes_a_native_checkpoint_with_gathered_logits(native, corpus_dir, tmp_path):
     got = torchrun(corpus_dir, tmp_path, "parallel.tp=2", "parallel.loss_parallel=false",
                    f"resume={native[0] / 'checkpoints/step_2'}")
@@ -145,6 +152,7 @@ def test_tensor_parallel_resumes_a_native_checkpoint_with_gathered_logits(native
     assert_same_steps(got, native[1], norm_rel=3e-5)
 
 
+@pytest.mark.slow
 def test_data_parallel_replicas_match_native(native, corpus_dir, tmp_path):
     """parallel.dp_replicate=2: each replica a half of every batch, gradients averaged, router
     statistics summed over both. The average adds the two halves' gradients in another order than

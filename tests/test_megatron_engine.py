@@ -130,26 +130,38 @@ def torchrun(corpus_dir, run_dir, *overrides: str) -> dict[int, dict]:
     return records(run_dir)
 
 
+# q/k norms (each tp rank computes their gradient for its heads only) and q/k/v biases (sliced with the
+# q/k/v rows) on top of the tiny model
+QK = ("model.qk_norm=true", "model.attention_bias=qkv")
+
+
+@pytest.fixture(scope="module")
+def native_qk(make_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("native-qk")
+    return run_dir, run(make_config, run_dir, *QK)
+
+
 @pytest.mark.slow
-def test_tensor_parallel_matches_native_and_its_checkpoint_is_whole(make_config, native, corpus_dir, tmp_path):
-    """Vocab-sharded logits under torch's loss_parallel. Gradient norms to 3e-5: scifm's norm adds
-    float32 squares per tensor, and the tp=2 slices group the elements differently (measured 8e-6
-    relative, as far as one process's own norm is from the float64 norm of its gradients). Without
-    summing the norms' and routers' partial gradients over the tp ranks, step 2's aux loss is off
-    by 1e-4 (measured)."""
-    got = torchrun(corpus_dir, tmp_path / "tp2", "parallel.tp=2")  # sequence parallelism on, as by default
+def test_tensor_parallel_matches_native_and_its_checkpoint_is_whole(make_config, native_qk, corpus_dir, tmp_path):
+    """tp=2 with sequence parallelism and vocab-sharded logits under torch's loss_parallel. Gradient
+    norms to 3e-5: scifm's norm adds float32 squares per tensor, and the tp slices group the elements
+    differently (measured 8e-6 relative, as far as one process's own norm is from the float64 norm of
+    its gradients). Without summing the partial gradients of the q/k norms over the tp ranks, step 2's
+    aux loss is off by 1e-4 and its gradient norm by 1.2e-4; without summing the norms' and routers'
+    (sequence parallelism), step 2's aux loss by 1.3e-4 (measured)."""
+    got = torchrun(corpus_dir, tmp_path / "tp2", *QK, "parallel.tp=2")
     assert sorted(got) == [1, 2, 3]
-    assert_same_steps(got, native[1], norm_rel=3e-5)
-    one = run(make_config, tmp_path / "tp1", MEGATRON, f"resume={tmp_path / 'tp2/checkpoints/step_2'}")
-    assert_same_steps(one, native[1])  # the checkpoint holds whole tensors
+    assert_same_steps(got, native_qk[1], norm_rel=3e-5)
+    one = run(make_config, tmp_path / "tp1", MEGATRON, *QK, f"resume={tmp_path / 'tp2/checkpoints/step_2'}")
+    assert_same_steps(one, native_qk[1])  # the checkpoint holds whole tensors
 
 
 @pytest.mark.slow
-def test_tensor_parallel_resumes_a_native_checkpoint_with_gathered_logits(native, corpus_dir, tmp_path):
-    got = torchrun(corpus_dir, tmp_path, "parallel.tp=2", "parallel.loss_parallel=false",
-                   f"resume={native[0] / 'checkpoints/step_2'}")
+def test_tensor_parallel_resumes_a_native_checkpoint_with_gathered_logits(native_qk, corpus_dir, tmp_path):
+    got = torchrun(corpus_dir, tmp_path, *QK, "parallel.tp=2", "parallel.loss_parallel=false",
+                   f"resume={native_qk[0] / 'checkpoints/step_2'}")
     assert sorted(got) == [3]
-    assert_same_steps(got, native[1], norm_rel=3e-5)
+    assert_same_steps(got, native_qk[1], norm_rel=3e-5)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ goes through a MegatronRouting, which computes scifm's load-balance and z-losses
 from the router's own logits and routing map and attaches them to the routing weights' backward.
 Tensor (and sequence) parallelism comes from Megatron's parallel state; a tensor-parallel weight is
 cut by Megatron's own partition attributes (partition_dim, partition_stride) from the full tensor
-and gathered back whole for checkpoints.
+and gathered back whole for checkpoints. Data-parallel replicas average their gradients.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
     _global_router_stats(routing, ctx, sequence_parallel)
     vocab_mesh = ctx.submesh("tp") if ctx.dims.tp > 1 and cfg.loss_parallel else None
     wrapper = MegatronScientificMoE(front, decoder, routing, sequence_parallel, vocab_mesh).to(ctx.device)
-    runner = MegatronRunner(wrapper, loss_fn, autocast, ctx, native_params)
+    runner = MegatronRunner(wrapper, loss_fn, autocast, ctx, list(native_state), native_params)
     runner.load_native(native_state)
     runner.optimizer = build_optimizer(wrapper)
     return runner
@@ -210,20 +210,21 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
 
 class MegatronRunner(ModelRunner):
     """ModelRunner over MegatronScientificMoE. After the micro-batches' backward it completes the
-    gradients Megatron leaves partial (sequence-parallel weights: summed over the tp ranks);
-    checkpoints hold the native names' full tensors (from_megatron / to_megatron, with the AdamW
-    moments mapped as the weights they belong to)."""
+    gradients Megatron leaves partial (summed over the tp ranks) and averages them over the
+    data-parallel replicas; checkpoints hold the native names' full tensors (from_megatron /
+    to_megatron, with the AdamW moments mapped as the weights they belong to). `native_names` and
+    `native_params`: the native model's state-dict and parameter names."""
 
     gathers_checkpoint = True
 
     def __init__(self, model: MegatronScientificMoE, loss_fn: LossFn, autocast, ctx: DistContext,
-                 native_params: list[str]):
+                 native_names: list[str], native_params: list[str]):
         super().__init__(model, loss_fn, autocast, ctx.device)
         from megatron.core import parallel_state
 
         self.cfg = model.front.cfg
         self.optimizer: torch.optim.Optimizer | None = None  # set by initialize_megatron
-        self.native_params = native_params
+        self.native_names, self.native_params = native_names, native_params
         self.tp, self.dp = ctx.dims.tp, ctx.dims.dp_size
         self.dp_group = ctx.dp_group
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -351,9 +352,7 @@ class MegatronRunner(ModelRunner):
         Reads the whole model at once (the mapping fuses tensors of one layer)."""
         from torch.distributed.checkpoint.state_dict import _init_optim_state
 
-        state_names = list(from_megatron(self._megatron_state(), self.cfg)) + [
-            f"encoders.{k}" for k in self.model.front.encoders.state_dict()]
-        native = read("model", state_names)
+        native = read("model", self.native_names)
         self.load_native(native)
         saved = read("optimizer", [f"{n}::{k}" for n in self.native_params for k in (*MOMENTS, "step")])
         _init_optim_state(self.optimizer)  # AdamW makes its state at its first step; here, zeros to fill

@@ -120,7 +120,7 @@ def test_sigmoid_routing_with_the_expert_bias_update_matches_native(make_config,
     assert ours.abs().sum() > 0 and torch.equal(ours, theirs)
 
 
-# --- tensor and sequence parallelism, data-parallel replicas: two gloo processes -----------------------------------------
+# --- tensor and sequence parallelism, experts, data-parallel replicas: two gloo processes -----------------------------------------
 
 def torchrun(corpus_dir, run_dir, *overrides: str) -> dict[int, dict]:
     """3 steps on 2 processes under torchrun."""
@@ -162,6 +162,17 @@ def test_tensor_parallel_resumes_a_native_checkpoint_with_gathered_logits(native
                    f"resume={native_qk[0] / 'checkpoints/step_2'}")
     assert sorted(got) == [3]
     assert_same_steps(got, native_qk[1], norm_rel=3e-5)
+
+
+@pytest.mark.slow
+def test_expert_parallel_matches_native_and_its_checkpoint_is_whole(make_config, native, corpus_dir, tmp_path):
+    """parallel.ep=2 over tp=2: each rank holds 4 of the 8 experts whole (local experts 0-3 are experts
+    4-7 on rank 1); the checkpoint gathers all 8 under the native stacked names."""
+    got = torchrun(corpus_dir, tmp_path / "ep2", "parallel.tp=2", "parallel.ep=2")
+    assert sorted(got) == [1, 2, 3]
+    assert_same_steps(got, native[1], norm_rel=3e-5)
+    one = run(make_config, tmp_path / "native", f"resume={tmp_path / 'ep2/checkpoints/step_2'}")
+    assert_same_steps(one, native[1])
 
 
 @pytest.mark.slow
@@ -218,7 +229,8 @@ def test_on_cuda_megatron_tracks_native_in_fp32_and_bf16(make_config, tmp_path):
 
 @pytest.mark.parametrize("overrides, key", [
     (dict(pp=2), "parallel.pp"),
-    (dict(ep=2), "parallel.ep"),
+    (dict(ep=2), "parallel.ep"),  # ep = tp only
+    (dict(ep=2, tp=4), "parallel.ep"),
     (dict(dp_shard=2), "parallel.dp_shard"),
     (dict(mixed_precision="bf16"), "parallel.mixed_precision"),
     (dict(activation_checkpoint="full"), "parallel.activation_checkpoint"),

@@ -76,11 +76,14 @@ class ParallelConfig:
 
     def _validate_megatron(self) -> None:
         """What engine=megatron does not run; the model's own limits are megatron_engine.check_megatron's."""
-        for key, why in (("pp", "pipeline stages"), ("ep", "expert parallelism"),
+        for key, why in (("pp", "pipeline stages"),
                          ("dp_shard", "sharded data parallelism (its replicas are parallel.dp_replicate)")):
             require(getattr(self, key) == 1, f"parallel.{key}",
-                    f"engine=megatron runs tensor (and sequence) parallelism and data-parallel replicas, not {why}; "
+                    f"engine=megatron runs tensor (and sequence), expert and data-parallel replicas, not {why}; "
                     f"got {key}={getattr(self, key)}")
+        require(self.ep in (1, self.tp), "parallel.ep",
+                f"engine=megatron splits the experts over the tp ranks only (ep = tp, each rank holding ep-th of "
+                f"the experts whole), got ep={self.ep} with tp={self.tp}")
         require(self.mixed_precision == "fp32", "parallel.mixed_precision",
                 "engine=megatron keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
                 f"got {self.mixed_precision!r}")

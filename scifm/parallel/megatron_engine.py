@@ -7,7 +7,8 @@ goes through a MegatronRouting, which computes scifm's load-balance and z-losses
 from the router's own logits and routing map and attaches them to the routing weights' backward.
 Tensor (and sequence) parallelism comes from Megatron's parallel state; a tensor-parallel weight is
 cut by Megatron's own partition attributes (partition_dim, partition_stride) from the full tensor
-and gathered back whole for checkpoints. Data-parallel replicas average their gradients.
+and gathered back whole for checkpoints; under expert parallelism (over the tp ranks) each rank holds
+some experts whole. Data-parallel replicas average their gradients.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import functools
 import importlib.util
 import logging
+import re
 import warnings
 from collections.abc import Callable
 
@@ -42,6 +44,7 @@ from scifm.parallel.router_stats import apply_global_router_stats
 from scifm.parallel.runner import LossFn, ModelRunner
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
+_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)\.")  # Megatron's local expert index
 
 
 def check_megatron(cfg: ParallelConfig, model: ModelConfig, precision: str, device: torch.device) -> None:
@@ -88,13 +91,22 @@ def _patch_megatron(device: torch.device) -> None:
         torch.cuda.current_device = lambda: "cpu"
 
 
+def _expert_layout(ctx: DistContext) -> dict:
+    """Megatron's expert parallelism for scifm's parallel.ep (= tp: ParallelConfig): each tp rank holds
+    ep-th of the experts whole (expert tensor parallelism 1); Megatron's expert grid puts its ep ranks
+    innermost, so they are the tp group's."""
+    if ctx.dims.ep == 1:
+        return {}
+    return dict(expert_model_parallel_size=ctx.dims.ep, expert_tensor_parallel_size=1)
+
+
 def _init_parallel_state(ctx: DistContext) -> None:
     """Megatron's groups over the process group scifm made (tp innermost, as in scifm's mesh); torn
     down by shutdown(ctx). scifm has no dropout, so no random state is tracked per tp rank."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=ctx.dims.tp,
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=ctx.dims.tp, **_expert_layout(ctx),
                                              create_gloo_process_groups=False)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # its fork() draws nothing
     ctx.on_shutdown.append(parallel_state.destroy_model_parallel)
@@ -190,7 +202,7 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
     # Megatron's CPU initialisation draws from torch's generator; the run's draws stay the native run's
     with torch.random.fork_rng(devices=[]), _quiet():
         decoder = build_megatron_decoder(model.cfg, model.output.out_features, tensor_model_parallel_size=ctx.dims.tp,
-                                         sequence_parallel=sequence_parallel)
+                                         sequence_parallel=sequence_parallel, **_expert_layout(ctx))
     front = model
     front.tok_embeddings = decoder.embedding.word_embeddings
     # the items are spliced into whole rows; GPTModel, given decoder_input, never calls its embedding
@@ -225,10 +237,13 @@ class MegatronRunner(ModelRunner):
         self.cfg = model.front.cfg
         self.optimizer: torch.optim.Optimizer | None = None  # set by initialize_megatron
         self.native_names, self.native_params = native_names, native_params
-        self.tp, self.dp = ctx.dims.tp, ctx.dims.dp_size
+        self.tp, self.dp, self.ep = ctx.dims.tp, ctx.dims.dp_size, ctx.dims.ep
+        self.ep_rank = parallel_state.get_expert_model_parallel_rank() if self.ep > 1 else 0
+        self.local_experts = self.cfg.moe.n_experts // self.ep
         self.dp_group = ctx.dp_group
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        assert self.ep == 1 or self.ep_rank == self.tp_rank  # _expert_layout: ep ranks are the tp group's
         # every parameter once, under Megatron's decoder names or the native encoder names
         self.params = dict(model.decoder.named_parameters()) | {
             f"encoders.{n}": p for n, p in model.front.encoders.named_parameters()}
@@ -276,30 +291,57 @@ class MegatronRunner(ModelRunner):
 
     # --- full tensors <-> this rank's -----------------------------------------------------------
 
-    def _full(self, local: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
-        """The whole tensor of which `local` (a weight of `param`'s layout, or its moment) is this rank's slice."""
-        local = local.detach()
-        if self.tp == 1 or not getattr(param, "tensor_model_parallel", False):
-            return local.cpu()
-        parts = [torch.empty_like(local) for _ in range(self.tp)]
-        dist.all_gather(parts, local.contiguous(), group=self.tp_group)
-        return layouts.unshard([t.cpu() for t in parts], param.partition_dim, param.partition_stride)
+    def _sliced(self, name: str, param: torch.Tensor | None) -> bool:
+        """Whether this rank holds a tensor-parallel slice of `name` (expert weights are whole under ep)."""
+        return self.tp > 1 and getattr(param, "tensor_model_parallel", False) and not (
+            self.ep > 1 and _EXPERT.search(name))
 
-    def _mine(self, full: torch.Tensor, param: torch.Tensor | None) -> torch.Tensor:
-        if self.tp == 1 or not getattr(param, "tensor_model_parallel", False):
-            return full
-        return layouts.shard(full, param.partition_dim, param.partition_stride, self.tp_rank, self.tp)
+    def _global_name(self, name: str, ep_rank: int | None = None) -> str:
+        """The whole model's name of a local expert's tensor: local expert i of ep rank r is expert
+        r * E / ep + i (other names are the same everywhere)."""
+        rank = self.ep_rank if ep_rank is None else ep_rank
+        return _EXPERT.sub(lambda m: f"{m[1]}{rank * self.local_experts + int(m[2])}.", name)
+
+    def _whole(self, local: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+        """Collective: the whole model's tensors (CPU) from this rank's (Megatron's local names):
+        tensor-parallel slices gathered over tp, experts over ep."""
+        out = {}
+        for name, t in local.items():
+            param = self.params.get(name)
+            if t is None:
+                out[name] = None
+            elif self.ep > 1 and _EXPERT.search(name):
+                parts = self._all_gather(t.detach(), self.ep)
+                out.update({self._global_name(name, r): part for r, part in enumerate(parts)})
+            elif self._sliced(name, param):
+                out[name] = layouts.unshard(self._all_gather(t.detach(), self.tp), param.partition_dim,
+                                            param.partition_stride)
+            else:
+                out[name] = t.detach().cpu()
+        return out
+
+    def _all_gather(self, t: torch.Tensor, size: int) -> list[torch.Tensor]:
+        # the ep ranks are the tp group's (_expert_layout)
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+        return [p.cpu() for p in parts]
+
+    def _mine(self, whole: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """This rank's part of `name` (a local name) from the whole model's tensors."""
+        t, param = whole[self._global_name(name)], self.params.get(name)
+        if not self._sliced(name, param):
+            return t
+        return layouts.shard(t, param.partition_dim, param.partition_stride, self.tp_rank, self.tp)
 
     def _megatron_state(self) -> dict:
         """Megatron's decoder state (parameters and buffers), whole."""
-        return {k: v if v is None else self._full(v, self.params.get(k))
-                for k, v in self.model.decoder.state_dict().items()}
+        return self._whole(self.model.decoder.state_dict())
 
     def load_native(self, state: dict) -> None:
         """Weights and buffers from a native state dict (full tensors under the native names)."""
         decoder_state, encoders = split_encoders(state)
-        full = to_megatron(decoder_state, self.cfg)
-        local = {k: self._mine(v, self.params.get(k)) for k, v in full.items()}
+        whole = to_megatron(decoder_state, self.cfg)
+        local = {k: self._mine(whole, k) for k in self.model.decoder.state_dict() if not k.endswith("._extra_state")}
         self.model.decoder.load_state_dict(local, strict=True)
         self.model.front.encoders.load_state_dict({k.removeprefix("encoders."): v for k, v in encoders.items()},
                                                   strict=True)
@@ -307,11 +349,8 @@ class MegatronRunner(ModelRunner):
     def _native_moments(self, megatron_state: dict, key: str) -> dict[str, torch.Tensor]:
         """The AdamW moment `key` of every native parameter: Megatron's mapped as its weights are
         (the buffers ride along only to complete the mapping's input)."""
-        moments = {}
-        for name, p in self.params.items():
-            state = self.optimizer.state.get(p, {})
-            moments[name] = self._full(state[key], p) if key in state else torch.zeros_like(megatron_state.get(name, p)).cpu()
-        decoder_moments, encoders = split_encoders(moments)
+        moments = {name: self.optimizer.state.get(p, {}).get(key, torch.zeros_like(p)) for name, p in self.params.items()}
+        decoder_moments, encoders = split_encoders(self._whole(moments))
         native = from_megatron(megatron_state | decoder_moments, self.cfg) | encoders
         return {n: native[n] for n in self.native_params}
 
@@ -368,7 +407,7 @@ class MegatronRunner(ModelRunner):
             decoder_moments, encoders = split_encoders(moments)
             megatron = to_megatron(decoder_moments, self.cfg) | encoders
             for name, p in self.params.items():
-                self.optimizer.state[p][key].copy_(self._mine(megatron[name], p))
+                self.optimizer.state[p][key].copy_(self._mine(megatron, name))
         step = max(float(saved[f"{n}::step"]) for n in self.native_params)
         for state in self.optimizer.state.values():
             state["step"].fill_(step)

@@ -16,7 +16,7 @@ ALLOWED = {
     "tokenizers": {"core"},
     "data": {"core", "tokenizers"},
     "model": {"core"},
-    "parallel": {"core", "model"},
+    "parallel": {"core", "megatron", "model"},
     "hf": {"core", "model", "tokenizers"},
     "megatron": {"core", "model"},
     "config": {"core", "data", "model", "parallel"},

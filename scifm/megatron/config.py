@@ -109,8 +109,9 @@ def _moe_keys(cfg: ModelConfig) -> dict:
     return keys
 
 
-def megatron_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32):
-    """megatron.core TransformerConfig computing scifm's decoder; ConfigError for what it cannot."""
+def megatron_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float32, **model_parallel):
+    """megatron.core TransformerConfig computing scifm's decoder; ConfigError for what it cannot.
+    `model_parallel`: Megatron's ModelParallelConfig keys (tensor_model_parallel_size, sequence_parallel)."""
     from megatron.core.transformer import TransformerConfig
 
     refuse_unsupported(cfg)
@@ -138,6 +139,7 @@ def megatron_config(cfg: ModelConfig, *, params_dtype: torch.dtype = torch.float
         fp16=params_dtype == torch.float16,
         # weights are usually replaced by scifm's (to_megatron); CPU initialisation also runs without CUDA
         use_cpu_initialization=True,
+        **model_parallel,
         **(_moe_keys(cfg) if has_moe_layers(cfg) else {}),
     )
 

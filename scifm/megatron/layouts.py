@@ -54,3 +54,17 @@ def experts_from_megatron(per_expert: list[torch.Tensor]) -> list[torch.Tensor]:
     w3_EMF = torch.stack([up_FM.T for _, up_FM in gate_up])
     w2_EFM = torch.stack([fc2_MF.T for fc2_MF in fc2s_MF])
     return [w1_EMF, w3_EMF, w2_EFM]
+
+
+def shard(full: torch.Tensor, dim: int, stride: int, rank: int, world: int) -> torch.Tensor:
+    """A tensor-parallel rank's slice as Megatron partitions a weight (its partition_dim and
+    partition_stride): `full` cut along `dim` into stride x world chunks, of which the rank holds
+    chunks rank, rank + world, ... (stride 2: gated fc1's [gate; up] -> [gate_r; up_r])."""
+    chunks = full.chunk(stride * world, dim=dim)
+    return torch.cat(chunks[rank::world], dim=dim).contiguous()
+
+
+def unshard(parts: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of shard: the whole tensor from every rank's slice, rank 0 first."""
+    pieces = [p.chunk(stride, dim=dim) for p in parts]
+    return torch.cat([rank_pieces[s] for s in range(stride) for rank_pieces in pieces], dim=dim)

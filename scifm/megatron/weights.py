@@ -131,6 +131,11 @@ def _plan(cfg: ModelConfig) -> list[_Group]:
     return groups
 
 
+def megatron_sources(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """scifm decoder tensor name -> the Megatron tensors it is computed from."""
+    return {name: g.megatron for g in _plan(cfg) for name in g.scifm}
+
+
 Step = tuple[tuple[str, ...], tuple[str, ...], Callable[[Tensors], Tensors]]
 
 

@@ -38,6 +38,16 @@ def router_z_sum(logits_TE: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TE.float(), dim=-1).square().sum()
 
 
+def router_scores(logits_TE: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> scores_TE (what experts are chosen and weighted by), probs_TE (rows sum to 1: the
+    load-balance loss's router probabilities)."""
+    if score_func == "softmax":
+        scores_TE = logits_TE.softmax(dim=-1)
+        return scores_TE, scores_TE
+    scores_TE = logits_TE.sigmoid()
+    return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+
 def sum_in_this_process(stat: torch.Tensor) -> torch.Tensor:
     """MoE.reduce_stats of a single process: its batch is the global batch."""
     return stat
@@ -69,13 +79,7 @@ class Router(nn.Module):
                 logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
         else:
             logits_TE = self.gate(x_TD).float()
-        if self.score_func == "softmax":
-            scores_TE = logits_TE.softmax(dim=-1)
-            probs_TE = scores_TE
-        else:
-            scores_TE = logits_TE.sigmoid()
-            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
-
+        scores_TE, probs_TE = router_scores(logits_TE, self.score_func)
         choice_TE = scores_TE.detach() + self.expert_bias
         if self.n_groups > 1:
             choice_TE = self._mask_groups(choice_TE)
@@ -104,10 +108,16 @@ class Router(nn.Module):
 
         Pass counts summed over every data-parallel rank so that all ranks keep the same bias.
         """
-        if self.bias_update_rate == 0:
-            return
-        load_E = tokens_per_expert_E.to(self.expert_bias)
-        self.expert_bias.add_(self.bias_update_rate * torch.sign(load_E.mean() - load_E))
+        update_expert_bias(self.expert_bias, tokens_per_expert_E, self.bias_update_rate)
+
+
+@torch.no_grad()
+def update_expert_bias(expert_bias_E: torch.Tensor, tokens_per_expert_E: torch.Tensor, rate: float) -> None:
+    """In place: expert_bias_E += rate * sign(mean_load - load) (nothing at rate 0)."""
+    if rate == 0:
+        return
+    load_E = tokens_per_expert_E.to(expert_bias_E)
+    expert_bias_E.add_(rate * torch.sign(load_E.mean() - load_E))
 
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype, int, int], bool] = {}
@@ -202,8 +212,8 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad_x, torch.full((), ctx.scale, dtype=torch.float32, device=grad_x.device), None
 
 
-class MoE(nn.Module):
-    """Routed experts (+ optional shared experts) replacing the dense feed-forward.
+class RoutingStatistics(nn.Module):
+    """One MoE layer's auxiliary losses and routing statistics, from what its router computed.
 
     The auxiliary losses are nonlinear in batch statistics, so they are computed from sums that
     `reduce_stats` takes over the global batch: under data parallelism parallel/ sets it to an
@@ -216,26 +226,86 @@ class MoE(nn.Module):
       z_loss            scalar: already multiplied by z_loss_coef
     Training forwards also add tokens_per_expert into `tokens_per_expert_acc` for the bias update.
     Activation-checkpoint recompute counts a layer twice, which does not change sign(mean - load).
+
+    MoE below is one; a layer computed by other code (an engine's) can keep its statistics in one too.
     """
 
-    def __init__(self, d_model: int, cfg: MoEConfig):
+    def __init__(self, cfg: MoEConfig):
         super().__init__()
         self.n_experts = cfg.n_experts
         self.top_k = cfg.top_k
-        self.capacity_factor = cfg.capacity_factor
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
-        self.router = Router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_ffn)
-        self.shared_experts = (
-            SwiGLU(d_model, cfg.n_shared_experts * cfg.expert_ffn) if cfg.n_shared_experts > 0 else None
-        )
         self.register_buffer("tokens_per_expert_acc", torch.zeros(cfg.n_experts), persistent=False)
         self.last_stats: dict[str, torch.Tensor] = {}
         # the trainer sets 1 / micro-batches per step, so aux losses are averaged like the LM loss
         self.aux_grad_scale = 1.0
         # sums a statistic over every token of the global batch; identity in one process
         self.reduce_stats: Callable[[torch.Tensor], torch.Tensor] = sum_in_this_process
+
+    def attach_aux_losses(self, x: torch.Tensor, probs_TE: torch.Tensor, logits_TE: torch.Tensor,
+                          routed_E: torch.Tensor, n_dropped: int) -> torch.Tensor:
+        """x unchanged, with the load-balance and z-losses attached to its backward (probs_TE and
+        logits_TE as Router.forward returns them, routed_E the assignments per expert); records the
+        statistics."""
+        lb_loss, z_loss, counts_E, dropped = self._aux_losses(probs_TE, logits_TE, routed_E, n_dropped)
+        self._record_stats(counts_E, dropped, lb_loss, z_loss)
+        return _AttachAuxLoss.apply(x, lb_loss + z_loss, self.aux_grad_scale)
+
+    def _aux_losses(
+        self, probs_TE: torch.Tensor, logits_TE: torch.Tensor, routed_E: torch.Tensor, n_dropped: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> load-balance loss, z-loss, routed counts [E], dropped count; all over the global batch."""
+        E = self.n_experts
+        # one reduction per layer; float64 keeps the counts exact at any batch size
+        local = torch.cat([
+            probs_TE.sum(dim=0).double(),
+            router_z_sum(logits_TE).double()[None],
+            routed_E.double(),
+            torch.tensor([logits_TE.shape[0], n_dropped], dtype=torch.float64, device=routed_E.device),
+        ])
+        prob_sum_E, z_sum, counts_E, n_tokens, dropped = self.reduce_stats(local).split([E, 1, E, 1, 1])
+        counts_E, n_tokens = counts_E.detach(), n_tokens.detach()
+        lb_loss = self.aux_loss_coef * load_balance_loss(prob_sum_E, n_tokens, counts_E, self.top_k)
+        z_loss = self.z_loss_coef * (z_sum / n_tokens).squeeze(0)
+        return lb_loss.float(), z_loss.float(), counts_E.float(), dropped.detach().float().squeeze(0)
+
+    @torch.no_grad()
+    def _record_stats(
+        self, routed_E: torch.Tensor, dropped: torch.Tensor, lb_loss: torch.Tensor, z_loss: torch.Tensor
+    ) -> None:
+        if self.training:
+            self.tokens_per_expert_acc.add_(routed_E)
+        self.last_stats = {
+            "tokens_per_expert": routed_E,
+            "dropped_tokens": dropped,
+            "load_balance_loss": lb_loss.detach(),
+            "z_loss": z_loss.detach(),
+        }
+
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """The router's expert-bias update from a step's counts (pop_tokens_per_expert())."""
+        raise NotImplementedError
+
+    def pop_tokens_per_expert(self) -> torch.Tensor:
+        """Counts accumulated since the last call (over micro-batches), then reset to zero."""
+        counts_E = self.tokens_per_expert_acc.clone()
+        self.tokens_per_expert_acc.zero_()
+        return counts_E
+
+
+class MoE(RoutingStatistics):
+    """Routed experts (+ optional shared experts) replacing the dense feed-forward; its routing
+    statistics and auxiliary losses as RoutingStatistics describes."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(cfg)
+        self.capacity_factor = cfg.capacity_factor
+        self.router = Router(d_model, cfg)
+        self.experts = GroupedExperts(cfg.n_experts, d_model, cfg.expert_ffn)
+        self.shared_experts = (
+            SwiGLU(d_model, cfg.n_shared_experts * cfg.expert_ffn) if cfg.n_shared_experts > 0 else None
+        )
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         B, S, D = x_BSD.shape
@@ -257,27 +327,7 @@ class MoE(nn.Module):
             out_TD = out_TD + self.shared_experts(x_TD)
 
         n_dropped = experts_A.numel() - order_A.numel()
-        lb_loss, z_loss, counts_E, dropped = self._aux_losses(probs_TE, logits_TE, routed_E, n_dropped)
-        self._record_stats(counts_E, dropped, lb_loss, z_loss)
-        return _AttachAuxLoss.apply(out_TD.view(B, S, D), lb_loss + z_loss, self.aux_grad_scale)
-
-    def _aux_losses(
-        self, probs_TE: torch.Tensor, logits_TE: torch.Tensor, routed_E: torch.Tensor, n_dropped: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> load-balance loss, z-loss, routed counts [E], dropped count; all over the global batch."""
-        E = self.n_experts
-        # one reduction per layer; float64 keeps the counts exact at any batch size
-        local = torch.cat([
-            probs_TE.sum(dim=0).double(),
-            router_z_sum(logits_TE).double()[None],
-            routed_E.double(),
-            torch.tensor([logits_TE.shape[0], n_dropped], dtype=torch.float64, device=routed_E.device),
-        ])
-        prob_sum_E, z_sum, counts_E, n_tokens, dropped = self.reduce_stats(local).split([E, 1, E, 1, 1])
-        counts_E, n_tokens = counts_E.detach(), n_tokens.detach()
-        lb_loss = self.aux_loss_coef * load_balance_loss(prob_sum_E, n_tokens, counts_E, self.top_k)
-        z_loss = self.z_loss_coef * (z_sum / n_tokens).squeeze(0)
-        return lb_loss.float(), z_loss.float(), counts_E.float(), dropped.detach().float().squeeze(0)
+        return self.attach_aux_losses(out_TD.view(B, S, D), probs_TE, logits_TE, routed_E, n_dropped)
 
     def _sort_assignments(
         self, experts_A: torch.Tensor, weights_A: torch.Tensor, routed_E: torch.Tensor
@@ -296,25 +346,6 @@ class MoE(nn.Module):
         rank_A = torch.arange(order_A.numel(), device=order_A.device) - start_E[experts_A[order_A]]
         return order_A[rank_A < capacity], routed_E.clamp(max=capacity)
 
-    @torch.no_grad()
-    def _record_stats(
-        self, routed_E: torch.Tensor, dropped: torch.Tensor, lb_loss: torch.Tensor, z_loss: torch.Tensor
-    ) -> None:
-        if self.training:
-            self.tokens_per_expert_acc.add_(routed_E)
-        self.last_stats = {
-            "tokens_per_expert": routed_E,
-            "dropped_tokens": dropped,
-            "load_balance_loss": lb_loss.detach(),
-            "z_loss": z_loss.detach(),
-        }
-
     def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
         """See Router.update_bias; typically fed with pop_tokens_per_expert() after each step."""
         self.router.update_bias(tokens_per_expert_E)
-
-    def pop_tokens_per_expert(self) -> torch.Tensor:
-        """Counts accumulated since the last call (over micro-batches), then reset to zero."""
-        counts_E = self.tokens_per_expert_acc.clone()
-        self.tokens_per_expert_acc.zero_()
-        return counts_E

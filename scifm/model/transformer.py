@@ -12,7 +12,7 @@ from scifm.model.attention import Attention
 from scifm.model.config import ModelConfig
 from scifm.model.kv_cache import LayerKV
 from scifm.model.layers import RMSNorm, SwiGLU
-from scifm.model.moe import MoE
+from scifm.model.moe import MoE, RoutingStatistics
 
 
 class TransformerBlock(nn.Module):
@@ -38,8 +38,10 @@ class TransformerBlock(nn.Module):
         return h_BSD + ffn(self.ffn_norm(h_BSD))
 
 
-def moe_layers(model: nn.Module) -> list[MoE]:
-    return [m for m in model.modules() if isinstance(m, MoE)]
+def moe_layers(model: nn.Module) -> list[RoutingStatistics]:
+    """Each MoE layer's routing statistics in module order: scifm's MoE modules themselves, or what
+    an engine computing the layers elsewhere keeps in their place."""
+    return [m for m in model.modules() if isinstance(m, RoutingStatistics)]
 
 
 def count_params(model: nn.Module, cfg: ModelConfig) -> tuple[int, int]:

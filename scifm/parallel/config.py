@@ -10,7 +10,7 @@ PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZB
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 
 
-ENGINES = ("native", "deepspeed")
+ENGINES = ("native", "deepspeed", "megatron")
 
 
 @dataclass
@@ -23,7 +23,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class ParallelConfig:
-    engine: str = "native"  # native | deepspeed
+    engine: str = "native"  # native | deepspeed | megatron
     dp_replicate: int = 1  # HSDP replicas (gradients all-reduced between them)
     dp_shard: int = 1  # FSDP2 shards
     tp: int = 1
@@ -45,6 +45,8 @@ class ParallelConfig:
         require(self.engine in ENGINES, "parallel.engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.engine == "deepspeed":
             self._validate_deepspeed()
+        if self.engine == "megatron":
+            self._validate_megatron()
         for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep", "pp_virtual_stages"):
             require(getattr(self, key) >= 1, f"parallel.{key}", f"must be >= 1, got {getattr(self, key)}")
         require(self.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
@@ -71,6 +73,23 @@ class ParallelConfig:
                 f"got {self.mixed_precision!r}")
         require(self.ep == 1, "parallel.ep", "engine=deepspeed shards experts with ZeRO like every other weight "
                 f"(expert parallelism runs under engine=native), got ep={self.ep}")
+
+    def _validate_megatron(self) -> None:
+        """What engine=megatron does not run; the model's own limits are megatron_engine.check_megatron's."""
+        for key, why in (("pp", "pipeline stages"),
+                         ("dp_shard", "sharded data parallelism (its replicas are parallel.dp_replicate)")):
+            require(getattr(self, key) == 1, f"parallel.{key}",
+                    f"engine=megatron runs tensor (and sequence), expert and data-parallel replicas, not {why}; "
+                    f"got {key}={getattr(self, key)}")
+        require(self.ep in (1, self.tp), "parallel.ep",
+                f"engine=megatron splits the experts over the tp ranks only (ep = tp, each rank holding ep-th of "
+                f"the experts whole), got ep={self.ep} with tp={self.tp}")
+        require(self.mixed_precision == "fp32", "parallel.mixed_precision",
+                "engine=megatron keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
+                f"got {self.mixed_precision!r}")
+        require(self.activation_checkpoint == "none", "parallel.activation_checkpoint",
+                f"engine=megatron does not recompute activations, got {self.activation_checkpoint!r}")
+        require(not self.compile, "parallel.compile", "engine=megatron does not compile its blocks")
 
     def _validate_pipeline(self, n_layers: int, n_microbatches: int) -> None:
         schedule, v = self.pp_schedule, self.pp_virtual_stages

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -20,7 +21,9 @@ class DistContext:
     rank: int
     world_size: int
     device: torch.device
-    mesh: object | None  # DeviceMesh when world_size > 1
+    mesh: object | None  # DeviceMesh when world_size > 1, or under an engine that needs process groups
+    # what an engine set up over the process groups (Megatron's parallel state), torn down before them
+    on_shutdown: list[Callable[[], None]] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
@@ -80,10 +83,14 @@ def init_distributed(cfg: ParallelConfig, model: ModelConfig, device: torch.devi
     dims.validate(model, world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size == 1:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size == 1 and cfg.engine != "megatron":
         return DistContext(dims, 0, 1, device, None)
+    if world_size == 1 and not dist.is_initialized():
+        # Megatron-Core keeps its parallel state in process groups, even for one process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
     mesh = dims.build_mesh(device.type)
     return DistContext(dims, dist.get_rank(), world_size, device, mesh)
 
@@ -91,6 +98,9 @@ def init_distributed(cfg: ParallelConfig, model: ModelConfig, device: torch.devi
 def shutdown(ctx: DistContext) -> None:
     """Barrier then destroy: gloo's threads can abort the interpreter at exit otherwise
     (docs/architecture.md, "Lessons from gloo on CPU"); the entry point then leaves with os._exit."""
+    for teardown in reversed(ctx.on_shutdown):
+        teardown()
+    ctx.on_shutdown.clear()
     if ctx.distributed:
         dist.barrier()
         dist.destroy_process_group()

@@ -18,12 +18,15 @@ def _group_key(g: torch.Tensor):
 
 
 @torch.no_grad()
-def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group: dist.ProcessGroup | None = None,
+                   counted=None) -> torch.Tensor:
     """Clips in place when max_norm > 0; returns the total 2-norm (identical on every rank).
-    `pp_group`: the pipeline-parallel group when `parameters` are this rank's stages only."""
+    `pp_group`: the group over which the ranks hold different parameters (pipeline stages; an
+    engine's tensor-parallel slices), whose squares are summed. `counted`: the parameters the norm
+    counts when not all (a tensor replicated over that group counted on one rank only)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     groups: dict = {}
-    for g in grads:
+    for g in grads if counted is None else [p.grad for p in counted if p.grad is not None]:
         groups.setdefault(_group_key(g), []).append(g)
     total_sq = torch.zeros((), dtype=torch.float64)
     for key, members in groups.items():

@@ -27,6 +27,7 @@ from scifm.hf.pretrained import pretrained_model_config
 from scifm.parallel.distributed import dims_of
 from scifm.parallel.deepspeed_engine import require_deepspeed
 from scifm.parallel.fp8 import resolve_fp8
+from scifm.parallel.megatron_engine import check_megatron
 from scifm.train.dashboards import require_wandb
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
@@ -64,6 +65,8 @@ def check_before_work(cfg: RunConfig) -> None:
     dims_of(cfg.parallel).validate(cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.parallel.engine == "deepspeed":
         require_deepspeed()
+    if cfg.parallel.engine == "megatron":
+        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, pick_device(cfg.trainer.device, "trainer.device"))
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
     require_wandb(cfg.trainer.wandb)

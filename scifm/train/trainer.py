@@ -43,6 +43,7 @@ from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.deepspeed_engine import deepspeed_optimizer, initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
+from scifm.parallel.megatron_engine import check_megatron, initialize_megatron
 from scifm.parallel.memory import memory_report
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
@@ -79,6 +80,8 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     device = pick_device(cfg.trainer.device, "trainer.device")
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
+    if cfg.parallel.engine == "megatron":
+        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, device)
     require_wandb(cfg.trainer.wandb)
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
@@ -184,6 +187,12 @@ class Trainer:
                 grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                 loss_fn=scaled_cross_entropy, autocast=autocast)
             self.model = self.runner.model
+        elif cfg.parallel.engine == "megatron":
+            # the decoder moves into Megatron's GPTModel; the optimizer is built over the result
+            self.runner = initialize_megatron(model, ctx, cfg.parallel, scaled_cross_entropy, autocast,
+                                              partial(build_optimizer, cfg=tc))
+            self.model, self.optimizer = self.runner.model, self.runner.optimizer
+            self.scheduler = build_scheduler(self.optimizer, tc)
         else:
             self.runner = parallelize(model, ctx, cfg.parallel, scaled_cross_entropy, autocast)
             self.model = self.runner.model  # this rank's (sharded) modules

@@ -16,12 +16,25 @@ from pathlib import Path
 
 import pytest
 
+# one thread per xdist worker, for it and the processes it starts: two workers with torch's default of a
+# thread per core oversubscribe the cores, and OpenMP threads that spin waiting for a descheduled peer
+# made two concurrent 30-step training runs take 536 s against 68 s with one thread each (2 cores)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # keep every cache a test run makes inside pytest's temp area, never in the user's home
 os.environ.setdefault("SCIFM_CACHE", str(Path(os.environ.get("TMPDIR", "/tmp")) / "scifm-test-cache"))
 # DeepSpeed compiles its CPU ops (shared-memory all-reduce, CPU Adam) once into torch's extension cache
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(os.environ["SCIFM_CACHE"]) / "torch_extensions"))
 
 SMALL_CORPUS_DOCS = 150  # per source
+
+
+def pytest_configure(config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)  # torch may be imported before OMP_NUM_THREADS was set
 
 
 def pytest_collection_modifyitems(config, items) -> None:

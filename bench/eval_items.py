@@ -4,9 +4,10 @@ decoding every row's whole text after every token (the rule before it), side by 
 
 Each round runs, in turn, the multiple-choice items, the short-answer items with the incremental
 check and the same items with the full decode, so that load on the machine hits all alike. Prints
-medians, the spread (max / min over rounds) and full/incremental per generation budget; checks that
-both checks give the same predictions. Random weights seldom write the stop string (a newline), so
-rows run to the budget: the most stop checks per item.
+medians, the spread (max / min over rounds) and full/incremental per generation budget, also for the
+stop checks alone on the generated rows; checks that both checks give the same predictions. Random
+weights seldom write the stop string (a newline), so rows run to the budget: the most stop checks
+per item.
 Run: python bench/eval_items.py [--rounds 5]
 """
 
@@ -16,6 +17,7 @@ import argparse
 import itertools
 import statistics
 import time
+from collections import defaultdict
 from dataclasses import replace
 
 import torch
@@ -61,6 +63,12 @@ def items_of(kind: type, n: int, tokenizer, cfg) -> list:
     return [replace(item, id=f"{item.id}#{k}") for k, item in enumerate(itertools.islice(itertools.cycle(pool), n))]
 
 
+def feed(check: type, tokenizer, rows: list[list[int]]) -> None:
+    for ids in rows:
+        matcher = check(tokenizer, ("\n",))
+        any(matcher.add(token) for token in ids)
+
+
 def timed(fn) -> tuple[float, dict]:
     t0 = time.perf_counter()
     out = fn()
@@ -90,7 +98,8 @@ def main() -> None:
 
     incremental = generate.StopMatcher
     checks = {"incremental": incremental, "full decode": FullDecodeStop}
-    times: dict[str, list[float]] = {"multiple choice": []} | {f"{c} {b}": [] for b in BUDGETS for c in checks}
+    times: dict[str, list[float]] = defaultdict(list)
+    rows: dict[int, list[list[int]]] = {}
     multiple_choice(), short_answer(incremental, BUDGETS[0])  # warm-up: kernel probes, allocator
     for _ in range(args.rounds):
         times["multiple choice"].append(timed(multiple_choice)[0])
@@ -101,7 +110,13 @@ def main() -> None:
                 times[f"{name} {budget}"].append(seconds)
                 predictions.append([s["prediction"] for s in out["samples"]])
             assert predictions[0] == predictions[1], "the two stop checks disagree"
+            rows[budget] = [tokenizer.encode_text(p) for p in predictions[0]]
     generate.StopMatcher = incremental
+    # the stop checks alone, fed the generated rows (re-encoded from their text) token by token
+    for _ in range(args.rounds):
+        for budget in BUDGETS:
+            for name, check in checks.items():
+                times[f"{name} check {budget}"].append(timed(lambda: feed(check, tokenizer, rows[budget]))[0])
     med = {name: statistics.median(t) for name, t in times.items()}
     spread = {name: max(t) / min(t) for name, t in times.items()}
     print(f"tiny model, {args.rounds} rounds, batch {BATCH}, torch {torch.__version__}, "
@@ -113,6 +128,10 @@ def main() -> None:
         print(f"  short answer, max_new_tokens {budget:3d}: incremental {N_SHORT_ANSWER / med[inc]:6.1f} items/s "
               f"(spread {spread[inc]:.2f}), full decode {N_SHORT_ANSWER / med[full]:6.1f} items/s "
               f"(spread {spread[full]:.2f}), full/incremental time {med[full] / med[inc]:.2f}")
+        inc, full = f"incremental check {budget}", f"full decode check {budget}"
+        print(f"    the stop checks alone: incremental {med[inc] * 1e3:6.1f} ms (spread {spread[inc]:.2f}), "
+              f"full decode {med[full] * 1e3:6.1f} ms (spread {spread[full]:.2f}), "
+              f"full/incremental {med[full] / med[inc]:.1f}")
 
 
 if __name__ == "__main__":

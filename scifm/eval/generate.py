@@ -35,7 +35,8 @@ class StopMatcher:
     A new occurrence ends in the newest ids' text, so of the text before them only the last
     (longest stop - 1) characters are kept. Ids are decoded together until their text ends at a
     character boundary, i.e. not in U+FFFD, which is also what a byte-level token's unfinished UTF-8
-    sequence decodes to; the decode of ids split at such a boundary is the two decodes joined.
+    sequence decodes to: split at such a boundary, the tokenizer's decode (byte-level BPE, domain
+    vocabularies, specials) is the two decodes joined.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):

@@ -15,8 +15,8 @@ from scifm.data.documents import Document
 from scifm.data.encode import EncodedDocument, encode_document
 from scifm.data.packing import Chunk, Row, collate_rows, placeholder_features
 from scifm.core.errors import DataError
-from scifm.eval import short_answer
-from scifm.eval.generate import generate_greedy, generate_greedy_ids
+from scifm.eval import generate, short_answer
+from scifm.eval.generate import StopMatcher, generate_greedy, generate_greedy_ids
 from scifm.eval.scoring import proportion
 from scifm.eval.short_answer import evaluate_short_answer
 from scifm.eval.tasks import ShortAnswerItem
@@ -231,3 +231,55 @@ def test_short_answer_end_to_end_on_a_forced_model(tiny, tokenizer):
     assert [s["prediction"] for s in out["samples"]] == [" 42 kelvin."] * 3
     assert [s["correct"] for s in out["samples"]] == [True, True, False]
     assert out["by_skill"]["phys"]["value"] == pytest.approx(2 / 3)
+
+
+class FullDecodeStop:
+    """The stop check before StopMatcher, the reference: decode all of a row's ids at every step."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop, self.ids = tokenizer, stop, []
+
+    def add(self, token: int) -> bool:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        return any(s in text for s in self.stop)
+
+
+def first_stop(matcher, ids: list[int]) -> int | None:
+    return next((k for k, tok in enumerate(ids) if matcher.add(tok)), None)
+
+
+def test_incremental_stop_check_equals_full_decode(tokenizer):
+    # characters this tokenizer splits into byte tokens (ï, é, →, 🧪: each token decodes to U+FFFD
+    # alone), a molecule and LaTeX in their own vocabularies, newlines that are tokens of their own
+    texts = [" 42 kelvin.\nNext", "naïve café → 🧪 Å²\n\nend", "x <smiles>CCO</smiles> $\\alpha^2$ end."]
+    cases = 0
+    split = 0  # stops found that no single token's text holds: the incremental check must join tokens
+    for text in texts:
+        ids = tokenizer.encode_text(text)
+        pieces = [tokenizer.decode([i]) for i in ids]
+        full = tokenizer.decode(ids)
+        substrings = {full[a : a + n] for n in range(1, 5) for a in range(len(full) - n + 1)}
+        for stop in [(s,) for s in sorted(substrings)] + [("\ufffd",), ("",), ("é", "\n\n"), ("zz", "end")]:
+            want = first_stop(FullDecodeStop(tokenizer, stop), ids)
+            assert first_stop(StopMatcher(tokenizer, stop), ids) == want, (text, stop)
+            cases += 1
+            split += want is not None and not any(s in p for s in stop for p in pieces)
+    assert cases > 150 and split > 50
+
+
+def test_generation_with_stops_equals_the_full_decode_rule(tiny, tokenizer, monkeypatch):
+    model, enc = tiny
+    contexts = [MOL_PROMPT, text("Water boils at"), text("The codon AUG codes for the amino acid"), text("Q:")]
+    kw = {"max_new_tokens": 8, "seq_len": 128, "batch_size": 4}
+    free = generate_greedy_ids(model, tokenizer, enc, contexts, stop=(), **kw)
+    # per row, the two characters around the boundary of its 5th and 6th tokens: stops split across
+    # tokens, each ending some row where the full decode ends it (the texts follow from the ids)
+    stop = []
+    for ids in free:
+        head, longer = tokenizer.decode(ids[:5]), tokenizer.decode(ids[:6])
+        stop.append(head[-1] + longer[len(head)])
+    got = generate_greedy_ids(model, tokenizer, enc, contexts, stop=tuple(stop), **kw)
+    monkeypatch.setattr(generate, "StopMatcher", FullDecodeStop)
+    assert got == generate_greedy_ids(model, tokenizer, enc, contexts, stop=tuple(stop), **kw)
+    assert sum(map(len, got)) < sum(map(len, free))  # the stops cut rows short

@@ -28,9 +28,30 @@ def _encode_prompt(context: list[dict], tokenizer, enc_cfg: EncodersConfig, base
     return doc
 
 
-def _stopped(tokenizer, ids: list[int], stop: tuple[str, ...]) -> bool:
-    text = tokenizer.decode(ids)
-    return any(s in text for s in stop)
+class StopMatcher:
+    """Whether a row's text (the decode of its ids so far) contains a stop string, told one id at a
+    time; the same answer as decoding every id at every step, up to the first True.
+
+    A new occurrence ends in the newest ids' text, so of the text before them only the last
+    (longest stop - 1) characters are kept. Ids are decoded together until their text ends at a
+    character boundary, i.e. not in U+FFFD, which is also what a byte-level token's unfinished UTF-8
+    sequence decodes to: split at such a boundary, the tokenizer's decode (byte-level BPE, domain
+    vocabularies, specials) is the two decodes joined.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.keep = max((len(s) - 1 for s in stop), default=0)
+        self.tail = ""  # the last `keep` characters of the settled ids' text
+        self.pending: list[int] = []  # ids whose text may still change
+
+    def add(self, token: int) -> bool:
+        self.pending.append(token)
+        piece = self.tokenizer.decode(self.pending)
+        text = self.tail + piece
+        if not piece.endswith("\ufffd"):
+            self.tail, self.pending = text[max(len(text) - self.keep, 0):], []
+        return any(s in text for s in self.stop)
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -54,6 +75,7 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
     logits_BSV = model(batch.input_ids, **batch.model_kwargs(), cache=cache)
     last_BV = logits_BSV[torch.arange(B, device=device), lengths_B - 1]
     generated: list[list[int]] = [[] for _ in range(B)]
+    stops = [StopMatcher(tokenizer, stop) for _ in range(B)]
     done = [b <= 0 for b in budgets]
     for step in range(max_new_tokens):
         # the decoder vocabulary is padded past the tokenizer's: those ids are never targets
@@ -65,7 +87,7 @@ def _generate_batch(model, tokenizer, docs: list[EncodedDocument], placeholders:
                 done[r] = True
                 continue
             generated[r].append(tok)
-            done[r] = len(generated[r]) >= budgets[r] or _stopped(tokenizer, generated[r], stop)
+            done[r] = len(generated[r]) >= budgets[r] or stops[r].add(tok)
         if all(done):
             break
         # finished rows are fed too (rows never interact); what they produce is ignored

@@ -173,8 +173,15 @@ def swiglu_experts(
     """SwiGLU of expert e on its tokens_per_expert_E[e] rows of x_AD (sorted by expert).
 
     A function of the weights so that expert parallelism can run it on this rank's experts.
-    `expert_mm` (GroupedExperts.expert_mm) replaces the per-expert matmul.
+    `expert_mm` (GroupedExperts.expert_mm) replaces the per-expert matmul. Under autocast every
+    path computes in the autocast dtype and returns it.
     """
+    device_type = x_AD.device.type
+    if torch.is_autocast_enabled(device_type):
+        # autocast does not cover _grouped_mm, and the tokens arrive in fp32 (from RMSNorm): cast as
+        # autocast casts an nn.Linear, so the grouped GEMM does not run in fp32 (the weights stay fp32)
+        dtype = torch.get_autocast_dtype(device_type)
+        x_AD, w1_EDF, w3_EDF, w2_EFD = (t.to(dtype) for t in (x_AD, w1_EDF, w3_EDF, w2_EFD))
     weights = (w1_EDF, w3_EDF, w2_EFD)
     if expert_mm is None and use_grouped_mm and _grouped_mm_usable(weights):
         # same three ops whatever the counts, so every rank issues identical work under EP/TP
@@ -319,10 +326,11 @@ class MoE(RoutingStatistics):
         order_A, counts_E = self._sort_assignments(experts_A, weights_A, routed_E)
 
         token_A = order_A // self.top_k
-        y_AD = self.experts(x_TD[token_A], counts_E)
+        # weighted and summed in the input's dtype (fp32 under autocast, where the experts give bf16
+        # rows): index_add_ takes one dtype, and the sum over top_k keeps the input's precision
+        y_AD = self.experts(x_TD[token_A], counts_E).to(x_TD.dtype)
         y_AD = y_AD * weights_A[order_A, None].to(y_AD.dtype)
-        # summed in the input's dtype: under autocast the per-expert matmuls give bf16 rows
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD.to(x_TD.dtype))
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_A, y_AD)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 

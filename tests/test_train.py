@@ -160,3 +160,16 @@ def test_compiled_blocks_train_like_eager_ones(corpus_dir, tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert all(abs(compiled[s] - eager[s]) <= 1e-5 * abs(eager[s]) for s in eager), (eager, compiled)
+
+
+def test_tied_embeddings_are_saved_once_and_tied_again_on_resume_and_export(make_config, tmp_path):
+    """tie_embeddings: one tensor under two names, which safetensors refuses to write twice."""
+    from scifm.train.export import load_checkpoint_model
+
+    common = ("model.tie_embeddings=true", "trainer.max_steps=3", "trainer.log_every=1", "trainer.val_every=100",
+              "trainer.ckpt_every=2", "data.val_batches=1", "trainer.batch_size=4", "data.seq_len=64")
+    train(make_config(*common), tmp_path / "full")
+    train(make_config(*common, f"resume={tmp_path / 'full/checkpoints/step_2'}"), tmp_path / "resumed")
+    assert losses(tmp_path / "resumed")[3] == losses(tmp_path / "full")[3]  # bit-exact on CPU in fp32
+    model, _, _ = load_checkpoint_model(tmp_path / "full/checkpoints/step_3")
+    assert model.output.weight is model.tok_embeddings.weight

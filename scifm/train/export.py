@@ -26,7 +26,7 @@ from scifm.hf.tokenizer_files import write_hf_tokenizer
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import check_compatible, load_tokenizer
-from scifm.train.sharded_state import load_model_weights
+from scifm.train.sharded_state import load_model_weights, saved_names
 
 
 def _permissions_from_umask(path: Path) -> None:
@@ -53,7 +53,7 @@ def load_checkpoint_model(ckpt: Path) -> tuple[ScientificMoE, ScientificTokenize
     cfg = saved_run_config(ckpt)
     tokenizer = load_tokenizer(ckpt)
     model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
-    check_compatible(ckpt, {k: v.shape for k, v in model.state_dict().items()})
+    check_compatible(ckpt, {k: v.shape for k, v in saved_names(model.state_dict()).items()})
     load_model_weights(ckpt, model)
     return model.eval(), tokenizer, cfg
 

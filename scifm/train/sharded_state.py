@@ -26,6 +26,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torch.distributed.tensor import DTensor
+
 from scifm.core.errors import CheckpointError
 
 MODEL_DIR = "model"
@@ -45,6 +47,29 @@ def _quiet_single_process():
         yield
 
 
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """{name: the earlier name holding the same tensor}: tied weights (model.tie_embeddings) are one
+    tensor under two names, which safetensors refuses to write twice; the first name is the one saved."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, t in state.items():
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        if local.numel() == 0:
+            continue
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
+def saved_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state as a checkpoint holds it: tied aliases left out."""
+    aliases = tied_aliases(state)
+    return {name: t for name, t in state.items() if name not in aliases}
+
+
 def async_save_groups(distributed: bool) -> dict[str, dist.ProcessGroup | None]:
     """Collective: one gloo group per directory that save_sharded writes in the background. Each
     async save runs its collectives on its own thread; two saves sharing a group interleave them in
@@ -62,7 +87,7 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     threads whose collectives run on those groups, never interleaved with training's."""
     if states is None:
         optim_state = get_optimizer_state_dict(model, optimizer)
-        states = get_model_state_dict(model), _flat_optimizer_tensors(optim_state), optim_state["param_groups"]
+        states = saved_names(get_model_state_dict(model)), _flat_optimizer_tensors(optim_state), optim_state["param_groups"]
     model_state, optim_flat, param_groups = states
     futures = []
     with _quiet_single_process():
@@ -99,9 +124,11 @@ def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, 
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Collective (or one process): fills this rank's shards of the model weights."""
     model_state = get_model_state_dict(model)
+    aliases = tied_aliases(model_state)
+    saved = {name: t for name, t in model_state.items() if name not in aliases}
     with _quiet_single_process():
-        dcp.load(model_state, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
-    set_model_state_dict(model, model_state)
+        dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
+    set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()})
 
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -61,7 +61,7 @@ from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.plots import write_plots
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
-from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors
+from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors, saved_names
 from scifm.train.step import (
     Evaluation,
     apply_update,
@@ -169,7 +169,7 @@ class Trainer:
             if ctx.is_main:
                 print(line, flush=True)
         self.total_params, self.active_params = count_params(model, cfg.model)
-        self.full_shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.full_shapes = {k: v.shape for k, v in saved_names(model.state_dict()).items()}
         self.vocab = model.output.out_features
         model, autocast = model.to(ctx.device), autocast_for(tc.precision, ctx.device)
         self.fp8 = None

@@ -151,8 +151,10 @@ def test_fp8_model_runs_under_bf16_autocast_as_on_a_gpu(make_config, tokenizer):
 
 
 def test_fp8_training_reaches_the_fp32_loss(make_config, tmp_path, scaled_mm_calls):
-    """200 steps from the same seed on the same batches: within 2% of fp32's final validation loss,
-    with the layers converted and FP8 matmuls run (the test fails if FP8 is silently off)."""
+    """200 steps from the same seed on the same batches: no more than 2% above fp32's final validation
+    loss, with the layers converted and FP8 matmuls run (the test fails if FP8 is silently off). One-sided:
+    FP8's rounding sends the run down another trajectory, which can land lower (measured 2.4% below
+    fp32, 3.528 against 3.615, with one thread; within 2% with two), and only a higher loss is harm."""
     steps = ("trainer.max_steps=200", "trainer.val_every=1000", "trainer.log_every=50", "trainer.ckpt_every=0",
              "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=2")
     fp32 = train(make_config(*steps, "trainer.precision=fp32"), tmp_path / "fp32")
@@ -161,7 +163,7 @@ def test_fp8_training_reaches_the_fp32_loss(make_config, tmp_path, scaled_mm_cal
     assert fp8["fp8"]["backend"] == "torchao" and fp8["fp8"]["linear_layers"] > 0 and fp8["fp8"]["expert_blocks"] > 0
     assert scaled_mm_calls[0] > 200 * fp8["fp8"]["expert_blocks"] * 9  # 3 matmuls x (forward + 2 backward)
     assert fp8["final_val_loss"] != fp32["final_val_loss"]
-    assert abs(fp8["final_val_loss"] / fp32["final_val_loss"] - 1) < 0.02, (fp8["final_val_loss"], fp32["final_val_loss"])
+    assert fp8["final_val_loss"] / fp32["final_val_loss"] < 1.02, (fp8["final_val_loss"], fp32["final_val_loss"])
 
 
 @pytest.fixture(scope="module")

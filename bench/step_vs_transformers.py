@@ -1,0 +1,101 @@
+"""One training step of scifm against transformers' Qwen3-MoE at the same shape, with the same weights:
+forward, loss, backward, gradient clipping and AdamW, as each library trains (scifm: its ModelRunner,
+cross-entropy and the optimizer its trainer builds; transformers: the model's own loss and the fused
+AdamW its Trainer uses from torch 2.8 on). fp32 and bf16 autocast; the variants alternate within each
+round so that load on the machine hits them alike. Before timing, the two models' logits are compared
+on the batch (same weights, so a different computation would show). Prints parameter counts, medians,
+spreads (max / min over rounds) and scifm / transformers per precision.
+Run: python bench/step_vs_transformers.py [--shape small|big] [--precisions fp32 bf16] [--rounds 7]
+     [--batch 4] [--seq 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from scifm.hf.architectures import QWEN3_MOE, hf_config
+from scifm.hf.model_files import decoder_tensors, write_weights
+from text_step import CLIP, SHAPES, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step
+
+
+def as_transformers(model) -> torch.nn.Module:
+    """The same weights in transformers' Qwen3-MoE, through the files `scifm export hf` writes."""
+    with tempfile.TemporaryDirectory() as hf_dir:
+        config = hf_config(model.cfg, QWEN3_MOE, VOCAB, {"bos": 0, "eos": 1, "pad": 2})
+        (Path(hf_dir) / "config.json").write_text(json.dumps(config), encoding="utf-8")
+        write_weights(decoder_tensors(model), QWEN3_MOE, Path(hf_dir), 2**40, torch.float32)
+        return transformers.AutoModelForCausalLM.from_pretrained(hf_dir).train()
+
+
+def transformers_step(model, batch: TextBatch, precision: str):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+    autocast = autocast_of(precision)
+
+    def step() -> None:
+        with autocast:  # transformers shifts the labels inside its loss
+            loss = model(input_ids=batch.input_ids, labels=batch.input_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def count(params) -> float:
+    return sum(p.numel() for p in params) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    args = parser.parse_args()
+    cfg = model_config(args.shape, args.seq)
+    ours = build_model(cfg)
+    theirs = as_transformers(ours)
+    batch = TextBatch.random(args.batch, args.seq)
+    with torch.no_grad():
+        diff = (ours(batch.input_ids, **batch.model_kwargs()) - theirs(input_ids=batch.input_ids).logits).abs().max().item()
+    assert diff < 1e-4, f"the two models disagree on the logits (max |diff| {diff:.2e}): not the same computation"
+
+    steps = {}
+    for precision in args.precisions:
+        steps[f"scifm {precision}"] = scifm_step(ours, batch, precision)
+        steps[f"transformers {precision}"] = transformers_step(theirs, batch, precision)
+    for step in steps.values():  # warm-up: the optimizers' moments, kernel probes, the allocator
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+
+    decoder = [p for n, p in ours.named_parameters() if not n.startswith("encoders.")]
+    encoders = [p for n, p in ours.named_parameters() if n.startswith("encoders.")]
+    print(f"shape {args.shape}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, "
+          f"{cfg.moe.n_experts} experts top-{cfg.moe.top_k} width {cfg.moe.expert_ffn}, vocab {VOCAB}; "
+          f"batch {args.batch} x {args.seq}; {args.rounds} rounds, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+    print(f"parameters: scifm decoder {count(decoder):.2f}M (+ {count(encoders):.2f}M in encoders a text batch "
+          f"leaves idle), transformers {count(theirs.parameters()):.2f}M; logits max |diff| {diff:.1e}")
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in times.items():
+        print(f"  {name:18s} median {medians[name] * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}")
+    for precision in args.precisions:
+        print(f"scifm / transformers ({precision}): {medians[f'scifm {precision}'] / medians[f'transformers {precision}']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,9 +34,12 @@ def _swap(spec, old: type, new: type):
 
 def build_megatron_decoder(cfg: ModelConfig, vocab_size: int, *, params_dtype: torch.dtype = torch.float32,
                            **model_parallel):
-    """A Megatron GPTModel (embedding, pre-norm blocks, final norm, output layer; all in one pipeline
-    stage) that computes scifm's decoder: `to_megatron` fills it from a ScientificMoE's decoder tensors
-    and its parameter count equals theirs. What is compared is the transformer: scifm's modality encoders
+    """A Megatron GPTModel (embedding, pre-norm blocks, final norm, output layer) that computes scifm's
+    decoder: `to_megatron` fills it from a ScientificMoE's decoder tensors and its parameter count
+    equals theirs. Under pipeline parallelism (`pipeline_model_parallel_size` and a
+    `pipeline_model_parallel_layout` among `model_parallel`) it is this pp rank's stage, as Megatron's
+    parallel state places it: the embedding on the first, the final norm and output layer on the last,
+    its layers under local indices (`decoder.layers.0` is layer `layer_number - 1` of the model). What is compared is the transformer: scifm's modality encoders
     stay scifm modules, and their spliced embeddings enter through GPTModel's `decoder_input` ([S, B, M]),
     as Megatron's own multimodal models feed theirs. Packed documents become an `attention_mask`
     (True = masked) of scifm's document-causal mask; RoPE needs no restarted positions because each
@@ -47,6 +50,7 @@ def build_megatron_decoder(cfg: ModelConfig, vocab_size: int, *, params_dtype: t
     megatron_config's Megatron parallel keys, which must agree with it. Its forward needs CUDA, and so does
     construction under score_func=sigmoid, whose routers allocate the expert bias on the current CUDA device.
     """
+    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -55,4 +59,5 @@ def build_megatron_decoder(cfg: ModelConfig, vocab_size: int, *, params_dtype: t
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization="RMSNorm")
     # the final norm would be apex's FusedLayerNorm where apex is installed, and that has no RMSNorm
     spec = _swap(dataclasses.replace(spec, layer_norm=WrappedTorchNorm), WrappedTorchNorm, _TorchRMSNorm)
-    return GPTModel(config, spec, pre_process=True, post_process=True, **gpt_model_args(cfg, vocab_size))
+    return GPTModel(config, spec, pre_process=parallel_state.is_pipeline_first_stage(),
+                    post_process=parallel_state.is_pipeline_last_stage(), **gpt_model_args(cfg, vocab_size))

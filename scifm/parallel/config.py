@@ -8,6 +8,7 @@ from scifm.core.checks import require
 
 PP_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble")
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
+MEGATRON_SCHEDULES = ("1F1B",)
 
 
 ENGINES = ("native", "deepspeed", "megatron")
@@ -76,11 +77,12 @@ class ParallelConfig:
 
     def _validate_megatron(self) -> None:
         """What engine=megatron does not run; the model's own limits are megatron_engine.check_megatron's."""
-        for key, why in (("pp", "pipeline stages"),
-                         ("dp_shard", "sharded data parallelism (its replicas are parallel.dp_replicate)")):
-            require(getattr(self, key) == 1, f"parallel.{key}",
-                    f"engine=megatron runs tensor (and sequence), expert and data-parallel replicas, not {why}; "
-                    f"got {key}={getattr(self, key)}")
+        require(self.dp_shard == 1, "parallel.dp_shard",
+                "engine=megatron runs tensor (and sequence), expert, pipeline and data-parallel replicas, not "
+                f"sharded data parallelism (its replicas are parallel.dp_replicate); got dp_shard={self.dp_shard}")
+        require(self.pp == 1 or self.pp_schedule in MEGATRON_SCHEDULES, "parallel.pp_schedule",
+                f"engine=megatron pipelines with Megatron-Core's own schedule, {' or '.join(MEGATRON_SCHEDULES)}; "
+                f"got {self.pp_schedule!r}")
         require(self.ep in (1, self.tp), "parallel.ep",
                 f"engine=megatron splits the experts over the tp ranks only (ep = tp, each rank holding ep-th of "
                 f"the experts whole), got ep={self.ep} with tp={self.tp}")
@@ -111,7 +113,10 @@ class ParallelConfig:
             require(n_layers % n_stages == 0, "parallel.pp_split",
                     f"model.n_layers={n_layers} does not split evenly into pp={self.pp} x pp_virtual_stages={v} "
                     f"= {n_stages} stages; list the layers of each stage in parallel.pp_split")
-        # what torch's schedules accept (they raise only once the process groups exist)
+        # what torch's schedules accept (they raise only once the process groups exist); Megatron's
+        # 1F1B takes any number of micro-batches
+        if self.engine == "megatron":
+            return
         if schedule == "1F1B":
             require(n_microbatches >= self.pp, "trainer.grad_accum",
                     f"1F1B with pp={self.pp} needs at least {self.pp} micro-batches per step, got {n_microbatches}; "

@@ -5,10 +5,12 @@ run equals the native one; checkpoints stay scifm's layout-free ones under the n
 Megatron routes (its load balancing is off, scifm.megatron.config); each MoE layer's router output
 goes through a MegatronRouting, which computes scifm's load-balance and z-losses and statistics
 from the router's own logits and routing map and attaches them to the routing weights' backward.
-Tensor (and sequence) parallelism comes from Megatron's parallel state; a tensor-parallel weight is
-cut by Megatron's own partition attributes (partition_dim, partition_stride) from the full tensor
-and gathered back whole for checkpoints; under expert parallelism (over the tp ranks) each rank holds
-some experts whole. Data-parallel replicas average their gradients.
+Tensor (and sequence) and pipeline parallelism come from Megatron's parallel state; a tensor-parallel
+weight is cut by Megatron's own partition attributes (partition_dim, partition_stride) from the full
+tensor and gathered back whole for checkpoints; under expert parallelism (over the tp ranks) each rank
+holds some experts whole. Every step's micro-batches go through Megatron's own schedule (its 1F1B
+pipeline for parallel.pp > 1): scifm's embedding and encoders on the first stage, scifm's loss on the
+last. Data-parallel replicas average their gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
+from torch.overrides import TorchFunctionMode
 
 from scifm.core.checks import require
 from scifm.core.errors import ConfigError
@@ -40,11 +44,15 @@ from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.config import ParallelConfig
 from scifm.parallel.distributed import DistContext
 from scifm.parallel.grad_norm import clip_grad_norm
+from scifm.parallel.pipeline import layer_ranges, merge_stage_moe_stats, sum_over_stages
 from scifm.parallel.router_stats import apply_global_router_stats
-from scifm.parallel.runner import LossFn, ModelRunner
+from scifm.parallel.runner import LossFn, MicroBatch, ModelRunner, TargetLossFn, full_value
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 _EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)\.")  # Megatron's local expert index
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)\.")  # a pipeline stage's local layer index
+# Megatron counts each micro-batch's tokens for its own gradient finalisation, which scifm does not use
+_NO_TOKENS = torch.zeros((), dtype=torch.int)
 
 
 def check_megatron(cfg: ParallelConfig, model: ModelConfig, precision: str, device: torch.device) -> None:
@@ -79,6 +87,18 @@ def _quiet():
         logger.setLevel(level)
 
 
+class _CpuForCuda(TorchFunctionMode):
+    """Megatron-Core 0.16.1's schedules make their token counter with device="cuda" (their other
+    placements ask torch.cuda.current_device, which _patch_megatron points at the CPU); on a CPU
+    device, entered around a schedule, that tensor is made on the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") == "cuda":
+            kwargs = kwargs | {"device": "cpu"}
+        return func(*args, **kwargs)
+
+
 def _patch_megatron(device: torch.device) -> None:
     """Megatron-Core 0.16.1's router reads Transformer Engine's te_general_gemm, bound only when TE
     imports; None selects its torch.mm path. Its forward asks for the current CUDA device only to
@@ -100,13 +120,29 @@ def _expert_layout(ctx: DistContext) -> dict:
     return dict(expert_model_parallel_size=ctx.dims.ep, expert_tensor_parallel_size=1)
 
 
+def _schedule_keys(ctx: DistContext, cfg: ParallelConfig, n_layers: int) -> dict:
+    """Megatron's config for its schedules: the loss is scifm's summed, already scaled loss (per-token
+    mode: Megatron divides by neither tokens nor micro-batches), stages exchange fp32 hidden states
+    (the residual stream's dtype, autocast or not), and point-to-point operations are batched on CUDA
+    only (Megatron synchronises CUDA after a batch). With parallel.pp > 1 scifm's stages (an even split
+    or parallel.pp_split) are Megatron's layout, with the embedding on the first and the loss on the last."""
+    keys = dict(calculate_per_token_loss=True, pipeline_dtype=torch.float32, batch_p2p_comm=ctx.device.type == "cuda")
+    if ctx.dims.pp > 1:
+        stages = [["decoder"] * len(r) for r in layer_ranges(n_layers, ctx.dims.pp, cfg.pp_split)]
+        stages[0].insert(0, "embedding")
+        stages[-1].append("loss")
+        keys.update(pipeline_model_parallel_size=ctx.dims.pp, pipeline_model_parallel_layout=stages)
+    return keys
+
+
 def _init_parallel_state(ctx: DistContext) -> None:
-    """Megatron's groups over the process group scifm made (tp innermost, as in scifm's mesh); torn
-    down by shutdown(ctx). scifm has no dropout, so no random state is tracked per tp rank."""
+    """Megatron's groups over the process group scifm made (tp innermost and pp outermost, as in scifm's
+    mesh); torn down by shutdown(ctx). scifm has no dropout, so no random state is tracked per tp rank."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import initialize_rng_tracker
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=ctx.dims.tp, **_expert_layout(ctx),
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=ctx.dims.tp,
+                                             pipeline_model_parallel_size=ctx.dims.pp, **_expert_layout(ctx),
                                              create_gloo_process_groups=False)
     initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)  # its fork() draws nothing
     ctx.on_shutdown.append(parallel_state.destroy_model_parallel)
@@ -141,9 +177,11 @@ class MegatronRouting(RoutingStatistics):
 class MegatronScientificMoE(nn.Module):
     """ScientificMoE's forward with the decoder in Megatron: `front` is the ScientificMoE without its
     decoder, whose token embedding is Megatron's (vocab-parallel) one; its spliced embeddings enter
-    the GPTModel as decoder_input [S, B, M]."""
+    the GPTModel as decoder_input [S, B, M]. Under pipeline parallelism `front` is on the first stage
+    only (None elsewhere), `decoder` is this rank's stage, and a later stage's input is the hidden
+    state that Megatron's schedule receives and hands to the GPTModel (set_input_tensor)."""
 
-    def __init__(self, front: ScientificMoE, decoder: nn.Module, routing: list[MegatronRouting],
+    def __init__(self, front: ScientificMoE | None, decoder: nn.Module, routing: list[MegatronRouting],
                  sequence_parallel: bool, vocab_mesh: DeviceMesh | None):
         super().__init__()
         self.front = front
@@ -156,18 +194,21 @@ class MegatronScientificMoE(nn.Module):
                 items: dict | None = None, slot_index: dict | None = None) -> torch.Tensor:
         """Logits [B, S, V]: whole on every tensor-parallel rank, or with a vocab mesh a DTensor of
         each rank's vocabulary shard (which the runner's loss takes under torch's loss_parallel).
-        Megatron's RoPE counts positions 0..S-1; the document mask makes that scifm's per-document
-        positions (positions_BS)."""
+        Before the last pipeline stage, the stage's hidden state [S, B, M] (this rank's sequence part
+        under sequence parallelism). Megatron's RoPE counts positions 0..S-1; the document mask makes
+        that scifm's per-document positions (positions_BS)."""
         from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
 
-        h_SBM = self.front.embed(x, items or {}, slot_index or {}).transpose(0, 1).contiguous()
-        if self.sequence_parallel:
-            h_SBM = scatter_to_sequence_parallel_region(h_SBM)
-        logits_BSV = self.decoder(x, positions_BS, ~document_causal_mask(doc_ids_BS), decoder_input=h_SBM,
-                                  runtime_gather_output=self.vocab_mesh is None)
-        if self.vocab_mesh is not None:
-            logits_BSV = DTensor.from_local(logits_BSV, self.vocab_mesh, [Shard(2)], run_check=False)
-        return logits_BSV
+        h_SBM = None  # past the first stage: the received hidden state
+        if self.front is not None:
+            h_SBM = self.front.embed(x, items or {}, slot_index or {}).transpose(0, 1).contiguous()
+            if self.sequence_parallel:
+                h_SBM = scatter_to_sequence_parallel_region(h_SBM)
+        out = self.decoder(x, positions_BS, ~document_causal_mask(doc_ids_BS), decoder_input=h_SBM,
+                           runtime_gather_output=self.vocab_mesh is None)
+        if self.vocab_mesh is not None and self.decoder.post_process:
+            out = DTensor.from_local(out, self.vocab_mesh, [Shard(2)], run_check=False)
+        return out
 
 
 def _global_router_stats(routing: list[MegatronRouting], ctx: DistContext, sequence_parallel: bool) -> None:
@@ -202,51 +243,61 @@ def initialize_megatron(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
     # Megatron's CPU initialisation draws from torch's generator; the run's draws stay the native run's
     with torch.random.fork_rng(devices=[]), _quiet():
         decoder = build_megatron_decoder(model.cfg, model.output.out_features, tensor_model_parallel_size=ctx.dims.tp,
-                                         sequence_parallel=sequence_parallel, **_expert_layout(ctx))
-    front = model
-    front.tok_embeddings = decoder.embedding.word_embeddings
-    # the items are spliced into whole rows; GPTModel, given decoder_input, never calls its embedding
-    # itself, which under sequence parallelism would reduce-scatter the rows over the sequence
-    front.tok_embeddings.reduce_scatter_embeddings = False
-    front.layers, front.norm, front.output = nn.ModuleDict(), None, None
+                                         sequence_parallel=sequence_parallel, **_expert_layout(ctx),
+                                         **_schedule_keys(ctx, cfg, model.cfg.n_layers))
+    front = None  # the embedding and encoders: on the first pipeline stage only
+    if decoder.pre_process:
+        front = model
+        front.tok_embeddings = decoder.embedding.word_embeddings
+        # the items are spliced into whole rows; GPTModel, given decoder_input, never calls its embedding
+        # itself, which under sequence parallelism would reduce-scatter the rows over the sequence
+        front.tok_embeddings.reduce_scatter_embeddings = False
+        front.layers, front.norm, front.output = nn.ModuleDict(), None, None
     routing = [MegatronRouting(layer.mlp.router, model.cfg.moe) for layer in decoder.decoder.layers
                if hasattr(layer.mlp, "router")]
     _global_router_stats(routing, ctx, sequence_parallel)
     vocab_mesh = ctx.submesh("tp") if ctx.dims.tp > 1 and cfg.loss_parallel else None
     wrapper = MegatronScientificMoE(front, decoder, routing, sequence_parallel, vocab_mesh).to(ctx.device)
-    runner = MegatronRunner(wrapper, loss_fn, autocast, ctx, list(native_state), native_params)
+    runner = MegatronRunner(wrapper, model.cfg, loss_fn, autocast, ctx, list(native_state), native_params)
     runner.load_native(native_state)
     runner.optimizer = build_optimizer(wrapper)
     return runner
 
 
 class MegatronRunner(ModelRunner):
-    """ModelRunner over MegatronScientificMoE. After the micro-batches' backward it completes the
-    gradients Megatron leaves partial (summed over the tp ranks) and averages them over the
-    data-parallel replicas; checkpoints hold the native names' full tensors (from_megatron /
-    to_megatron, with the AdamW moments mapped as the weights they belong to). `native_names` and
+    """ModelRunner over MegatronScientificMoE. A step's micro-batches run through Megatron's schedule;
+    after it, the runner completes the gradients Megatron leaves partial (summed over the tp ranks) and
+    averages them over the data-parallel replicas; checkpoints hold the native names' full tensors
+    (from_megatron / to_megatron, with the AdamW moments mapped as the weights they belong to),
+    gathered over the tp, ep and pp ranks. `cfg`: the model's config; `native_names` and
     `native_params`: the native model's state-dict and parameter names."""
 
     gathers_checkpoint = True
 
-    def __init__(self, model: MegatronScientificMoE, loss_fn: LossFn, autocast, ctx: DistContext,
+    def __init__(self, model: MegatronScientificMoE, cfg: ModelConfig, loss_fn: LossFn, autocast, ctx: DistContext,
                  native_names: list[str], native_params: list[str]):
         super().__init__(model, loss_fn, autocast, ctx.device)
         from megatron.core import parallel_state
 
-        self.cfg = model.front.cfg
+        self.cfg = cfg
         self.optimizer: torch.optim.Optimizer | None = None  # set by initialize_megatron
         self.native_names, self.native_params = native_names, native_params
-        self.tp, self.dp, self.ep = ctx.dims.tp, ctx.dims.dp_size, ctx.dims.ep
+        self.tp, self.dp, self.ep, self.pp = ctx.dims.tp, ctx.dims.dp_size, ctx.dims.ep, ctx.dims.pp
         self.ep_rank = parallel_state.get_expert_model_parallel_rank() if self.ep > 1 else 0
         self.local_experts = self.cfg.moe.n_experts // self.ep
         self.dp_group = ctx.dp_group
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         assert self.ep == 1 or self.ep_rank == self.tp_rank  # _expert_layout: ep ranks are the tp group's
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group() if self.pp > 1 else None
+        self.model_parallel_group = parallel_state.get_model_parallel_group()  # tp x pp: what the norm sums over
+        layers = model.decoder.decoder.layers
+        self.layer_ids = [layer.layer_number - 1 for layer in layers]  # the model's index of each local layer
+        self.moe_layer_ids = [i for i, layer in zip(self.layer_ids, layers) if hasattr(layer.mlp, "router")]
         # every parameter once, under Megatron's decoder names or the native encoder names
-        self.params = dict(model.decoder.named_parameters()) | {
-            f"encoders.{n}": p for n, p in model.front.encoders.named_parameters()}
+        self.params = dict(model.decoder.named_parameters())
+        if model.front is not None:
+            self.params |= {f"encoders.{n}": p for n, p in model.front.encoders.named_parameters()}
         assert len(self.params) == len(list(model.parameters()))
         # decoder weights every tp rank holds whole but computes a part of the gradient of, which
         # Megatron's finalize_model_grads would sum: the q/k norms (this rank's heads) and, under
@@ -255,16 +306,66 @@ class MegatronRunner(ModelRunner):
                               and not getattr(p, "tensor_model_parallel", False)
                               and (model.sequence_parallel or "q_layernorm" in n or "k_layernorm" in n)]
 
-    # --- gradients ----------------------------------------------------------------------------
+    # --- Megatron's schedule --------------------------------------------------------------------
 
-    def forward_backward(self, micro, scale: float) -> torch.Tensor:
-        total = super().forward_backward(micro, scale)
+    def _schedule(self, micro: list[MicroBatch], loss: Callable, forward_only: bool) -> list:
+        """The micro-batches through Megatron's schedule for this layout (1F1B across the pp ranks, or
+        one after the other without a pipeline); `loss(labels_BS, logits_BSV)` gives (the tensor to
+        backpropagate, what to return). Returns what the last stage's losses returned, [] elsewhere."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        batches = iter([b.to(self.device) for b in micro])
+
+        def forward_step(data, decoder):
+            batch = next(data)
+            with self.autocast:
+                out = self.model(batch.input_ids, **batch.model_kwargs())
+
+            def reduce(logits_BSV):
+                backpropagated, returned = loss(batch.labels, logits_BSV)
+                return backpropagated, _NO_TOKENS, returned
+
+            return out, reduce
+
+        rows, seq_len = micro[0].input_ids.shape
+        # the last stage computes and backpropagates its loss inside the schedule
+        vocab_sharded = self.model.vocab_mesh is not None and self.model.decoder.post_process
+        with loss_parallel() if vocab_sharded else contextlib.nullcontext(), \
+                _CpuForCuda() if self.device.type == "cpu" else contextlib.nullcontext():
+            return get_forward_backward_func()(
+                forward_step_func=forward_step, data_iterator=batches, model=self.model.decoder,
+                num_microbatches=len(micro), seq_length=seq_len, micro_batch_size=rows, forward_only=forward_only)
+
+    def _over_stages(self, mine: torch.Tensor) -> torch.Tensor:
+        """Only the last pipeline stage has losses (the others give zeros): summed over the pp ranks."""
+        return mine if self.pp == 1 else sum_over_stages(mine, self.device, self.pp_group)
+
+    def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
+        def train_loss(labels_BS, logits_BSV):
+            loss = self.loss_fn(logits_BSV, labels_BS, scale)
+            return loss, loss.detach()
+
+        losses = self._schedule(micro, train_loss, forward_only=False)
+        total = self._over_stages(torch.tensor(sum(float(full_value(loss)) for loss in losses), dtype=torch.float64))
         for p in self.partial_grads:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=self.tp_group)
         if self.dp > 1:
             self._average_over_replicas()
         return total
+
+    @torch.no_grad()
+    def target_losses(self, batch: MicroBatch, loss_fn: TargetLossFn) -> torch.Tensor:
+        def target_loss(labels_BS, logits_BSV):
+            losses_BS = loss_fn(logits_BSV, labels_BS)
+            return losses_BS, losses_BS
+
+        out = self._schedule([batch], target_loss, forward_only=True)
+        mine = full_value(out[0]).double().cpu() if out else torch.zeros(batch.labels.shape, dtype=torch.float64)
+        return self._over_stages(mine)
+
+    def gather_moe_stats(self, stats: list[dict]) -> list[dict]:
+        return stats if self.pp == 1 else merge_stage_moe_stats(stats, self.moe_layer_ids, self.pp_group)
 
     def _average_over_replicas(self) -> None:
         """Plain data parallelism: every gradient averaged over the replicas (the loss scale counts
@@ -281,13 +382,14 @@ class MegatronRunner(ModelRunner):
             p.grad = g.view_as(p).clone()
 
     def clip_grad_norm(self, max_norm: float) -> float:
-        """The norm counts a tensor-parallel slice on every tp rank, a replicated tensor once."""
-        if self.tp == 1:
+        """The norm counts a tensor-parallel slice on every tp rank, a replicated tensor once, and each
+        pipeline stage's own tensors."""
+        if self.tp == 1 and self.pp == 1:
             return super().clip_grad_norm(max_norm)
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
         counted = [p for p in self.params.values() if param_is_not_tensor_parallel_duplicate(p, self.tp_group)]
-        return float(clip_grad_norm(self.params.values(), max_norm, self.tp_group, counted))
+        return float(clip_grad_norm(self.params.values(), max_norm, self.model_parallel_group, counted))
 
     # --- full tensors <-> this rank's -----------------------------------------------------------
 
@@ -297,27 +399,32 @@ class MegatronRunner(ModelRunner):
             self.ep > 1 and _EXPERT.search(name))
 
     def _global_name(self, name: str, ep_rank: int | None = None) -> str:
-        """The whole model's name of a local expert's tensor: local expert i of ep rank r is expert
-        r * E / ep + i (other names are the same everywhere)."""
+        """The whole model's name of a local tensor: a pipeline stage's local layer i is layer
+        layer_ids[i], and local expert i of ep rank r is expert r * E / ep + i."""
         rank = self.ep_rank if ep_rank is None else ep_rank
+        name = _LAYER.sub(lambda m: f"{m[1]}{self.layer_ids[int(m[2])]}.", name)
         return _EXPERT.sub(lambda m: f"{m[1]}{rank * self.local_experts + int(m[2])}.", name)
 
     def _whole(self, local: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-        """Collective: the whole model's tensors (CPU) from this rank's (Megatron's local names):
-        tensor-parallel slices gathered over tp, experts over ep."""
+        """Collective: the whole model's tensors (CPU) from this rank's (Megatron's local names and the
+        encoders'): tensor-parallel slices gathered over tp, experts over ep, stages over pp."""
         out = {}
         for name, t in local.items():
             param = self.params.get(name)
             if t is None:
-                out[name] = None
+                out[self._global_name(name)] = None
             elif self.ep > 1 and _EXPERT.search(name):
                 parts = self._all_gather(t.detach(), self.ep)
                 out.update({self._global_name(name, r): part for r, part in enumerate(parts)})
             elif self._sliced(name, param):
-                out[name] = layouts.unshard(self._all_gather(t.detach(), self.tp), param.partition_dim,
-                                            param.partition_stride)
+                out[self._global_name(name)] = layouts.unshard(self._all_gather(t.detach(), self.tp),
+                                                               param.partition_dim, param.partition_stride)
             else:
-                out[name] = t.detach().cpu()
+                out[self._global_name(name)] = t.detach().cpu()
+        if self.pp > 1:  # each stage holds its own layers, the first the embedding and encoders, the last the output
+            stages: list = [None] * self.pp
+            dist.all_gather_object(stages, out, group=self.pp_group)
+            out = {name: t for stage in stages for name, t in stage.items()}
         return out
 
     def _all_gather(self, t: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -333,9 +440,12 @@ class MegatronRunner(ModelRunner):
             return t
         return layouts.shard(t, param.partition_dim, param.partition_stride, self.tp_rank, self.tp)
 
-    def _megatron_state(self) -> dict:
-        """Megatron's decoder state (parameters and buffers), whole."""
-        return self._whole(self.model.decoder.state_dict())
+    def _whole_state(self) -> tuple[dict, dict]:
+        """Collective: (Megatron's decoder state (parameters and buffers), the encoders'), whole."""
+        local = self.model.decoder.state_dict()
+        if self.model.front is not None:
+            local |= {f"encoders.{k}": v for k, v in self.model.front.encoders.state_dict().items()}
+        return split_encoders(self._whole(local))
 
     def load_native(self, state: dict) -> None:
         """Weights and buffers from a native state dict (full tensors under the native names)."""
@@ -343,8 +453,9 @@ class MegatronRunner(ModelRunner):
         whole = to_megatron(decoder_state, self.cfg)
         local = {k: self._mine(whole, k) for k in self.model.decoder.state_dict() if not k.endswith("._extra_state")}
         self.model.decoder.load_state_dict(local, strict=True)
-        self.model.front.encoders.load_state_dict({k.removeprefix("encoders."): v for k, v in encoders.items()},
-                                                  strict=True)
+        if self.model.front is not None:
+            self.model.front.encoders.load_state_dict(
+                {k.removeprefix("encoders."): v for k, v in encoders.items()}, strict=True)
 
     def _native_moments(self, megatron_state: dict, key: str) -> dict[str, torch.Tensor]:
         """The AdamW moment `key` of every native parameter: Megatron's mapped as its weights are
@@ -360,9 +471,8 @@ class MegatronRunner(ModelRunner):
         """Collective: full weights and AdamW moments under the native names; each rank keeps every
         world_size-th tensor, and the ranks' tensors together are the checkpoint."""
         rank, world = dist.get_rank(), dist.get_world_size()
-        megatron_state = self._megatron_state()
-        model_state = from_megatron(megatron_state, self.cfg) | {
-            f"encoders.{k}": v.detach().cpu() for k, v in self.model.front.encoders.state_dict().items()}
+        megatron_state, encoders = self._whole_state()
+        model_state = from_megatron(megatron_state, self.cfg) | encoders
         moments = {key: self._native_moments(megatron_state, key) for key in MOMENTS}
         step = torch.tensor(max((float(s["step"]) for s in self.optimizer.state.values()), default=0.0))
         model_state = {n: t.clone() for i, (n, t) in enumerate(sorted(model_state.items())) if i % world == rank}
@@ -376,7 +486,7 @@ class MegatronRunner(ModelRunner):
     def _param_groups(self) -> list[dict]:
         """The optimizer's param groups under the native names of their parameters."""
         sources = megatron_sources(self.cfg)
-        names = {id(p): n for n, p in self.params.items()}
+        names = {id(p): self._global_name(n) for n, p in self.params.items()}
         groups = []
         for group in self.optimizer.param_groups:
             members = {names[id(p)] for p in group["params"]}

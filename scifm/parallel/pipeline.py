@@ -136,12 +136,6 @@ class PipelineRunner(ModelRunner):
         self._schedule_key = key
         return self.schedule
 
-    def _sum_over_stages(self, mine: torch.Tensor) -> torch.Tensor:
-        """Only the last stage has losses (the others hold zeros): after this, every pp rank has them."""
-        t = mine.to(self.device, torch.float64)  # nccl takes no CPU tensors
-        dist.all_reduce(t, group=self.pp_group)
-        return t.cpu()
-
     def forward_backward(self, micro: list[MicroBatch], scale: float) -> torch.Tensor:
         micro = [b.to(self.device) for b in micro]
         schedule = self._schedule_for(micro)
@@ -156,7 +150,7 @@ class PipelineRunner(ModelRunner):
             )
         # tp ranks of the last stage hold the same losses
         mine = sum(float(full_value(loss.detach())) for loss in losses)
-        return self._sum_over_stages(torch.tensor(mine, dtype=torch.float64))
+        return sum_over_stages(torch.tensor(mine, dtype=torch.float64), self.device, self.pp_group)
 
     @torch.no_grad()
     def target_losses(self, batch: MicroBatch, loss_fn: TargetLossFn) -> torch.Tensor:
@@ -179,15 +173,29 @@ class PipelineRunner(ModelRunner):
                     dist.send(x.contiguous(), group=self.pp_group, group_dst=self.stage_owner[s + 1])
         for stage in self.stages.values():
             reshard(stage)
-        return self._sum_over_stages(mine)
+        return sum_over_stages(mine, self.device, self.pp_group)
 
     def gather_moe_stats(self, stats: list[dict]) -> list[dict]:
-        """Every stage's MoE statistics in layer order, from this rank's (in moe_layer_ids order)."""
-        mine = {i: tree_map_only(torch.Tensor, torch.Tensor.cpu, s) for i, s in zip(self.moe_layer_ids, stats)}
-        parts: list = [None] * dist.get_world_size(self.pp_group)
-        dist.all_gather_object(parts, mine, group=self.pp_group)
-        merged = {i: s for part in parts for i, s in part.items()}
-        return [merged[i] for i in sorted(merged)]
+        return merge_stage_moe_stats(stats, self.moe_layer_ids, self.pp_group)
+
+
+def sum_over_stages(mine: torch.Tensor, device: torch.device, pp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Only the last stage has losses (the others hold zeros): after this, every pp rank has them
+    (float64, on the CPU)."""
+    t = mine.to(device, torch.float64)  # nccl takes no CPU tensors
+    dist.all_reduce(t, group=pp_group)
+    return t.cpu()
+
+
+def merge_stage_moe_stats(stats: list[dict], layer_ids: list[int], pp_group: dist.ProcessGroup) -> list[dict]:
+    """Collective over the pp ranks: every stage's MoE statistics in layer order, from this rank's
+    `stats` of its MoE layers `layer_ids` (the model's layer indices)."""
+    mine = {i: tree_map_only(torch.Tensor, torch.Tensor.cpu, s) for i, s in zip(layer_ids, stats)}
+    parts: list = [None] * dist.get_world_size(pp_group)
+    dist.all_gather_object(parts, mine, group=pp_group)
+    merged = {i: s for part in parts for i, s in part.items()}
+    return [merged[i] for i in sorted(merged)]
+
 
 def _gather_sequence_on_exit(stage: ScientificMoE, tp_mesh: DeviceMesh) -> None:
     """Under sequence parallelism a block returns its sequence shard; stages exchange whole sequences.

@@ -92,7 +92,8 @@ def require_deepspeed() -> None:
         raise ConfigError("parallel.engine=deepspeed: DeepSpeed is not installed; pip install -e '.[deepspeed]'")
 
 
-def deepspeed_optimizer(optimizer: torch.optim.AdamW, cfg, expert_group: str = "") -> tuple[torch.optim.Optimizer, list[int]]:
+def deepspeed_optimizer(optimizer: torch.optim.AdamW, cfg,
+                        expert_group: str = "") -> tuple[torch.optim.Optimizer, list[int]]:
     """`optimizer` (AdamW over the model's parameters) as DeepSpeed takes it, and for each of its
     param groups the index of the group of `optimizer` it came from. With `expert_group` (the name
     of DeepSpeed's expert groups), the expert parameters of each group move to a group of their own,
@@ -189,7 +190,8 @@ def _expert_groups_marker(group_name: str, ep: int, ep_group, edp_group) -> nn.M
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
             if group_name not in groups._get_expert_parallel_group_dict():
-                groups._create_expert_and_data_parallel(ep, use_data_before_expert_parallel_=use_data_before_expert_parallel_)
+                groups._create_expert_and_data_parallel(ep, use_data_before_expert_parallel_=
+                                                        use_data_before_expert_parallel_)
             theirs = (list(groups._get_expert_parallel_group_ranks(group_name)),
                       list(groups._get_expert_data_parallel_group_ranks(group_name)))
             ours = (dist.get_process_group_ranks(ep_group), dist.get_process_group_ranks(edp_group))
@@ -286,8 +288,8 @@ class DeepSpeedRunner(ModelRunner):
 
     def checkpoint_states(self) -> tuple[dict, dict, list]:
         """Collective: full fp32 weights and AdamW moments under the native names, gathered one
-        parameter at a time; each rank keeps every world_size-th tensor, so no rank holds the whole
-        model and the ranks' tensors together are the checkpoint."""
+        parameter at a time (experts whole over the ep group); each rank keeps every world_size-th
+        tensor, so no rank holds the whole model and the ranks' tensors together are the checkpoint."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         self._link_optimizer_state()
@@ -313,9 +315,10 @@ class DeepSpeedRunner(ModelRunner):
                 for key in ("exp_avg", "exp_avg_sq"):
                     optim[f"{name}::{key}"] = full[key].detach().cpu().clone()
                 optim[f"{name}::step"] = step.clone()
-        groups = self.optimizer.param_groups
-        param_groups = [{k: v for k, v in groups[self.group_origin.index(i)].items() if k not in ("params", "moe", "name")}
-                        | {"params": names} for i, names in enumerate(self.group_names)]
+        # each native group's hyper-parameters are those of the first of DeepSpeed's groups made from it
+        firsts = [self.optimizer.param_groups[self.group_origin.index(i)] for i in range(len(self.group_names))]
+        param_groups = [{k: v for k, v in g.items() if k not in ("params", "moe", "name")} | {"params": names}
+                        for g, names in zip(firsts, self.group_names)]
         return model_state, optim, param_groups
 
     def load_checkpoint_states(self, read: Callable[[str, list[str]], dict[str, torch.Tensor]],
@@ -366,4 +369,4 @@ class DeepSpeedRunner(ModelRunner):
                 if torch.distributed.get_rank() == 0:
                     p.data.copy_(value)
         else:
-            p.data.copy_(value)  # ZeRO 1/2: every rank holds the whole parameter
+            p.data.copy_(value)  # ZeRO 1/2: every rank holds the whole parameter (its block of the experts)

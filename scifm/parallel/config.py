@@ -67,13 +67,14 @@ class ParallelConfig:
                 f"needs zero_stage=3 (parameters are partitioned only there), got {ds.zero_stage}")
         for key in ("tp", "pp", "dp_replicate"):
             require(getattr(self, key) == 1, f"parallel.{key}",
-                    f"engine=deepspeed runs ZeRO data parallelism only (set parallel.dp_shard to the world size), "
-                    f"got {key}={getattr(self, key)}")
+                    f"engine=deepspeed runs ZeRO data parallelism, with parallel.ep over its ranks (set "
+                    f"parallel.dp_shard to the world size), got {key}={getattr(self, key)}")
         require(self.mixed_precision == "fp32", "parallel.mixed_precision",
                 "engine=deepspeed keeps fp32 weights; compute in bf16 with trainer.precision=bf16 (autocast), "
                 f"got {self.mixed_precision!r}")
-        require(self.ep == 1, "parallel.ep", "engine=deepspeed shards experts with ZeRO like every other weight "
-                f"(expert parallelism runs under engine=native), got ep={self.ep}")
+        require(self.ep == 1 or ds.zero_stage in (1, 2), "parallel.ep",
+                f"engine=deepspeed runs expert parallelism at zero_stage 1 or 2 (DeepSpeed's ZeRO-3 takes no MoE "
+                f"layers but its AutoEP's), got ep={self.ep} with zero_stage={ds.zero_stage}")
 
     def _validate_megatron(self) -> None:
         """What engine=megatron does not run; the model's own limits are megatron_engine.check_megatron's."""

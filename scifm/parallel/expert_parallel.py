@@ -24,6 +24,12 @@ scaled by tp / ep (= 1 / the dp ranks inside the ep group) in backward, so avera
 gradients over the data-parallel ranks that hold the same experts (dp_replicate x dp_shard_out;
 none when ep / tp == dp_shard and dp_replicate == 1), as FSDP does by default, gives the same
 result as averaging every other gradient over all dp ranks.
+
+`plain=True` is for an engine that partitions and reduces the parameters itself (DeepSpeed's
+ZeRO): the experts are this rank's block as plain tensors, and their gradient is left unscaled,
+since such an engine divides every gradient, the experts' included, by the whole data-parallel
+size and sums expert gradients over the ranks holding the same experts, which already gives the
+single-process gradient.
 """
 
 from __future__ import annotations
@@ -33,16 +39,17 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from scifm.core.errors import ConfigError
 from scifm.model.moe import GroupedExperts, swiglu_experts
 from scifm.model.transformer import moe_layers
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh | None = None) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh | None = None,
+                          plain: bool = False) -> None:
     """Shard the experts of every MoE in `model` over the 1-D `ep_mesh` (the "ep" mesh dimension,
-    which contains the tp ranks when `tp_mesh` is given).
+    which contains the tp ranks when `tp_mesh` is given); `plain`: see the module's docstring.
 
     Expects the full expert weights, identical on every rank; keeps this rank's block of them.
     """
@@ -55,7 +62,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, tp_mesh: Device
             raise ConfigError(
                 f"parallel.ep: n_experts={moe.n_experts} is not divisible by ep={ep_mesh.size()}"
             )
-        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, tp_mesh)
+        moe.experts = ExpertParallelExperts(moe.experts, ep_mesh, tp_mesh, plain)
 
 
 class ExpertParallelExperts(nn.Module):
@@ -64,7 +71,8 @@ class ExpertParallelExperts(nn.Module):
     Shape suffixes as in moe.py, plus R ep ranks, J local experts, N rows received.
     """
 
-    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh | None = None):
+    def __init__(self, experts: GroupedExperts, ep_mesh: DeviceMesh, tp_mesh: DeviceMesh | None = None,
+                 plain: bool = False):
         super().__init__()
         self.ep = ep_mesh.size()
         self.tp = tp_mesh.size() if tp_mesh is not None else 1
@@ -74,10 +82,11 @@ class ExpertParallelExperts(nn.Module):
         self.group = ep_mesh.get_group()
         self.use_grouped_mm = experts.use_grouped_mm
         self.expert_mm = experts.expert_mm  # set before sharding (FP8 converts first)
-        # src_data_rank=None: every rank holds the same full weights, so take the block, no scatter
-        self.w1 = nn.Parameter(distribute_tensor(experts.w1.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
-        self.w3 = nn.Parameter(distribute_tensor(experts.w3.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
-        self.w2 = nn.Parameter(distribute_tensor(experts.w2.detach(), ep_mesh, [Shard(0)], src_data_rank=None))
+        self.grad_scale = 1.0 if plain else self.tp / self.ep
+        for name in ("w1", "w3", "w2"):
+            # src_data_rank=None: every rank holds the same full weights, so take the block, no scatter
+            block = distribute_tensor(getattr(experts, name).detach(), ep_mesh, [Shard(0)], src_data_rank=None)
+            setattr(self, name, nn.Parameter(block.to_local() if plain else block))
 
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by global expert; tokens_per_expert_E[e] rows for expert e (zeros allowed)."""
@@ -100,8 +109,8 @@ class ExpertParallelExperts(nn.Module):
 
         x_ND = funcol.all_to_all_single(x_AD.contiguous(), recv_splits, send_splits, self.group)
         order_N = _expert_major_order(recv_RJ, sum(recv_splits))
-        scale = self.tp / self.ep
-        w1, w3, w2 = (_ScaleGrad.apply(w.to_local(), scale) for w in (self.w1, self.w3, self.w2))
+        w1, w3, w2 = (_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, self.grad_scale)
+                      for w in (self.w1, self.w3, self.w2))
         y_ND = swiglu_experts(x_ND[order_N], recv_RJ.sum(dim=0), w1, w3, w2, self.use_grouped_mm,
                               self.expert_mm)
         y_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)  # back to arrival order
@@ -156,7 +165,7 @@ class _SliceRows(torch.autograd.Function):
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale` (tp / ep on expert weights only)."""
+    """Identity forward; multiplies the gradient by `scale` (ExpertParallelExperts.grad_scale)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:

@@ -109,6 +109,13 @@ class ModelRunner:
         """Clips when max_norm > 0; the total gradient norm, identical on every rank."""
         return float(clip_grad_norm(self.model.parameters(), max_norm, self.pp_group))
 
+    def scheduler_state(self, scheduler) -> dict:
+        """The schedule's state with one entry per param group of the native optimizer (the checkpoint's)."""
+        return scheduler.state_dict()
+
+    def load_scheduler_state(self, scheduler, state: dict) -> None:
+        scheduler.load_state_dict(state)
+
     def gather_moe_stats(self, stats: list[dict]) -> list[dict]:
         """Every MoE layer's statistics in layer order, from this rank's (here: all of them)."""
         return stats

@@ -41,7 +41,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
-from scifm.parallel.deepspeed_engine import deepspeed_optimizer, initialize_deepspeed
+from scifm.parallel.deepspeed_engine import initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.megatron_engine import check_megatron, initialize_megatron
 from scifm.parallel.memory import memory_report
@@ -179,14 +179,12 @@ class Trainer:
             if ctx.is_main:
                 print(self.fp8.describe(), flush=True)
         if cfg.parallel.engine == "deepspeed":
-            # DeepSpeed partitions the optimizer built over the whole model's parameters
-            self.optimizer = deepspeed_optimizer(build_optimizer(model, tc), cfg.parallel.deepspeed)
-            self.scheduler = build_scheduler(self.optimizer, tc)
+            # DeepSpeed partitions the optimizer built over the model's (whole, or expert-parallel) parameters
             self.runner = initialize_deepspeed(
-                model, self.optimizer, self.scheduler, ctx, cfg.parallel, micro_batch=tc.batch_size,
-                grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
+                model, ctx, cfg.parallel, partial(build_optimizer, cfg=tc), partial(build_scheduler, cfg=tc),
+                micro_batch=tc.batch_size, grad_accum=tc.grad_accum, grad_clip=tc.grad_clip,
                 loss_fn=scaled_cross_entropy, autocast=autocast)
-            self.model = self.runner.model
+            self.model, self.optimizer, self.scheduler = self.runner.model, self.runner.optimizer, self.runner.scheduler
         elif cfg.parallel.engine == "megatron":
             # the decoder moves into Megatron's GPTModel; the optimizer is built over the result
             self.runner = initialize_megatron(model, ctx, cfg.parallel, scaled_cross_entropy, autocast,
@@ -236,7 +234,7 @@ class Trainer:
             self.runner.load_checkpoint_states(partial(read_full_tensors, ckpt), hyperparameters)
         else:
             load_sharded(ckpt, self.model, self.optimizer, hyperparameters)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.runner.load_scheduler_state(self.scheduler, state["scheduler"])
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -348,7 +346,7 @@ class Trainer:
         and the checkpoint becomes step_N (meta.json, rename) when the next save, the end of the
         run or a pre-emption waits for it."""
         train_state = {
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": self.runner.scheduler_state(self.scheduler),
             "torch_rng": torch.get_rng_state(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,

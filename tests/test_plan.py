@@ -48,7 +48,9 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
                              f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", "trainer.max_steps=1",
                              "data.val_batches=1", "trainer.tensorboard=false")
         measured = json.loads((run_dir / "memory.json").read_text())
-        plan = make_plan([*RUN, *layout, "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+        dims = {f"parallel.{k}": "1" for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep")}
+        dims |= dict(o.split("=") for o in layout)  # every size given: this layout alone
+        plan = make_plan([*RUN, *(f"{k}={v}" for k, v in dims.items()), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                           "parallel.activation_checkpoint=none", "parallel.mixed_precision=fp32",
                           f"plan.tokenizer={run_dir / 'tokenizer'}"])
         assert len(plan.rows) == 1

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from scifm.plan.layouts import only_layout
 from scifm.plan.planner import make_plan
 
 RUN = ["experiment=tiny", "trainer.batch_size=8", "trainer.grad_accum=2", "data.seq_len=128", "trainer.precision=fp32"]
@@ -57,7 +58,9 @@ def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path) -> 
     cmd = [*launcher, "-m", "scifm.train", *RUN, *layout, f"trainer.max_steps={STEPS}", "trainer.log_every=1",
            "trainer.val_every=1000", "data.val_batches=1", "trainer.tensorboard=false", f"hydra.run.dir={run_dir}",
            f"data.corpus_dir={corpus}", "data.corpus_max_docs_per_source=150"]  # the first run builds it
-    subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seen = [0] + [r["tokens_seen"] for r in records]
     seconds = [(seen[i + 1] - seen[i]) / r["tokens_per_s"] for i, r in enumerate(records)]
@@ -74,13 +77,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for name, (nproc, layout) in LAYOUTS.items():
-                run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_')}"
+                run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_').replace('=', '')}"  # "=" would split the override
                 measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus"))
-    predicted = {}
-    for name, (nproc, layout) in LAYOUTS.items():
-        plan = make_plan([*RUN, *layout, "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
-                          "parallel.activation_checkpoint=none", "parallel.mixed_precision=fp32", *hardware])
-        predicted[name] = plan.rows[0].time.total
+        predicted = {}
+        for name, (nproc, layout) in LAYOUTS.items():
+            plan = make_plan([*RUN, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+                              f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware])
+            predicted[name] = plan.rows[0].time.total
     base = statistics.median(measured["single"])
     print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s; {args.rounds} rounds of {STEPS} steps; "
           f"planner: {' '.join(hardware[1:])}")

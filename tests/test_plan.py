@@ -17,7 +17,7 @@ from scifm.model.attention import document_causal_mask
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.layers import rope_cos_sin
 from scifm.model.transformer import TransformerBlock
-from scifm.plan.layouts import Layout
+from scifm.plan.layouts import Layout, only_layout
 from scifm.plan.memory_model import LayoutSizes, block_activation_bytes
 from scifm.plan.planner import make_plan
 from scifm.plan.report import json_report, text_report
@@ -48,10 +48,7 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
                              f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", "trainer.max_steps=1",
                              "data.val_batches=1", "trainer.tensorboard=false")
         measured = json.loads((run_dir / "memory.json").read_text())
-        dims = {f"parallel.{k}": "1" for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep")}
-        dims |= dict(o.split("=") for o in layout)  # every size given: this layout alone
-        plan = make_plan([*RUN, *(f"{k}={v}" for k, v in dims.items()), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
-                          "parallel.activation_checkpoint=none", "parallel.mixed_precision=fp32",
+        plan = make_plan([*RUN, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                           f"plan.tokenizer={run_dir / 'tokenizer'}"])
         assert len(plan.rows) == 1
         predicted = plan.rows[0].memory

@@ -41,6 +41,15 @@ class Layout:
         return [f"parallel.{key}={getattr(p, key)}" for key in DIM_KEYS + CHOICE_KEYS] + split
 
 
+def only_layout(overrides: list[str]) -> list[str]:
+    """`parallel.*` overrides that fix one layout: those given, and ParallelConfig's defaults for every
+    other size and choice the planner would otherwise vary."""
+    default = ParallelConfig()
+    given = dict(o.split("=", 1) for o in overrides)
+    return [f"{key}={given.get(key, getattr(default, key.removeprefix('parallel.')))}"
+            for key in (f"parallel.{k}" for k in DIM_KEYS + CHOICE_KEYS)]
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 

@@ -121,7 +121,7 @@ def local_numel(t: Tensor, s: LayoutSizes, sharded: bool) -> int:
         shape[t.tp_dim] //= s.tp
     if sharded and s.fsdp and shape:
         shards = s.dp_shard_out if t.expert and s.ep > 1 else s.dp_shard
-        shape[0] = min(shape[0], math.ceil(shape[0] / shards))
+        shape[0] = math.ceil(shape[0] / shards)  # torch.chunk: the first ranks get the larger pieces
     return math.prod(shape)
 
 

@@ -40,7 +40,7 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
     """Parameters, gradients and optimizer state within 10% (the model follows the sharding code, so
     they come out exact); a step's peak above them (gradients, activations, buffers) within 25% of
     the largest any rank measured: the encoders' activations are not modeled, and routing at
-    initialisation is uneven (the ep=2 run's two ranks differ by 17%); measured -1% to -20%."""
+    initialisation is uneven (the ep=2 run's two ranks differ by 17%); measured -1% to -21%."""
     errors = {}
     for name, (nproc, layout) in LAYOUTS.items():
         run_dir = tmp_path / name

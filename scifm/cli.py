@@ -1,4 +1,4 @@
-"""The `scifm` command: train | data build | data tokenize | params | eval | export."""
+"""The `scifm` command: train | data build | data tokenize | params | plan | eval | export | submit | jobs."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ commands:
                             scifm token ids, read by data.sources=[{path:PREFIX,kind:indexed}]
   params [KEY=VALUE ...]    total and active parameter counts of a model config, built on the
                             meta device (e.g. scifm params model=paper_1t)
+  plan [--json] [KEY=VALUE ...]
+                            per-GPU memory and step time of every valid layout of a config on
+                            cluster.nodes x cluster.gpus_per_node GPUs (or the parallel.* given),
+                            ranked; hardware assumptions as plan.* keys (e.g. plan.gpu_memory_gb=80)
   eval checkpoint=PATH [eval.tasks=[...]] [eval.task_files=[...]] [KEY=VALUE ...]
                             evaluate a checkpoint, a run's checkpoints or a glob on built-in
                             and user tasks; writes results.json, report.md, samples/
@@ -79,22 +83,27 @@ def tokenize_main(args: argparse.Namespace) -> None:
 
 
 def params_main(overrides: list[str]) -> None:
-    import torch
-
-    from scifm.model.multimodal import ScientificMoE
-    from scifm.model.transformer import count_params
     from scifm.config import compose_run_config
+    from scifm.model.transformer import count_params
+    from scifm.plan.shapes import meta_model, vocab_sizes
 
     cfg = compose_run_config(overrides).model
     cfg.validate()
-    vocab = cfg.vocab_size or 32000
     # encoder input vocabularies come from a tokenizer; for counting, typical sizes suffice
-    sizes = {"total": vocab, "text": vocab, "latex": 1024, "protein": 32}
-    with torch.device("meta"):
-        model = ScientificMoE(cfg, sizes)
-    total, active = count_params(model, cfg)
+    total, active = count_params(meta_model(cfg, vocab_sizes(cfg)), cfg)
     print(f"model {cfg.name}: total {total:,} parameters ({total / 1e9:.3f} B), "
           f"active per token {active:,} ({active / 1e9:.3f} B)")
+
+
+def plan_main(argv: list[str]) -> None:
+    import json
+
+    from scifm.plan.planner import make_plan
+    from scifm.plan.report import json_report, text_report
+
+    as_json = "--json" in argv
+    plan = make_plan([a for a in argv if a != "--json"])
+    print(json.dumps(json_report(plan), indent=1) if as_json else text_report(plan))
 
 
 def export_hf_main(argv: list[str]) -> None:
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> None:
             data_main(rest)
         elif command == "params":
             params_main(rest)
+        elif command == "plan":
+            plan_main(rest)
         elif command == "eval":
             eval_main(rest)
         elif command == "export":

@@ -1,6 +1,12 @@
-"""Bytes of parameters, gradients and optimizer state this rank holds (its shards only)."""
+"""What a rank holds: bytes of parameters, gradients and optimizer state (its shards only), and the
+peak of what one training step allocates on top of them (activations, gradients, gathered
+weights, communication buffers), measured where the device's allocator lets us."""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -21,3 +27,62 @@ def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
         "optimizer_bytes": optim,
         "expert_param_bytes": sum(_local_bytes(p) for n, p in params if ".experts." in n),
     }
+
+
+@contextlib.contextmanager
+def step_peak_bytes(device: torch.device) -> Iterator[dict[str, int]]:
+    """Yields a dict that holds, once the block ends, `step_peak_bytes`: the largest amount the
+    block allocated on `device` above what was allocated when it began. CUDA: the caching
+    allocator's peak statistic. CPU: torch's profiler, which reports every CPU allocation and free
+    (the CPU allocator keeps no peak of its own)."""
+    result: dict[str, int] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield result
+        torch.cuda.synchronize(device)
+        result["step_peak_bytes"] = torch.cuda.max_memory_allocated(device) - start
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto prints a line as it starts and as it stops
+        prof.__enter__()
+    try:
+        yield result
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
+    result["step_peak_bytes"] = _peak_of_allocations(prof.profiler.kineto_results.experimental_event_tree())
+
+
+def _peak_of_allocations(roots) -> int:
+    """The highest running sum of allocation sizes (frees are negative) in time order; frees of
+    memory allocated before profiling began may take the sum below zero, so the peak is >= 0."""
+    allocation = torch._C._profiler._EventType.Allocation
+    events, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        if node.tag == allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null (the lines come from C++, past Python's sys.stderr)."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -11,6 +11,7 @@ summary and plots/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -44,7 +45,7 @@ from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.deepspeed_engine import initialize_deepspeed
 from scifm.parallel.fp8 import apply_fp8, resolve_fp8
 from scifm.parallel.megatron_engine import check_megatron, initialize_megatron
-from scifm.parallel.memory import memory_report
+from scifm.parallel.memory import memory_report, step_peak_bytes
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.checkpoint import (
@@ -281,17 +282,20 @@ class Trainer:
         t0 = time.perf_counter()
         micro = [self.loader.next_batch() for _ in range(self.tc.grad_accum)]
         tokens = self._count_targets_and_tokens(micro)
-        loss, grad_norm = train_step(self.runner, micro, self.ctx, self.tc.grad_clip)
+        first = self.step == self.start_step  # memory.json's step: measured once, in this process's first step
+        with step_peak_bytes(self.ctx.device) if first else contextlib.nullcontext({}) as peak:
+            loss, grad_norm = train_step(self.runner, micro, self.ctx, self.tc.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same verdict on every rank
             moe_stats = discard_update(self.optimizer, self.moes)
             self.step += 1
             self._after_nonfinite_step(loss, grad_norm)
             return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats, update_skipped=True)
         self.nonfinite_in_row = 0
-        with_grads = memory_report(self.model, self.optimizer) if self.step == self.start_step else None
+        with_grads = memory_report(self.model, self.optimizer) if first else None
         moe_stats = apply_update(self.optimizer, self.scheduler, self.moes, self.runner.applies_update)
         if with_grads is not None:  # optimizer state exists only after the first update
-            self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]})
+            self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]}
+                                      | peak)
         self.step += 1
         self.tokens_seen += tokens
         return StepResult(loss, grad_norm, tokens, time.perf_counter() - t0, moe_stats)
@@ -456,7 +460,7 @@ class Trainer:
         raise Preempted
 
     def _write_memory_report(self, report: dict) -> None:
-        """Rank 0 writes every rank's parameter, gradient and optimizer-state bytes."""
+        """Rank 0 writes every rank's parameter, gradient and optimizer-state bytes and its first step's peak."""
         reports = [report]
         if self.ctx.distributed:
             reports = [None] * self.ctx.world_size

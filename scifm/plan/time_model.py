@@ -1,0 +1,143 @@
+"""Seconds of one optimizer step under a layout, from FLOPs at the stated MFU and bytes over the
+stated bandwidths (formulas in FORMULAS, printed with every report).
+
+Compute is counted per rank, as the layout splits the work: tp divides attention, the dense FFN,
+shared experts and the output layer; the routed experts run whole on every tp rank unless ep spans
+the tp ranks (tensor_parallel.py leaves them replicated); the router runs whole everywhere; a
+pipeline rank runs its own stages' layers. TP, EP and pipeline transfers sit on the critical path;
+FSDP's all-gathers and reduce-scatters overlap the compute (FSDP2 prefetches the next block), so
+only the part longer than the compute counts. Not modeled: the modality encoders' FLOPs, routing
+imbalance, kernel launch and optimizer-step time, and the zero-bubble schedules' savings (their
+bubble is counted as Interleaved1F1B's, an upper bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scifm.config import RunConfig
+from scifm.parallel.pipeline import layer_ranges, stages_of_rank
+from scifm.plan.config import PlanConfig
+from scifm.plan.layouts import Layout
+from scifm.plan.memory_model import FP32, LayoutSizes, compute_dtype, tensors_numel
+from scifm.plan.shapes import ModelShapes
+
+FORMULAS = """\
+compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed blocks) / (peak x mfu)
+            forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*S*h*hd  (/tp),
+            dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
+            shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum
+tp        = blocks x micro-batches x 8 x (tp-1)/tp x tokens x d x act_bytes / bw   (4 collectives fwd, 4 bwd;
+            +4 per recomputed block)
+ep        = MoE blocks x micro-batches x [4 x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
+            + 2 x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw   (dispatch+combine fwd and bwd; tp all-gather)
+pp bubble = compute x (pp-1) / (virtual stages x micro-batches);  pp p2p = 2 x v x micro-batches x tokens x d x act_bytes / bw
+dp        = micro-batches x [(n-1)/n x gathered weights x (2 x gathered_bytes + 4)   (all-gather fwd+bwd, fp32 reduce-scatter)
+            + 2 x (r-1)/r x shard x 4]  / bw   (n = dp_shard, dp_shard_out for experts under ep; r = dp_replicate)
+            only max(0, dp - compute) counts: FSDP overlaps it with the compute
+bw        = intra_node_gbps when the group's ranks share a node (tp innermost, then ep, dp_shard, dp_replicate, pp
+            outermost), else inter_node_gbps
+step      = compute + tp + ep + pp bubble + pp p2p + exposed dp"""
+
+
+@dataclass
+class TimeBreakdown:
+    compute: float  # seconds, recomputation included
+    recompute: float  # of which recomputation
+    tp: float
+    ep: float
+    pp_bubble: float
+    pp_p2p: float
+    dp: float  # FSDP/HSDP communication, whole
+    dp_exposed: float  # the part not hidden behind the compute
+    tokens_per_step: int
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.ep + self.pp_bubble + self.pp_p2p + self.dp_exposed
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.total
+
+    def parts(self) -> dict[str, float]:
+        return {"compute": self.compute, "tp": self.tp, "ep": self.ep, "pp_bubble": self.pp_bubble,
+                "pp_p2p": self.pp_p2p, "dp_exposed": self.dp_exposed}
+
+
+def layer_forward_flops(shapes: ModelShapes, layer_id: int, s: LayoutSizes) -> float:
+    """Forward FLOPs per token of one decoder layer on one rank."""
+    cfg = shapes.cfg
+    qkv_o = 2 * cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.dim_per_head + 2 * cfg.n_heads * cfg.dim_per_head * cfg.d_model
+    # the document mask is arbitrary, so SDPA's kernels compute every query-key pair
+    scores = 4 * s.seq * cfg.n_heads * cfg.dim_per_head
+    flops = (qkv_o + scores) / s.tp
+    if layer_id < cfg.n_dense_layers:
+        return flops + 6 * cfg.d_model * cfg.ffn_hidden / s.tp
+    moe = cfg.moe
+    routed = moe.top_k * 6 * cfg.d_model * moe.expert_ffn / (s.tp if s.ep > 1 else 1)
+    shared = 6 * cfg.d_model * moe.n_shared_experts * moe.expert_ffn / s.tp
+    return flops + 2 * cfg.d_model * moe.n_experts + routed + shared
+
+
+def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanConfig, gpus_per_node: int) -> TimeBreakdown:
+    s = LayoutSizes(run, layout)
+    cfg = shapes.cfg
+    peak = plan.peak_flops(compute_dtype(run)) * plan.mfu
+    tokens = s.tokens * s.microbatches  # this data-parallel rank's tokens in one step
+    ranges = layer_ranges(cfg.n_layers, s.n_stages, s.split)
+    per_kind = {moe: layer_forward_flops(shapes, cfg.n_dense_layers if moe else 0, s) for moe in (False, True)}
+    worst = (0.0, 0.0, [], [])
+    for pp_rank in range(s.pp):
+        stages = stages_of_rank(pp_rank, s.pp, s.virtual, s.schedule) if s.pp > 1 else [0]
+        layer_ids = [i for st in stages for i in ranges[st]]
+        per_layer = [per_kind[i >= cfg.n_dense_layers] for i in layer_ids]
+        checkpointed = sum(f for k, f in enumerate(per_layer) if s.ac == "full" or (s.ac == "selective" and k % 2 == 0))
+        forward = sum(per_layer) + (2 * cfg.d_model * shapes.vocab / s.tp if s.n_stages - 1 in stages else 0)
+        flops = tokens * (3 * forward + checkpointed)
+        if flops > worst[0]:
+            worst = (flops, tokens * checkpointed, layer_ids, stages)
+    flops, recompute_flops, layer_ids, stages = worst
+    compute = flops / peak
+
+    def bandwidth(span: int) -> float:
+        """Bytes/s for a group whose ranks span `span` consecutive ranks."""
+        return (plan.intra_node_gbps if span <= max(gpus_per_node, 1) and gpus_per_node > 0 else plan.inter_node_gbps) * 1e9
+
+    d = layout.dims
+    a, m = s.act_bytes, s.microbatches
+    n_blocks = len(layer_ids)
+    n_recomputed = n_blocks if s.ac == "full" else (n_blocks + 1) // 2 if s.ac == "selective" else 0
+    residual = s.tokens * cfg.d_model * a
+    tp = 0.0
+    if s.tp > 1:
+        tp = m * (8 * n_blocks + 4 * n_recomputed) * (s.tp - 1) / s.tp * residual / bandwidth(s.tp)
+    ep = 0.0
+    n_moe = sum(1 for i in layer_ids if i >= cfg.n_dense_layers)
+    if s.ep > 1 and n_moe:
+        routed = s.tokens * cfg.moe.top_k * cfg.d_model * a
+        per_layer = 4 * (s.ep - 1) / s.ep * routed / s.tp + 2 * (s.tp - 1) / s.tp * routed
+        ep = m * n_moe * per_layer / bandwidth(s.ep)
+    pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
+    pp_p2p = 2 * s.virtual * m * residual / bandwidth(d.world_size // s.pp + 1) if s.pp > 1 else 0.0
+    dp = _dp_seconds(shapes, s, layer_ids, 0 in stages, s.n_stages - 1 in stages, bandwidth)
+    return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
+                         pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute),
+                         tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
+
+
+def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first: bool, last: bool, bandwidth) -> float:
+    """FSDP2 per micro-batch: all-gathers in forward and backward, a reduce-scatter of fp32 gradients,
+    and under HSDP an all-reduce of the gradient shards over the replicas."""
+    if not s.fsdp:
+        return 0.0
+    groups = [shapes.layers[i] for i in layer_ids] + [shapes.front] * first + [shapes.back] * last
+    replicas = s.dp // s.dp_shard
+    seconds = 0.0
+    for experts, shards in ((False, s.dp_shard), (True, s.dp_shard_out if s.ep > 1 else s.dp_shard)):
+        numel = sum(tensors_numel(group, s, False, experts) for group in groups)
+        seconds += (shards - 1) / shards * numel * (2 * s.gathered_bytes + FP32) / bandwidth(s.dp_shard * s.tp)
+        if replicas > 1:
+            seconds += 2 * (replicas - 1) / replicas * FP32 * numel / shards / bandwidth(s.dp * s.tp)
+    return s.microbatches * seconds
+

@@ -1,10 +1,12 @@
-"""Model FLOPs of the decoder per token, by part: the numerator of MFU and the compute of a step.
+"""Model FLOPs per token, by part: the numerator of MFU (bench/mfu.py) and the compute of the
+layout planner's step time (scifm.plan.time_model).
 
 A matmul of an [n, a] input with an [a, b] weight is 2ab FLOPs per row; a training step is three
-forward passes' worth (forward, then input and weight gradients). Attention scores and values are
-counted over the keys a causal query sees on average, (S + 1) / 2, as the work the problem needs
-(a kernel that computes masked blocks does more, which MFU then shows as waste). Norms, RoPE,
-activations and the router's softmax are left out: they are not matmuls and are small.
+forward passes' worth (forward, then input and weight gradients). Attention's scores and values
+cost 4 x heads x head_dim FLOPs per query and key: `keys_seen` says over how many keys, (S + 1) / 2
+for the model FLOPs of causal attention (the work the problem needs), S for what a kernel that
+computes every masked pair does. Norms, RoPE, activations and the router's softmax are left out:
+they are not matmuls and are small.
 """
 
 from __future__ import annotations
@@ -14,23 +16,35 @@ from scifm.model.config import ModelConfig
 TRAIN_PASSES = 3  # forward + backward (grad of inputs + grad of weights)
 
 
+def causal_keys(seq_len: int) -> float:
+    """Keys a causal query sees on average."""
+    return (seq_len + 1) / 2
+
+
+def layer_forward_flops(cfg: ModelConfig, moe: bool, keys_seen: float) -> dict[str, float]:
+    """Forward FLOPs per token of one decoder block (an MoE block, or a dense one), by part."""
+    d, q_out, kv_out = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.n_kv_heads * cfg.dim_per_head
+    parts = {"attention projections": 2 * d * (2 * q_out + 2 * kv_out),
+             "attention scores and values": 4 * q_out * keys_seen}
+    if not moe:
+        return parts | {"dense feed-forward": 2 * 3 * d * cfg.ffn_hidden}
+    m = cfg.moe
+    return parts | {"router": 2 * d * m.n_experts, "routed experts": m.top_k * 2 * 3 * d * m.expert_ffn,
+                    "shared experts": 2 * 3 * d * m.n_shared_experts * m.expert_ffn}
+
+
+def output_forward_flops(cfg: ModelConfig, vocab: int) -> float:
+    """The output layer's, per token; `vocab`: its rows (the padded vocabulary)."""
+    return 2 * cfg.d_model * vocab
+
+
 def decoder_forward_flops(cfg: ModelConfig, seq_len: int, vocab: int) -> dict[str, float]:
-    """Forward FLOPs per token of each part of the decoder, summed over its layers.
-    `vocab`: the output layer's rows (the padded vocabulary)."""
-    d, dh = cfg.d_model, cfg.dim_per_head
-    q_out, kv_out = cfg.n_heads * dh, cfg.n_kv_heads * dh
-    n_moe = cfg.n_layers - cfg.n_dense_layers
-    moe = cfg.moe
-    keys_seen = (seq_len + 1) / 2
-    return {
-        "attention projections": cfg.n_layers * 2 * d * (2 * q_out + 2 * kv_out),
-        "attention scores and values": cfg.n_layers * 2 * 2 * q_out * keys_seen,
-        "dense feed-forward": cfg.n_dense_layers * 2 * 3 * d * cfg.ffn_hidden,
-        "router": n_moe * 2 * d * moe.n_experts,
-        "routed experts": n_moe * moe.top_k * 2 * 3 * d * moe.expert_ffn,
-        "shared experts": n_moe * 2 * 3 * d * moe.n_shared_experts * moe.expert_ffn,
-        "output layer": 2 * d * vocab,
-    }
+    """Forward model FLOPs per token of the whole decoder by part, summed over its blocks (causal attention)."""
+    total: dict[str, float] = {}
+    for layer_id in range(cfg.n_layers):
+        for part, flops in layer_forward_flops(cfg, layer_id >= cfg.n_dense_layers, causal_keys(seq_len)).items():
+            total[part] = total.get(part, 0.0) + flops
+    return total | {"output layer": output_forward_flops(cfg, vocab)}
 
 
 def decoder_train_flops_per_token(cfg: ModelConfig, seq_len: int, vocab: int) -> float:

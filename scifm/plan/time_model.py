@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scifm.config import RunConfig
+from scifm.model.flops import layer_forward_flops, output_forward_flops
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.config import PlanConfig
 from scifm.plan.layouts import Layout
@@ -65,19 +66,17 @@ class TimeBreakdown:
                 "pp_p2p": self.pp_p2p, "dp_exposed": self.dp_exposed}
 
 
-def layer_forward_flops(shapes: ModelShapes, layer_id: int, s: LayoutSizes) -> float:
-    """Forward FLOPs per token of one decoder layer on one rank."""
-    cfg = shapes.cfg
-    qkv_o = 2 * cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.dim_per_head + 2 * cfg.n_heads * cfg.dim_per_head * cfg.d_model
-    # the document mask is arbitrary, so SDPA's kernels compute every query-key pair
-    scores = 4 * s.seq * cfg.n_heads * cfg.dim_per_head
-    flops = (qkv_o + scores) / s.tp
-    if layer_id < cfg.n_dense_layers:
-        return flops + 6 * cfg.d_model * cfg.ffn_hidden / s.tp
-    moe = cfg.moe
-    routed = moe.top_k * 6 * cfg.d_model * moe.expert_ffn / (s.tp if s.ep > 1 else 1)
-    shared = 6 * cfg.d_model * moe.n_shared_experts * moe.expert_ffn / s.tp
-    return flops + 2 * cfg.d_model * moe.n_experts + routed + shared
+# what tp divides of a block's work, by part (scifm.model.flops's parts); the routed experts run
+# whole on every tp rank unless ep spans the tp ranks, the router runs whole everywhere
+TP_SPLIT = {"attention projections", "attention scores and values", "dense feed-forward", "shared experts"}
+
+
+def rank_block_flops(shapes: ModelShapes, moe: bool, s: LayoutSizes) -> float:
+    """Forward FLOPs per token of one decoder block on one rank. The document mask is arbitrary, so
+    SDPA's kernels compute every query-key pair: attention counts all S keys."""
+    parts = layer_forward_flops(shapes.cfg, moe, s.seq)
+    split = TP_SPLIT | ({"routed experts"} if s.ep > 1 else set())
+    return sum(flops / s.tp if part in split else flops for part, flops in parts.items())
 
 
 def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanConfig, gpus_per_node: int) -> TimeBreakdown:
@@ -86,14 +85,14 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     peak = plan.peak_flops(compute_dtype(run)) * plan.mfu
     tokens = s.tokens * s.microbatches  # this data-parallel rank's tokens in one step
     ranges = layer_ranges(cfg.n_layers, s.n_stages, s.split)
-    per_kind = {moe: layer_forward_flops(shapes, cfg.n_dense_layers if moe else 0, s) for moe in (False, True)}
+    per_kind = {moe: rank_block_flops(shapes, moe, s) for moe in (False, True)}
     worst = (0.0, 0.0, [], [])
     for pp_rank in range(s.pp):
         stages = stages_of_rank(pp_rank, s.pp, s.virtual, s.schedule) if s.pp > 1 else [0]
         layer_ids = [i for st in stages for i in ranges[st]]
         per_layer = [per_kind[i >= cfg.n_dense_layers] for i in layer_ids]
         checkpointed = sum(f for k, f in enumerate(per_layer) if s.ac == "full" or (s.ac == "selective" and k % 2 == 0))
-        forward = sum(per_layer) + (2 * cfg.d_model * shapes.vocab / s.tp if s.n_stages - 1 in stages else 0)
+        forward = sum(per_layer) + (output_forward_flops(cfg, shapes.vocab) / s.tp if s.n_stages - 1 in stages else 0)
         flops = tokens * (3 * forward + checkpointed)
         if flops > worst[0]:
             worst = (flops, tokens * checkpointed, layer_ids, stages)

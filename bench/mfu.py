@@ -78,6 +78,8 @@ def main() -> None:
         print(f"{p} {mode}: step {step * 1e3:.0f} ms (spread {max(times) / min(times):.2f}), "
               f"model {step_flops / step / 1e9:.1f} GFLOP/s; peak {peak_flops / 1e9:.1f} GFLOP/s "
               f"(spread {max(peak_t[p, mode]) / min(peak_t[p, mode]):.2f}); MFU {step_flops / step / peak_flops:.1%}")
+        if step_flops / step > peak_flops:  # e.g. bf16 on a CPU without bf16 instructions
+            print(f"  the {PEAK_N}^3 {p} matmul runs slower than the model's own matmuls here: no meaningful peak")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Run: python bench/mfu.py [--shape small|big] [--precisions fp32 bf16] [--compile
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -18,7 +17,7 @@ import torch
 
 from scifm.model.flops import TRAIN_PASSES, decoder_forward_flops
 from scifm.parallel.fsdp import apply_compile
-from text_step import SHAPES, VOCAB, TextBatch, build_model, model_config, scifm_step
+from text_step import VOCAB, TextBatch, build_model, model_config, scifm_step, step_arguments
 
 PEAK_N = 2048
 
@@ -30,13 +29,8 @@ def matmul_seconds(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser = step_arguments(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--compile", action="store_true", help="also time parallel.compile=true")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
     args = parser.parse_args()
     cfg = model_config(args.shape, args.seq)
     model = build_model(cfg)

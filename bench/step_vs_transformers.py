@@ -11,7 +11,6 @@ Run: python bench/step_vs_transformers.py [--shape small|big] [--precisions fp32
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
@@ -23,7 +22,7 @@ import transformers
 
 from scifm.hf.architectures import QWEN3_MOE, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
-from text_step import CLIP, SHAPES, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step
+from text_step import CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments
 
 
 def as_transformers(model) -> torch.nn.Module:
@@ -54,12 +53,7 @@ def count(params) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
-    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
+    parser = step_arguments(__doc__.splitlines()[0], rounds=7)
     args = parser.parse_args()
     cfg = model_config(args.shape, args.seq)
     ours = build_model(cfg)

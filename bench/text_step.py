@@ -4,6 +4,7 @@ the trainer's cross-entropy, gradient clipping, the AdamW that build_optimizer m
 
 from __future__ import annotations
 
+import argparse
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -78,3 +79,14 @@ def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step
+
+
+def step_arguments(description: str, rounds: int) -> argparse.ArgumentParser:
+    """The options both step benches take: shape, precisions, rounds, batch rows and sequence length."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    return parser

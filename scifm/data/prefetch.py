@@ -79,7 +79,7 @@ class PrefetchingLoader:
     def _receive(self) -> tuple:
         while True:
             try:
-                kind, *item = self._batches.get(timeout=LIVENESS_CHECK_S)
+                kind, *item = pickle.loads(self._batches.get(timeout=LIVENESS_CHECK_S))
             except queue.Empty:
                 if not self._process.is_alive():
                     raise DataError(f"the data loader's worker process stopped (exit code {self._process.exitcode}) "
@@ -154,10 +154,15 @@ def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches) -> None:
 
 
 def _send(batches, item, parent) -> bool:
-    """Queues `item`; False once the training process has gone (then nothing waits for it)."""
+    """Queues `item`; False once the training process has gone (then nothing waits for it).
+
+    Pickled here, tensors by value: through the queue's own pickler torch would share them as file
+    descriptors that only this process can hand over, and batches queued before an error would be
+    lost with it when it leaves."""
+    data = pickle.dumps(item)
     while True:
         try:
-            batches.put(item, timeout=LIVENESS_CHECK_S)
+            batches.put(data, timeout=LIVENESS_CHECK_S)
             return True
         except queue.Full:
             if not parent.is_alive():

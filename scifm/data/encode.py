@@ -1,4 +1,4 @@
-"""One document -> token ids with marked slot spans and the featurized items that fill them.
+"""One document -> token ids with marked slot spans and the checked items that fill them.
 
 Layout (docs/architecture.md, "Sequence layout"): [BOS] text... [START_X] k x [SLOT_X] [END_X] text... [EOS].
 The model learns next-token prediction on the document's own tokens, so a document of L ids

@@ -5,11 +5,17 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import SMALL_CORPUS_DOCS
 from scifm.core.errors import BadFractionExceeded, DataError
 from scifm.data.features import GROUPS, Prepared
 from scifm.data.loader import PackedLoader
@@ -179,3 +185,42 @@ def test_a_worker_that_dies_is_named_in_one_line(tokenizer, make_config):
         for _ in range(2 * cfg.data.prefetch_batches + 2):
             ahead.next_batch()
     assert "worker process stopped" in str(info.value) and "\n" not in str(info.value)
+
+
+ORPHAN = """
+import sys, time
+from scifm.config import compose_run_config
+from scifm.data.prefetch import PrefetchingLoader
+from scifm.data.streams import resolve_sources
+from scifm.tokenizers import ScientificTokenizer
+cfg = compose_run_config(["experiment=tiny", *sys.argv[2:]])
+ld = PrefetchingLoader(cfg.data, resolve_sources(cfg.data), ScientificTokenizer.load(sys.argv[1]), cfg.model.encoders,
+                       split="train", batch_size=4, seed=0)
+ld.next_batch()
+print(ld._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_worker_leaves_when_the_training_process_is_killed(tokenizer, corpus_dir, tmp_path):
+    """kill -9 of the training process (the kill tests' fault) leaves no worker behind."""
+    tokenizer.save(tmp_path / "tok")
+    child = subprocess.Popen([sys.executable, "-c", ORPHAN, str(tmp_path / "tok"), f"data.corpus_dir={corpus_dir}",
+                              f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", f"data.seq_len={SEQ_LEN}"],
+                             stdout=subprocess.PIPE, text=True)
+    worker = int(child.stdout.readline())
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 30  # it notices within a second of waiting on a full queue
+    while time.monotonic() < deadline and _running(worker):
+        time.sleep(0.2)
+    assert not _running(worker)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's exit is reaped by whoever adopted it)."""
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status

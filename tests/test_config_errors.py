@@ -66,6 +66,7 @@ BAD_VALUES = [
     ("data.tokenizer_vocab_size=0", "data.tokenizer_vocab_size"),
     ("data.tokenizer_train_docs=0", "data.tokenizer_train_docs"),
     ("data.val_batches=0", "data.val_batches"),
+    ("data.prefetch_batches=-1", "data.prefetch_batches"),
     ("trainer.seed=-1", "trainer.seed"),
     ("trainer.max_steps=-1", "trainer.max_steps"),
     ("trainer.batch_size=0", "trainer.batch_size"),

@@ -30,6 +30,9 @@ class DataConfig:
     tokenizer_vocab_size: int = 2048  # BPE text vocabulary
     tokenizer_train_docs: int = 20000  # documents of the train split the BPE is trained on
     val_batches: int = 4
+    # training batches a worker process makes ahead of the step (scifm.data.prefetch); 0 = made on
+    # the training thread when the step asks
+    prefetch_batches: int = 4
 
     def validate(self) -> None:
         require(len(self.sources) > 0, "data.sources", "list at least one source")
@@ -50,3 +53,5 @@ class DataConfig:
         require(self.tokenizer_train_docs >= 1, "data.tokenizer_train_docs",
                 f"must be >= 1, got {self.tokenizer_train_docs}")
         require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
+        require(self.prefetch_batches >= 0, "data.prefetch_batches",
+                f"must be >= 0 (0 = no worker), got {self.prefetch_batches}")

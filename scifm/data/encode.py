@@ -1,4 +1,4 @@
-"""One document -> token ids with marked slot spans and the featurized items that fill them.
+"""One document -> token ids with marked slot spans and the checked items that fill them.
 
 Layout (docs/architecture.md, "Sequence layout"): [BOS] text... [START_X] k x [SLOT_X] [END_X] text... [EOS].
 The model learns next-token prediction on the document's own tokens, so a document of L ids
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scifm.core.modalities import MODALITIES
 from scifm.data.documents import Document
-from scifm.data.features import featurize_segment
+from scifm.data.features import Prepared, prepare_segment
 from scifm.core.encoders_config import EncodersConfig
 
 
@@ -21,7 +21,10 @@ class EncodedItem:
     modality: str
     slot_start: int  # index of the first slot id in EncodedDocument.ids
     n_slots: int
-    features: dict
+    prepared: Prepared  # checked; its features are computed only for the rows a rank keeps (collate)
+
+    def features(self) -> dict:
+        return self.prepared.features()
 
 
 @dataclass
@@ -50,12 +53,12 @@ def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir:
 
 def append_item(ids: list[int], items: list[EncodedItem], seg: dict, tokenizer, enc_cfg: EncodersConfig,
                 base_dir: Path) -> None:
-    """Featurizes one non-text segment and lays out its [START_X] k x [SLOT_X] [END_X] after `ids`.
+    """Checks one non-text segment and lays out its [START_X] k x [SLOT_X] [END_X] after `ids`.
     Shared with indexed datasets (scifm.data.indexed), whose documents must come out the same."""
     kind = seg["type"]
-    features = featurize_segment(seg, tokenizer, enc_cfg, base_dir)
+    prepared = prepare_segment(seg, tokenizer, enc_cfg, base_dir)
     k = getattr(enc_cfg, kind).slots
     ids.append(tokenizer.start_id(kind))
-    items.append(EncodedItem(kind, len(ids), k, features))
+    items.append(EncodedItem(kind, len(ids), k, prepared))
     ids.extend([tokenizer.slot_id(kind)] * k)
     ids.append(tokenizer.end_id(kind))

@@ -2,7 +2,10 @@
 
 Every data-parallel rank runs the same global sequence of rows (seeded mixture draws, streamed
 documents, greedy packing) and keeps rows rank, rank + W, ...: the global batch is then the
-same for every layout, which is what lets a parallel run equal the single-process one.
+same for every layout, which is what lets a parallel run equal the single-process one. Packing
+needs each document's token ids and whether its items pass their checks (a bad one skips the
+document), so every rank encodes and checks every document; the items' features, most of the
+featurizing, are computed in collate_rows for the rank's own rows only.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
 file apart (each file's size, and the hash of what each stream read of its current file; for an
@@ -12,6 +15,7 @@ data stops with the file's name instead.
 
 from __future__ import annotations
 
+import bisect
 from collections import defaultdict
 from pathlib import Path
 
@@ -59,6 +63,10 @@ class PackedLoader:
             raise DataError(f"no source has documents in the {split} split ("
                             + ", ".join(f"'{s.name}'" for s in specs) + "); add documents to data.sources")
         self.streams = [open_stream(specs[i], split, skill, skills[i] if skills else None) for i, skill in layout]
+        # Generator.choice(p=probs) draws one uniform and finds it in this normalised cumulative sum;
+        # the same in Python, without choice's per-call checks, which cost more than the rest of a draw
+        cdf = np.cumsum(self.probs)
+        self.cdf = (cdf / cdf[-1]).tolist()
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.skips = SkipCounter(cfg.max_bad_fraction, split=split)
         self.tokens_by_source: dict[str, int] = defaultdict(int)
@@ -73,12 +81,12 @@ class PackedLoader:
         if isinstance(doc, IndexedDocument):  # stored ids: only its items are featurized
             enc = doc.encode(self.tokenizer, self.enc_cfg)
         else:  # figure paths are relative to the document's file
-            enc = encode_document(doc, self.tokenizer, self.enc_cfg, Path(file).parent)
+            enc = encode_document(doc, self.tokenizer, self.enc_cfg, file.parent)
         return chunk_document(enc, self.cfg.seq_len)
 
     def _next_document(self) -> None:
         while True:
-            i = int(self.rng.choice(len(self.streams), p=self.probs))
+            i = bisect.bisect_right(self.cdf, self.rng.random())
             stream = self.streams[i]
             cursor, doc, where = stream.next()
             source = stream.spec.name
@@ -121,17 +129,25 @@ class PackedLoader:
                 return row
 
     def next_batch(self) -> Batch:
+        """Every rank builds the global rows; only its own rows' items are featurized, in collate_rows."""
         rows = [self._next_row() for _ in range(self.batch_size)]
         mine = rows[self.dp_rank :: self.dp_size]
         return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
 
+    def close(self) -> None:
+        """Nothing runs beside this loader (scifm.data.prefetch's loader has a worker to stop)."""
+
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        return {**self.position_state(), "files": source_file_sizes(self.specs)}
+
+    def position_state(self) -> dict:
+        """state_dict() without the source files' sizes, which describe the files rather than how far
+        the loader read them (a prefetching worker sends this with every batch; see scifm.data.prefetch)."""
         return {
             "rng": self.rng.bit_generator.state,
             "cursors": [list(s.cursor) for s in self.streams],
             "prefix_sha256": [s.prefix_sha256() for s in self.streams],
-            "files": {spec.name: [[str(f), f.stat().st_size] for f in spec.files] for spec in self.specs},
             "pending": [self.pending[0], list(self.pending[1]), self.pending[2]] if self.pending else None,
             "skips": self.skips.state_dict(),
             "tokens_by_source": dict(self.tokens_by_source),
@@ -178,3 +194,8 @@ class PackedLoader:
                 now = path.stat().st_size
                 if now != size:
                     raise changed(path, f"{size} bytes then, {now} now")
+
+
+def source_file_sizes(specs: list[SourceSpec]) -> dict[str, list]:
+    """Each source's files with their sizes, as a loader state saves them (PackedLoader._check_files)."""
+    return {spec.name: [[str(f), f.stat().st_size] for f in spec.files] for spec in specs}

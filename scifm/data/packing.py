@@ -129,7 +129,7 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
             doc_ids[r, offset : offset + n] = seg_id
             for item in chunk.items():
                 first = r * seq_len + offset + item.slot_start - chunk.start
-                features.setdefault(item.modality, []).append(item.features)
+                features.setdefault(item.modality, []).append(item.features())
                 slots.setdefault(item.modality, []).append(torch.arange(first, first + item.n_slots))
             offset += n
     for modality, features_one in placeholders.items():

@@ -36,6 +36,8 @@ PROTEIN_MIN_LEN = 27
 # Residue letters of the protein vocabulary (20 standard + B, Z, X, U, O), as a whole word.
 _PROTEIN_RUN = re.compile(r"(?<![A-Za-z])[ACDEFGHIKLMNPQRSTVWYBZXUO]{%d,}(?![A-Za-z])" % PROTEIN_MIN_LEN)
 _SMILES_CHARS = re.compile(r"[A-Za-z0-9@+\-\[\]()=#$%/\\.:~*]+")
+# a word of fewer characters is no SMILES (is_smiles), with or without its trailing punctuation
+_SMILES_CANDIDATE = re.compile(r"\S{%d,}" % SMILES_MIN_LEN)
 _NUMBER = re.compile(r"[+-]?[0-9.,]+(?:[eE][+-]?[0-9]+)?")
 _SENTENCE_PUNCT = ".,;:!?"
 
@@ -70,7 +72,7 @@ def _rdkit_parses(candidate: str) -> bool:
 def _detect(prose: str) -> list[Piece]:
     pieces: list[Piece] = []
     pos = 0
-    for m in re.finditer(r"\S+", prose):
+    for m in _SMILES_CANDIDATE.finditer(prose):
         candidate = m.group().rstrip(_SENTENCE_PUNCT)
         if is_smiles(candidate):
             pieces += _proteins(prose[pos : m.start()])

@@ -29,6 +29,7 @@ from scifm.core.errors import CheckpointError, ScifmError
 from scifm.data.indexed.files import indexed_tokenizer
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
+from scifm.data.prefetch import training_loader
 from scifm.data.streams import resolve_sources
 from scifm.data.tokenizer_training import train_tokenizer
 from scifm.hf.pretrained import (
@@ -87,7 +88,11 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:
-        return Trainer(cfg, ctx.same_path_everywhere(run_dir), ctx).run(watch, t_start)
+        trainer = Trainer(cfg, ctx.same_path_everywhere(run_dir), ctx)
+        try:
+            return trainer.run(watch, t_start)
+        finally:
+            trainer.loader.close()  # stops its worker process, also where the process leaves by os._exit
     except Preempted:
         pass  # checkpointed; the process leaves below with the code the Slurm job requeues on
     finally:
@@ -204,8 +209,8 @@ class Trainer:
     def _build_loaders(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         common = dict(batch_size=self.tc.batch_size, dp_rank=ctx.dp_rank, dp_size=ctx.dims.dp_size)
-        self.loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="train",
-                                   seed=self.tc.seed, **common)
+        self.loader = training_loader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, seed=self.tc.seed,
+                                      **common)
         val_loader = PackedLoader(cfg.data, self.specs, self.tokenizer, cfg.model.encoders, split="validation",
                                   seed=self.tc.seed + 1, **common)
         self.val_batches = [val_loader.next_batch() for _ in range(cfg.data.val_batches)]

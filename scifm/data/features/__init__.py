@@ -1,25 +1,30 @@
 """Featurizers: one non-text segment -> numpy arrays for one item; `collate` batches items.
 
-Every bad input raises DocumentFormatError with a counted reason: bad_smiles, bad_protein,
-bad_latex, bad_table, bad_figure or too_long (longer than the modality's max_len; never cropped).
+Featurizing is two steps. `prepare_segment` makes every check (a bad input raises
+DocumentFormatError with a counted reason: bad_smiles, bad_protein, bad_latex, bad_table, bad_figure
+or too_long, longer than the modality's max_len; never cropped) and keeps what the checks produced
+(a parsed molecule, a decoded image, a table's cell texts); `Prepared.features()` then computes the
+arrays and never fails. The loader prepares every document, since the checks decide which documents
+are skipped and so the rows of every rank, but computes features only for its own rows.
 The collate keys per modality are listed beside each module's GROUPS.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from scifm.data.features import figure, molecule, sequence, table
-from scifm.data.features.figure import featurize_figure
+from scifm.data.features.figure import figure_features, read_figure
 from scifm.data.features.latex import featurize_latex
-from scifm.data.features.molecule import featurize_molecule
+from scifm.data.features.molecule import mol_features, parse_molecule
 from scifm.data.features.padding import Groups, collate_groups
 from scifm.data.features.protein import featurize_protein
-from scifm.data.features.table import featurize_table
+from scifm.data.features.table import table_cells, table_features
 from scifm.core.errors import DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
@@ -32,20 +37,41 @@ GROUPS: dict[str, Groups] = {
 }
 
 
-def featurize_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: Path) -> dict[str, np.ndarray]:
-    """`tokenizer` needs domain(name).encode(str) for latex/protein and encode_text(str) for tables."""
+@dataclass(frozen=True)
+class Prepared:
+    """A segment that passed its checks: `features()` is `finish(*args)`."""
+
+    finish: Callable[..., dict[str, np.ndarray]]
+    args: tuple
+
+    def features(self) -> dict[str, np.ndarray]:
+        return self.finish(*self.args)
+
+
+def _computed(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return features
+
+
+def prepare_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: Path) -> Prepared:
+    """`tokenizer` needs domain(name).encode(str) for latex/protein and encode_text(str) for tables.
+    LaTeX and protein ids are their own check (a letter outside the vocabulary, too many ids), so
+    those features are computed here."""
     kind = seg.get("type")
     if kind == "latex":
-        return featurize_latex(seg.get("latex"), tokenizer, cfg.latex.max_len)
+        return Prepared(_computed, (featurize_latex(seg.get("latex"), tokenizer, cfg.latex.max_len),))
     if kind == "molecule":
-        return featurize_molecule(seg.get("smiles"), cfg.molecule.max_len)
+        return Prepared(mol_features, (parse_molecule(seg.get("smiles"), cfg.molecule.max_len),))
     if kind == "protein":
-        return featurize_protein(seg.get("sequence"), tokenizer, cfg.protein.max_len)
+        return Prepared(_computed, (featurize_protein(seg.get("sequence"), tokenizer, cfg.protein.max_len),))
     if kind == "table":
-        return featurize_table(seg, tokenizer, cfg.table.max_len)
+        return Prepared(table_features, (*table_cells(seg, cfg.table.max_len), tokenizer))
     if kind == "figure":
-        return featurize_figure(seg, cfg.figure, Path(base_dir))
+        return Prepared(figure_features, (read_figure(seg, Path(base_dir)), cfg.figure))
     raise DocumentFormatError("unknown_segment", f"no featurizer for segment type {kind!r}")
+
+
+def featurize_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: Path) -> dict[str, np.ndarray]:
+    return prepare_segment(seg, tokenizer, cfg, base_dir).features()
 
 
 def collate(modality: str, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -53,4 +79,4 @@ def collate(modality: str, items: list[dict[str, np.ndarray]]) -> dict[str, torc
     return collate_groups(GROUPS[modality], items)
 
 
-__all__ = ["GROUPS", "collate", "featurize_segment"]
+__all__ = ["GROUPS", "Prepared", "collate", "featurize_segment", "prepare_segment"]

@@ -71,8 +71,13 @@ def patchify(pixels_HWC: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
     return {"patches": np.ascontiguousarray(patches, dtype=np.float32), "patch_pos": pos}
 
 
-def featurize_figure(seg: dict, cfg: FigureEncoderConfig, base_dir: Path) -> dict[str, np.ndarray]:
-    image = _from_array(seg["array"]) if "array" in seg else _from_path(seg.get("path"), base_dir)
+def read_figure(seg: dict, base_dir: Path) -> Image.Image:
+    """The check: the figure decoded to RGB, or the DocumentFormatError that skips the document."""
+    return _from_array(seg["array"]) if "array" in seg else _from_path(seg.get("path"), base_dir)
+
+
+def figure_features(image: Image.Image, cfg: FigureEncoderConfig) -> dict[str, np.ndarray]:
+    """The patches of a figure that `read_figure` decoded."""
     height, width = target_size(image.height, image.width, cfg)
     resized = image.resize((width, height), Image.Resampling.BICUBIC)
     pixels_HWC = np.asarray(resized, dtype=np.float32) / 255.0

@@ -33,16 +33,23 @@ STEREOS = (_S.STEREONONE, _S.STEREOANY, _S.STEREOZ, _S.STEREOE, _S.STEREOCIS, _S
 assert (len(HYBRIDIZATIONS), len(BOND_TYPES), len(STEREOS)) == (N_HYBRIDIZATIONS, N_BOND_TYPES, N_BOND_STEREOS)
 
 
-def _bucket(value: object, choices: Sequence[object]) -> int:
-    return choices.index(value) if value in choices else len(choices)
+def _buckets(choices: Sequence[object]) -> dict[object, int]:
+    """Value -> its bucket; a value not listed goes to the extra bucket len(choices)."""
+    return {value: i for i, value in enumerate(choices)}
 
 
+_ELEMENT_BUCKETS, _HYBRIDIZATION_BUCKETS = _buckets(ELEMENTS), _buckets(HYBRIDIZATIONS)
+_BOND_TYPE_BUCKETS, _STEREO_BUCKETS = _buckets(BOND_TYPES), _buckets(STEREOS)
+
+
+# Python's min and max, not np.clip: a molecule's rows cost a few atom calls each, and np.clip on
+# one number cost more than all of them together
 def _atom_row(atom: Chem.Atom) -> list[int]:
     return [
-        _bucket(atom.GetSymbol(), ELEMENTS),
+        _ELEMENT_BUCKETS.get(atom.GetSymbol(), len(ELEMENTS)),
         min(atom.GetDegree(), MAX_DEGREE),
-        int(np.clip(atom.GetFormalCharge(), -MAX_CHARGE, MAX_CHARGE)) + MAX_CHARGE,
-        _bucket(atom.GetHybridization(), HYBRIDIZATIONS),
+        min(max(atom.GetFormalCharge(), -MAX_CHARGE), MAX_CHARGE) + MAX_CHARGE,
+        _HYBRIDIZATION_BUCKETS.get(atom.GetHybridization(), len(HYBRIDIZATIONS)),
         int(atom.GetIsAromatic()),
         min(atom.GetTotalNumHs(), MAX_HS),
         int(atom.IsInRing()),
@@ -51,18 +58,20 @@ def _atom_row(atom: Chem.Atom) -> list[int]:
 
 def _bond_row(bond: Chem.Bond) -> list[int]:
     return [
-        _bucket(bond.GetBondType(), BOND_TYPES),
+        _BOND_TYPE_BUCKETS.get(bond.GetBondType(), len(BOND_TYPES)),
         int(bond.GetIsConjugated()),
         int(bond.IsInRing()),
-        _bucket(bond.GetStereo(), STEREOS),
+        _STEREO_BUCKETS.get(bond.GetStereo(), len(STEREOS)),
     ]
 
 
 def mol_features(mol: Chem.Mol) -> dict[str, np.ndarray]:
     """Arrays for one parsed molecule; atom i of the arrays is atom i of `mol`."""
-    atom_feats = np.array([_atom_row(a) for a in mol.GetAtoms()], dtype=np.int64)
+    # by index: RDKit's atom and bond sequences are slower to iterate
+    atom_feats = np.array([_atom_row(mol.GetAtomWithIdx(i)) for i in range(mol.GetNumAtoms())], dtype=np.int64)
     edges, bond_rows = [], []
-    for bond in mol.GetBonds():
+    for b in range(mol.GetNumBonds()):
+        bond = mol.GetBondWithIdx(b)
         i, j = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
         row = _bond_row(bond)
         edges += [(i, j), (j, i)]  # messages flow both ways along a bond

@@ -28,7 +28,9 @@ def _cell_text(value: object) -> str:
     raise DocumentFormatError("bad_table", f"a cell must be a string, number or null, got {type(value).__name__}")
 
 
-def featurize_table(seg: dict, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
+def table_cells(seg: dict, max_len: int) -> tuple[list[str], int, str | None]:
+    """The checks: (each cell's text, header row first; the column count; the caption), or the
+    DocumentFormatError that skips the document."""
     columns, rows, caption = seg.get("columns"), seg.get("rows"), seg.get("caption")
     if not isinstance(columns, list) or not columns or not isinstance(rows, list):
         raise DocumentFormatError("bad_table", "needs a non-empty 'columns' list and a 'rows' list")
@@ -40,14 +42,19 @@ def featurize_table(seg: dict, tokenizer: Any, max_len: int) -> dict[str, np.nda
     n_cells = len(grid) * len(columns)
     if n_cells > max_len:
         raise DocumentFormatError("too_long", f"{n_cells} cells > max_len {max_len}")
+    return [_cell_text(v) for row in grid for v in row], len(columns), caption
 
+
+def table_features(cells: list[str], n_columns: int, caption: str | None, tokenizer: Any) -> dict[str, np.ndarray]:
+    """The arrays of a table that passed `table_cells`."""
+    n_cells = len(cells)
     cell_ids = np.zeros((n_cells, CELL_TOKENS), dtype=np.int64)
     cell_token_mask = np.zeros((n_cells, CELL_TOKENS), dtype=bool)
-    for i, value in enumerate(v for row in grid for v in row):
-        ids = tokenizer.encode_text(_cell_text(value))[:CELL_TOKENS]
+    for i, text in enumerate(cells):
+        ids = tokenizer.encode_text(text)[:CELL_TOKENS]
         cell_ids[i, : len(ids)] = ids
         cell_token_mask[i, : len(ids)] = True
-    cell_row, cell_col = np.divmod(np.arange(n_cells, dtype=np.int64), len(columns))
+    cell_row, cell_col = np.divmod(np.arange(n_cells, dtype=np.int64), n_columns)
     caption_ids = tokenizer.encode_text(caption)[:CAPTION_TOKENS] if caption else []
     return {
         "cell_ids": cell_ids,

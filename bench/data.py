@@ -1,0 +1,196 @@
+"""The data path's rate per process against what a training step consumes, in one run.
+
+1. Featurize + pack: documents/s and tokens/s of one rank's PackedLoader.next_batch (mixture draws,
+   reading, token ids and checks of every document, packing of the global rows, features and collate
+   of this rank's rows) for dp = 1, 2, 4, 8 (rank 0 of dp ranks, in this process), on the built-in
+   corpus, for the tiny model's data settings and for moe_1b's (its encoders' slots, rows of 4096).
+   Times are this process's CPU seconds (torch on one thread): the rate of one dedicated core, which
+   other load on a shared machine changes less than wall time. Tokens are row positions (B x S), as
+   the step consumes them. Also printed: the items featurized per batch (falls as 1/dp) and each
+   dp's time over dp=1's.
+2. Consumption: the tiny model's training step (forward, backward, AdamW; fp32, one thread) timed on
+   this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
+   peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.
+3. Prefetch: the tiny step fed by batches made on the training thread, by a thread making them ahead,
+   and by the worker process of data.prefetch_batches (wall time per step: overlap is the point).
+
+Variants alternate within every round, so that load on the machine hits them alike; medians and
+the spread (max / min over rounds) are printed.
+
+  python bench/data.py [--rounds 5] [--corpus-docs 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import statistics
+import threading
+import time
+
+import torch
+
+from scifm.config import compose_run_config
+from scifm.core.device import autocast_for
+from scifm.data.loader import PackedLoader
+from scifm.data.prefetch import PrefetchingLoader
+from scifm.data.streams import resolve_sources
+from scifm.data.tokenizer_training import train_tokenizer
+from scifm.model.init import init_parameters
+from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
+from scifm.model.transformer import count_params, moe_layers
+from scifm.parallel.config import ParallelConfig
+from scifm.parallel.dims import ParallelDims
+from scifm.parallel.distributed import DistContext
+from scifm.parallel.parallelize import parallelize
+from scifm.train.optim import build_optimizer, build_scheduler
+from scifm.train.step import apply_update, scaled_cross_entropy, train_step
+
+DP_SIZES = (1, 2, 4, 8)
+# (model preset, rows per global batch, data.seq_len): tiny as experiment=tiny trains; moe_1b with
+# rows of its max_seq_len and one row per rank at dp=8
+SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
+
+
+def cpu_seconds(fn) -> float:
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def decoder_flops_per_token(cfg, vocab: dict[str, int]) -> float:
+    """6 x the decoder's matmul parameters one token uses (active parameters less the encoders and the
+    embedding lookup) + 12 x layers x heads x head_dim x sequence for attention scores. Encoders are
+    left out: counting them would only lower the consumption the data path is held against."""
+    with torch.device("meta"):
+        model = ScientificMoE(cfg.model, vocab)
+    _, active = count_params(model, cfg.model)
+    not_matmul = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("encoders.", "tok_embeddings.")))
+    head_dim = cfg.model.head_dim or cfg.model.d_model // cfg.model.n_heads
+    return 6 * (active - not_matmul) + 12 * cfg.model.n_layers * cfg.model.n_heads * head_dim * cfg.data.seq_len
+
+
+class TinyStep:
+    """The trainer's step functions on the tiny model, one process, fp32."""
+
+    def __init__(self, cfg, tokenizer):
+        model = ScientificMoE(cfg.model, vocab_sizes_of(tokenizer))
+        init_parameters(model, cfg.trainer.seed, cfg.model.init_std, cfg.model.n_layers)
+        self.ctx = DistContext(ParallelDims(), 0, 1, torch.device("cpu"), None)
+        self.runner = parallelize(model, self.ctx, ParallelConfig(), scaled_cross_entropy,
+                                  autocast_for("fp32", self.ctx.device))
+        self.optimizer = build_optimizer(self.runner.model, cfg.trainer)
+        self.scheduler, self.moes = build_scheduler(self.optimizer, cfg.trainer), moe_layers(self.runner.model)
+
+    def __call__(self, batch) -> None:
+        train_step(self.runner, [batch], self.ctx, 1.0)
+        apply_update(self.optimizer, self.scheduler, self.moes)
+
+
+class ThreadFeeder:
+    """Batches made ahead by a thread of this process: the alternative to the worker process."""
+
+    def __init__(self, loader: PackedLoader, depth: int):
+        self.loader, self.queue = loader, queue.Queue(depth)
+        threading.Thread(target=self._work, daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self.queue.put(self.loader.next_batch())
+
+    def next_batch(self):
+        return self.queue.get()
+
+
+def report(label: str, times: list[float]) -> float:
+    median = statistics.median(times)
+    print(f"  {label:34s} median {median * 1e3:8.1f} ms  spread {max(times) / min(times):5.2f}")
+    return median
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=4, help="batches per variant and round")
+    parser.add_argument("--steps", type=int, default=3, help="tiny training steps per variant and round")
+    parser.add_argument("--corpus-docs", type=int, default=0, help="documents per built-in source (0 = all)")
+    parser.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization of moe_1b")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="assumed GPU dense bf16 peak (H100/H200 SXM)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    corpus = [f"data.corpus_max_docs_per_source={args.corpus_docs}"]
+    cfgs = {name: compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
+                                      f"data.seq_len={seq}", *corpus])
+            for name, (preset, rows, seq) in SETTINGS.items()}
+    specs = resolve_sources(cfgs["tiny"].data)
+    tokenizer = train_tokenizer(specs, cfgs["tiny"].data)
+
+    def loader(cfg, dp, cls=PackedLoader):
+        return cls(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", batch_size=cfg.trainer.batch_size,
+                   seed=cfg.trainer.seed, dp_rank=0, dp_size=dp)
+
+    loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
+    tiny = cfgs["tiny"]
+    step = TinyStep(tiny, tokenizer)
+    step_batches = [loaders["tiny", 1].next_batch() for _ in range(args.steps)]
+    feeders = {"training thread": loader(tiny, 1), "thread ahead": ThreadFeeder(loader(tiny, 1), tiny.data.prefetch_batches),
+               "worker process (data.prefetch_batches)": loader(tiny, 1, PrefetchingLoader)}
+    for feeder in feeders.values():  # warm-up: a step each, the worker's start, the queues filled
+        step(feeder.next_batch())
+    for key, ld in loaders.items():
+        ld.next_batch()
+
+    data_times = {key: [] for key in loaders}
+    items = {key: 0 for key in loaders}
+    docs = {key: 0 for key in loaders}
+    step_cpu, fed = [], {name: [] for name in feeders}
+    for _ in range(args.rounds):
+        for key, ld in loaders.items():
+            seen_before = sum(ld.skips.seen.values())
+            batches = []
+            data_times[key].append(cpu_seconds(lambda: batches.extend(ld.next_batch() for _ in range(args.batches)))
+                                   / args.batches)
+            docs[key] += sum(ld.skips.seen.values()) - seen_before
+            items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
+        step_cpu.append(sum(cpu_seconds(lambda: step(b)) for b in step_batches) / args.steps)
+        for name, feeder in feeders.items():
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(feeder.next_batch())
+            fed[name].append((time.perf_counter() - t0) / args.steps)
+    feeders["worker process (data.prefetch_batches)"].close()
+
+    n_batches = args.rounds * args.batches
+    print(f"built-in corpus ({args.corpus_docs or 'all'} documents per source), {args.rounds} rounds, "
+          f"torch {torch.__version__}, 1 thread; CPU time of this process")
+    tiny_tokens = tiny.trainer.batch_size * tiny.data.seq_len
+    print("tiny training step (CPU time):")
+    consumed = {"tiny": tiny_tokens / report("forward + backward + AdamW", step_cpu)}
+    moe = cfgs["moe_1b"]
+    flops = decoder_flops_per_token(moe, vocab_sizes_of(tokenizer))
+    consumed["moe_1b"] = args.mfu * args.peak_tflops * 1e12 / flops
+    print(f"consumption per rank: tiny {consumed['tiny']:,.0f} tokens/s (this CPU, measured); moe_1b "
+          f"{consumed['moe_1b']:,.0f} tokens/s per GPU (assumed: {flops / 1e9:.2f} GFLOP/token at seq {moe.data.seq_len}, "
+          f"{args.mfu:.0%} MFU of {args.peak_tflops:.0f} TFLOP/s)")
+    for name, cfg in cfgs.items():
+        print(f"featurize + pack, {name} data settings ({cfg.trainer.batch_size} rows x {cfg.data.seq_len}), rank 0 of dp:")
+        base = statistics.median(data_times[name, 1])
+        for dp in DP_SIZES:
+            times = data_times[name, dp]
+            median = statistics.median(times)
+            rank_tokens = cfg.trainer.batch_size // dp * cfg.data.seq_len
+            print(f"  dp={dp}: {docs[name, dp] / n_batches / median:8,.0f} documents/s  {rank_tokens / median:10,.0f} "
+                  f"tokens/s  x{rank_tokens / median / consumed[name]:6.2f} consumption   "
+                  f"{items[name, dp] / n_batches:6.1f} items featurized/batch  time / dp=1 {median / base:.2f}  "
+                  f"spread {max(times) / min(times):.2f}")
+    print("tiny step with its batches made (wall time per step):")
+    base = None
+    for name, times in fed.items():
+        median = report(name, times)
+        base = base or median
+        print(f"  {'':34s} / training thread {median / base:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Batches made ahead of the training step, by a PackedLoader in a worker process.
+
+The worker runs the same loader the training thread would (one sequence of batches, the same for
+any timing) and sends each batch with the loader's state right after it. The training process
+keeps the state of the last batch it handed out, so `state_dict()` describes the loader after
+that batch, never after the ones still queued, and a resume continues exactly. A process rather
+than a thread: featurizing is Python work, which in a thread would hold the interpreter lock
+against the training loop's own Python (bench/data.py measures both).
+
+The worker starts at once (its imports overlap the trainer's set-up) and waits to be told where
+to begin: at the start, or at a loaded state. An error in the worker reaches the caller of the
+call that would have raised it in the training thread, as the same exception: the same one line
+for a scifm error. The worker ignores the signals the training process acts on (Ctrl-C,
+pre-emption's USR1 and TERM), is killed by `close()`, and leaves by itself once the training
+process has gone (a `kill -9` included).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+import queue
+import signal
+import traceback
+import weakref
+
+import torch
+
+from scifm.core.errors import DataError, ScifmError
+from scifm.data.config import DataConfig
+from scifm.data.loader import PackedLoader, source_file_sizes
+from scifm.data.packing import Batch
+from scifm.data.skips import SkipCounter
+from scifm.data.streams import SourceSpec
+
+# how often a blocked side looks whether the other one is still there
+LIVENESS_CHECK_S = 1.0
+
+
+def training_loader(cfg: DataConfig, specs: list[SourceSpec], tokenizer, enc_cfg, **kw) -> PackedLoader | PrefetchingLoader:
+    """The training split's loader: prefetching unless data.prefetch_batches is 0."""
+    if cfg.prefetch_batches == 0:
+        return PackedLoader(cfg, specs, tokenizer, enc_cfg, split="train", **kw)
+    return PrefetchingLoader(cfg, specs, tokenizer, enc_cfg, split="train", **kw)
+
+
+class PrefetchingLoader:
+    """PackedLoader's interface (next_batch, state_dict, load_state_dict, the token and skip counts,
+    close), with up to data.prefetch_batches batches made ahead in a worker process."""
+
+    def __init__(self, cfg: DataConfig, specs: list[SourceSpec], tokenizer, enc_cfg, *, split: str,
+                 batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1):
+        self.cfg, self.specs, self.split = cfg, specs, split
+        self._args = (cfg, specs, tokenizer, enc_cfg, dict(split=split, batch_size=batch_size, seed=seed,
+                                                          dp_rank=dp_rank, dp_size=dp_size))
+        self._position: dict | None = None  # the loader's state after the last batch handed out
+        self._spawn()
+
+    def _spawn(self) -> None:
+        context = mp.get_context("spawn")  # forking a process with torch's threads running is unsafe
+        self._commands, self._batches = context.Queue(), context.Queue(self.cfg.prefetch_batches)
+        self._process = context.Process(target=_work, args=(*self._args, self._commands, self._batches),
+                                        name=f"scifm-data-{self.split}", daemon=True)
+        self._process.start()
+        # kills the worker when this loader is collected or the interpreter exits (before multiprocessing's
+        # own exit handler, which would wait for a worker that ignores its TERM)
+        self._stop = weakref.finalize(self, _kill, self._process)
+        self._started = False
+
+    def _begin(self, state: dict | None) -> None:
+        """Tells the worker where to begin (a fresh one if this one has begun) and waits until it is there."""
+        if self._started:
+            self.close()
+            self._spawn()
+        self._commands.put(state)
+        self._started = True
+        _, self._position = self._receive()
+
+    def _receive(self) -> tuple:
+        while True:
+            try:
+                kind, *item = pickle.loads(self._batches.get(timeout=LIVENESS_CHECK_S))
+            except queue.Empty:
+                if not self._process.is_alive():
+                    raise DataError(f"the data loader's worker process stopped (exit code {self._process.exitcode}) "
+                                    "without a word; was it killed, e.g. for lack of memory?") from None
+                continue
+            if kind == "error":
+                self.close()
+                raise item[0]
+            return item
+
+    # --- PackedLoader's interface ---------------------------------------------------------------
+    def next_batch(self) -> Batch:
+        if not self._started:
+            self._begin(None)
+        batch, self._position = self._receive()
+        return batch
+
+    def state_dict(self) -> dict:
+        if not self._started:
+            self._begin(None)
+        return {**self._position, "files": source_file_sizes(self.specs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._begin(state)
+
+    @property
+    def tokens_by_source(self) -> dict[str, int]:
+        return dict(self.state_dict()["tokens_by_source"])
+
+    @property
+    def tokens_by_skill(self) -> dict[str, int]:
+        return dict(self.state_dict()["tokens_by_skill"])
+
+    @property
+    def skips(self) -> SkipCounter:
+        counter = SkipCounter(self.cfg.max_bad_fraction, split=self.split)
+        counter.load_state_dict(self.state_dict()["skips"])
+        return counter
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _kill(process) -> None:
+    if process.is_alive():
+        process.kill()  # it ignores TERM (see the module docstring)
+    process.join()
+
+
+def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches) -> None:
+    """The worker: build the loader, wait for where to begin, then make batches until stopped."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    torch.set_num_threads(1)  # collate's tensors are small; the cores belong to training
+    parent = mp.parent_process()
+    try:
+        loader = PackedLoader(cfg, specs, tokenizer, enc_cfg, **kw)
+        while True:  # the training process may be gone before it says where to begin
+            try:
+                state = commands.get(timeout=LIVENESS_CHECK_S)
+                break
+            except queue.Empty:
+                if not parent.is_alive():
+                    return
+        if state is not None:
+            loader.load_state_dict(state)
+        item = ("ready", None, loader.position_state())
+        while _send(batches, item, parent):
+            item = ("batch", loader.next_batch(), loader.position_state())
+    except BaseException as err:  # every error goes to the training process, which raises it
+        _send(batches, ("error", _portable(err)), parent)
+
+
+def _send(batches, item, parent) -> bool:
+    """Queues `item`; False once the training process has gone (then nothing waits for it).
+
+    Pickled here, tensors by value: through the queue's own pickler torch would share them as file
+    descriptors that only this process can hand over, and batches queued before an error would be
+    lost with it when it leaves."""
+    data = pickle.dumps(item)
+    while True:
+        try:
+            batches.put(data, timeout=LIVENESS_CHECK_S)
+            return True
+        except queue.Full:
+            if not parent.is_alive():
+                batches.cancel_join_thread()
+                return False
+
+
+def _portable(err: BaseException) -> BaseException:
+    """`err` as the training process can receive it: itself where it pickles (a scifm error, or the
+    KeyError a damaged state raises, which the trainer names), with the worker's traceback as a note
+    where it is not a scifm error; else a DataError with its message."""
+    if not isinstance(err, ScifmError):
+        err.add_note("in the data loader's worker process:\n" + "".join(traceback.format_exception(err)).rstrip())
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return DataError(str(err))

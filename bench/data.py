@@ -12,7 +12,8 @@
    this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
    peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.
 3. Prefetch: the tiny step fed by batches made on the training thread, by a thread making them ahead,
-   and by the worker process of data.prefetch_batches (wall time per step: overlap is the point).
+   and by the worker process of data.prefetch_batches: wall time per step (what overlap gains, where
+   a core is free for it) and the training thread's CPU time in next_batch (what it still pays).
 
 Variants alternate within every round, so that load on the machine hits them alike; medians and
 the spread (max / min over rounds) are printed.
@@ -144,7 +145,7 @@ def main() -> None:
     data_times = {key: [] for key in loaders}
     items = {key: 0 for key in loaders}
     docs = {key: 0 for key in loaders}
-    step_cpu, fed = [], {name: [] for name in feeders}
+    step_cpu, fed, fed_cpu = [], {name: [] for name in feeders}, {name: [] for name in feeders}
     for _ in range(args.rounds):
         for key, ld in loaders.items():
             seen_before = sum(ld.skips.seen.values())
@@ -155,10 +156,14 @@ def main() -> None:
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
         step_cpu.append(sum(cpu_seconds(lambda: step(b)) for b in step_batches) / args.steps)
         for name, feeder in feeders.items():
-            t0 = time.perf_counter()
+            t0, waited = time.perf_counter(), 0.0
             for _ in range(args.steps):
-                step(feeder.next_batch())
+                c0 = time.thread_time()
+                batch = feeder.next_batch()
+                waited += time.thread_time() - c0
+                step(batch)
             fed[name].append((time.perf_counter() - t0) / args.steps)
+            fed_cpu[name].append(waited / args.steps)
     feeders["worker process (data.prefetch_batches)"].close()
 
     n_batches = args.rounds * args.batches
@@ -184,12 +189,13 @@ def main() -> None:
                   f"tokens/s  x{rank_tokens / median / consumed[name]:6.2f} consumption   "
                   f"{items[name, dp] / n_batches:6.1f} items featurized/batch  time / dp=1 {median / base:.2f}  "
                   f"spread {max(times) / min(times):.2f}")
-    print("tiny step with its batches made (wall time per step):")
+    print("tiny step with its batches made (wall time per step; the training thread's CPU time in next_batch):")
     base = None
     for name, times in fed.items():
         median = report(name, times)
         base = base or median
-        print(f"  {'':34s} / training thread {median / base:.2f}")
+        print(f"  {'':34s} / training thread {median / base:.2f};  next_batch CPU on the training thread "
+              f"{statistics.median(fed_cpu[name]) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fault injection: `kill -9` at seeded random moments of training and of saving (synchronous and
-asynchronous checkpoints), then `resume=latest` until the run ends. Every trial must reproduce the uninterrupted run's losses
-bit for bit (CPU, fp32, one process), and its log must hold each step once."""
+asynchronous checkpoints), then `resume=latest` until the run ends, with batches made ahead by the data worker process. Every
+trial must reproduce the uninterrupted run's losses bit for bit (CPU, fp32, one process), and its log
+must hold each step once."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ def command(corpus_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "scifm.train", "experiment=tiny", f"data.corpus_dir={corpus_dir}",
             f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", f"trainer.max_steps={STEPS}",
             "trainer.ckpt_every=1", "trainer.log_every=1", "trainer.val_every=100", "trainer.batch_size=4",
-            "data.seq_len=128", "data.val_batches=1", f"hydra.run.dir={run_dir}", *extra]
+            "data.seq_len=128", "data.val_batches=1", f"hydra.run.dir={run_dir}",
+            # batches made ahead by a worker process: resume must continue after the last batch a
+            # step took, not after those still queued (the tiny preset turns the worker off)
+            "data.prefetch_batches=2", *extra]
 
 
 def logged_losses(run_dir: Path) -> list[tuple[int, float]]:

@@ -206,7 +206,8 @@ def test_the_worker_leaves_when_the_training_process_is_killed(tokenizer, corpus
     """kill -9 of the training process (the kill tests' fault) leaves no worker behind."""
     tokenizer.save(tmp_path / "tok")
     child = subprocess.Popen([sys.executable, "-c", ORPHAN, str(tmp_path / "tok"), f"data.corpus_dir={corpus_dir}",
-                              f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", f"data.seq_len={SEQ_LEN}"],
+                              f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", f"data.seq_len={SEQ_LEN}",
+                              "data.prefetch_batches=2"],
                              stdout=subprocess.PIPE, text=True)
     worker = int(child.stdout.readline())
     os.kill(child.pid, signal.SIGKILL)

@@ -98,25 +98,30 @@ class PrefetchingLoader:
         return batch
 
     def state_dict(self) -> dict:
+        return {**self._last_position(), "files": source_file_sizes(self.specs)}
+
+    def _last_position(self) -> dict:
+        """The loader's position after the last batch handed out (the counters read it every log
+        step: without state_dict's stat of every source file)."""
         if not self._started:
             self._begin(None)
-        return {**self._position, "files": source_file_sizes(self.specs)}
+        return self._position
 
     def load_state_dict(self, state: dict) -> None:
         self._begin(state)
 
     @property
     def tokens_by_source(self) -> dict[str, int]:
-        return dict(self.state_dict()["tokens_by_source"])
+        return dict(self._last_position()["tokens_by_source"])
 
     @property
     def tokens_by_skill(self) -> dict[str, int]:
-        return dict(self.state_dict()["tokens_by_skill"])
+        return dict(self._last_position()["tokens_by_skill"])
 
     @property
     def skips(self) -> SkipCounter:
         counter = SkipCounter(self.cfg.max_bad_fraction, split=self.split)
-        counter.load_state_dict(self.state_dict()["skips"])
+        counter.load_state_dict(self._last_position()["skips"])
         return counter
 
     def close(self) -> None:

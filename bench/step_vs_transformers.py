@@ -4,9 +4,11 @@ cross-entropy and the optimizer its trainer builds; transformers: the model's ow
 AdamW its Trainer uses from torch 2.8 on). fp32 and bf16 autocast; the variants alternate within each
 round so that load on the machine hits them alike. Before timing, the two models' logits are compared
 on the batch (same weights, so a different computation would show). Prints parameter counts, medians,
-spreads (max / min over rounds) and scifm / transformers per precision.
+spreads (max / min over rounds) and scifm / transformers per precision. With --profile, one more
+step of each variant runs under torch's profiler and its kernels' self CPU time is printed by kind:
+matrix multiplies (aten::mm, addmm, bmm, _grouped_mm), attention (SDPA's kernels) and the rest.
 Run: python bench/step_vs_transformers.py [--shape small|big] [--precisions fp32 bf16] [--rounds 7]
-     [--batch 4] [--seq 512]
+     [--batch 4] [--seq 512] [--profile]
 """
 
 from __future__ import annotations
@@ -48,12 +50,29 @@ def transformers_step(model, batch: TextBatch, precision: str):
     return step
 
 
+KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm"),
+         "attention": ("aten::_scaled_dot_product", "aten::_flash_attention")}
+
+
+def kernel_shares(step) -> dict[str, float]:
+    """One step under torch's profiler: the share of its operators' self CPU time by kind."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    by_kind = dict.fromkeys([*KINDS, "other"], 0.0)
+    for event in prof.key_averages():
+        kind = next((k for k, prefixes in KINDS.items() if event.key.startswith(prefixes)), "other")
+        by_kind[kind] += event.self_cpu_time_total
+    total = sum(by_kind.values())
+    return {kind: t / total for kind, t in by_kind.items()}
+
+
 def count(params) -> float:
     return sum(p.numel() for p in params) / 1e6
 
 
 def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0], rounds=7)
+    parser.add_argument("--profile", action="store_true", help="also print each variant's operator time by kind")
     args = parser.parse_args()
     cfg = model_config(args.shape, args.seq)
     ours = build_model(cfg)
@@ -89,6 +108,10 @@ def main() -> None:
         print(f"  {name:18s} median {medians[name] * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}")
     for precision in args.precisions:
         print(f"scifm / transformers ({precision}): {medians[f'scifm {precision}'] / medians[f'transformers {precision}']:.2f}")
+    if args.profile:
+        print("share of the step's operator time (self CPU, one profiled step):")
+        for name, step in steps.items():
+            print(f"  {name:18s} " + "  ".join(f"{k} {v:.0%}" for k, v in kernel_shares(step).items()))
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ LAYOUTS = {
 }
 
 
-# Layouts whose weights and optimizer state sit on the ranks as in an earlier layout of the same world
-# size (only the schedule, the recompute or the communication differs): their checkpoint round trip
-# (save, reshard into one process, resume) would repeat that layout's, so it is left out
+# Layouts whose weights and optimizer state sit on the ranks as in another layout of the same world
+# size (only the schedule, the recompute or the communication differs, or the other layout adds expert
+# parallelism on top): their checkpoint round trip (save, reshard into one process, resume) would
+# repeat that layout's, so it is left out
 SAME_PLACEMENT = {
     "parallel.tp=2 parallel.sequence_parallel=false parallel.loss_parallel=false",  # as tp=2
     "parallel.dp_shard=2 parallel.activation_checkpoint=selective",  # as activation_checkpoint=full
@@ -72,6 +73,12 @@ SAME_PLACEMENT = {
     "parallel.pp=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",  # as Interleaved1F1B
     "parallel.pp=2 parallel.tp=2 parallel.pp_schedule=ZBVZeroBubble parallel.pp_virtual_stages=2",  # V stages at pp=2
     "parallel.pp=2 parallel.dp_shard=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",
+    # the non-expert weights sit as in a layout below that adds expert parallelism, whose round trip
+    # covers them and the experts' placement too
+    "parallel.dp_shard=4",  # as dp_shard=4 ep=4
+    "parallel.dp_replicate=2 parallel.dp_shard=2",  # as dp_replicate=2 dp_shard=2 ep=2
+    "parallel.dp_shard=2 parallel.tp=2",  # as dp_shard=2 tp=2 ep=4
+    "parallel.pp=2 parallel.dp_shard=2",  # as pp=2 dp_shard=2 ep=2
 }
 assert SAME_PLACEMENT <= {" ".join(layout) for layouts in LAYOUTS.values() for layout in layouts}
 

@@ -73,11 +73,11 @@ SAME_PLACEMENT = {
     "parallel.pp=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",  # as Interleaved1F1B
     "parallel.pp=2 parallel.tp=2 parallel.pp_schedule=ZBVZeroBubble parallel.pp_virtual_stages=2",  # V stages at pp=2
     "parallel.pp=2 parallel.dp_shard=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",
-    # the non-expert weights sit as in a layout below that adds expert parallelism, whose round trip
-    # covers them and the experts' placement too
-    "parallel.dp_shard=4",  # as dp_shard=4 ep=4
+    # the dense weights sit as in the same layout with expert parallelism added (round-tripped), and the
+    # experts are FSDP-sharded along dim 0 as the dense weights are, which those round trips cover
+    # (dp_shard=2 tp=2 keeps its own: experts sharded over FSDP and TP at once are in no other layout)
+    "parallel.dp_shard=4",  # as dp_shard=4 ep=4 (experts over dp_shard: dp_shard=4 ep=2)
     "parallel.dp_replicate=2 parallel.dp_shard=2",  # as dp_replicate=2 dp_shard=2 ep=2
-    "parallel.dp_shard=2 parallel.tp=2",  # as dp_shard=2 tp=2 ep=4
     "parallel.pp=2 parallel.dp_shard=2",  # as pp=2 dp_shard=2 ep=2
 }
 assert SAME_PLACEMENT <= {" ".join(layout) for layouts in LAYOUTS.values() for layout in layouts}

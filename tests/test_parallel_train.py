@@ -107,7 +107,8 @@ def test_checkpoint_saved_under_pp_resumes_in_one_process_and_back_under_another
 def test_a_tensor_parallel_checkpoint_resumes_under_a_pipeline(corpus_dir, tmp_path):
     """tp=2 -> pp=2 through the CLI: the same next-step losses after resuming. (Every layout's
     checkpoint loading into one process with exactly its weights, and resuming itself exactly, is the
-    parity test's round trip; fsdp -> tp and -> one process is the test above.)"""
+    parity test's round trip; fsdp -> tp and -> one process is
+    test_checkpoint_saved_under_fsdp_resumes_under_tp_and_one_process.)"""
     train_cli(2, tmp_path / "saved", corpus_dir, "parallel.tp=2")
     want = losses(tmp_path / "saved")
     train_cli(2, tmp_path / "resumed", corpus_dir, "parallel.pp=2", "parallel.pp_schedule=GPipe",

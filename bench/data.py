@@ -7,7 +7,9 @@
    Times are this process's CPU seconds (torch on one thread): the rate of one dedicated core, which
    other load on a shared machine changes less than wall time. Tokens are row positions (B x S), as
    the step consumes them. Also printed: the items featurized per batch (falls as 1/dp) and each
-   dp's time over dp=1's.
+   dp's time over dp=1's. moe_1b's settings also run on the built-in sources whose documents are
+   all token-based (text, molecules, proteins, LaTeX), once from their JSONL files and once from
+   indexed datasets that `scifm data tokenize` wrote of them (in a temporary directory, first).
 2. Consumption: the tiny model's training step (forward, backward, AdamW; fp32, one thread) timed on
    this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
    peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.
@@ -26,13 +28,17 @@ from __future__ import annotations
 import argparse
 import queue
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
 from scifm.config import compose_run_config
 from scifm.core.device import autocast_for
+from scifm.core.errors import DataError
+from scifm.data.indexed.write import tokenize_corpus
 from scifm.data.loader import PackedLoader
 from scifm.data.prefetch import PrefetchingLoader
 from scifm.data.streams import resolve_sources
@@ -51,6 +57,27 @@ DP_SIZES = (1, 2, 4, 8)
 # (model preset, rows per global batch, data.seq_len): tiny as experiment=tiny trains; moe_1b with
 # rows of its max_seq_len and one row per rank at dp=8
 SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
+TOKEN_BASED = ("moe_1b, token-based sources, JSONL", "moe_1b, token-based sources, indexed")
+
+
+def token_based_sources(specs, tokenizer, out: Path) -> tuple[str, str]:
+    """data.sources of the built-in sources whose every document an indexed dataset stores, from their
+    JSONL files and from the indexed datasets written here (a source that would lose a table or a
+    figure is left out, so both lists hold the same documents)."""
+    tokenizer.save(out / "tokenizer")
+    jsonl, indexed = [], []
+    for spec in specs:
+        try:
+            sidecar = tokenize_corpus([str(f) for f in spec.files], out / "tokenizer", out / spec.name, workers=2)
+        except DataError:  # nothing in it can be stored
+            continue
+        if sidecar["skipped"]:
+            continue
+        (path,) = spec.files
+        jsonl.append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
+        indexed.append(f"{{path:{out / spec.name},kind:indexed,name:{spec.name},weight:{spec.weight}}}")
+    print(f"token-based built-in sources: {', '.join(s.split('name:')[1].split(',')[0] for s in jsonl)}")
+    return f"[{','.join(jsonl)}]", f"[{','.join(indexed)}]"
 
 
 def cpu_seconds(fn) -> float:
@@ -119,6 +146,11 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="assumed GPU dense bf16 peak (H100/H200 SXM)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        run(args, Path(tmp))
+
+
+def run(args, tmp: Path) -> None:
 
     corpus = [f"data.corpus_max_docs_per_source={args.corpus_docs}"]
     cfgs = {name: compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
@@ -126,9 +158,13 @@ def main() -> None:
             for name, (preset, rows, seq) in SETTINGS.items()}
     specs = resolve_sources(cfgs["tiny"].data)
     tokenizer = train_tokenizer(specs, cfgs["tiny"].data)
+    preset, rows, seq = SETTINGS["moe_1b"]
+    for name, sources in zip(TOKEN_BASED, token_based_sources(specs, tokenizer, tmp)):
+        cfgs[name] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
+                                         f"data.seq_len={seq}", f"data.sources={sources}"])
 
     def loader(cfg, dp, cls=PackedLoader):
-        return cls(cfg.data, specs, tokenizer, cfg.model.encoders, split="train", batch_size=cfg.trainer.batch_size,
+        return cls(cfg.data, resolve_sources(cfg.data), tokenizer, cfg.model.encoders, split="train", batch_size=cfg.trainer.batch_size,
                    seed=cfg.trainer.seed, dp_rank=0, dp_size=dp)
 
     loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
@@ -175,6 +211,7 @@ def main() -> None:
     moe = cfgs["moe_1b"]
     flops = decoder_flops_per_token(moe, vocab_sizes_of(tokenizer))
     consumed["moe_1b"] = args.mfu * args.peak_tflops * 1e12 / flops
+    consumed.update(dict.fromkeys(TOKEN_BASED, consumed["moe_1b"]))
     print(f"consumption per rank: tiny {consumed['tiny']:,.0f} tokens/s (this CPU, measured); moe_1b "
           f"{consumed['moe_1b']:,.0f} tokens/s per GPU (assumed: {flops / 1e9:.2f} GFLOP/token at seq {moe.data.seq_len}, "
           f"{args.mfu:.0%} MFU of {args.peak_tflops:.0f} TFLOP/s)")

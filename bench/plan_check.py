@@ -28,7 +28,7 @@ import torch
 from scifm.plan.layouts import only_layout
 from scifm.plan.planner import make_plan
 
-RUN = ["experiment=tiny", "trainer.batch_size=8", "trainer.grad_accum=2", "data.seq_len=128", "trainer.precision=fp32"]
+RUN = ["experiment=tiny", "trainer.grad_accum=2", "trainer.precision=fp32"]
 LAYOUTS = {
     "single": (1, []),
     "dp_shard=2": (2, ["parallel.dp_shard=2"]),
@@ -52,10 +52,10 @@ def matmul_flops() -> float:
     return 200 * 2 * 512 * 128 * 384 / statistics.median(times)
 
 
-def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path) -> float:
+def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path, run: list[str]) -> float:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "scifm.train", *RUN, *layout, f"trainer.max_steps={STEPS}", "trainer.log_every=1",
+    cmd = [*launcher, "-m", "scifm.train", *run, *layout, f"trainer.max_steps={STEPS}", "trainer.log_every=1",
            "trainer.val_every=1000", "data.val_batches=1", "trainer.tensorboard=false", f"hydra.run.dir={run_dir}",
            f"data.corpus_dir={corpus}", "data.corpus_max_docs_per_source=150"]  # the first run builds it
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -70,7 +70,10 @@ def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
+    parser.add_argument("--seq-len", type=int, default=128)
     args, plan_overrides = parser.parse_known_args()
+    run = [*RUN, f"trainer.batch_size={args.batch_size}", f"data.seq_len={args.seq_len}"]
     peak = matmul_flops()
     hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1", "plan.intra_node_gbps=1", *plan_overrides]
     measured: dict[str, list[float]] = {name: [] for name in LAYOUTS}
@@ -78,10 +81,10 @@ def main() -> None:
         for r in range(args.rounds):
             for name, (nproc, layout) in LAYOUTS.items():
                 run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_').replace('=', '')}"  # "=" would split the override
-                measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus"))
+                measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus", run))
         predicted = {}
         for name, (nproc, layout) in LAYOUTS.items():
-            plan = make_plan([*RUN, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+            plan = make_plan([*run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                               f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware])
             predicted[name] = plan.rows[0].time.total
     base = statistics.median(measured["single"])

@@ -158,6 +158,35 @@ def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, m
     assert modalities >= set(DOMAIN), modalities  # every stored modality reached the encoders
 
 
+@pytest.mark.parametrize("limit", ["molecule.max_len=14", "protein.max_len=150", "latex.max_len=12"])
+def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, token_corpus, tokenizer, make_config,
+                                                                     limit):
+    """The run's encoders set the limits: an indexed item is held to them by the atom count stored
+    with a molecule or by its id count, so the same documents are skipped as too long as from the JSONL
+    lines, and each of two data-parallel ranks, which featurizes only its own rows, gets the same
+    rows and features."""
+    extra = ("data.seq_len=64", f"model.encoders.{limit}", "data.max_bad_fraction=1.0")
+    for rank in (0, 1):  # 'chem' reads its molecule file, then its protein file: 32 rows reach the proteins
+        a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
+        b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
+        for _ in range(8):
+            assert batches_equal(a.next_batch(), b.next_batch())
+        assert a.skips.as_dict() == b.skips.as_dict()
+    too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
+    assert too_long >= 3, b.skips.as_dict()  # the limit bit
+
+
+def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):
+    for name in ("latex.json", "latex.bin", "latex.idx", "latex.docs.bin", "latex.docs.idx"):
+        shutil.copy(indexed / name, tmp_path / name)
+    shutil.copytree(indexed / "latex.tokenizer", tmp_path / "latex.tokenizer")
+    sidecar = json.loads((tmp_path / "latex.json").read_text())
+    (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/1"}))
+    with pytest.raises(DataError, match=r"written in format scifm-indexed/1, this scifm reads scifm-indexed/2; "
+                                        r"write the dataset again"):
+        make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
+
+
 def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir, make_config, tmp_path):
     docs = [text_doc(i) for i in range(40)]
     for i in range(0, 40, 3):

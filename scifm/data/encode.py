@@ -46,17 +46,15 @@ def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir:
             ids.extend(tokenizer.encode_text(seg["text"]))
             continue
         assert kind in MODALITIES, kind  # Document.from_dict already rejected other types
-        append_item(ids, items, seg, tokenizer, enc_cfg, base_dir)
+        append_item(ids, items, kind, prepare_segment(seg, tokenizer, enc_cfg, base_dir), tokenizer, enc_cfg)
     ids.append(tokenizer.eos_id)
     return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
 
 
-def append_item(ids: list[int], items: list[EncodedItem], seg: dict, tokenizer, enc_cfg: EncodersConfig,
-                base_dir: Path) -> None:
-    """Checks one non-text segment and lays out its [START_X] k x [SLOT_X] [END_X] after `ids`.
-    Shared with indexed datasets (scifm.data.indexed), whose documents must come out the same."""
-    kind = seg["type"]
-    prepared = prepare_segment(seg, tokenizer, enc_cfg, base_dir)
+def append_item(ids: list[int], items: list[EncodedItem], kind: str, prepared: Prepared, tokenizer,
+                enc_cfg: EncodersConfig) -> None:
+    """Lays out a checked item's [START_X] k x [SLOT_X] [END_X] after `ids`. Shared with indexed
+    datasets (scifm.data.indexed), whose documents must come out the same."""
     k = getattr(enc_cfg, kind).slots
     ids.append(tokenizer.start_id(kind))
     items.append(EncodedItem(kind, len(ids), k, prepared))

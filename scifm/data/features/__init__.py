@@ -47,6 +47,11 @@ class Prepared:
     def features(self) -> dict[str, np.ndarray]:
         return self.finish(*self.args)
 
+    @staticmethod
+    def ready(features: dict[str, np.ndarray]) -> "Prepared":
+        """Features that the check itself computed."""
+        return Prepared(_computed, (features,))
+
 
 def _computed(features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return features
@@ -58,11 +63,11 @@ def prepare_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: Pa
     those features are computed here."""
     kind = seg.get("type")
     if kind == "latex":
-        return Prepared(_computed, (featurize_latex(seg.get("latex"), tokenizer, cfg.latex.max_len),))
+        return Prepared.ready(featurize_latex(seg.get("latex"), tokenizer, cfg.latex.max_len))
     if kind == "molecule":
         return Prepared(mol_features, (parse_molecule(seg.get("smiles"), cfg.molecule.max_len),))
     if kind == "protein":
-        return Prepared(_computed, (featurize_protein(seg.get("sequence"), tokenizer, cfg.protein.max_len),))
+        return Prepared.ready(featurize_protein(seg.get("sequence"), tokenizer, cfg.protein.max_len))
     if kind == "table":
         return Prepared(table_features, (*table_cells(seg, cfg.table.max_len), tokenizer))
     if kind == "figure":

@@ -95,6 +95,10 @@ def parse_molecule(smiles: object, max_len: int) -> Chem.Mol:
         mol = Chem.MolFromSmiles(smiles)
     if mol is None or mol.GetNumAtoms() == 0:
         raise DocumentFormatError("bad_smiles", f"RDKit cannot parse {smiles[:60]!r}")
-    if mol.GetNumAtoms() > max_len:
-        raise DocumentFormatError("too_long", f"{mol.GetNumAtoms()} atoms > max_len {max_len}")
+    check_atoms_fit(mol.GetNumAtoms(), max_len)
     return mol
+
+
+def check_atoms_fit(n_atoms: int, max_len: int) -> None:
+    if n_atoms > max_len:
+        raise DocumentFormatError("too_long", f"{n_atoms} atoms > max_len {max_len}")

@@ -15,9 +15,13 @@ AMINO_ACIDS = frozenset("ACDEFGHIKLMNPQRSTVWYBZXUO")
 
 def featurize_protein(sequence: object, tokenizer: Any, max_len: int) -> dict[str, np.ndarray]:
     check_protein(sequence)
-    if len(sequence) > max_len:  # cropping would silently change the protein
-        raise DocumentFormatError("too_long", f"{len(sequence)} residues > max_len {max_len}")
+    check_residues_fit(len(sequence), max_len)
     return encode_domain(tokenizer, "protein", sequence, max_len, "bad_protein")
+
+
+def check_residues_fit(n_residues: int, max_len: int) -> None:
+    if n_residues > max_len:  # cropping would silently change the protein
+        raise DocumentFormatError("too_long", f"{n_residues} residues > max_len {max_len}")
 
 
 def check_protein(sequence: object) -> None:

@@ -20,6 +20,10 @@ def encode_domain(tokenizer: Any, domain: str, text: str, max_len: int, bad_reas
         raise DocumentFormatError(bad_reason, f"does not tokenize in the {domain} vocabulary: {e}") from None
     if not ids:
         raise DocumentFormatError(bad_reason, f"no {domain} tokens")
-    if len(ids) > max_len:
-        raise DocumentFormatError("too_long", f"{len(ids)} {domain} tokens > max_len {max_len}")
+    check_ids_fit(len(ids), domain, max_len)
     return {"ids": np.asarray(ids, dtype=np.int64)}
+
+
+def check_ids_fit(n_ids: int, domain: str, max_len: int) -> None:
+    if n_ids > max_len:
+        raise DocumentFormatError("too_long", f"{n_ids} {domain} tokens > max_len {max_len}")

@@ -4,7 +4,8 @@
   PREFIX.json             the sidecar: format, tokenizer fingerprint, shards, counts, skipped documents
   PREFIX.tokenizer/       the tokenizer the ids were written with
   SHARD.bin, SHARD.idx    token ids: one Megatron sequence and one Megatron document per scifm document
-  SHARD.docs.bin/.idx     each document's [id, source, skill] as UTF-8 JSON bytes (uint8), same order
+  SHARD.docs.bin/.idx     each document's [id, source, skill, its molecules' atom counts] as UTF-8
+                          JSON bytes (uint8), same order
 SHARD is PREFIX itself, or PREFIX-00000, PREFIX-00001, ... with --docs-per-shard. The sidecar is
 written last, so shards without one are an unfinished write and never read.
 """
@@ -22,7 +23,7 @@ from typing import Sequence
 from scifm.core.errors import DataError
 from scifm.tokenizers import ScientificTokenizer
 
-FORMAT = "scifm-indexed/1"
+FORMAT = "scifm-indexed/2"  # 2: each document's molecules' atom counts beside its id, source and skill
 DOCS = ".docs"  # the suffix of a shard's metadata dataset
 SIDECAR_KEYS = ("tokenizer", "shards", "documents", "tokens", "skills", "skipped")
 
@@ -69,7 +70,10 @@ def read_sidecar(path: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
         valid = meta.get("format") == FORMAT and all(key in meta for key in SIDECAR_KEYS)
     except (ValueError, UnicodeDecodeError, AttributeError):  # not JSON, not UTF-8, not an object
-        valid = False
+        meta, valid = {}, False
+    if str(meta.get("format", "")).startswith("scifm-indexed/") and meta["format"] != FORMAT:
+        raise DataError(f"{path}: written in format {meta['format']}, this scifm reads {FORMAT}; "
+                        "write the dataset again with `scifm data tokenize`")
     if not valid:
         raise DataError(f"{path}: not a sidecar of `scifm data tokenize` (format {FORMAT}); write the dataset again")
     return meta

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from scifm.core.errors import DataError
 from scifm.data.documents import split_of
 from scifm.data.indexed.files import open_shard, read_sidecar
@@ -54,19 +56,22 @@ class IndexedStream:
                 self.cursor = (epoch, shard + 1, 0) if more else (epoch + 1, 0, 0)
                 continue
             self.cursor = (epoch, shard, pos + 1)
-            doc_id, _, skill = self._metadata(shard, pos)
+            doc_id, source, skill, atoms = self._metadata(shard, pos)
             if split_of(doc_id) == self.split and self.skill in (None, skill):
-                return (epoch, shard, pos), self.read_at((epoch, shard, pos)), f"{self.spec.files[shard]}:{pos}"
+                tokens, _ = self._datasets(shard)
+                doc = IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
+                return (epoch, shard, pos), doc, f"{self.spec.files[shard]}:{pos}"
 
     def read_at(self, cursor: Cursor) -> IndexedDocument:
         _, shard, pos = cursor
+        doc_id, source, skill, atoms = self._metadata(shard, pos)
         tokens, _ = self._datasets(shard)
-        return IndexedDocument(*self._metadata(shard, pos), tokens[pos].tolist())
+        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
 
-    def _metadata(self, shard: int, pos: int) -> tuple[str, str, str]:
+    def _metadata(self, shard: int, pos: int) -> list:
+        """[id, source, skill, each molecule's atoms]"""
         _, docs = self._datasets(shard)
-        doc_id, source, skill = json.loads(docs[pos].tobytes())
-        return doc_id, source, skill
+        return json.loads(docs[pos].tobytes())
 
     def _datasets(self, shard: int) -> tuple:
         if self._open is None or self._open[0] != shard:

@@ -25,7 +25,7 @@ from scifm.data.build_once import swap_in
 from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
 from scifm.data.indexed.files import (DOCS, FORMAT, file_digest, megatron_indexed, shard_files, sidecar_path,
                                       tokenizer_dir)
-from scifm.data.indexed.layout import stored_ids
+from scifm.data.indexed.layout import stored_document
 from scifm.tokenizers import ScientificTokenizer
 
 
@@ -40,9 +40,9 @@ class _ShardWriter:
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
         self.documents = self.n_tokens = 0
 
-    def add(self, doc_id: str, source: str, skill: str, ids: list[int]) -> None:
+    def add(self, doc_id: str, source: str, skill: str, ids: list[int], atoms: list[int]) -> None:
         self.tokens.add_document(ids, [len(ids)])
-        record = json.dumps([doc_id, source, skill], ensure_ascii=False).encode("utf-8")
+        record = json.dumps([doc_id, source, skill, atoms], ensure_ascii=False).encode("utf-8")
         self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
         self.documents += 1
         self.n_tokens += len(ids)
@@ -96,7 +96,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
             if writer is None:
                 name = out.name if docs_per_shard == 0 else f"{out.name}-{len(shards):05d}"
                 writer = _ShardWriter(out.with_name(name), dtype)
-            doc_id, _, skill, _ = stored
+            doc_id, _, skill, _, _ = stored
             writer.add(*stored)
             skills[split_of(doc_id)][skill] += 1
             if writer.documents == docs_per_shard:
@@ -136,7 +136,7 @@ _worker_tokenizer: ScientificTokenizer | None = None
 
 def _stored_documents(lines: Iterable[tuple[str, bytes]], tokenizer: ScientificTokenizer, tokenizer_path: Path,
                       workers: int) -> Iterator[tuple]:
-    """(where, (id, source, skill, stored ids) or None, skip reason or None) per line, in input order."""
+    """(where, (id, source, skill, stored ids, atoms per molecule) or None, skip reason or None) per line, in input order."""
     chunks = iter(lambda: list(islice(lines, CHUNK_LINES)), [])
     if workers == 1:
         results: Iterable[list] = (_store_chunk(chunk, tokenizer) for chunk in chunks)
@@ -172,7 +172,7 @@ def _store_chunk(chunk: list[tuple[str, bytes]], tokenizer: ScientificTokenizer 
     for where, raw in chunk:
         try:
             doc = parse_line(raw)
-            out.append((where, (doc.id, doc.source, doc.skill, stored_ids(doc, tokenizer)), None))
+            out.append((where, (doc.id, doc.source, doc.skill, *stored_document(doc, tokenizer)), None))
         except DocumentFormatError as err:
             out.append((where, None, err.reason))
     return out

@@ -4,12 +4,14 @@
    reading, token ids and checks of every document, packing of the global rows, features and collate
    of this rank's rows) for dp = 1, 2, 4, 8 (rank 0 of dp ranks, in this process), on the built-in
    corpus, for the tiny model's data settings and for moe_1b's (its encoders' slots, rows of 4096).
-   Times are this process's CPU seconds (torch on one thread): the rate of one dedicated core, which
+   Times are the measuring thread's CPU seconds (torch on one thread; the thread that makes batches
+   ahead in part 3 is not counted): the rate of one dedicated core, which
    other load on a shared machine changes less than wall time. Tokens are row positions (B x S), as
    the step consumes them. Also printed: the items featurized per batch (falls as 1/dp) and each
    dp's time over dp=1's. moe_1b's settings also run on the built-in sources whose documents are
-   all token-based (text, molecules, proteins, LaTeX), once from their JSONL files and once from
-   indexed datasets that `scifm data tokenize` wrote of them (in a temporary directory, first).
+   all token-based (text, molecules, proteins, LaTeX), from their JSONL files and from indexed
+   datasets that `scifm data tokenize` wrote of them (in a temporary directory, first); those
+   documents are short, so also joined 64 at a time into paper-length ones.
 2. Consumption: the tiny model's training step (forward, backward, AdamW; fp32, one thread) timed on
    this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
    peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.
@@ -26,6 +28,7 @@ the spread (max / min over rounds) are printed.
 from __future__ import annotations
 
 import argparse
+import json
 import queue
 import statistics
 import tempfile
@@ -38,6 +41,7 @@ import torch
 from scifm.config import compose_run_config
 from scifm.core.device import autocast_for
 from scifm.core.errors import DataError
+from scifm.data.config import DataConfig
 from scifm.data.indexed.write import tokenize_corpus
 from scifm.data.loader import PackedLoader
 from scifm.data.prefetch import PrefetchingLoader
@@ -57,33 +61,51 @@ DP_SIZES = (1, 2, 4, 8)
 # (model preset, rows per global batch, data.seq_len): tiny as experiment=tiny trains; moe_1b with
 # rows of its max_seq_len and one row per rank at dp=8
 SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
-TOKEN_BASED = ("moe_1b, token-based sources, JSONL", "moe_1b, token-based sources, indexed")
+# documents of the token-based sources are short (about 50 tokens); papers run to thousands, so they
+# are also read joined JOIN at a time (their segments in order, as one document of ~2,600 tokens)
+JOIN = 64
+TOKEN_BASED = {(join, kind): f"moe_1b, token-based sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
+               for join in (1, JOIN) for kind in ("JSONL", "indexed")}
 
 
-def token_based_sources(specs, tokenizer, out: Path) -> tuple[str, str]:
-    """data.sources of the built-in sources whose every document an indexed dataset stores, from their
-    JSONL files and from the indexed datasets written here (a source that would lose a table or a
-    figure is left out, so both lists hold the same documents)."""
+def token_based_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], str]:
+    """data.sources of the built-in sources whose every document an indexed dataset stores, as JSONL
+    files and as indexed datasets written here (a source that would lose a table or a figure is left
+    out, so both hold the same documents), as they are and joined JOIN documents at a time."""
     tokenizer.save(out / "tokenizer")
-    jsonl, indexed = [], []
+    sources: dict[tuple[int, str], list[str]] = {key: [] for key in TOKEN_BASED}
     for spec in specs:
-        try:
-            sidecar = tokenize_corpus([str(f) for f in spec.files], out / "tokenizer", out / spec.name, workers=2)
-        except DataError:  # nothing in it can be stored
-            continue
-        if sidecar["skipped"]:
-            continue
         (path,) = spec.files
-        jsonl.append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
-        indexed.append(f"{{path:{out / spec.name},kind:indexed,name:{spec.name},weight:{spec.weight}}}")
-    print(f"token-based built-in sources: {', '.join(s.split('name:')[1].split(',')[0] for s in jsonl)}")
-    return f"[{','.join(jsonl)}]", f"[{','.join(indexed)}]"
+        for join in (1, JOIN):
+            if join > 1:
+                path = joined(path, out / f"{spec.name}-joined.jsonl", join)
+            prefix = out / f"{spec.name}-{join}"
+            try:
+                sidecar = tokenize_corpus([str(path)], out / "tokenizer", prefix, workers=2)
+            except DataError:  # nothing in it can be stored
+                break
+            if sidecar["skipped"]:
+                break
+            sources[join, "JSONL"].append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
+            sources[join, "indexed"].append(f"{{path:{prefix},kind:indexed,name:{spec.name},weight:{spec.weight}}}")
+    print(f"token-based built-in sources: {', '.join(s.split('name:')[1].split(',')[0] for s in sources[1, 'JSONL'])}")
+    return {key: f"[{','.join(found)}]" for key, found in sources.items()}
+
+
+def joined(path: Path, out: Path, join: int) -> Path:
+    """Every `join` consecutive documents of a JSONL file as one (the first one's id, source and skill)."""
+    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    with open(out, "w", encoding="utf-8") as fh:
+        for k in range(0, len(docs), join):
+            group = docs[k : k + join]
+            fh.write(json.dumps(dict(group[0], segments=[seg for d in group for seg in d["segments"]])) + "\n")
+    return out
 
 
 def cpu_seconds(fn) -> float:
-    t0 = time.process_time()
+    t0 = time.thread_time()
     fn()
-    return time.process_time() - t0
+    return time.thread_time() - t0
 
 
 def decoder_flops_per_token(cfg, vocab: dict[str, int]) -> float:
@@ -119,15 +141,27 @@ class ThreadFeeder:
     """Batches made ahead by a thread of this process: the alternative to the worker process."""
 
     def __init__(self, loader: PackedLoader, depth: int):
-        self.loader, self.queue = loader, queue.Queue(depth)
-        threading.Thread(target=self._work, daemon=True).start()
+        self.loader, self.queue, self.stop = loader, queue.Queue(depth), threading.Event()
+        self.thread = threading.Thread(target=self._work)
+        self.thread.start()
 
     def _work(self) -> None:
-        while True:
-            self.queue.put(self.loader.next_batch())
+        while not self.stop.is_set():
+            batch = self.loader.next_batch()
+            while not self.stop.is_set():
+                try:
+                    self.queue.put(batch, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
 
     def next_batch(self):
         return self.queue.get()
+
+    def close(self) -> None:
+        """Stopped before the interpreter exits: torch aborts the process if a thread is still in it then."""
+        self.stop.set()
+        self.thread.join()
 
 
 def report(label: str, times: list[float]) -> float:
@@ -159,8 +193,8 @@ def run(args, tmp: Path) -> None:
     specs = resolve_sources(cfgs["tiny"].data)
     tokenizer = train_tokenizer(specs, cfgs["tiny"].data)
     preset, rows, seq = SETTINGS["moe_1b"]
-    for name, sources in zip(TOKEN_BASED, token_based_sources(specs, tokenizer, tmp)):
-        cfgs[name] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
+    for key, sources in token_based_sources(specs, tokenizer, tmp).items():
+        cfgs[TOKEN_BASED[key]] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
                                          f"data.seq_len={seq}", f"data.sources={sources}"])
 
     def loader(cfg, dp, cls=PackedLoader):
@@ -171,8 +205,10 @@ def run(args, tmp: Path) -> None:
     tiny = cfgs["tiny"]
     step = TinyStep(tiny, tokenizer)
     step_batches = [loaders["tiny", 1].next_batch() for _ in range(args.steps)]
-    feeders = {"training thread": loader(tiny, 1), "thread ahead": ThreadFeeder(loader(tiny, 1), tiny.data.prefetch_batches),
-               "worker process (data.prefetch_batches)": loader(tiny, 1, PrefetchingLoader)}
+    # experiment=tiny turns the worker off (0); ahead means data.prefetch_batches' default depth
+    ahead = compose_run_config(["experiment=tiny", f"data.prefetch_batches={DataConfig.prefetch_batches}", *corpus])
+    feeders = {"training thread": loader(tiny, 1), "thread ahead": ThreadFeeder(loader(ahead, 1), ahead.data.prefetch_batches),
+               "worker process (data.prefetch_batches)": loader(ahead, 1, PrefetchingLoader)}
     for feeder in feeders.values():  # warm-up: a step each, the worker's start, the queues filled
         step(feeder.next_batch())
     for key, ld in loaders.items():
@@ -200,18 +236,19 @@ def run(args, tmp: Path) -> None:
                 step(batch)
             fed[name].append((time.perf_counter() - t0) / args.steps)
             fed_cpu[name].append(waited / args.steps)
-    feeders["worker process (data.prefetch_batches)"].close()
+    for feeder in feeders.values():
+        feeder.close()
 
     n_batches = args.rounds * args.batches
     print(f"built-in corpus ({args.corpus_docs or 'all'} documents per source), {args.rounds} rounds, "
-          f"torch {torch.__version__}, 1 thread; CPU time of this process")
+          f"torch {torch.__version__}, 1 thread; CPU time of the measuring thread")
     tiny_tokens = tiny.trainer.batch_size * tiny.data.seq_len
     print("tiny training step (CPU time):")
     consumed = {"tiny": tiny_tokens / report("forward + backward + AdamW", step_cpu)}
     moe = cfgs["moe_1b"]
     flops = decoder_flops_per_token(moe, vocab_sizes_of(tokenizer))
     consumed["moe_1b"] = args.mfu * args.peak_tflops * 1e12 / flops
-    consumed.update(dict.fromkeys(TOKEN_BASED, consumed["moe_1b"]))
+    consumed.update(dict.fromkeys(TOKEN_BASED.values(), consumed["moe_1b"]))
     print(f"consumption per rank: tiny {consumed['tiny']:,.0f} tokens/s (this CPU, measured); moe_1b "
           f"{consumed['moe_1b']:,.0f} tokens/s per GPU (assumed: {flops / 1e9:.2f} GFLOP/token at seq {moe.data.seq_len}, "
           f"{args.mfu:.0%} MFU of {args.peak_tflops:.0f} TFLOP/s)")

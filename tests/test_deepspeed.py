@@ -8,6 +8,12 @@ ranks' gradients where one process sums all micro-batches at once, so the float3
 (measured: 1e-7 relative after 4 steps); a wrong scale, a missed rank or a lost moment is off by
 1e-3 or more. Resuming DeepSpeed from its own checkpoint repeats the same operations: 1e-7.
 
+Saved weights: 1e-4 relative plus 1e-5 absolute. Where a gradient is near zero, Adam's step is its
+first moment over the root of its second, which float32 rounding moves most (measured on an AVX-512
+CPU: one element in 16,384 off by 1.6e-6 after 4 steps; none on AVX2). The smallest whole step in
+these runs (warmup's first, lr 1.5e-4) is 15x the absolute tolerance, so a skipped or repeated
+update still fails.
+
 Gradient norms: 5e-5 relative. DeepSpeed sums the squares in float64; the native run takes each
 tensor's norm with torch's float32 CPU kernel, which is 7.6e-5 low on the output layer's gradient
 (against float64), so the native norms are 0.7e-5 to 1.2e-5 low (measured, steps 1-4; DeepSpeed's
@@ -206,7 +212,7 @@ def test_zero_stage_matches_one_native_process_and_its_checkpoints_move_between_
         theirs = load_file(export_checkpoint(native / "checkpoints/step_4", tmp_path / "native.safetensors"))
         assert ours.keys() == theirs.keys() and len(ours) > 300
         for name, t in ours.items():
-            torch.testing.assert_close(t, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(t, theirs[name], rtol=1e-4, atol=1e-5, msg=name)
     if stage == 2:  # DeepSpeed resumes its own checkpoint exactly; the native engine resumes it too
         resumed = tmp_path / "ds-resumed"
         train_cli(2, resumed, corpus_dir, *DS, f"resume={run / 'checkpoints/step_2'}")
@@ -307,4 +313,4 @@ def test_checkpoints_move_from_native_to_deepspeed_experts_and_back(native, corp
     theirs = load_file(export_checkpoint(native / "checkpoints/step_4", tmp_path / "native.safetensors"))
     assert ours.keys() == theirs.keys() and sum(".experts." in n for n in ours) == 9
     for name, t in ours.items():
-        torch.testing.assert_close(t, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(t, theirs[name], rtol=1e-4, atol=1e-5, msg=name)

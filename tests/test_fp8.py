@@ -153,10 +153,12 @@ def test_fp8_model_runs_under_bf16_autocast_as_on_a_gpu(make_config, tokenizer):
 def test_fp8_training_reaches_the_fp32_loss(make_config, tmp_path, scaled_mm_calls):
     """200 steps from the same seed on the same batches: no more than 2% above fp32's final validation
     loss, with the layers converted and FP8 matmuls run (the test fails if FP8 is silently off). One-sided:
-    FP8's rounding sends the run down another trajectory, which can land lower (measured 2.4% below
-    fp32, 3.528 against 3.615, with one thread; within 2% with two), and only a higher loss is harm."""
+    FP8's rounding sends the run down another trajectory, which can land lower, and only a higher loss is
+    harm. Validated on 32 batches (2,048 tokens): on 2 (256 tokens) the two models' idiosyncrasies
+    decided it (measured: 2.4% below fp32 on an AVX2 CPU, 2.4% above on an AVX-512 one); on 32, FP8
+    4.590 against fp32 4.637 (AVX-512)."""
     steps = ("trainer.max_steps=200", "trainer.val_every=1000", "trainer.log_every=50", "trainer.ckpt_every=0",
-             "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=2")
+             "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=32")
     fp32 = train(make_config(*steps, "trainer.precision=fp32"), tmp_path / "fp32")
     assert scaled_mm_calls[0] == 0
     fp8 = train(make_config(*steps, "trainer.precision=fp8"), tmp_path / "fp8")

@@ -299,8 +299,8 @@ def test_no_requeue_past_the_restart_limit_nor_after_scancel(slurm, corpus_dir, 
     """Two one-node jobs side by side: USR1 with cluster.max_restarts=0, and a plain scancel (SIGTERM)."""
     runs = {"limit": tmp_path / "limit", "scancel": tmp_path / "scancel"}
     jobs = {case: submit(run_dir, *job_cluster(1), "cluster.max_restarts=0", *base_overrides(corpus_dir),
-                         "trainer.max_steps=10", "trainer.ckpt_every=0", f"hydra.run.dir={run_dir}")
-            for case, run_dir in runs.items()}
+                         "trainer.max_steps=200", "trainer.ckpt_every=0", f"hydra.run.dir={run_dir}")
+            for case, run_dir in runs.items()}  # 200 steps: both are still training when they are signalled
     for case, signal in (("limit", ["--signal=USR1", "--batch"]), ("scancel", [])):
         wait_for_first_step(slurm, jobs[case], runs[case])
         slurm.run("scancel", *signal, jobs[case])

@@ -102,7 +102,7 @@ def tokenizer(make_config):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, dict]:
-    """`scifm train experiment=tiny` as the quickstart runs it (200 steps on the whole built-in
+    """`scifm train experiment=tiny` as the quickstart runs it (400 steps on the whole built-in
     corpus), trained once for every test that needs the demo model: (run directory, summary)."""
     from scifm.config import compose_run_config
     from scifm.train.trainer import train

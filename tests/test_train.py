@@ -30,12 +30,12 @@ def test_the_demo_run_beats_the_unigram_model_by_40_percent(demo_run):
 
 @pytest.mark.slow
 def test_run_directory_holds_metrics_summary_and_checkpoints(demo_run):
-    run_dir, summary = demo_run  # experiment=tiny: 200 steps, logs every 10, validates every 50, saves every 100
+    run_dir, summary = demo_run  # experiment=tiny: 400 steps, logs every 10, validates every 50, saves every 100
     for key in ("final_val_loss", "unigram_val_loss", "total_params", "active_params", "steps", "wall_seconds"):
         assert key in summary
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == list(range(10, 201, 10))
+    assert [r["step"] for r in records] == list(range(10, 401, 10))
     assert all({"loss", "aux_loss", "tokens_per_s"} <= r.keys() for r in records)
     assert "val_loss" in records[4] and "val_loss" in records[-1] and "val_loss" not in records[0]
     assert records[-1]["val_loss"] == summary["final_val_loss"]
@@ -43,7 +43,7 @@ def test_run_directory_holds_metrics_summary_and_checkpoints(demo_run):
     assert summary["active_params"] < summary["total_params"]
     assert set(summary["tokens_by_source"]) and sum(summary["tokens_by_skill"].values()) == summary["tokens_seen"]
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    assert ckpt.name == "step_200" and (run_dir / "checkpoints" / "step_100" / "meta.json").is_file()
+    assert ckpt.name == "step_400" and (run_dir / "checkpoints" / "step_100" / "meta.json").is_file()
     for name in ("model/model.safetensors.index.json", "optimizer/model.safetensors.index.json", "train_state.pt",
                  "loader.json", "config.yaml", "skipped.json",
                  "tokenizer/tokenizer.json"):
@@ -90,7 +90,7 @@ def test_export_is_one_safetensors_file_of_the_trained_weights(demo_run, tmp_pat
     from scifm.train.export import export_checkpoint, load_checkpoint_model
 
     run_dir, _ = demo_run
-    ckpt = run_dir / "checkpoints" / "step_200"
+    ckpt = run_dir / "checkpoints" / "step_400"
     weights = load_file(export_checkpoint(ckpt, tmp_path / "model.safetensors"))
     # one process wrote whole tensors: read them straight from its file, past the DCP loader
     (written,) = (ckpt / "model").glob("*.safetensors")
@@ -98,7 +98,7 @@ def test_export_is_one_safetensors_file_of_the_trained_weights(demo_run, tmp_pat
     assert weights.keys() == raw.keys() and len(weights) > 300
     assert all(torch.equal(weights[k], raw[k]) for k in raw)
     _, run_tokenizer, cfg = load_checkpoint_model(ckpt)
-    assert cfg.trainer.max_steps == 200
+    assert cfg.trainer.max_steps == 400
     fresh = ScientificMoE(cfg.model, vocab_sizes_of(run_tokenizer))
     init_parameters(fresh, cfg.trainer.seed, cfg.model.init_std, cfg.model.n_layers)
     init = fresh.state_dict()  # the same shapes as the run's initial weights, which training changed

@@ -49,5 +49,5 @@ def compose_eval_config(overrides: list[str]) -> EvalRunConfig:
     try:
         return OmegaConf.to_object(cfg)
     except MissingMandatoryValue:
-        raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_200 "
+        raise ConfigError("checkpoint: required, e.g. scifm eval checkpoint=runs/demo/checkpoints/step_400 "
                           "(a checkpoint, a run directory or a quoted glob)") from None

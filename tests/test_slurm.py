@@ -124,7 +124,7 @@ def test_the_eval_array_has_its_own_resources_not_the_training_jobs(tmp_path, ca
     train, evals = ((run_dir / "slurm" / f"{kind}.sbatch").read_text() for kind in ("train", "eval"))
     assert {"--exclusive", "--mem=0", "--time=24:00:00", "--gpus-per-node=8"} <= set(sbatch_options(train))
     assert sbatch_options(evals)[1:] == ["--nodes=1", "--ntasks=1", "--cpus-per-task=8", "--time=02:00:00",
-                                         f"--output={run_dir}/slurm/eval-%A_%a.out", "--array=0-1",
+                                         f"--output={run_dir}/slurm/eval-%A_%a.out", "--array=0-3",
                                          "--partition=gpu", "--gpus-per-node=1"]
     assert "--kill-on-invalid-dep=yes" in capsys.readouterr().out
 
@@ -141,7 +141,7 @@ def test_eval_keys_throttles_and_a_wrapper_command_for_python(tmp_path):
     assert sbatch_options(train)[-5:] == ["--array=0-2%2", "--partition=gpu", "--mem=0", "--gpus-per-node=1",
                                           "--qos=high"]
     assert sbatch_options(evals)[1:] == ["--nodes=1", "--ntasks=1", "--cpus-per-task=4", "--time=00:30:00",
-                                         f"--output={sweep}/slurm/eval-%A_%a.out", "--array=0-5%1",
+                                         f"--output={sweep}/slurm/eval-%A_%a.out", "--array=0-11%1",
                                          "--partition=cpu", "--mem=32G", "--qos=eval"]
     assert "export OMP_NUM_THREADS=4\n" in evals and "srun --cpus-per-task=4 apptainer" in evals
     # the interpreter is a command: bash reads back its words, the one with a space in one piece
@@ -359,7 +359,7 @@ def test_a_failed_training_job_cancels_its_eval_array_and_jobs_says_why(slurm, t
     kind, state, _, _, why, log = table[job]
     assert [kind, state, why, log] == ["train", "FAILED", "exit code 1", f"{run_dir}/slurm/train-{job}.out"], table
     # never started: no run time, no log
-    assert table[f"{eval_job}_0-1"] == ["eval", "CANCELLED", "-", "0",
+    assert table[f"{eval_job}_0-3"] == ["eval", "CANCELLED", "-", "0",
                                         f"cancelled: training job {job} failed (exit code 1)", "-"], (table, info)
 
 

@@ -2,13 +2,14 @@
 
 Stored ids: [BOS], each text segment's prose ids, each latex/molecule/protein segment as
 [START_X] its ids in the tokenizer's LaTeX/SMILES/protein block [END_X], then [EOS]. Beside them,
-each molecule's atom count, from its parse when it was stored. Decoding an item's ids gives its LaTeX, SMILES or sequence back exactly, so a stored
-document expands to the EncodedDocument that encode_document gives its JSONL line (same ids, items,
-skip verdicts and features) without parsing anything: the checks that do not depend on the run's
-encoders passed when it was stored, the length limits are checked against the stored atom counts
-and the items' id counts (a protein has one id per residue), LaTeX and protein features are the stored ids less their block's offset, and a molecule is decoded and
-parsed only when a rank featurizes its row. Every rank expands every document (packing needs the
-lengths and verdicts), so what stays per document is cheap, and the featurizing falls with dp.
+each molecule's atom count, from its parse when it was stored. Decoding an item's ids gives its
+LaTeX, SMILES or sequence back exactly, so a stored document expands to the EncodedDocument that
+encode_document gives its JSONL line (same ids, items, skip verdicts and features) without parsing
+anything: the checks that do not depend on the run's encoders passed when it was stored; the length
+limits are checked against the stored atom counts and the items' id counts (a protein has one id per
+residue); LaTeX and protein features are the stored ids less their block's offset; and a molecule is
+decoded and parsed only when a rank featurizes its row. Every rank expands every document (packing
+needs the lengths and verdicts), so what stays per document is cheap, and the featurizing falls with dp.
 
 Tables and figures are not token-based (cells keep their types, images their pixels) and are
 refused with a counted reason: documents holding them stay in a JSONL source.

@@ -56,22 +56,23 @@ class IndexedStream:
                 self.cursor = (epoch, shard + 1, 0) if more else (epoch + 1, 0, 0)
                 continue
             self.cursor = (epoch, shard, pos + 1)
-            doc_id, source, skill, atoms = self._metadata(shard, pos)
-            if split_of(doc_id) == self.split and self.skill in (None, skill):
-                tokens, _ = self._datasets(shard)
-                doc = IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
-                return (epoch, shard, pos), doc, f"{self.spec.files[shard]}:{pos}"
+            meta = self._metadata(shard, pos)
+            if split_of(meta[0]) == self.split and self.skill in (None, meta[2]):
+                return (epoch, shard, pos), self._document(shard, pos, meta), f"{self.spec.files[shard]}:{pos}"
 
     def read_at(self, cursor: Cursor) -> IndexedDocument:
         _, shard, pos = cursor
-        doc_id, source, skill, atoms = self._metadata(shard, pos)
-        tokens, _ = self._datasets(shard)
-        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
+        return self._document(shard, pos, self._metadata(shard, pos))
 
     def _metadata(self, shard: int, pos: int) -> list:
         """[id, source, skill, each molecule's atoms]"""
         _, docs = self._datasets(shard)
         return json.loads(docs[pos].tobytes())
+
+    def _document(self, shard: int, pos: int, meta: list) -> IndexedDocument:
+        doc_id, source, skill, atoms = meta
+        tokens, _ = self._datasets(shard)  # a copy: the shard's memory map closes when the next shard opens
+        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
 
     def _datasets(self, shard: int) -> tuple:
         if self._open is None or self._open[0] != shard:

@@ -74,6 +74,7 @@ def token_based_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], st
     out, so both hold the same documents), as they are and joined JOIN documents at a time."""
     tokenizer.save(out / "tokenizer")
     sources: dict[tuple[int, str], list[str]] = {key: [] for key in TOKEN_BASED}
+    names = []
     for spec in specs:
         (path,) = spec.files
         for join in (1, JOIN):
@@ -88,7 +89,9 @@ def token_based_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], st
                 break
             sources[join, "JSONL"].append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
             sources[join, "indexed"].append(f"{{path:{prefix},kind:indexed,name:{spec.name},weight:{spec.weight}}}")
-    print(f"token-based built-in sources: {', '.join(s.split('name:')[1].split(',')[0] for s in sources[1, 'JSONL'])}")
+        else:
+            names.append(spec.name)
+    print(f"token-based built-in sources: {', '.join(names)}")
     return {key: f"[{','.join(found)}]" for key, found in sources.items()}
 
 
@@ -185,7 +188,6 @@ def main() -> None:
 
 
 def run(args, tmp: Path) -> None:
-
     corpus = [f"data.corpus_max_docs_per_source={args.corpus_docs}"]
     cfgs = {name: compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
                                       f"data.seq_len={seq}", *corpus])

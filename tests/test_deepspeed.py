@@ -10,7 +10,7 @@ ranks' gradients where one process sums all micro-batches at once, so the float3
 
 Saved weights: 1e-4 relative plus 1e-5 absolute. Where a gradient is near zero, Adam's step is its
 first moment over the root of its second, which float32 rounding moves most (measured on an AVX-512
-CPU: one element in 16,384 off by 1.6e-6 after 4 steps; none on AVX2). The smallest whole step in
+CPU: one element in 16,384 off by 1.6e-6 after 4 steps; none past 1e-6 on AVX2). The smallest whole step in
 these runs (warmup's first, lr 1.5e-4) is 15x the absolute tolerance, so a skipped or repeated
 update still fails.
 

@@ -18,6 +18,7 @@ pytest.importorskip("megatron.core")
 from scifm.cli import main  # noqa: E402
 from scifm.core.errors import DataError  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
+from scifm.data.indexed import layout  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
 from scifm.tokenizers import ScientificTokenizer  # noqa: E402
@@ -158,20 +159,35 @@ def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, m
     assert modalities >= set(DOMAIN), modalities  # every stored modality reached the encoders
 
 
-@pytest.mark.parametrize("limit", ["molecule.max_len=14", "protein.max_len=150", "latex.max_len=12"])
+@pytest.mark.parametrize("limit", ["molecule.max_len=33", "protein.max_len=150", "latex.max_len=12"])
 def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, token_corpus, tokenizer, make_config,
-                                                                     limit):
+                                                                     limit, monkeypatch):
     """The run's encoders set the limits: an indexed item is held to them by the atom count stored
     with a molecule or by its id count, so the same documents are skipped as too long as from the JSONL
-    lines, and each of two data-parallel ranks, which featurizes only its own rows, gets the same
-    rows and features."""
+    lines, and each of two data-parallel ranks gets the same rows and features, parsing only the
+    molecules of its own rows (RDKit is the indexed loader's cost that falls with dp)."""
+    parsed = [0]
+    real = layout.parse_molecule
+
+    def counting(*args):
+        parsed[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(layout, "parse_molecule", counting)
     extra = ("data.seq_len=64", f"model.encoders.{limit}", "data.max_bad_fraction=1.0")
+    featurized = 0
     for rank in (0, 1):  # 'chem' reads its molecule file, then its protein file: 32 rows reach the proteins
         a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
         b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
+        parsed[0] = own = 0
         for _ in range(8):
-            assert batches_equal(a.next_batch(), b.next_batch())
+            want, got = a.next_batch(), b.next_batch()
+            assert batches_equal(want, got)
+            own += int(got.slot_index["molecule"].shape[0]) if "molecule" in got.slot_index else 0
         assert a.skips.as_dict() == b.skips.as_dict()
+        assert parsed[0] == own, (parsed, own)  # not one parse for the other rank's rows
+        featurized += own
+    assert featurized > 0
     too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
 

@@ -118,7 +118,7 @@ def _prepared(kind: str, item_ids: np.ndarray, n_atoms: int, tokenizer, max_len:
     if kind == "molecule":
         check_atoms_fit(n_atoms, max_len)
         return Prepared(_molecule_features, (tokenizer.domain(domain), local))
-    if kind == "protein":
+    if kind == "protein":  # one id per residue: the same number, checked first as the featurizer does
         check_residues_fit(len(local), max_len)
     check_ids_fit(len(local), domain, max_len)
     return Prepared.ready({"ids": local})

@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rdkit import Chem
 
 pytest.importorskip("megatron.core")
 
 from scifm.cli import main  # noqa: E402
 from scifm.core.errors import DataError  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
+from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
+from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
 from scifm.tokenizers import ScientificTokenizer  # noqa: E402
@@ -127,6 +130,36 @@ def test_the_tokenizers_decoding_recovers_every_smiles_sequence_and_latex(indexe
     assert all(seen[kind] >= 50 for kind in DOMAIN), seen
 
 
+def test_the_stored_graphs_are_the_featurizers_arrays_of_every_smiles(indexed, token_corpus):
+    """The loader takes a molecule's graph from the dataset instead of parsing its SMILES: unpacked, it
+    must be what the featurizer makes of the JSONL field, atom for atom and bond for bond."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sidecar = json.loads((indexed / "chem.json").read_text())
+    docs = iter(documents(token_corpus / "chem"))
+    molecules = 0
+    for shard in sidecar["shards"]:
+        meta = IndexedDataset(str(indexed / f"{shard['name']}.docs"))
+        # Megatron cannot map a shard's empty graphs file, and the reader does not open it
+        graphs = IndexedDataset(str(indexed / f"{shard['name']}.graphs")) if shard["molecules"] else None
+        for pos in range(len(meta)):
+            doc_id, _, _, atoms, bonds = json.loads(meta[pos].tobytes())
+            doc, block, done = next(docs), graphs[pos] if atoms else [], 0
+            assert doc_id == doc.id
+            smiles = [seg["smiles"] for seg in doc.segments if seg["type"] == "molecule"]
+            assert len(smiles) == len(atoms) == len(bonds)
+            for s, n_atoms, n_bonds in zip(smiles, atoms, bonds):
+                size = graph_size(n_atoms, n_bonds)
+                got, want = unpacked_graph(block[done : done + size], n_atoms), featurize_molecule(s, 10**9)
+                assert got.keys() == want.keys()
+                for key in want:
+                    assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), (s, key)
+                done, molecules = done + size, molecules + 1
+            assert done == len(block)
+    assert molecules >= 50 and molecules == sum(shard["molecules"] for shard in sidecar["shards"]), molecules
+    assert any(shard["molecules"] == 0 for shard in sidecar["shards"])  # the proteins' shards
+
+
 def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, tokenizer):
     assert ScientificTokenizer.load(indexed / "chem.tokenizer").fingerprint() == tokenizer.fingerprint()
     other = ScientificTokenizer.train(["a different corpus of prose, said twice"] * 2, vocab_size=300)
@@ -136,7 +169,7 @@ def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, t
 def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus, tokenizer_dir, tmp_path):
     # the fixture tokenized in this process; worker processes must write the same bytes
     tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", workers=2)
-    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".json"):
+    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".graphs.bin", ".graphs.idx", ".json"):
         assert (tmp_path / f"latex{suffix}").read_bytes() == (indexed / f"latex{suffix}").read_bytes(), suffix
     assert not list(tmp_path.glob("*.tmp-*")), "temporary files were left behind"
 
@@ -164,41 +197,46 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
                                                                      limit, monkeypatch):
     """The run's encoders set the limits: an indexed item is held to them by the atom count stored
     with a molecule or by its id count, so the same documents are skipped as too long as from the JSONL
-    lines, and each of two data-parallel ranks gets the same rows and features, parsing only the
-    molecules of its own rows (RDKit is the indexed loader's cost that falls with dp)."""
-    parsed = [0]
-    real = layout.parse_molecule
+    lines, and each of two data-parallel ranks gets the same rows and features, unpacking the stored
+    graphs of its own rows' molecules only and parsing none (the graph is the work that falls with dp)."""
+    calls = Counter()
 
-    def counting(*args):
-        parsed[0] += 1
-        return real(*args)
+    def counting(name, real):
+        def wrapped(*args):
+            calls[name] += 1
+            return real(*args)
+        return wrapped
 
-    monkeypatch.setattr(layout, "parse_molecule", counting)
+    monkeypatch.setattr(Chem, "MolFromSmiles", counting("parse", Chem.MolFromSmiles))
+    monkeypatch.setattr(layout, "unpacked_graph", counting("unpack", layout.unpacked_graph))
     extra = ("data.seq_len=64", f"model.encoders.{limit}", "data.max_bad_fraction=1.0")
     featurized = 0
     for rank in (0, 1):  # 'chem' reads its molecule file, then its protein file: 32 rows reach the proteins
         a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
         b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
-        parsed[0] = own = 0
         for _ in range(8):
-            want, got = a.next_batch(), b.next_batch()
+            want = a.next_batch()
+            calls.clear()
+            got = b.next_batch()
             assert batches_equal(want, got)
-            own += int(got.slot_index["molecule"].shape[0]) if "molecule" in got.slot_index else 0
+            own = int(got.slot_index["molecule"].shape[0]) if "molecule" in got.slot_index else 0
+            # one unpack per molecule of this rank's rows, not one for the other rank's, and no RDKit parse
+            assert (calls["unpack"], calls["parse"]) == (own, 0), calls
+            featurized += own
         assert a.skips.as_dict() == b.skips.as_dict()
-        assert parsed[0] == own, (parsed, own)  # not one parse for the other rank's rows
-        featurized += own
     assert featurized > 0
     too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):
-    for name in ("latex.json", "latex.bin", "latex.idx", "latex.docs.bin", "latex.docs.idx"):
+    for name in ("latex.json", "latex.bin", "latex.idx", "latex.docs.bin", "latex.docs.idx", "latex.graphs.bin",
+                 "latex.graphs.idx"):
         shutil.copy(indexed / name, tmp_path / name)
     shutil.copytree(indexed / "latex.tokenizer", tmp_path / "latex.tokenizer")
     sidecar = json.loads((tmp_path / "latex.json").read_text())
     (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/1"}))
-    with pytest.raises(DataError, match=r"written in format scifm-indexed/1, this scifm reads scifm-indexed/2; "
+    with pytest.raises(DataError, match=r"written in format scifm-indexed/1, this scifm reads scifm-indexed/3; "
                                         r"write the dataset again"):
         make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
 

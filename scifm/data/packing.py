@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scifm.data.encode import EncodedDocument, EncodedItem
@@ -112,35 +113,44 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
     """`placeholders` (from placeholder_features) stand in for modalities without items; their
     slot_index has no rows, so they write nothing into the sequence."""
     n_rows = len(rows)
-    input_ids = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
-    targets = torch.full((n_rows, seq_len), tokenizer.pad_id, dtype=torch.long)
-    positions = torch.zeros((n_rows, seq_len), dtype=torch.long)
-    doc_ids = torch.full((n_rows, seq_len), -1, dtype=torch.long)
+    # filled in numpy a row at a time: a tensor per chunk cost more than the packing on short documents
+    input_ids_BS = np.full((n_rows, seq_len), tokenizer.pad_id, dtype=np.int64)
+    targets_BS = input_ids_BS.copy()
+    positions_BS = np.zeros((n_rows, seq_len), dtype=np.int64)
+    doc_ids_BS = np.full((n_rows, seq_len), -1, dtype=np.int64)
     features: dict[str, list[dict]] = {}
-    slots: dict[str, list[torch.Tensor]] = {}
+    first_slots: dict[str, list[int]] = {}  # flat index of each item's first slot
+    n_slots: dict[str, int] = {}  # one count per modality (its encoder's output)
     for r, row in enumerate(rows):
-        offset = 0
-        for seg_id, chunk in enumerate(row.chunks):
-            n = chunk.length
-            ids = torch.tensor(chunk.doc.ids[chunk.start : chunk.stop + 1], dtype=torch.long)
-            input_ids[r, offset : offset + n] = ids[:-1]
-            targets[r, offset : offset + n] = ids[1:]
-            positions[r, offset : offset + n] = torch.arange(n)
-            doc_ids[r, offset : offset + n] = seg_id
+        inputs: list[int] = []
+        targets: list[int] = []
+        for chunk in row.chunks:
+            offset = len(inputs)
+            inputs += chunk.doc.ids[chunk.start : chunk.stop]
+            targets += chunk.doc.ids[chunk.start + 1 : chunk.stop + 1]
             for item in chunk.items():
-                first = r * seq_len + offset + item.slot_start - chunk.start
                 features.setdefault(item.modality, []).append(item.features())
-                slots.setdefault(item.modality, []).append(torch.arange(first, first + item.n_slots))
-            offset += n
+                first_slots.setdefault(item.modality, []).append(r * seq_len + offset + item.slot_start - chunk.start)
+                n_slots[item.modality] = item.n_slots
+        used = len(inputs)
+        lengths = np.array([chunk.length for chunk in row.chunks], dtype=np.int64)
+        input_ids_BS[r, :used] = inputs
+        targets_BS[r, :used] = targets
+        positions_BS[r, :used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        doc_ids_BS[r, :used] = np.repeat(np.arange(len(lengths)), lengths)
     for modality, features_one in placeholders.items():
         if modality not in features:
             features[modality] = [features_one]
-            slots[modality] = []
+    slot_index = {m: torch.from_numpy(np.array(firsts)[:, None] + np.arange(n_slots[m]))
+                  for m, firsts in first_slots.items()}
+    slot_index.update({m: torch.empty((0, 0), dtype=torch.long) for m in features if m not in first_slots})
+    input_ids, targets = torch.from_numpy(input_ids_BS), torch.from_numpy(targets_BS)
+    doc_ids = torch.from_numpy(doc_ids_BS)
     is_target = tokenizer.loss_target_mask(targets) & (doc_ids >= 0)
     labels = torch.where(is_target, targets, torch.full_like(targets, IGNORE_INDEX))
     return Batch(
-        input_ids, labels, positions, doc_ids,
+        input_ids, labels, torch.from_numpy(positions_BS), doc_ids,
         {m: collate(m, feats) for m, feats in features.items()},
-        {m: torch.stack(idx) if idx else torch.empty((0, 0), dtype=torch.long) for m, idx in slots.items()},
+        slot_index,
         [[(source, chunk.doc.skill) for source, chunk in zip(row.sources, row.chunks)] for row in rows],
     )

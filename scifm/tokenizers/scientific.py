@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 from scifm.core.errors import ScifmError
+from scifm.core.modalities import MODALITIES
 from scifm.tokenizers.bpe import BYTE_ALPHABET_SIZE, train_bpe
 from scifm.tokenizers.domain import DOMAINS, DomainVocab
 from scifm.tokenizers.spans import split_spans
@@ -68,6 +69,9 @@ class ScientificTokenizer:
         self.bos_id = self._special_ids[BOS]
         self.eos_id = self._special_ids[EOS]
         self._non_targets = [self._special_ids[t] for t in NON_TARGETS]
+        # the data path asks for these per item: looked up once here
+        self._marker_ids = {(kind, m): self._special_ids[marker(kind, m)]
+                            for kind in ("START", "END", "SLOT") for m in MODALITIES}
         # Block starts and what each block holds, for decode.
         self._starts = [0, self._bpe_size, *self._offsets.values()]
         self._kinds = ["text", "special", *self._offsets]
@@ -203,13 +207,20 @@ class ScientificTokenizer:
         return "".join(out)
 
     def start_id(self, modality: str) -> int:
-        return self._special_ids[marker("START", modality)]
+        return self._marker_id("START", modality)
 
     def end_id(self, modality: str) -> int:
-        return self._special_ids[marker("END", modality)]
+        return self._marker_id("END", modality)
 
     def slot_id(self, modality: str) -> int:
-        return self._special_ids[marker("SLOT", modality)]
+        return self._marker_id("SLOT", modality)
+
+    def _marker_id(self, kind: str, modality: str) -> int:
+        try:
+            return self._marker_ids[kind, modality]
+        except KeyError:
+            marker(kind, modality)  # raises the error naming the modalities
+            raise
 
     def loss_target_mask(self, ids: torch.Tensor) -> torch.Tensor:
         """False for pad, bos, slot and START/END ids; True for everything the LM should predict."""

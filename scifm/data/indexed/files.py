@@ -4,8 +4,9 @@
   PREFIX.json             the sidecar: format, tokenizer fingerprint, shards, counts, skipped documents
   PREFIX.tokenizer/       the tokenizer the ids were written with
   SHARD.bin, SHARD.idx    token ids: one Megatron sequence and one Megatron document per scifm document
-  SHARD.docs.bin/.idx     each document's [id, source, skill, its molecules' atom counts] as UTF-8
-                          JSON bytes (uint8), same order
+  SHARD.docs.bin/.idx     each document's [id, source, skill, its molecules' atom counts, their bond
+                          counts] as UTF-8 JSON bytes (uint8), same order
+  SHARD.graphs.bin/.idx   each document's molecules' graph features (graphs.py), same order
 SHARD is PREFIX itself, or PREFIX-00000, PREFIX-00001, ... with --docs-per-shard. The sidecar is
 written last, so shards without one are an unfinished write and never read.
 """
@@ -23,8 +24,9 @@ from typing import Sequence
 from scifm.core.errors import DataError
 from scifm.tokenizers import ScientificTokenizer
 
-FORMAT = "scifm-indexed/2"  # 2: each document's molecules' atom counts beside its id, source and skill
-DOCS = ".docs"  # the suffix of a shard's metadata dataset
+# 2: each document's molecules' atom counts beside its id, source and skill; 3: their graph features
+FORMAT = "scifm-indexed/3"
+DOCS, GRAPHS = ".docs", ".graphs"  # the suffixes of a shard's metadata and molecule graph datasets
 SIDECAR_KEYS = ("tokenizer", "shards", "documents", "tokens", "skills", "skipped")
 
 
@@ -48,8 +50,8 @@ def tokenizer_dir(sidecar: Path) -> Path:
 
 
 def shard_files(prefix: Path) -> list[Path]:
-    """The four files of one shard, tokens first."""
-    return [Path(f"{prefix}{part}{ext}") for part in ("", DOCS) for ext in (".bin", ".idx")]
+    """The six files of one shard, tokens first."""
+    return [Path(f"{prefix}{part}{ext}") for part in ("", DOCS, GRAPHS) for ext in (".bin", ".idx")]
 
 
 def file_digest(paths: Sequence[Path]) -> str:
@@ -85,19 +87,21 @@ def shard_bins(sidecar: Path) -> tuple[Path, ...]:
 
 
 def open_shard(sidecar: Path, shard: dict) -> tuple:
-    """Megatron's IndexedDatasets of a shard's token ids and its documents' metadata."""
+    """Megatron's IndexedDatasets of a shard's token ids, its documents' metadata and their molecules'
+    graphs (None in a shard without molecules: Megatron cannot map the empty file)."""
     indexed = megatron_indexed()
     prefix = sidecar.parent / shard["name"]
+    parts = ("", DOCS, GRAPHS) if shard["molecules"] else ("", DOCS)
     try:
-        tokens = indexed.IndexedDataset(str(prefix))
-        docs = indexed.IndexedDataset(f"{prefix}{DOCS}")
+        datasets = tuple(indexed.IndexedDataset(f"{prefix}{part}") for part in parts)
     except (AssertionError, OSError, ValueError, struct.error) as err:  # Megatron asserts on foreign files
         raise DataError(f"{prefix}.bin: not readable as an indexed dataset ({type(err).__name__}: {err}); "
                         "write it again with `scifm data tokenize`") from None
-    if len(tokens) != shard["documents"] or len(docs) != shard["documents"]:
-        raise DataError(f"{prefix}.bin: holds {len(tokens)} documents, its sidecar {shard['documents']}; "
+    held = min(len(dataset) for dataset in datasets)
+    if held != shard["documents"] or max(len(dataset) for dataset in datasets) != held:
+        raise DataError(f"{prefix}.bin: holds {held} documents, its sidecar {shard['documents']}; "
                         "write the dataset again with `scifm data tokenize`")
-    return tokens, docs
+    return datasets if shard["molecules"] else (*datasets, None)
 
 
 def check_tokenizer(sidecar: Path, tokenizer: ScientificTokenizer) -> None:

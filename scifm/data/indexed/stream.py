@@ -16,8 +16,11 @@ import numpy as np
 from scifm.core.errors import DataError
 from scifm.data.documents import split_of
 from scifm.data.indexed.files import open_shard, read_sidecar
+from scifm.data.indexed.graphs import DTYPE
 from scifm.data.indexed.layout import IndexedDocument
 from scifm.data.streams import Cursor, SourceSpec, changed
+
+NO_GRAPHS = np.empty(0, DTYPE)  # a document without molecules: its graphs are not read
 
 
 class IndexedStream:
@@ -28,7 +31,7 @@ class IndexedStream:
         counts: dict[str, int] = sidecar["skills"][split]
         self._matching = counts.get(skill, 0) if skill is not None else sum(counts.values())
         self.cursor: Cursor = (0, 0, 0)
-        self._open: tuple[int, object, object] | None = None  # (shard index, tokens, metadata)
+        self._open: tuple | None = None  # (shard index, tokens, metadata, graphs)
 
     def seek(self, cursor: Cursor, prefix_sha256: str | None = None) -> None:
         """Continue at `cursor`; with the checkpoint's shard digest, checks the shard is the same."""
@@ -65,16 +68,18 @@ class IndexedStream:
         return self._document(shard, pos, self._metadata(shard, pos))
 
     def _metadata(self, shard: int, pos: int) -> list:
-        """[id, source, skill, each molecule's atoms]"""
-        _, docs = self._datasets(shard)
+        """[id, source, skill, each molecule's atoms, each molecule's bonds]"""
+        _, docs, _ = self._datasets(shard)
         return json.loads(docs[pos].tobytes())
 
     def _document(self, shard: int, pos: int, meta: list) -> IndexedDocument:
-        doc_id, source, skill, atoms = meta
-        tokens, _ = self._datasets(shard)  # a copy: the shard's memory map closes when the next shard opens
-        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms))
+        doc_id, source, skill, atoms, bonds = meta
+        # copies: the shard's memory maps close when the next shard opens
+        tokens, _, graphs = self._datasets(shard)
+        packed = graphs[pos].copy() if atoms else NO_GRAPHS
+        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), packed)
 
     def _datasets(self, shard: int) -> tuple:
         if self._open is None or self._open[0] != shard:
             self._open = (shard, *open_shard(self.spec.index, self._shards[shard]))
-        return self._open[1], self._open[2]
+        return self._open[1:]

@@ -23,9 +23,10 @@ import numpy as np
 from scifm.core.errors import DataError, DocumentFormatError
 from scifm.data.build_once import swap_in
 from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
-from scifm.data.indexed.files import (DOCS, FORMAT, file_digest, megatron_indexed, shard_files, sidecar_path,
+from scifm.data.indexed import graphs
+from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, file_digest, megatron_indexed, shard_files, sidecar_path,
                                       tokenizer_dir)
-from scifm.data.indexed.layout import stored_document
+from scifm.data.indexed.layout import StoredDocument, stored_document
 from scifm.tokenizers import ScientificTokenizer
 
 
@@ -38,20 +39,24 @@ class _ShardWriter:
         self.temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
-        self.documents = self.n_tokens = 0
+        self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=graphs.DTYPE)
+        self.documents = self.n_tokens = self.molecules = 0
 
-    def add(self, doc_id: str, source: str, skill: str, ids: list[int], atoms: list[int]) -> None:
-        self.tokens.add_document(ids, [len(ids)])
-        record = json.dumps([doc_id, source, skill, atoms], ensure_ascii=False).encode("utf-8")
+    def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument) -> None:
+        self.tokens.add_document(stored.ids, [len(stored.ids)])
+        record = json.dumps([doc_id, source, skill, stored.atoms, stored.bonds], ensure_ascii=False).encode("utf-8")
         self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
+        self.graphs.add_document(stored.graphs, [len(stored.graphs)])
         self.documents += 1
-        self.n_tokens += len(ids)
+        self.n_tokens += len(stored.ids)
+        self.molecules += len(stored.atoms)
 
     def finish(self) -> dict:
         self.tokens.finalize(f"{self.temp}.idx")
         self.docs.finalize(f"{self.temp}{DOCS}.idx")
+        self.graphs.finalize(f"{self.temp}{GRAPHS}.idx")
         return {"name": self.final.name, "documents": self.documents, "tokens": self.n_tokens,
-                "sha256": file_digest(shard_files(self.temp))}
+                "molecules": self.molecules, "sha256": file_digest(shard_files(self.temp))}
 
     def commit(self) -> None:
         for temp, final in zip(shard_files(self.temp), shard_files(self.final)):
@@ -96,7 +101,7 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
             if writer is None:
                 name = out.name if docs_per_shard == 0 else f"{out.name}-{len(shards):05d}"
                 writer = _ShardWriter(out.with_name(name), dtype)
-            doc_id, _, skill, _, _ = stored
+            doc_id, _, skill, _ = stored
             writer.add(*stored)
             skills[split_of(doc_id)][skill] += 1
             if writer.documents == docs_per_shard:
@@ -136,7 +141,7 @@ _worker_tokenizer: ScientificTokenizer | None = None
 
 def _stored_documents(lines: Iterable[tuple[str, bytes]], tokenizer: ScientificTokenizer, tokenizer_path: Path,
                       workers: int) -> Iterator[tuple]:
-    """(where, (id, source, skill, stored ids, atoms per molecule) or None, skip reason or None) per line, in input order."""
+    """(where, (id, source, skill, StoredDocument) or None, skip reason or None) per line, in input order."""
     chunks = iter(lambda: list(islice(lines, CHUNK_LINES)), [])
     if workers == 1:
         results: Iterable[list] = (_store_chunk(chunk, tokenizer) for chunk in chunks)
@@ -172,7 +177,7 @@ def _store_chunk(chunk: list[tuple[str, bytes]], tokenizer: ScientificTokenizer 
     for where, raw in chunk:
         try:
             doc = parse_line(raw)
-            out.append((where, (doc.id, doc.source, doc.skill, *stored_document(doc, tokenizer)), None))
+            out.append((where, (doc.id, doc.source, doc.skill, stored_document(doc, tokenizer)), None))
         except DocumentFormatError as err:
             out.append((where, None, err.reason))
     return out

@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from scifm.core.host_memory import keep_freed_host_memory
 from scifm.model.flops import TRAIN_PASSES, decoder_forward_flops
 from scifm.parallel.fsdp import apply_compile
 from text_step import VOCAB, TextBatch, build_model, model_config, scifm_step, step_arguments
@@ -32,6 +33,7 @@ def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0], rounds=5)
     parser.add_argument("--compile", action="store_true", help="also time parallel.compile=true")
     args = parser.parse_args()
+    keep_freed_host_memory()  # as the trainer does on CPU
     cfg = model_config(args.shape, args.seq)
     model = build_model(cfg)
     batch = TextBatch.random(args.batch, args.seq)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from scifm.core.host_memory import keep_freed_host_memory
 from scifm.hf.architectures import QWEN3_MOE, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
 from text_step import CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments
@@ -74,6 +75,7 @@ def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0], rounds=7)
     parser.add_argument("--profile", action="store_true", help="also print each variant's operator time by kind")
     args = parser.parse_args()
+    keep_freed_host_memory()  # as the trainer does on CPU (for both libraries' steps alike)
     cfg = model_config(args.shape, args.seq)
     ours = build_model(cfg)
     theirs = as_transformers(ours)

@@ -26,6 +26,7 @@ from scifm.config import RunConfig
 from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ScifmError
+from scifm.core.host_memory import keep_freed_host_memory
 from scifm.data.indexed.files import indexed_tokenizer
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
@@ -120,6 +121,8 @@ class StepResult:
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, ctx: DistContext):
         self.cfg, self.tc, self.run_dir, self.ctx = cfg, cfg.trainer, run_dir, ctx
+        if ctx.device.type == "cpu":  # each step's tensors reuse the last step's memory (core/host_memory.py)
+            keep_freed_host_memory()
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if ctx.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

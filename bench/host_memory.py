@@ -22,6 +22,8 @@ WARMUP = 5  # the heap grows to the step's pattern over the first few steps
 
 
 def child(mode: str, precision: str, shape: str, steps: int) -> None:
+    import torch
+
     from scifm.core.host_memory import keep_freed_host_memory
     from text_step import TextBatch, build_model, model_config, scifm_step
 
@@ -37,7 +39,8 @@ def child(mode: str, precision: str, shape: str, steps: int) -> None:
         times.append(time.perf_counter() - t0)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     print(json.dumps({"seconds": statistics.median(times), "faults": statistics.median(faults),
-                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "threads": torch.get_num_threads()}))
 
 
 def main() -> None:
@@ -57,7 +60,9 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", mode, precision, "--shape", args.shape,
                                   "--steps", str(args.steps)], capture_output=True, text=True, check=True)
             runs[precision, mode].append(json.loads(out.stdout.splitlines()[-1]))
-    print(f"shape {args.shape}, batch 4 x 512, {args.rounds} rounds of {args.steps} steps after {WARMUP} of warm-up")
+    threads = runs[args.precisions[0], MODES[0]][0]["threads"]
+    print(f"shape {args.shape}, batch 4 x 512, {args.rounds} rounds of {args.steps} steps after {WARMUP} of warm-up, "
+          f"{threads} torch threads")
     for precision in args.precisions:
         medians = {}
         for mode in MODES:

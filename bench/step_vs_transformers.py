@@ -7,12 +7,14 @@ on the batch (same weights, so a different computation would show). Prints param
 spreads (max / min over rounds) and scifm / transformers per precision. With --profile, one more
 step of each variant runs under torch's profiler and its kernels' self CPU time is printed by kind:
 matrix multiplies (aten::mm, addmm, bmm, _grouped_mm), attention (SDPA's kernels) and the rest.
+With --compile, scifm also runs with parallel.compile's per-block torch.compile.
 Run: python bench/step_vs_transformers.py [--shape small|big] [--precisions fp32 bf16] [--rounds 7]
-     [--batch 4] [--seq 512] [--profile]
+     [--batch 4] [--seq 512] [--profile] [--compile]
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import tempfile
@@ -25,6 +27,7 @@ import transformers
 from scifm.core.host_memory import keep_freed_host_memory
 from scifm.hf.architectures import QWEN3_MOE, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
+from scifm.parallel.fsdp import apply_compile
 from text_step import CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments
 
 
@@ -74,6 +77,8 @@ def count(params) -> float:
 def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0], rounds=7)
     parser.add_argument("--profile", action="store_true", help="also print each variant's operator time by kind")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time scifm with parallel.compile's per-block torch.compile (a copy of the same model)")
     args = parser.parse_args()
     keep_freed_host_memory()  # as the trainer does on CPU (for both libraries' steps alike)
     cfg = model_config(args.shape, args.seq)
@@ -84,9 +89,15 @@ def main() -> None:
         diff = (ours(batch.input_ids, **batch.model_kwargs()) - theirs(input_ids=batch.input_ids).logits).abs().max().item()
     assert diff < 1e-4, f"the two models disagree on the logits (max |diff| {diff:.2e}): not the same computation"
 
+    compiled = None
+    if args.compile:
+        compiled = copy.deepcopy(ours)
+        apply_compile(compiled)
     steps = {}
     for precision in args.precisions:
         steps[f"scifm {precision}"] = scifm_step(ours, batch, precision)
+        if compiled is not None:
+            steps[f"scifm {precision} compiled"] = scifm_step(compiled, batch, precision)
         steps[f"transformers {precision}"] = transformers_step(theirs, batch, precision)
     for step in steps.values():  # warm-up: the optimizers' moments, kernel probes, the allocator
         step()
@@ -107,13 +118,15 @@ def main() -> None:
           f"leaves idle), transformers {count(theirs.parameters()):.2f}M; logits max |diff| {diff:.1e}")
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        print(f"  {name:18s} median {medians[name] * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}")
+        print(f"  {name:24s} median {medians[name] * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}")
     for precision in args.precisions:
-        print(f"scifm / transformers ({precision}): {medians[f'scifm {precision}'] / medians[f'transformers {precision}']:.2f}")
+        for variant in ("", " compiled")[: 2 if compiled is not None else 1]:
+            ratio = medians[f"scifm {precision}{variant}"] / medians[f"transformers {precision}"]
+            print(f"scifm{variant} / transformers ({precision}): {ratio:.2f}")
     if args.profile:
         print("share of the step's operator time (self CPU, one profiled step):")
         for name, step in steps.items():
-            print(f"  {name:18s} " + "  ".join(f"{k} {v:.0%}" for k, v in kernel_shares(step).items()))
+            print(f"  {name:24s} " + "  ".join(f"{k} {v:.0%}" for k, v in kernel_shares(step).items()))
 
 
 if __name__ == "__main__":

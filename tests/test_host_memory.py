@@ -3,12 +3,11 @@ page-faulting them in, as it does under glibc's default malloc settings."""
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 
 import pytest
-
-from scifm.core.host_memory import keep_freed_host_memory
 
 # four tensors of 64 MiB (logits and their gradients are this size at 4 x 512 tokens of a
 # 8,192-id vocabulary) made, touched and freed per "step"; counts the minor page faults of three
@@ -36,7 +35,7 @@ def faults(mode: str) -> int:
     return int(out.stdout)
 
 
-@pytest.mark.skipif(not keep_freed_host_memory(), reason="the C library is not glibc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the C library is not glibc")
 def test_freed_tensors_are_reused_without_page_faults():
     default, keep = faults("default"), faults("keep")
     # glibc's defaults map each block and unmap it on free, so every step faults its 256 MiB in

@@ -122,20 +122,20 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
     first_slots: dict[str, list[int]] = {}  # flat index of each item's first slot
     n_slots: dict[str, int] = {}  # one count per modality (its encoder's output)
     for r, row in enumerate(rows):
-        inputs: list[int] = []
-        targets: list[int] = []
+        row_inputs: list[int] = []
+        row_targets: list[int] = []
         for chunk in row.chunks:
-            offset = len(inputs)
-            inputs += chunk.doc.ids[chunk.start : chunk.stop]
-            targets += chunk.doc.ids[chunk.start + 1 : chunk.stop + 1]
+            offset = len(row_inputs)
+            row_inputs += chunk.doc.ids[chunk.start : chunk.stop]
+            row_targets += chunk.doc.ids[chunk.start + 1 : chunk.stop + 1]
             for item in chunk.items():
                 features.setdefault(item.modality, []).append(item.features())
                 first_slots.setdefault(item.modality, []).append(r * seq_len + offset + item.slot_start - chunk.start)
                 n_slots[item.modality] = item.n_slots
-        used = len(inputs)
+        used = len(row_inputs)
         lengths = np.array([chunk.length for chunk in row.chunks], dtype=np.int64)
-        input_ids_BS[r, :used] = inputs
-        targets_BS[r, :used] = targets
+        input_ids_BS[r, :used] = row_inputs
+        targets_BS[r, :used] = row_targets
         positions_BS[r, :used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         doc_ids_BS[r, :used] = np.repeat(np.arange(len(lengths)), lengths)
     for modality, features_one in placeholders.items():

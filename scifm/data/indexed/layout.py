@@ -30,9 +30,9 @@ from scifm.data.encode import EncodedDocument, EncodedItem, append_item
 from scifm.data.features import Prepared
 from scifm.data.features.latex import check_latex
 from scifm.data.features.molecule import check_atoms_fit, mol_features, parse_molecule
-from scifm.data.indexed.graphs import DTYPE, graph_size, packed_graph, unpacked_graph
 from scifm.data.features.protein import check_protein, check_residues_fit
 from scifm.data.features.sequence import check_ids_fit
+from scifm.data.indexed.graphs import DTYPE, graph_size, packed_graph, unpacked_graph
 
 # modality -> (its domain vocabulary, the segment field holding the string)
 STORED = {"latex": ("latex", "latex"), "molecule": ("smiles", "smiles"), "protein": ("protein", "sequence")}

@@ -119,8 +119,9 @@ def main() -> None:
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
         print(f"  {name:24s} median {medians[name] * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}")
+    variants = ["", " compiled"] if compiled is not None else [""]
     for precision in args.precisions:
-        for variant in ("", " compiled")[: 2 if compiled is not None else 1]:
+        for variant in variants:
             ratio = medians[f"scifm {precision}{variant}"] / medians[f"transformers {precision}"]
             print(f"scifm{variant} / transformers ({precision}): {ratio:.2f}")
     if args.profile:

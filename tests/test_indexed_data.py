@@ -241,6 +241,20 @@ def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, 
         make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
 
 
+def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenizer_dir, make_config, tmp_path):
+    """A shard's token, metadata and graph datasets must hold one document each per document: a
+    graphs file from another write is named, not read as the wrong molecules."""
+    for name, n in (("three", 3), ("two", 2)):
+        docs = [{**text_doc(i), "segments": [{"type": "molecule", "smiles": "CCO"}]} for i in range(n)]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+        tokenize_corpus([str(tmp_path / f"{name}.jsonl")], tokenizer_dir, tmp_path / name)
+    for ext in (".bin", ".idx"):
+        shutil.copy(tmp_path / f"two.graphs{ext}", tmp_path / f"three.graphs{ext}")
+    loader = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'three'},kind:indexed}}]"), tokenizer)
+    with pytest.raises(DataError, match=r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"):
+        loader.next_batch()
+
+
 def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir, make_config, tmp_path):
     docs = [text_doc(i) for i in range(40)]
     for i in range(0, 40, 3):

@@ -3,8 +3,8 @@
 glibc's malloc maps fresh pages for a large block (always above 32 MiB) and unmaps them on free,
 and trims the heap whenever more than a few tens of MiB at its top are free; a training step
 frees its activations and gradients each time, so the next step's tensors page-fault and are
-zeroed by the kernel all over again (on the small bf16 step of bench/text_step.py: about 165,000
-page faults a step, against about 40,000 with the settings here). Here every block comes from the
+zeroed by the kernel all over again (bench/host_memory.py, the small bf16 step at one thread:
+173,352 page faults a step, against 28,993 with the settings here). Here every block comes from the
 heap, and the heap gives memory back only past 1 GiB free at its top, as CUDA's caching allocator
 keeps device memory. `python bench/host_memory.py` prints step time, page faults and peak RSS
 with and without.

@@ -97,11 +97,11 @@ def open_shard(sidecar: Path, shard: dict) -> tuple:
     except (AssertionError, OSError, ValueError, struct.error) as err:  # Megatron asserts on foreign files
         raise DataError(f"{prefix}.bin: not readable as an indexed dataset ({type(err).__name__}: {err}); "
                         "write it again with `scifm data tokenize`") from None
-    held = min(len(dataset) for dataset in datasets)
-    if held != shard["documents"] or max(len(dataset) for dataset in datasets) != held:
-        raise DataError(f"{prefix}.bin: holds {held} documents, its sidecar {shard['documents']}; "
-                        "write the dataset again with `scifm data tokenize`")
-    return datasets if shard["molecules"] else (*datasets, None)
+    held = sorted({len(dataset) for dataset in datasets})
+    if held != [shard["documents"]]:
+        raise DataError(f"{prefix}.bin: holds {'/'.join(map(str, held))} documents, its sidecar "
+                        f"{shard['documents']}; write the dataset again with `scifm data tokenize`")
+    return (*datasets, None)[:3]
 
 
 def check_tokenizer(sidecar: Path, tokenizer: ScientificTokenizer) -> None:

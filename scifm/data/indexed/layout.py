@@ -117,7 +117,7 @@ def _item_markers(tokenizer) -> tuple[np.ndarray, dict[int, str]]:
     """Over the vocabulary, True at the START and END ids of stored items (one lookup finds them in a
     document); and START id -> modality. Made once per tokenizer: every document needs them."""
     is_marker = np.zeros(tokenizer.vocab_size, dtype=bool)
-    is_marker[[marker(kind) for kind in STORED for marker in (tokenizer.start_id, tokenizer.end_id)]] = True
+    is_marker[[id_of(kind) for kind in STORED for id_of in (tokenizer.start_id, tokenizer.end_id)]] = True
     return is_marker, {tokenizer.start_id(kind): kind for kind in STORED}
 
 

@@ -23,9 +23,9 @@ import numpy as np
 from scifm.core.errors import DataError, DocumentFormatError
 from scifm.data.build_once import swap_in
 from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
-from scifm.data.indexed import graphs
 from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, file_digest, megatron_indexed, shard_files, sidecar_path,
                                       tokenizer_dir)
+from scifm.data.indexed.graphs import DTYPE as GRAPH_DTYPE
 from scifm.data.indexed.layout import StoredDocument, stored_document
 from scifm.tokenizers import ScientificTokenizer
 
@@ -39,7 +39,7 @@ class _ShardWriter:
         self.temp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
         self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
-        self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=graphs.DTYPE)
+        self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=GRAPH_DTYPE)
         self.documents = self.n_tokens = self.molecules = 0
 
     def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument) -> None:

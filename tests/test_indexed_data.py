@@ -4,6 +4,8 @@ the JSONL files give, resume exactly, and refuse a foreign tokenizer; bad input 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
 import json
 import shutil
@@ -17,7 +19,9 @@ from rdkit import Chem
 pytest.importorskip("megatron.core")
 
 from scifm.cli import main  # noqa: E402
-from scifm.core.errors import DataError  # noqa: E402
+from scifm.core.errors import DataError, DocumentFormatError  # noqa: E402
+from scifm.data import loader as loader_module  # noqa: E402
+from scifm.data.encode import encode_document  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
 from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
@@ -227,6 +231,80 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
     assert featurized > 0
     too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
+
+
+def _verdict(encode):
+    """An encoded document's ids and item spans, or the error that refused it."""
+    try:
+        doc = encode()
+    except DocumentFormatError as err:
+        return str(err)
+    return doc.ids, [(it.modality, it.slot_start, it.n_slots) for it in doc.items]
+
+
+def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(token_corpus, tokenizer, make_config):
+    """An indexed document's length checks run over its items at once; at each kind's limit set to the
+    document's largest item of that kind, and one below, it gets encode_document's verdict: the same
+    laid-out ids, or the same error."""
+    base = make_config().model.encoders
+    unlimited = dataclasses.replace(base, **{kind: dataclasses.replace(getattr(base, kind), max_len=10**6) for kind in DOMAIN})
+    reached = Counter()
+    docs = [doc for path in (*(token_corpus / "chem" / name for name in CHEM_FILES), token_corpus / "latex.jsonl")
+            for doc in documents(path)[:12]]
+    for doc in docs:
+        stored = layout.stored_document(doc, tokenizer)
+        indexed_doc = layout.IndexedDocument(doc.id, doc.source, doc.skill, np.array(stored.ids, dtype=np.int64),
+                                             tuple(stored.atoms), tuple(stored.bonds), stored.graphs)
+        # each kind's largest item, in what its featurizer checks: atoms, else ids
+        sizes = Counter()
+        for item in encode_document(doc, tokenizer, unlimited, token_corpus).items:
+            feats = item.features()
+            sizes[item.modality] = max(sizes[item.modality], len(feats["atom_feats" if item.modality == "molecule" else "ids"]))
+        for kind, size in sizes.items():
+            for max_len in (size, size - 1):
+                enc = dataclasses.replace(unlimited, **{kind: dataclasses.replace(getattr(base, kind), max_len=max_len)})
+                want = _verdict(lambda: encode_document(doc, tokenizer, enc, token_corpus))
+                got = _verdict(lambda: indexed_doc.encode(tokenizer, enc))
+                assert got == want, (doc.id, kind, max_len)
+                reached[kind, isinstance(got, str)] += 1
+    assert {key for key in reached} == {(kind, refused) for kind in DOMAIN for refused in (False, True)}, reached
+
+
+def test_a_rank_lays_out_only_the_documents_of_its_own_rows(indexed, tokenizer, make_config, monkeypatch):
+    """Every rank measures and checks every document; laying out ids and items (the per-document work
+    that would otherwise not fall with dp) happens for its own rows' documents, and for those that
+    packing cuts across rows, only."""
+    laid_out, own = set(), set()
+    real = layout.StoredLayout._laid_out.func
+
+    def counting(self):
+        laid_out.add(id(self))
+        return real(self)
+
+    counted = functools.cached_property(counting)
+    counted.__set_name__(layout.StoredLayout, "_laid_out")
+    monkeypatch.setattr(layout.StoredLayout, "_laid_out", counted)
+    collate = loader_module.collate_rows
+
+    def recording(rows, seq_len, *args):
+        own.update(id(chunk.doc) for row in rows for chunk in row.chunks)
+        cut.update(id(chunk.doc) for row in rows for chunk in row.chunks if chunk.doc.n_ids > seq_len + 1)
+        return collate(rows, seq_len, *args)
+
+    cut: set[int] = set()
+    monkeypatch.setattr(loader_module, "collate_rows", recording)
+    seq_len = 256
+    loader = make_loader(indexed_config(make_config, indexed, f"data.seq_len={seq_len}"), tokenizer, batch_size=16,
+                         dp_rank=1, dp_size=4)
+    measured = Counter()
+    real_encode = layout.IndexedDocument.encode
+    monkeypatch.setattr(layout.IndexedDocument, "encode",
+                        lambda self, *a: measured.update(["documents"]) or real_encode(self, *a))
+    for _ in range(4):
+        loader.next_batch()
+    assert own <= laid_out  # what the rank collated was laid out ...
+    assert laid_out <= own | cut  # ... and nothing else, but for documents longer than a row
+    assert len(laid_out) < measured["documents"] / 2, (len(laid_out), measured)
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from scifm.core.modalities import MODALITIES
 from scifm.data.documents import Document
@@ -34,6 +35,23 @@ class EncodedDocument:
     skill: str
     ids: list[int]
     items: list[EncodedItem] = field(default_factory=list)
+
+    @property
+    def n_ids(self) -> int:
+        return len(self.ids)
+
+
+class LaidOut(Protocol):
+    """What packing reads of a document: an EncodedDocument, or an indexed one (scifm.data.indexed.layout)
+    whose length and verdicts are known at once and whose ids and items are laid out only if a rank
+    collates a row of it."""
+
+    doc_id: str
+    source: str
+    skill: str
+    n_ids: int
+    ids: list[int]
+    items: list[EncodedItem]
 
 
 def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir: Path) -> EncodedDocument:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scifm.data.encode import EncodedDocument, EncodedItem
+from scifm.data.encode import EncodedItem, LaidOut
 from scifm.data.features import collate, featurize_segment
 from scifm.core.errors import DocumentFormatError
 
@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Chunk:
-    doc: EncodedDocument
+    doc: LaidOut
     start: int  # inputs are doc.ids[start:stop], targets doc.ids[start + 1:stop + 1]
     stop: int
 
@@ -35,12 +35,13 @@ class Chunk:
         return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
 
 
-def chunk_document(doc: EncodedDocument, seq_len: int) -> list[Chunk]:
-    last = len(doc.ids) - 1  # index of the final target
+def chunk_document(doc: LaidOut, seq_len: int) -> list[Chunk]:
+    last = doc.n_ids - 1  # index of the final target
     chunks, start = [], 0
     while start < last:
         stop = min(start + seq_len, last)
-        for item in doc.items:
+        # the last chunk cuts nothing: a document that fits a row is chunked without its items
+        for item in doc.items if stop < last else ():
             # a cut may fall on the START marker (slot_start - 1) or after the slots, not between
             if item.slot_start - 1 < stop < item.slot_start + item.n_slots:
                 stop = item.slot_start - 1

@@ -8,8 +8,9 @@ stored. A stored document expands to the EncodedDocument that encode_document gi
 depend on the run's encoders passed when it was stored; the length limits are checked against the
 stored atom counts and the items' id counts (a protein has one id per residue); LaTeX and protein
 features are the stored ids less their block's offset; and a molecule's stored graph is unpacked
-only when a rank featurizes its row. Every rank expands every document (packing needs the lengths
-and verdicts), so what stays per document is cheap, and the featurizing falls with dp.
+only when a rank featurizes its row. Every rank measures and checks every document (packing needs
+its laid-out length and verdict), from its marker positions in numpy; only a rank that collates a
+row of it lays out its ids and items, so that work falls with dp as the featurizing does.
 
 Tables and figures are not token-based (cells keep their types, images their pixels) and are
 refused with a counted reason: documents holding them stay in a JSONL source.
@@ -36,6 +37,7 @@ from scifm.data.indexed.graphs import DTYPE, graph_size, packed_graph, unpacked_
 
 # modality -> (its domain vocabulary, the segment field holding the string)
 STORED = {"latex": ("latex", "latex"), "molecule": ("smiles", "smiles"), "protein": ("protein", "sequence")}
+STORED_KINDS = tuple(STORED)
 # length limits belong to the run's encoders, applied when the loader expands a document
 NO_LENGTH_LIMIT = sys.maxsize
 
@@ -86,52 +88,87 @@ class IndexedDocument:
     bonds: tuple[int, ...]
     graphs: np.ndarray  # the molecules' packed graphs, one after another
 
-    def encode(self, tokenizer, enc_cfg: EncodersConfig) -> EncodedDocument:
-        """Each stored item becomes its slots and (prepared) features; raises DocumentFormatError as
-        encode_document does for an item over its encoder's max_len."""
-        is_marker, starts = _item_markers(tokenizer)
+    def encode(self, tokenizer, enc_cfg: EncodersConfig) -> "StoredLayout":
+        """Its laid-out length and the length checks now (packing needs them on every rank); raises
+        DocumentFormatError as encode_document does for the first item over its encoder's max_len."""
+        is_marker, kind_at = _item_markers(tokenizer)
         # markers are special ids, which neither prose nor an item's domain ids contain, and items
         # do not nest: every START is followed by its item's END
         bounds = np.flatnonzero(is_marker[self.ids]).tolist()
+        n_ids, atoms = len(self.ids), iter(self.atoms)
+        starts, ends = bounds[0::2], bounds[1::2]
+        kinds = [STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()]
+        for kind, pos, end in zip(kinds, starts, ends):
+            encoder = getattr(enc_cfg, kind)
+            n_item_ids = end - pos - 1
+            # what its featurizer checks: a molecule's atoms, else its ids (a protein has one per residue)
+            _check_fits(kind, next(atoms) if kind == "molecule" else n_item_ids, encoder.max_len)
+            n_ids += encoder.slots - n_item_ids
+        return StoredLayout(self, tokenizer, enc_cfg, n_ids, list(zip(kinds, starts, ends)))
+
+
+class StoredLayout:
+    """An indexed document as packing sees it (encode.LaidOut): checked and measured; its ids and items,
+    the EncodedDocument that encode_document gives its JSONL line, are laid out on first use, which
+    is only on a rank that collates a row of it (or packing cuts it across rows)."""
+
+    def __init__(self, doc: IndexedDocument, tokenizer, enc_cfg: EncodersConfig, n_ids: int,
+                 spans: list[tuple[str, int, int]]):
+        self.doc_id, self.source, self.skill = doc.id, doc.source, doc.skill
+        self.n_ids = n_ids
+        self._stored, self._tokenizer, self._enc_cfg = doc, tokenizer, enc_cfg
+        self._spans = spans  # each stored item's kind and the positions of its START and END
+
+    @property
+    def ids(self) -> list[int]:
+        return self._laid_out.ids
+
+    @property
+    def items(self) -> list[EncodedItem]:
+        return self._laid_out.items
+
+    @functools.cached_property
+    def _laid_out(self) -> EncodedDocument:
+        doc, tokenizer, enc_cfg = self._stored, self._tokenizer, self._enc_cfg
         ids: list[int] = []
         items: list[EncodedItem] = []
-        molecules = zip(self.atoms, self.bonds)
+        molecules = zip(doc.atoms, doc.bonds)
         done = stored = 0  # stored ids laid out so far; stored graph values passed
-        for pos, end in zip(bounds[0::2], bounds[1::2], strict=True):
-            kind = starts[int(self.ids[pos])]
-            ids += self.ids[done:pos].tolist()
-            graph = None
+        for kind, pos, end in self._spans:
+            ids += doc.ids[done:pos].tolist()
             if kind == "molecule":
                 n_atoms, n_bonds = next(molecules)
                 size = graph_size(n_atoms, n_bonds)
-                graph, stored = (self.graphs[stored : stored + size], n_atoms), stored + size
-            prepared = _prepared(kind, self.ids[pos + 1 : end], graph, tokenizer, getattr(enc_cfg, kind).max_len)
+                prepared = Prepared(unpacked_graph, (doc.graphs[stored : stored + size], n_atoms))
+                stored += size
+            else:  # LaTeX and protein features are the item's ids in its block's own numbering
+                local = doc.ids[pos + 1 : end] - tokenizer.domain_offset(STORED[kind][0])
+                prepared = Prepared.ready({"ids": local})
             append_item(ids, items, kind, prepared, tokenizer, enc_cfg)
             done = end + 1
-        ids += self.ids[done:].tolist()
-        return EncodedDocument(self.id, self.source, self.skill, ids, items)
+        ids += doc.ids[done:].tolist()
+        if len(ids) != self.n_ids:
+            raise AssertionError(f"{doc.id}: laid out {len(ids)} ids, measured {self.n_ids}")
+        return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
 
 
 @functools.lru_cache(maxsize=4)
-def _item_markers(tokenizer) -> tuple[np.ndarray, dict[int, str]]:
-    """Over the vocabulary, True at the START and END ids of stored items (one lookup finds them in a
-    document); and START id -> modality. Made once per tokenizer: every document needs them."""
+def _item_markers(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """Over the vocabulary: True at the START and END ids of stored items (one lookup finds them in a
+    document), and each START id's index in STORED_KINDS (-1 elsewhere). Made once per tokenizer."""
     is_marker = np.zeros(tokenizer.vocab_size, dtype=bool)
     is_marker[[id_of(kind) for kind in STORED for id_of in (tokenizer.start_id, tokenizer.end_id)]] = True
-    return is_marker, {tokenizer.start_id(kind): kind for kind in STORED}
+    kind_at = np.full(tokenizer.vocab_size, -1, dtype=np.int64)
+    kind_at[[tokenizer.start_id(kind) for kind in STORED_KINDS]] = np.arange(len(STORED_KINDS))
+    return is_marker, kind_at
 
 
-def _prepared(kind: str, item_ids: np.ndarray, graph: tuple[np.ndarray, int] | None, tokenizer,
-              max_len: int) -> Prepared:
-    """The featurizer's length checks, in its order, and the features, or (a molecule) how to make them:
-    `graph` is its stored block and atom count."""
+def _check_fits(kind: str, measure: int, max_len: int) -> None:
+    """The featurizer's length check of one item (for a protein, the residues' check comes first, as in
+    featurize_protein)."""
     if kind == "molecule":
-        check_atoms_fit(graph[1], max_len)
-        return Prepared(unpacked_graph, graph)
-    domain = STORED[kind][0]
-    local = item_ids - tokenizer.domain_offset(domain)
-    if kind == "protein":  # one id per residue: the same number, checked first as the featurizer does
-        check_residues_fit(len(local), max_len)
-    check_ids_fit(len(local), domain, max_len)
-    return Prepared.ready({"ids": local})
-
+        check_atoms_fit(measure, max_len)
+        return
+    if kind == "protein":
+        check_residues_fit(measure, max_len)
+    check_ids_fit(measure, STORED[kind][0], max_len)

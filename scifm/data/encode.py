@@ -40,6 +40,10 @@ class EncodedDocument:
     def n_ids(self) -> int:
         return len(self.ids)
 
+    @property
+    def item_spans(self) -> list[tuple[str, int, int]]:
+        return [(item.modality, item.slot_start, item.n_slots) for item in self.items]
+
 
 class LaidOut(Protocol):
     """What packing reads of a document: an EncodedDocument, or an indexed one (scifm.data.indexed.layout)
@@ -50,6 +54,7 @@ class LaidOut(Protocol):
     source: str
     skill: str
     n_ids: int
+    item_spans: list[tuple[str, int, int]]  # each item's modality, first slot and slot count: what a cut avoids
     ids: list[int]
     items: list[EncodedItem]
 

@@ -41,14 +41,13 @@ def chunk_document(doc: LaidOut, seq_len: int) -> list[Chunk]:
     while start < last:
         stop = min(start + seq_len, last)
         # the last chunk cuts nothing: a document that fits a row is chunked without its items
-        for item in doc.items if stop < last else ():
+        for modality, slot_start, n_slots in doc.item_spans if stop < last else ():
             # a cut may fall on the START marker (slot_start - 1) or after the slots, not between
-            if item.slot_start - 1 < stop < item.slot_start + item.n_slots:
-                stop = item.slot_start - 1
+            if slot_start - 1 < stop < slot_start + n_slots:
+                stop = slot_start - 1
                 if stop <= start:
                     raise DocumentFormatError(
-                        "too_long", f"a {item.modality} item of {item.n_slots} slots does not fit "
-                        f"data.seq_len={seq_len}")
+                        "too_long", f"a {modality} item of {n_slots} slots does not fit data.seq_len={seq_len}")
         chunks.append(Chunk(doc, start, stop))
         start = stop
     return chunks

@@ -95,29 +95,32 @@ class IndexedDocument:
         # markers are special ids, which neither prose nor an item's domain ids contain, and items
         # do not nest: every START is followed by its item's END
         bounds = np.flatnonzero(is_marker[self.ids]).tolist()
-        n_ids, atoms = len(self.ids), iter(self.atoms)
         starts, ends = bounds[0::2], bounds[1::2]
         kinds = [STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()]
+        atoms, item_spans, shift = iter(self.atoms), [], 0  # shift: laid-out ids gained before this item
         for kind, pos, end in zip(kinds, starts, ends):
             encoder = getattr(enc_cfg, kind)
             n_item_ids = end - pos - 1
             # what its featurizer checks: a molecule's atoms, else its ids (a protein has one per residue)
             _check_fits(kind, next(atoms) if kind == "molecule" else n_item_ids, encoder.max_len)
-            n_ids += encoder.slots - n_item_ids
-        return StoredLayout(self, tokenizer, enc_cfg, n_ids, list(zip(kinds, starts, ends)))
+            item_spans.append((kind, pos + shift + 1, encoder.slots))
+            shift += encoder.slots - n_item_ids
+        return StoredLayout(self, tokenizer, enc_cfg, len(self.ids) + shift, item_spans,
+                            list(zip(kinds, starts, ends)))
 
 
 class StoredLayout:
-    """An indexed document as packing sees it (encode.LaidOut): checked and measured; its ids and items,
-    the EncodedDocument that encode_document gives its JSONL line, are laid out on first use, which
-    is only on a rank that collates a row of it (or packing cuts it across rows)."""
+    """An indexed document as packing sees it (encode.LaidOut): checked, measured, and where its items'
+    slots fall (what a cut across rows avoids); its ids and items, the EncodedDocument that
+    encode_document gives its JSONL line, are laid out on first use, which is only on a rank that
+    collates a row of it."""
 
     def __init__(self, doc: IndexedDocument, tokenizer, enc_cfg: EncodersConfig, n_ids: int,
-                 spans: list[tuple[str, int, int]]):
+                 item_spans: list[tuple[str, int, int]], stored_spans: list[tuple[str, int, int]]):
         self.doc_id, self.source, self.skill = doc.id, doc.source, doc.skill
-        self.n_ids = n_ids
+        self.n_ids, self.item_spans = n_ids, item_spans
         self._stored, self._tokenizer, self._enc_cfg = doc, tokenizer, enc_cfg
-        self._spans = spans  # each stored item's kind and the positions of its START and END
+        self._stored_spans = stored_spans  # each stored item's kind and the positions of its START and END
 
     @property
     def ids(self) -> list[int]:
@@ -134,7 +137,7 @@ class StoredLayout:
         items: list[EncodedItem] = []
         molecules = zip(doc.atoms, doc.bonds)
         done = stored = 0  # stored ids laid out so far; stored graph values passed
-        for kind, pos, end in self._spans:
+        for kind, pos, end in self._stored_spans:
             ids += doc.ids[done:pos].tolist()
             if kind == "molecule":
                 n_atoms, n_bonds = next(molecules)
@@ -147,9 +150,10 @@ class StoredLayout:
             append_item(ids, items, kind, prepared, tokenizer, enc_cfg)
             done = end + 1
         ids += doc.ids[done:].tolist()
-        if len(ids) != self.n_ids:
-            raise AssertionError(f"{doc.id}: laid out {len(ids)} ids, measured {self.n_ids}")
-        return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
+        laid_out = EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
+        if (laid_out.n_ids, laid_out.item_spans) != (self.n_ids, self.item_spans):  # packing used those
+            raise AssertionError(f"{doc.id}: laid out otherwise than measured")
+        return laid_out
 
 
 @functools.lru_cache(maxsize=4)

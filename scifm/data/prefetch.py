@@ -27,6 +27,7 @@ import weakref
 import torch
 
 from scifm.core.errors import DataError, ScifmError
+from scifm.core.python_gc import freeze_set_up_objects
 from scifm.data.config import DataConfig
 from scifm.data.loader import PackedLoader, source_file_sizes
 from scifm.data.packing import Batch
@@ -142,6 +143,7 @@ def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches) -> None:
     parent = mp.parent_process()
     try:
         loader = PackedLoader(cfg, specs, tokenizer, enc_cfg, **kw)
+        freeze_set_up_objects()  # its batches make objects by the thousand (core/python_gc.py)
         while True:  # the training process may be gone before it says where to begin
             try:
                 state = commands.get(timeout=LIVENESS_CHECK_S)

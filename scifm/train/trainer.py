@@ -27,6 +27,7 @@ from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.core.device import autocast_for, pick_device
 from scifm.core.errors import CheckpointError, ScifmError
 from scifm.core.host_memory import keep_freed_host_memory
+from scifm.core.python_gc import freeze_set_up_objects
 from scifm.data.indexed.files import indexed_tokenizer
 from scifm.data.loader import PackedLoader
 from scifm.data.packing import IGNORE_INDEX, Batch
@@ -146,6 +147,7 @@ class Trainer:
         self.pending: PendingCheckpoint | None = None  # a save whose shards may still be in flight
         # background writes synchronise on their own groups, never interleaved with training's collectives
         self.async_groups = async_save_groups(ctx.distributed) if self.tc.async_checkpoint else None
+        freeze_set_up_objects()  # a loader on this thread makes objects by the thousand (core/python_gc.py)
 
     # --- set-up -----------------------------------------------------------------------------
 

@@ -18,9 +18,8 @@
 3. Prefetch: the tiny step fed by batches made on the training thread, by a thread making them ahead,
    and by the worker process of data.prefetch_batches: wall time per step (what overlap gains, where
    a core is free for it) and the training thread's CPU time in next_batch (what it still pays).
-4. Python's cycle collector: as the trainer and the data worker do, the set-up's objects are frozen
-   (scifm/core/python_gc.py) before anything is timed; for dp=1 of two settings, loaders of their
-   own also run with them unfrozen, in the same rounds, and the ratio is printed.
+As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
+collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
 Variants alternate within every round, so that load on the machine hits them alike; medians and
 the spread (max / min over rounds) are printed.
@@ -31,7 +30,6 @@ the spread (max / min over rounds) are printed.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import queue
 import statistics
@@ -71,8 +69,6 @@ SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
 JOIN = 64
 TOKEN_BASED = {(join, kind): f"moe_1b, token-based sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
                for join in (1, JOIN) for kind in ("JSONL", "indexed")}
-# settings whose dp=1 loader also runs with the set-up's objects unfrozen (part 4)
-GC_COMPARED = ("tiny", TOKEN_BASED[1, "indexed"])
 
 
 def token_based_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], str]:
@@ -222,13 +218,9 @@ def run(args, tmp: Path) -> None:
         step(feeder.next_batch())
     for key, ld in loaders.items():
         ld.next_batch()
-    unfrozen = {name: loader(cfgs[name], 1) for name in GC_COMPARED}
-    for ld in unfrozen.values():
-        ld.next_batch()
     frozen = freeze_set_up_objects()
 
     data_times = {key: [] for key in loaders}
-    unfrozen_times = {name: [] for name in unfrozen}
     items = {key: 0 for key in loaders}
     docs = {key: 0 for key in loaders}
     step_cpu, fed, fed_cpu = [], {name: [] for name in feeders}, {name: [] for name in feeders}
@@ -240,10 +232,6 @@ def run(args, tmp: Path) -> None:
                                    / args.batches)
             docs[key] += sum(ld.skips.seen.values()) - seen_before
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
-        gc.unfreeze()
-        for name, ld in unfrozen.items():
-            unfrozen_times[name].append(cpu_seconds(lambda: [ld.next_batch() for _ in range(args.batches)]) / args.batches)
-        gc.freeze()
         step_cpu.append(sum(cpu_seconds(lambda: step(b)) for b in step_batches) / args.steps)
         for name, feeder in feeders.items():
             t0, waited = time.perf_counter(), 0.0
@@ -282,10 +270,6 @@ def run(args, tmp: Path) -> None:
                   f"tokens/s  x{rank_tokens / median / consumed[name]:6.2f} consumption   "
                   f"{items[name, dp] / n_batches:6.1f} items featurized/batch  time / dp=1 {median / base:.2f}  "
                   f"spread {max(times) / min(times):.2f}")
-    print("next_batch at dp=1 with the set-up objects unfrozen, over frozen (loaders of their own, same rounds):")
-    for name, times in unfrozen_times.items():
-        ratio = statistics.median(times) / statistics.median(data_times[name, 1])
-        print(f"  {name}: unfrozen / frozen {ratio:.2f}  spread unfrozen {max(times) / min(times):.2f}")
     print("tiny step with its batches made (wall time per step; the training thread's CPU time in next_batch):")
     base = None
     for name, times in fed.items():

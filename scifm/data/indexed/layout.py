@@ -9,7 +9,7 @@ depend on the run's encoders passed when it was stored; the length limits are ch
 stored atom counts and the items' id counts (a protein has one id per residue); LaTeX and protein
 features are the stored ids less their block's offset; and a molecule's stored graph is unpacked
 only when a rank featurizes its row. Every rank measures and checks every document (packing needs
-its laid-out length and verdict), from its marker positions in numpy; only a rank that collates a
+its laid-out length and verdict), from the positions of its stored markers; only a rank that collates a
 row of it lays out its ids and items, so that work falls with dp as the featurizing does.
 
 Tables and figures are not token-based (cells keep their types, images their pixels) and are
@@ -121,10 +121,10 @@ class StoredLayout:
         self.n_ids, self.item_spans = n_ids, item_spans
         self._stored, self._tokenizer, self._enc_cfg = doc, tokenizer, enc_cfg
         self._stored_spans = stored_spans  # each stored item's kind and the positions of its START and END
+        # the layout, once made; a plain attribute, not functools.cached_property, whose lock at every
+        # document cost more than the layout itself (bench/data.py, short documents at dp=1: 6.1x, 8.7x)
         self._encoded: EncodedDocument | None = None
 
-    # a plain attribute, not functools.cached_property: at every document, its lock cost more than
-    # the layout itself (bench/data.py, short documents at dp=1: 6.1x against 8.7x)
     @property
     def ids(self) -> list[int]:
         return (self._encoded or self._laid_out()).ids

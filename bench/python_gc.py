@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 MODES = ("default", "frozen")
-SETTINGS = ("tiny, JSONL", "moe_1b, token-based sources, indexed")
 WARMUP = 2
 
 
@@ -54,8 +53,9 @@ def child(mode: str, setting: str, overrides: list[str], tokenizer_dir: str, bat
 
 
 def settings(tmp: Path) -> tuple[dict[str, list[str]], Path]:
-    """Each setting's config overrides, and the tokenizer (trained on the built-in corpus, as bench/data.py's)."""
-    from data import SETTINGS as DATA_SETTINGS, TOKEN_BASED, token_based_sources
+    """Each setting's name and config overrides, and the tokenizer (trained on the built-in corpus, as
+    bench/data.py's)."""
+    from data import SETTINGS, TOKEN_BASED, token_based_sources
 
     from scifm.config import compose_run_config
     from scifm.data.streams import resolve_sources
@@ -65,10 +65,9 @@ def settings(tmp: Path) -> tuple[dict[str, list[str]], Path]:
     specs = resolve_sources(tiny.data)
     tokenizer = train_tokenizer(specs, tiny.data)
     indexed = token_based_sources(specs, tokenizer, tmp)[1, "indexed"]
-    preset, rows, seq = DATA_SETTINGS["moe_1b"]
-    assert TOKEN_BASED[1, "indexed"] == SETTINGS[1]
-    return {SETTINGS[0]: ["experiment=tiny"],
-            SETTINGS[1]: ["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}", f"data.seq_len={seq}",
+    preset, rows, seq = SETTINGS["moe_1b"]
+    return {"tiny, JSONL": ["experiment=tiny"],
+            TOKEN_BASED[1, "indexed"]: ["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}", f"data.seq_len={seq}",
                           f"data.sources={indexed}"]}, tmp / "tokenizer"
 
 
@@ -84,7 +83,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         overrides, tokenizer_dir = settings(Path(tmp))
-        runs = {(s, m): [] for s in SETTINGS for m in MODES}
+        runs = {(s, m): [] for s in overrides for m in MODES}
         for _ in range(args.rounds):
             for setting, mode in runs:
                 out = subprocess.run([sys.executable, __file__, "--child", mode, setting, str(tokenizer_dir),
@@ -93,7 +92,7 @@ def main() -> None:
                 runs[setting, mode].append(json.loads(out.stdout.splitlines()[-1]))
     print(f"{args.rounds} rounds of {args.batches} batches after {WARMUP} of warm-up, one process each, dp=1; "
           "CPU time of the loader's thread per batch")
-    for setting in SETTINGS:
+    for setting in overrides:
         medians = {}
         for mode in MODES:
             rs = runs[setting, mode]

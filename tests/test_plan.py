@@ -4,19 +4,27 @@ paper-scale config on 80 GB GPUs, invalid layouts with their reasons, and bad in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import statistics
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.cli import main
 from scifm.config import compose_run_config
+from scifm.data.loader import PackedLoader
+from scifm.data.streams import resolve_sources
 from scifm.model.attention import document_causal_mask
 from scifm.model.config import ModelConfig, MoEConfig
+from scifm.model.encoders import build_encoders
 from scifm.model.layers import rope_cos_sin
+from scifm.model.multimodal import vocab_sizes_of
 from scifm.model.transformer import TransformerBlock
+from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout, only_layout
 from scifm.plan.memory_model import LayoutSizes, block_activation_bytes
 from scifm.plan.planner import make_plan
@@ -26,41 +34,86 @@ from tests.helpers.torchrun import train_under_torchrun
 
 # one optimizer step of two micro-batches: a micro-batch's activations meet the gradients of the first
 RUN = ["experiment=tiny", "trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128", "trainer.precision=fp32"]
+# processes, parallel.* overrides, other overrides of the run
 LAYOUTS = {
-    "single": (1, []),
-    "fsdp": (2, ["parallel.dp_shard=2"]),
-    "tp": (2, ["parallel.tp=2"]),
-    "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
-    "pp": (2, ["parallel.pp=2"]),
+    "single": (1, [], []),
+    # backward frees the activations as it makes the gradients: the two never add up
+    "single, one micro-batch": (1, [], ["trainer.grad_accum=1"]),
+    "fsdp": (2, ["parallel.dp_shard=2"], []),
+    "tp": (2, ["parallel.tp=2"], []),
+    "ep": (2, ["parallel.dp_shard=2", "parallel.ep=2"], []),
+    "pp": (2, ["parallel.pp=2"], []),
 }
 
 
 @pytest.mark.slow
 def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path):
     """Parameters, gradients and optimizer state within 10% (the model follows the sharding code, so
-    they come out exact); a step's peak above them (gradients, activations, buffers) within 25% of
-    the largest any rank measured: the encoders' activations are not modeled, and routing at
-    initialisation is uneven (the ep=2 run's two ranks differ by 17%); measured -1% to -21%."""
+    they come out exact); a step's peak above them (gradients, activations, buffers), with the
+    encoders' share sampled from the micro-batches the run trained on, against what the fullest
+    pipeline rank's processes measured, on average: within 10%, and 15% for the FSDP layouts. On CPU
+    an FSDP process's peak moves with when the gloo collectives' threads run on the two shared cores:
+    the fsdp layout, run nine times, measured 42.1 to 50.5 MB per rank at the same point of the step
+    (the loss's backward), a mean of 46.6 MB, predicted 44.7. Without the encoders' share tp falls to
+    -17%; adding gradients to activations with one micro-batch gives +24%."""
     errors = {}
-    for name, (nproc, layout) in LAYOUTS.items():
-        run_dir = tmp_path / name
-        train_under_torchrun(nproc, run_dir, *RUN, *layout, f"data.corpus_dir={corpus_dir}",
-                             f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", "trainer.max_steps=1",
+    data = [f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}"]
+    for name, (nproc, layout, run) in LAYOUTS.items():
+        run_dir = tmp_path / name.replace(" ", "_").replace(",", "")
+        train_under_torchrun(nproc, run_dir, *RUN, *run, *layout, *data, "trainer.max_steps=1",
                              "data.val_batches=1", "trainer.tensorboard=false")
         measured = json.loads((run_dir / "memory.json").read_text())
-        plan = make_plan([*RUN, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
-                          f"plan.tokenizer={run_dir / 'tokenizer'}"])
+        # the encoders' load is sampled from the same data: the measured step's micro-batches
+        plan = make_plan([*RUN, *run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+                          f"plan.tokenizer={run_dir / 'tokenizer'}", "plan.sample_steps=1", *data])
         assert len(plan.rows) == 1
         predicted = plan.rows[0].memory
-        # the fullest pipeline rank's first process (its dp and tp rank 0, which FSDP gives the larger shards)
-        rank = measured[f"rank{predicted.pp_rank * nproc // plan.rows[0].layout.dims.pp}"]
+        # the processes of the fullest pipeline rank; the first is its dp and tp rank 0, which FSDP
+        # gives the larger shards
+        per_stage = nproc // plan.rows[0].layout.dims.pp
+        ranks = [measured[f"rank{predicted.pp_rank * per_stage + i}"] for i in range(per_stage)]
         for key in ("param_bytes", "grad_bytes", "optimizer_bytes"):
             got = getattr(predicted, {"param_bytes": "params", "grad_bytes": "grads", "optimizer_bytes": "optimizer"}[key])
-            assert abs(got - rank[key]) <= 0.10 * rank[key], (name, key, got, rank[key])
-        peak = max(r["step_peak_bytes"] for r in measured.values())
+            assert abs(got - ranks[0][key]) <= 0.10 * ranks[0][key], (name, key, got, ranks[0][key])
+        peak = statistics.fmean(r["step_peak_bytes"] for r in ranks)
         errors[name] = predicted.step_peak / peak - 1
-        assert abs(errors[name]) <= 0.25, (name, predicted.step_peak, peak, predicted.detail)
+        tolerance = 0.15 if "parallel.dp_shard=2" in layout else 0.10
+        assert abs(errors[name]) <= tolerance, (name, predicted.step_peak, peak, predicted.detail)
     print("step peak, predicted / measured - 1:", {k: round(v, 3) for k, v in errors.items()})
+
+
+def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config, tokenizer, tmp_path):
+    """The planner runs the encoders over FakeTensors; a real forward over the same micro-batches (the
+    training loader's, rank 0 of two) saves the same bytes, parameters left out, and counts the same
+    FLOPs, in fp32 and under bf16 autocast. Exact: the same kernels are chosen for the same shapes."""
+    tokenizer.save(tmp_path / "tokenizer")
+    run = make_config("trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128")
+    sampler = EncoderSampler(run, str(tmp_path / "tokenizer"), steps=2)
+    loader = PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders, split="train",
+                          batch_size=4, seed=run.trainer.seed, dp_rank=0, dp_size=2)
+    micro = [loader.next_batch().items for _ in range(4)]
+    encoders = build_encoders(run.model.encoders, run.model.d_model, vocab_sizes_of(tokenizer))
+    params = {p.untyped_storage().data_ptr() for p in encoders.parameters()}
+    for regime, autocast in (("fp32", contextlib.nullcontext), ("bf16_autocast", lambda: torch.autocast("cpu", torch.bfloat16))):
+        saved, flops = [], []
+        for items in micro:
+            kept = {}
+
+            def keep(t):
+                if t.untyped_storage().data_ptr() not in params:
+                    kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            counter, outputs = FlopCounterMode(display=False), []  # the graphs live on: no address is reused
+            with autocast(), counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                for modality, encoder in encoders.items():
+                    if modality in items:
+                        outputs.append(encoder(items[modality]))
+            saved.append(sum(kept.values()))
+            flops.append(counter.get_total_flops())
+        load = sampler.load(2, regime)
+        assert load.micro_batches == 4 and len(set(saved)) > 1  # micro-batches differ: the largest is taken
+        assert load.saved_bytes == max(saved) and load.forward_flops == pytest.approx(statistics.fmean(flops)), regime
 
 
 def saved_bytes_per_token(cfg: ModelConfig, layer_id: int, bf16: bool, rows: int = 2, seq: int = 64) -> float:
@@ -149,7 +202,7 @@ def test_paper_scale_config_gets_a_feasible_layout_on_80gb_gpus(paper_plan):
     top = paper_plan.rows[0]
     assert top.fits and top.memory.total <= (80 - 4) * 2**30
     parts = top.memory.parts()
-    assert sum(parts.values()) == top.memory.total and all(v > 0 for k, v in parts.items() if k != "buffers")
+    assert all(v > 0 for k, v in parts.items() if k != "buffers")
     assert sum(v for k, v in top.memory.detail.items()) == top.memory.activations + top.memory.buffers
     # AdamW's two fp32 moments: twice the parameters; every GPU's share of 0.92T fp32 weights is at least 1/512
     assert top.memory.optimizer == 2 * top.memory.params >= 2 * 4 * paper_plan.shapes.total_params / 512
@@ -167,8 +220,9 @@ def test_json_output_lists_every_row_with_its_breakdown(paper_plan):
     out = json.loads(json.dumps(json_report(paper_plan)))
     assert len(out["rows"]) == len(paper_plan.rows) and len(out["rejected"]) == len(paper_plan.rejected)
     first = out["rows"][0]
-    assert first["fits"] and first["memory_bytes"]["total"] == sum(
-        first["memory_bytes"][k] for k in ("params", "grads", "optimizer", "activations", "buffers"))
+    memory = first["memory_bytes"]
+    assert first["fits"] and memory["total"] == memory["params"] + memory["optimizer"] + memory["step_peak"]
+    assert memory["step_peak"] >= max(memory["grads"], memory["activations"]) + memory["buffers"]
     assert math.isclose(first["time_s"]["step"], sum(first["time_s"][k] for k in
                         ("compute", "tp", "ep", "pp_bubble", "pp_p2p", "dp_exposed")))
     assert out["hardware"]["gpu_memory_gb"] == 80 and "compute" in out["formulas"]["time"]

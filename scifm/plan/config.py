@@ -23,7 +23,10 @@ class PlanConfig:
     mfu: float = 0.4  # share of the peak the model's matmuls reach
     intra_node_gbps: float = 450.0  # GB/s per GPU and direction inside a node (NVLink 4: 900 GB/s both ways)
     inter_node_gbps: float = 50.0  # GB/s per GPU and direction between nodes (400 Gb/s InfiniBand)
-    tokenizer: str = ""  # a saved tokenizer directory for exact vocabulary sizes; "" = scifm params' typical sizes
+    # a saved tokenizer directory: exact vocabulary sizes, and the run's data is sampled for the encoders'
+    # activations and FLOPs; "" = typical vocabulary sizes, encoders left out
+    tokenizer: str = ""
+    sample_steps: int = 4  # optimizer steps of the run's data sampled for the encoders (with a tokenizer)
     top: int = 15  # rows shown in the table (--json lists all)
 
     def validate(self) -> None:
@@ -33,6 +36,7 @@ class PlanConfig:
         require(0 <= self.reserved_gb < self.gpu_memory_gb, "plan.reserved_gb",
                 f"must be in [0, plan.gpu_memory_gb={self.gpu_memory_gb}), got {self.reserved_gb}")
         require(0 < self.mfu <= 1, "plan.mfu", f"must be in (0, 1], got {self.mfu}")
+        require(self.sample_steps >= 1, "plan.sample_steps", f"must be >= 1, got {self.sample_steps}")
         require(self.top >= 1, "plan.top", f"must be >= 1, got {self.top}")
 
     def peak_flops(self, dtype: str) -> float:

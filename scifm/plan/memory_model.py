@@ -12,7 +12,8 @@ code (ACTIVATION_BYTES; tests/test_plan.py re-counts them on a block), scaled by
 divides the attention heads, the FFN and shared-expert widths, and the routed experts' work where
 ep spans the tp ranks; sequence parallelism divides the norms' part of the residual width;
 activation checkpointing keeps only a block's input; a pipeline rank holds several micro-batches in
-flight. Not modeled: the modality encoders' activations (they depend on how many items a batch holds).
+flight. The modality encoders' activations (first stage) are measured on the run's own data where a
+tokenizer is given (encoder_load.py); without one they are left out.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 from scifm.config import RunConfig
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
+from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout
 from scifm.plan.shapes import ModelShapes, Tensor
 
@@ -54,16 +56,22 @@ class MemoryBreakdown:
     activations: int
     buffers: int
     pp_rank: int
+    # whether the gradients of earlier micro-batches exist while a micro-batch's activations are all
+    # held: yes where a backward runs before the last forward (gradient accumulation, 1F1B past its
+    # warm-up); no where every micro-batch runs forward first (one micro-batch, GPipe, a pipeline rank
+    # whose warm-up covers them all), since backward then frees activations as it makes gradients
+    grads_meet_activations: bool = True
     detail: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer + self.activations + self.buffers
+        return self.params + self.optimizer + self.step_peak
 
     @property
     def step_peak(self) -> int:
         """What a step allocates above the weights and optimizer state: memory.json's step_peak_bytes."""
-        return self.grads + self.activations + self.buffers
+        held = self.grads + self.activations if self.grads_meet_activations else max(self.grads, self.activations)
+        return held + self.buffers
 
     def parts(self) -> dict[str, int]:
         return {"params": self.params, "grads": self.grads, "optimizer": self.optimizer,
@@ -110,6 +118,11 @@ class LayoutSizes:
         self.act_bytes = 2 if self.regime == "bf16" else FP32
         self.gathered_bytes = 2 if layout.fsdp and layout.parallel.mixed_precision == "bf16" else FP32
         self.weight_copies = weight_copies(run, layout)
+
+
+def encoder_regime(s: LayoutSizes) -> str:
+    """How the encoders compute: fp32, bf16 under autocast over fp32 weights, or FSDP2's bf16 weights."""
+    return "fp32" if s.regime == "fp32" else "bf16_autocast" if s.weight_copies else "bf16_weights"
 
 
 def local_numel(t: Tensor, s: LayoutSizes, sharded: bool) -> int:
@@ -179,7 +192,8 @@ def in_flight(s: LayoutSizes, pp_rank: int) -> int:
     return math.ceil(chunks / s.virtual)
 
 
-def memory_breakdown(shapes: ModelShapes, run: RunConfig, layout: Layout) -> MemoryBreakdown:
+def memory_breakdown(shapes: ModelShapes, run: RunConfig, layout: Layout,
+                     encoders: EncoderSampler | None = None) -> MemoryBreakdown:
     s = LayoutSizes(run, layout)
     ranges = layer_ranges(shapes.cfg.n_layers, s.n_stages, s.split)
     per_rank = []
@@ -187,12 +201,12 @@ def memory_breakdown(shapes: ModelShapes, run: RunConfig, layout: Layout) -> Mem
         stages = stages_of_rank(pp_rank, s.pp, s.virtual, s.schedule) if s.pp > 1 else [0]
         layer_ids = [i for st in stages for i in ranges[st]]
         first, last = 0 in stages, s.n_stages - 1 in stages
-        per_rank.append(_rank_breakdown(shapes, s, pp_rank, layer_ids, first, last))
+        per_rank.append(_rank_breakdown(shapes, s, pp_rank, layer_ids, first, last, encoders))
     return max(per_rank, key=lambda b: b.total)
 
 
 def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids: list[int], first: bool,
-                    last: bool) -> MemoryBreakdown:
+                    last: bool, encoders: EncoderSampler | None) -> MemoryBreakdown:
     cfg = shapes.cfg
     params = FP32 * (layers_numel(shapes, layer_ids, s, sharded=True) + tensors_numel(shapes.front, s, True) * first
                      + tensors_numel(shapes.back, s, True) * last)
@@ -218,23 +232,37 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
     detail["mask_and_rope"] = int(flight * (s.rows * s.seq * s.seq + 2 * FP32 * s.tokens * rotary))
     if first:
         detail["embeddings"] = int(flight * 2 * FP32 * s.tokens * cfg.d_model)
+        if encoders is not None:  # never checkpointed; whole on every tp rank (each holds its rows' items)
+            detail["encoders"] = flight * encoders.load(s.dp, encoder_regime(s)).saved_bytes
     if last:
         vocab = shapes.vocab // s.tp if s.loss_parallel else shapes.vocab
         # at the loss's backward: the logits, their fp32 copy (bf16 only), log-softmax's output and the
-        # gradients with respect to both
-        per_entry = FP32 * 4 + (s.act_bytes if s.act_bytes != FP32 else 0)
+        # gradients with respect to both; loss parallelism's backward (DTensor's fused nll_loss and
+        # log-softmax backward) holds two more tensors of the vocabulary shard's size at once (measured)
+        per_entry = FP32 * (6 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
+        # each other micro-batch in flight keeps its logits (the schedule's copy of the stage output)
+        # and the fp32 log-softmax output the loss saves: measured under GPipe, a last stage's peak
+        # grows by these plus the blocks' activations per micro-batch (30.4 MB, 28.9 predicted)
+        per_entry += (flight - 1) * (s.act_bytes + 2 * FP32)
         detail["logits"] = int(s.tokens * vocab * per_entry)
     activations = sum(detail.values())
 
     buffers: dict[str, int] = {}
     largest_block = max((tensors_numel(shapes.layers[i], s, sharded=False) for i in layer_ids), default=0)
     if s.fsdp:
-        if s.pp > 1:  # pipeline stages keep their gathered weights from forward to backward
-            gathered = layers_numel(shapes, layer_ids, s, sharded=False)
-        else:  # the block that runs and the next, prefetched
-            gathered = 2 * largest_block
-        buffers["fsdp_gathered_weights"] = s.gathered_bytes * gathered
-        buffers["fsdp_unsharded_grads"] = FP32 * largest_block  # one block's, before its reduce-scatter
+        # FSDP2 keeps the root unit (token embedding, final norm, output layer: what no block or
+        # encoder holds) gathered from forward to backward
+        root = shapes.front[:1] * first + shapes.back * last
+        blocks_gathered = layers_numel(shapes, layer_ids, s, sharded=False) if s.pp > 1 else largest_block
+        # at the peak the activations set (the last micro-batch's loss backward): the root, and the last
+        # block gathered for its backward (a pipeline stage keeps all of its blocks gathered)
+        buffers["fsdp_gathered_weights"] = s.gathered_bytes * (
+            sum(local_numel(t, s, sharded=False) for t in root) + blocks_gathered)
+        # later, in a block's backward: the next block prefetched, the block's unsharded gradients and
+        # the flat reduce-scatter input they are copied into before being freed. The loss's tensors are
+        # freed by then, so only what exceeds them raises the peak
+        later = s.gathered_bytes * largest_block * (s.pp == 1) + 2 * FP32 * largest_block
+        buffers["fsdp_backward_excess"] = max(0, later - detail.get("logits", 0))
     if s.pp > 1:
         buffers["pp_send_recv"] = 2 * s.virtual * s.tokens * cfg.d_model * s.act_bytes
     detail.update(buffers)
@@ -245,4 +273,5 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         embedding = shapes.front[0]
         grads += FP32 * (embedding.numel - local_numel(embedding, s, sharded=False))
     return MemoryBreakdown(params=params, grads=grads, optimizer=2 * params, activations=activations,
-                           buffers=sum(buffers.values()), pp_rank=pp_rank, detail=detail)
+                           buffers=sum(buffers.values()), pp_rank=pp_rank,
+                           grads_meet_activations=flight < s.microbatches, detail=detail)

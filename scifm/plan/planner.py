@@ -9,6 +9,7 @@ from scifm.config import RunConfig, compose_run_config
 from scifm.core.checks import require
 from scifm.core.errors import ConfigError
 from scifm.plan.config import PlanConfig, compose_plan_config
+from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import CHOICE_KEYS, DIM_KEYS, Layout, split_valid
 from scifm.plan.memory_model import MemoryBreakdown, compute_dtype, memory_breakdown
 from scifm.plan.shapes import ModelShapes, model_shapes, vocab_sizes
@@ -33,6 +34,7 @@ class Plan:
     world: int
     rows: list[Row]  # those that fit by step time, then the rest by memory
     rejected: list[tuple[Layout, str]]
+    encoders: EncoderSampler | None  # the run's data sampled for the encoders (None without plan.tokenizer)
 
     @property
     def usable_bytes(self) -> float:
@@ -68,11 +70,12 @@ def make_plan(overrides: list[str]) -> Plan:
         reasons = sorted({reason for _, reason in rejected})
         raise ConfigError(reasons[0] if len(reasons) == 1 else
                           f"parallel: no layout of {world} GPUs is valid ({len(rejected)} tried); e.g. {reasons[0]}")
-    plan = Plan(run, hardware, shapes, world, [], rejected)
+    encoders = EncoderSampler(run, hardware.tokenizer, hardware.sample_steps) if hardware.tokenizer else None
+    plan = Plan(run, hardware, shapes, world, [], rejected, encoders)
     rows = []
     for layout in valid:
-        memory = memory_breakdown(shapes, run, layout)
-        rows.append(Row(layout, memory, step_time(shapes, run, layout, hardware, run.cluster.gpus_per_node),
+        memory = memory_breakdown(shapes, run, layout, encoders)
+        rows.append(Row(layout, memory, step_time(shapes, run, layout, hardware, run.cluster.gpus_per_node, encoders),
                         memory.total <= plan.usable_bytes))
     # ties (layouts the model cannot tell apart in time) go to the one with more memory to spare
     rows.sort(key=lambda r: (not r.fits, round(r.time.total, 9) if r.fits else 0.0, r.memory.total))

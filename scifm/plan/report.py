@@ -16,13 +16,16 @@ params    = 4 bytes x this rank's elements: tp splits the dimension its plan nam
 grads     = params (fp32; under tp without FSDP the embedding's gradient is whole); optimizer = 2 x params (AdamW)
 activations = micro-batches in flight x sum over blocks of tokens x bytes/token (ACTIVATION_BYTES; a checkpointed
             block keeps its input only, plus one block recomputed) + bf16 weight copies (bf16 compute over fp32
-            weights) + document mask and RoPE tables + embeddings (first stage) + logits at the loss (last stage)
-buffers   = FSDP's gathered weights (two blocks; a pipeline stage keeps all of its own) and one block's unsharded
-            gradients + pipeline send/receive buffers
-fits      = params + grads + optimizer + activations + buffers <= gpu_memory_gb - reserved_gb"""
+            weights) + document mask and RoPE tables + embeddings and the encoders' saved tensors (first stage;
+            sampled from the run's data) + logits at the loss (last stage)
+buffers   = FSDP's gathered weights at the loss's backward (the root's embedding and output layer, and the last
+            block; a pipeline stage keeps all of its own) + what a block's backward adds beyond the freed logits
+            (the next block gathered, its unsharded gradients and their reduce-scatter copy) + pipeline send/receive
+step peak = grads + activations + buffers where a backward runs before the last forward (gradient accumulation,
+            1F1B past its warm-up), else max(grads, activations) + buffers (backward frees as it makes gradients)
+fits      = params + optimizer + step peak <= gpu_memory_gb - reserved_gb"""
 
 NOT_MODELED = [
-    "the modality encoders' activations and FLOPs (they depend on how many items a batch holds)",
     "routing imbalance: every expert is assumed to receive its even share of the tokens",
     "the zero-bubble schedules' savings (their bubble is counted as Interleaved1F1B's)",
     "engines other than native (DeepSpeed's ZeRO and Megatron-Core shard differently)",
@@ -31,6 +34,20 @@ NOT_MODELED = [
 
 PARTS_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
                "activations": "activations", "buffers": "communication buffers"}
+
+
+def not_modeled(plan: Plan) -> list[str]:
+    if plan.encoders is not None:
+        return NOT_MODELED
+    return ["the modality encoders' activations and FLOPs: they depend on how many items a batch holds; give "
+            "plan.tokenizer=DIR (the run's tokenizer) to sample them from the run's data", *NOT_MODELED]
+
+
+def encoders_line(plan: Plan) -> str:
+    if plan.encoders is None:
+        return "encoders: not modeled (no plan.tokenizer to read the run's data with)"
+    return (f"encoders: measured over the first {plan.hardware.sample_steps} steps' micro-batches of the run's data "
+            "(data-parallel rank 0 of each layout): the fullest one's saved tensors, the mean forward FLOPs")
 
 
 def gib(n: float) -> str:
@@ -110,7 +127,7 @@ def text_report(plan: Plan) -> str:
                   f"{k} {v} | {memory_model.ACTIVATION_BYTES['bf16'][k]}"
                   for k, v in memory_model.ACTIVATION_BYTES["fp32"].items()),
               "time model:", *("  " + x for x in FORMULAS.splitlines()),
-              "not modeled:", *(f"  - {x}" for x in NOT_MODELED)]
+              encoders_line(plan), "not modeled:", *(f"  - {x}" for x in not_modeled(plan))]
     return "\n".join(lines)
 
 
@@ -145,7 +162,8 @@ def json_report(plan: Plan) -> dict:
             "rank": rank, "layout": {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep",
                                                                "activation_checkpoint", "mixed_precision", "pp_split")},
             "overrides": row.layout.overrides(), "fits": row.fits,
-            "memory_bytes": {**row.memory.parts(), "total": row.memory.total, "pp_rank": row.memory.pp_rank,
+            "memory_bytes": {**row.memory.parts(), "step_peak": row.memory.step_peak, "total": row.memory.total,
+                             "pp_rank": row.memory.pp_rank,
                              "detail": row.memory.detail},
             "time_s": {**row.time.parts(), "recompute": row.time.recompute, "dp_total": row.time.dp,
                        "step": row.time.total}, "tokens_per_s": row.time.tokens_per_s,
@@ -158,7 +176,7 @@ def json_report(plan: Plan) -> dict:
         "batch": describe_batch(plan.run), "hardware": dataclasses.asdict(plan.hardware),
         "usable_bytes": plan.usable_bytes,
         "formulas": {"memory": MEMORY_FORMULAS, "activation_bytes": memory_model.ACTIVATION_BYTES, "time": FORMULAS},
-        "not_modeled": NOT_MODELED, "explanation": explanation(plan),
+        "encoders": encoders_line(plan), "not_modeled": not_modeled(plan), "explanation": explanation(plan),
         "rows": [row_json(i, r) for i, r in enumerate(plan.rows, 1)],
         "rejected": [{"overrides": layout.overrides(), "reason": reason} for layout, reason in plan.rejected],
     }

@@ -6,8 +6,9 @@ shared experts and the output layer; the routed experts run whole on every tp ra
 the tp ranks (tensor_parallel.py leaves them replicated); the router runs whole everywhere; a
 pipeline rank runs its own stages' layers. TP, EP and pipeline transfers sit on the critical path;
 FSDP's all-gathers and reduce-scatters overlap the compute (FSDP2 prefetches the next block), so
-only the part longer than the compute counts. Not modeled: the modality encoders' FLOPs, routing
-imbalance, kernel launch and optimizer-step time, and the zero-bubble schedules' savings (their
+only the part longer than the compute counts. The modality encoders' FLOPs (first stage, whole on
+every tp rank) are measured on the run's own data where a tokenizer is given (encoder_load.py).
+Not modeled: routing imbalance, kernel launch and optimizer-step time, and the zero-bubble schedules' savings (their
 bubble is counted as Interleaved1F1B's, an upper bound).
 """
 
@@ -19,15 +20,17 @@ from scifm.config import RunConfig
 from scifm.model.flops import layer_forward_flops, output_forward_flops
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.config import PlanConfig
+from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout
-from scifm.plan.memory_model import FP32, LayoutSizes, compute_dtype, tensors_numel
+from scifm.plan.memory_model import FP32, LayoutSizes, compute_dtype, encoder_regime, tensors_numel
 from scifm.plan.shapes import ModelShapes
 
 FORMULAS = """\
 compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed blocks) / (peak x mfu)
             forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*S*h*hd  (/tp),
             dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
-            shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum
+            shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
+            + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
 tp        = blocks x micro-batches x 8 x (tp-1)/tp x tokens x d x act_bytes / bw   (4 collectives fwd, 4 bwd;
             +4 per recomputed block)
 ep        = MoE blocks x micro-batches x [4 x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
@@ -79,8 +82,10 @@ def rank_block_flops(shapes: ModelShapes, moe: bool, s: LayoutSizes) -> float:
     return sum(flops / s.tp if part in split else flops for part, flops in parts.items())
 
 
-def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanConfig, gpus_per_node: int) -> TimeBreakdown:
+def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanConfig, gpus_per_node: int,
+              encoders: EncoderSampler | None = None) -> TimeBreakdown:
     s = LayoutSizes(run, layout)
+    encoder_flops = encoders.load(s.dp, encoder_regime(s)).forward_flops if encoders is not None else 0.0
     cfg = shapes.cfg
     peak = plan.peak_flops(compute_dtype(run)) * plan.mfu
     tokens = s.tokens * s.microbatches  # this data-parallel rank's tokens in one step
@@ -93,7 +98,7 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
         per_layer = [per_kind[i >= cfg.n_dense_layers] for i in layer_ids]
         checkpointed = sum(f for k, f in enumerate(per_layer) if s.ac == "full" or (s.ac == "selective" and k % 2 == 0))
         forward = sum(per_layer) + (output_forward_flops(cfg, shapes.vocab) / s.tp if s.n_stages - 1 in stages else 0)
-        flops = tokens * (3 * forward + checkpointed)
+        flops = tokens * (3 * forward + checkpointed) + (3 * s.microbatches * encoder_flops if 0 in stages else 0)
         if flops > worst[0]:
             worst = (flops, tokens * checkpointed, layer_ids, stages)
     flops, recompute_flops, layer_ids, stages = worst

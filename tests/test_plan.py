@@ -51,11 +51,11 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
     """Parameters, gradients and optimizer state within 10% (the model follows the sharding code, so
     they come out exact); a step's peak above them (gradients, activations, buffers), with the
     encoders' share sampled from the micro-batches the run trained on, against what the fullest
-    pipeline rank's processes measured, on average: within 10%, and 15% for the FSDP layouts. On CPU
-    an FSDP process's peak moves with when the gloo collectives' threads run on the two shared cores:
-    the fsdp layout, run nine times, measured 42.1 to 50.5 MB per rank at the same point of the step
-    (the loss's backward), a mean of 46.6 MB, predicted 44.7. Without the encoders' share tp falls to
-    -17%; adding gradients to activations with one micro-batch gives +24%."""
+    pipeline rank's processes measured, on average: within 5%, and 10% for the FSDP layouts, whose
+    processes' peaks still move by up to a block's weights between runs (a buffer freed on a
+    collective's thread leaves no event the profiler sees; tests/test_step_peak.py). Measured -3.1%
+    to +0.3% over three runs. Without the encoders' share single and tp fall to -6% and -8%; adding
+    gradients to activations with one micro-batch gives +24%."""
     errors = {}
     data = [f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}"]
     for name, (nproc, layout, run) in LAYOUTS.items():
@@ -77,7 +77,7 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
             assert abs(got - ranks[0][key]) <= 0.10 * ranks[0][key], (name, key, got, ranks[0][key])
         peak = statistics.fmean(r["step_peak_bytes"] for r in ranks)
         errors[name] = predicted.step_peak / peak - 1
-        tolerance = 0.15 if "parallel.dp_shard=2" in layout else 0.10
+        tolerance = 0.10 if "parallel.dp_shard=2" in layout else 0.05
         assert abs(errors[name]) <= tolerance, (name, predicted.step_peak, peak, predicted.detail)
     print("step peak, predicted / measured - 1:", {k: round(v, 3) for k, v in errors.items()})
 

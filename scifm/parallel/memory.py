@@ -58,19 +58,38 @@ def step_peak_bytes(device: torch.device) -> Iterator[dict[str, int]]:
 
 
 def _peak_of_allocations(roots) -> int:
-    """The highest running sum of allocation sizes (frees are negative) in time order; frees of
-    memory allocated before profiling began may take the sum below zero, so the peak is >= 0."""
     allocation = torch._C._profiler._EventType.Allocation
     events, stack = [], list(roots)
     while stack:
         node = stack.pop()
         if node.tag == allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr))
         stack.extend(node.children)
-    live = peak = 0
-    for _, size in sorted(events):
-        live += size
-        peak = max(peak, live)
+    return peak_of_events(events)
+
+
+def peak_of_events(events: list[tuple[int, int, int]]) -> int:
+    """The highest sum of live allocations over (time, size, address) events, frees negative, taken in
+    time order. Frees of memory allocated before profiling began may take the sum below zero, so the
+    peak is >= 0. The profiler records only what threads it watches free: a block freed elsewhere (an
+    FSDP buffer released from a collective's thread) has no free event. An address handed out again
+    must have been freed, so an allocation at a live address frees the block there first, and that
+    block's free, if it is recorded later, is not counted twice."""
+    live: dict[int, int] = {}  # address -> size of the block allocated there
+    freed_unseen: dict[int, int] = {}  # address -> frees implied by a reuse, whose event may still come
+    total = peak = 0
+    for _, size, address in sorted(events, key=lambda e: e[0]):
+        if size > 0:
+            if address in live:
+                total -= live[address]
+                freed_unseen[address] = freed_unseen.get(address, 0) + 1
+            live[address] = size
+            total += size
+            peak = max(peak, total)
+        elif freed_unseen.get(address) and live.get(address) != -size:
+            freed_unseen[address] -= 1  # the late event of a free already implied
+        else:
+            total -= live.pop(address, -size)
     return peak
 
 

@@ -238,8 +238,8 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         vocab = shapes.vocab // s.tp if s.loss_parallel else shapes.vocab
         # at the loss's backward: the logits, their fp32 copy (bf16 only), log-softmax's output and the
         # gradients with respect to both; loss parallelism's backward (DTensor's fused nll_loss and
-        # log-softmax backward) holds two more tensors of the vocabulary shard's size at once (measured)
-        per_entry = FP32 * (6 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
+        # log-softmax backward) holds one more tensor of the vocabulary shard's size (measured, tp=2)
+        per_entry = FP32 * (5 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
         # each other micro-batch in flight keeps its logits (the schedule's copy of the stage output)
         # and the fp32 log-softmax output the loss saves: measured under GPipe, a last stage's peak
         # grows by these plus the blocks' activations per micro-batch (30.4 MB, 28.9 predicted)
@@ -253,15 +253,15 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         # FSDP2 keeps the root unit (token embedding, final norm, output layer: what no block or
         # encoder holds) gathered from forward to backward
         root = shapes.front[:1] * first + shapes.back * last
-        blocks_gathered = layers_numel(shapes, layer_ids, s, sharded=False) if s.pp > 1 else largest_block
-        # at the peak the activations set (the last micro-batch's loss backward): the root, and the last
-        # block gathered for its backward (a pipeline stage keeps all of its blocks gathered)
+        stage_blocks = layers_numel(shapes, layer_ids, s, sharded=False) if s.pp > 1 else 0
+        # at the peak the activations set (the last micro-batch's loss backward, before any block's
+        # backward gathers it): the root (a pipeline stage keeps all of its blocks gathered too)
         buffers["fsdp_gathered_weights"] = s.gathered_bytes * (
-            sum(local_numel(t, s, sharded=False) for t in root) + blocks_gathered)
-        # later, in a block's backward: the next block prefetched, the block's unsharded gradients and
-        # the flat reduce-scatter input they are copied into before being freed. The loss's tensors are
-        # freed by then, so only what exceeds them raises the peak
-        later = s.gathered_bytes * largest_block * (s.pp == 1) + 2 * FP32 * largest_block
+            sum(local_numel(t, s, sharded=False) for t in root) + stage_blocks)
+        # later, in a block's backward: the block and the next, prefetched, gathered; the block's
+        # unsharded gradients and the flat reduce-scatter input they are copied into before being
+        # freed. The loss's tensors are freed by then, so only what exceeds them raises the peak
+        later = s.gathered_bytes * 2 * largest_block * (s.pp == 1) + 2 * FP32 * largest_block
         buffers["fsdp_backward_excess"] = max(0, later - detail.get("logits", 0))
     if s.pp > 1:
         buffers["pp_send_recv"] = 2 * s.virtual * s.tokens * cfg.d_model * s.act_bytes

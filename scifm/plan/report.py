@@ -18,9 +18,9 @@ activations = micro-batches in flight x sum over blocks of tokens x bytes/token 
             block keeps its input only, plus one block recomputed) + bf16 weight copies (bf16 compute over fp32
             weights) + document mask and RoPE tables + embeddings and the encoders' saved tensors (first stage;
             sampled from the run's data) + logits at the loss (last stage)
-buffers   = FSDP's gathered weights at the loss's backward (the root's embedding and output layer, and the last
-            block; a pipeline stage keeps all of its own) + what a block's backward adds beyond the freed logits
-            (the next block gathered, its unsharded gradients and their reduce-scatter copy) + pipeline send/receive
+buffers   = FSDP's gathered weights at the loss's backward (the root's embedding and output layer; a pipeline
+            stage keeps all of its blocks too) + what a block's backward adds beyond the freed logits (it and the
+            next block gathered, its unsharded gradients and their reduce-scatter copy) + pipeline send/receive
 step peak = grads + activations + buffers where a backward runs before the last forward (gradient accumulation,
             1F1B past its warm-up), else max(grads, activations) + buffers (backward frees as it makes gradients)
 fits      = params + optimizer + step peak <= gpu_memory_gb - reserved_gb"""

@@ -37,6 +37,7 @@ LAYOUTS = {
     "pp=2": (2, ["parallel.pp=2"]),
 }
 STEPS = 8
+CORPUS_DOCS = 150  # per source
 
 
 def matmul_flops() -> float:
@@ -57,7 +58,7 @@ def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path, run
         if nproc > 1 else [sys.executable]
     cmd = [*launcher, "-m", "scifm.train", *run, *layout, f"trainer.max_steps={STEPS}", "trainer.log_every=1",
            "trainer.val_every=1000", "data.val_batches=1", "trainer.tensorboard=false", f"hydra.run.dir={run_dir}",
-           f"data.corpus_dir={corpus}", "data.corpus_max_docs_per_source=150"]  # the first run builds it
+           f"data.corpus_dir={corpus}", f"data.corpus_max_docs_per_source={CORPUS_DOCS}"]  # the first run builds it
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -84,8 +85,10 @@ def main() -> None:
                 measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus", run))
         predicted = {}
         for name, (nproc, layout) in LAYOUTS.items():
+            # the run's tokenizer and corpus: the planner samples the encoders' work from the same data
             plan = make_plan([*run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
-                              f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware])
+                              f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware,
+                              f"data.corpus_dir={Path(tmp) / 'corpus'}", f"data.corpus_max_docs_per_source={CORPUS_DOCS}"])
             predicted[name] = plan.rows[0].time.total
     base = statistics.median(measured["single"])
     print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s; {args.rounds} rounds of {STEPS} steps; "

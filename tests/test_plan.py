@@ -52,10 +52,11 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
     they come out exact); a step's peak above them (gradients, activations, buffers), with the
     encoders' share sampled from the micro-batches the run trained on, against what the fullest
     pipeline rank's processes measured, on average: within 5%, and 10% for the FSDP layouts, whose
-    processes' peaks still move by up to a block's weights between runs (a buffer freed on a
-    collective's thread leaves no event the profiler sees; tests/test_step_peak.py). Measured -3.1%
+    processes' peaks still move by up to a block's weights between runs (a block freed without an
+    event the profiler sees, whose address is not reused before the peak; tests/test_step_peak.py). Measured -3.1%
     to +0.3% over three runs. Without the encoders' share single and tp fall to -6% and -8%; adding
-    gradients to activations with one micro-batch gives +24%."""
+    gradients to activations wherever all micro-batches run forward first gives +24% (one micro-batch)
+    and +29% (pp)."""
     errors = {}
     data = [f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}"]
     for name, (nproc, layout, run) in LAYOUTS.items():

@@ -71,10 +71,10 @@ def _peak_of_allocations(roots) -> int:
 def peak_of_events(events: list[tuple[int, int, int]]) -> int:
     """The highest sum of live allocations over (time, size, address) events, frees negative, taken in
     time order. Frees of memory allocated before profiling began may take the sum below zero, so the
-    peak is >= 0. The profiler records only what threads it watches free: a block freed elsewhere (an
-    FSDP buffer released from a collective's thread) has no free event. An address handed out again
-    must have been freed, so an allocation at a live address frees the block there first, and that
-    block's free, if it is recorded later, is not counted twice."""
+    peak is >= 0. Some frees never reach the events (seen under FSDP and tensor parallelism: a block
+    allocated at an address whose block was never seen freed). An address handed out again must have
+    been freed, so an allocation at a live address frees the block there first, and that block's free,
+    if it is recorded later, is not counted twice."""
     live: dict[int, int] = {}  # address -> size of the block allocated there
     freed_unseen: dict[int, int] = {}  # address -> frees implied by a reuse, whose event may still come
     total = peak = 0

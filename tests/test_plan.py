@@ -244,6 +244,7 @@ def test_invalid_layouts_are_excluded_with_the_reason_training_gives():
 @pytest.mark.parametrize("argv, message", [
     (["model=tiny", "cluster.gpus_per_node=0"], "cluster.gpus_per_node: scifm plan plans GPUs"),
     (["model=tiny", "cluster.gpus_per_node=2", "plan.mfu=2"], "plan.mfu: must be in (0, 1], got 2.0"),
+    (["model=tiny", "cluster.gpus_per_node=2", "plan.sample_steps=0"], "plan.sample_steps: must be >= 1, got 0"),
     (["model=tiny", "cluster.gpus_per_node=2", "plan.gpu_memroy_gb=80"], "plan.gpu_memroy_gb: Key 'gpu_memroy_gb' not in"),
     (["model=tiny", "cluster.gpus_per_node=2", "parallel.engine=deepspeed"], "parallel.engine: scifm plan models the native"),
     (["model=tiny", "cluster.gpus_per_node=2", "parallel.tp=2", "parallel.dp_shard=2"],

@@ -94,7 +94,7 @@ class IndexedDocument:
         is_marker, kind_at = _item_markers(tokenizer)
         # markers are special ids, which neither prose nor an item's domain ids contain, and items
         # do not nest: every START is followed by its item's END
-        bounds = np.flatnonzero(is_marker[self.ids]).tolist()
+        bounds = is_marker[self.ids].nonzero()[0].tolist()  # (np.flatnonzero's wrapper costs more on short ids)
         starts, ends = bounds[0::2], bounds[1::2]
         kinds = [STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()]
         atoms, item_spans, shift = iter(self.atoms), [], 0  # shift: laid-out ids gained before this item

@@ -70,7 +70,7 @@ class IndexedStream:
     def _metadata(self, shard: int, pos: int) -> list:
         """[id, source, skill, each molecule's atoms, each molecule's bonds]"""
         _, docs, _ = self._datasets(shard)
-        return json.loads(docs[pos].tobytes())
+        return json.loads(docs[pos].tobytes().decode())  # str: json.loads would first sniff the bytes' encoding
 
     def _document(self, shard: int, pos: int, meta: list) -> IndexedDocument:
         doc_id, source, skill, atoms, bonds = meta

@@ -23,7 +23,7 @@ ALLOWED = {
     "train": {"core", "config", "data", "hf", "model", "parallel", "tokenizers"},
     "eval": {"core", "config", "data", "model", "tokenizers", "train"},
     "launch": {"core", "config", "eval", "parallel", "train"},
-    "plan": {"core", "config", "model", "parallel", "tokenizers"},
+    "plan": {"core", "config", "data", "model", "parallel", "tokenizers"},
     "cli": {"core", "config", "data", "eval", "launch", "model", "plan", "train"},
     "configs": set(),  # the packaged YAML files
     "__init__": set(),

@@ -84,20 +84,28 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
 
 
 def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config, tokenizer, tmp_path):
-    """The planner runs the encoders over FakeTensors; a real forward over the same micro-batches (the
-    training loader's, rank 0 of two) saves the same bytes, parameters left out, and counts the same
-    FLOPs, in fp32 and under bf16 autocast. Exact: the same kernels are chosen for the same shapes."""
+    """The planner packs the global rows once and runs the encoders over rank 0's share on
+    FakeTensors; a real forward over the micro-batches the training loader gives rank 0 of two saves
+    the same bytes, parameters left out, and counts the same FLOPs, in fp32, under bf16 autocast and
+    with bf16 weights. Exact: the same rows, and the same kernels chosen for the same shapes."""
     tokenizer.save(tmp_path / "tokenizer")
     run = make_config("trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128")
-    sampler = EncoderSampler(run, str(tmp_path / "tokenizer"), steps=2)
+    regimes = ("fp32", "bf16_autocast", "bf16_weights")
+    sampler = EncoderSampler(run, str(tmp_path / "tokenizer"), steps=2, wanted={(2, regime) for regime in regimes})
     loader = PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders, split="train",
                           batch_size=4, seed=run.trainer.seed, dp_rank=0, dp_size=2)
     micro = [loader.next_batch().items for _ in range(4)]
     encoders = build_encoders(run.model.encoders, run.model.d_model, vocab_sizes_of(tokenizer))
-    params = {p.untyped_storage().data_ptr() for p in encoders.parameters()}
-    for regime, autocast in (("fp32", contextlib.nullcontext), ("bf16_autocast", lambda: torch.autocast("cpu", torch.bfloat16))):
+    for regime in regimes:
+        autocast = torch.autocast("cpu", torch.bfloat16) if regime == "bf16_autocast" else contextlib.nullcontext()
+        if regime == "bf16_weights":  # FSDP2's bf16 parameters, and its cast of the inputs
+            encoders = encoders.to(torch.bfloat16)
+        params = {p.untyped_storage().data_ptr() for p in encoders.parameters()}
         saved, flops = [], []
         for items in micro:
+            if regime == "bf16_weights":
+                items = {m: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+                         for m, batch in items.items()}
             kept = {}
 
             def keep(t):
@@ -106,7 +114,7 @@ def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config,
                 return t
 
             counter, outputs = FlopCounterMode(display=False), []  # the graphs live on: no address is reused
-            with autocast(), counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            with autocast, counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
                 for modality, encoder in encoders.items():
                     if modality in items:
                         outputs.append(encoder(items[modality]))

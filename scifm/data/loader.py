@@ -129,10 +129,13 @@ class PackedLoader:
             if used == self.cfg.seq_len:
                 return row
 
+    def next_rows(self) -> list[Row]:
+        """The global batch's rows, packed: the same on every rank, whatever the layout."""
+        return [self._next_row() for _ in range(self.batch_size)]
+
     def next_batch(self) -> Batch:
         """Every rank builds the global rows; only its own rows' items are featurized, in collate_rows."""
-        rows = [self._next_row() for _ in range(self.batch_size)]
-        mine = rows[self.dp_rank :: self.dp_size]
+        mine = self.next_rows()[self.dp_rank :: self.dp_size]
         return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
 
     def close(self) -> None:

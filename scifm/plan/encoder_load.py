@@ -1,13 +1,15 @@
 """The modality encoders' share of a step, measured on items drawn from the run's own data.
 
 How many items a micro-batch holds and how long each one is belong to the data, not to the model,
-so no formula over the config can give them. The planner draws the first plan.sample_steps x
-trainer.grad_accum micro-batches that data-parallel rank 0 of a layout's data-parallel size would
-train on (the training loader, with the tokenizer plan.tokenizer names) and runs the run's
-encoders over each under FakeTensorMode: shapes only, no memory and no arithmetic, yet the same
-kernels chosen as on a real CPU tensor (SDPA's flash kernel, which keeps only its output and
-log-sum-exp for backward, as the GPU's kernels do). It counts the bytes of the tensors autograd
-saves that are not parameters, and the forward FLOPs (torch's FlopCounterMode).
+so no formula over the config can give them. The planner packs the first plan.sample_steps x
+trainer.grad_accum global micro-batches of the run's training loader (with the tokenizer
+plan.tokenizer names; the rows are the same under every layout), and for each data-parallel size
+the layouts use collates the rows its rank 0 would train on. The run's encoders run over those
+items under FakeTensorMode: shapes only, no memory and no arithmetic, yet the same kernels chosen
+as on a real CPU tensor (SDPA's flash kernel, which keeps only its output and log-sum-exp for
+backward, as the GPU's kernels do). It counts the bytes of the tensors autograd saves that are not
+parameters, and the forward FLOPs (torch's FlopCounterMode). One micro-batch's items are held at a
+time, so a paper-scale batch costs packing once, not once per data-parallel size.
 
 Memory takes the fullest micro-batch seen: a layout has to fit the worst one. Time takes the mean.
 """
@@ -16,20 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from scifm.config import RunConfig
 from scifm.data.loader import PackedLoader
+from scifm.data.packing import collate_rows
 from scifm.data.streams import resolve_sources
 from scifm.model.encoders import build_encoders
 from scifm.model.multimodal import vocab_sizes_of
 from scifm.tokenizers.scientific import ScientificTokenizer
-
 
 @dataclass(frozen=True)
 class EncoderLoad:
@@ -41,58 +45,63 @@ class EncoderLoad:
 
 
 class EncoderSampler:
-    """EncoderLoad per (data-parallel size, regime), measured once each; regimes as
-    memory_model.encoder_regime names them."""
+    """EncoderLoad for each (data-parallel size, regime) asked for, all measured in one pass; regimes
+    as memory_model.encoder_regime names how the encoders compute."""
 
-    def __init__(self, run: RunConfig, tokenizer_dir: str, steps: int):
-        self.run, self.steps = run, steps
-        self.tokenizer = ScientificTokenizer.load(Path(tokenizer_dir))
-        self.specs = resolve_sources(run.data)
-        self._items: dict[int, list[dict]] = {}
-        self._loads: dict[tuple[int, str], EncoderLoad] = {}
+    def __init__(self, run: RunConfig, tokenizer_dir: str, steps: int, wanted: set[tuple[int, str]]):
+        tokenizer = ScientificTokenizer.load(Path(tokenizer_dir))
+        loader = PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders, split="train",
+                              batch_size=run.trainer.batch_size, seed=run.trainer.seed)
+        regimes_of: dict[int, set[str]] = defaultdict(set)
+        for dp_size, regime in wanted:
+            regimes_of[dp_size].add(regime)
+        measured: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
+        fake = FakeTensorMode()
+        with fake:
+            encoders = {regime: _fake_encoders(run, tokenizer, regime) for regime in {r for _, r in wanted}}
+        for _ in range(steps * run.trainer.grad_accum):
+            rows = loader.next_rows()
+            for dp_size, regimes in regimes_of.items():
+                items = collate_rows(rows[::dp_size], run.data.seq_len, tokenizer, loader.placeholders).items
+                for regime in regimes:
+                    with fake:
+                        measured[dp_size, regime].append(_measure(encoders[regime], items, regime, fake))
+        self._loads = {key: EncoderLoad(max(s for s, _ in found), statistics.fmean(f for _, f in found), len(found))
+                       for key, found in measured.items()}
 
     def load(self, dp_size: int, regime: str) -> EncoderLoad:
-        key = (dp_size, regime)
-        if key not in self._loads:
-            self._loads[key] = self._measure(self._sample(dp_size), regime)
-        return self._loads[key]
+        return self._loads[dp_size, regime]
 
-    def _sample(self, dp_size: int) -> list[dict]:
-        """The items of rank 0's first micro-batches under this data-parallel size."""
-        if dp_size not in self._items:
-            run = self.run
-            loader = PackedLoader(run.data, self.specs, self.tokenizer, run.model.encoders, split="train",
-                                  batch_size=run.trainer.batch_size, seed=run.trainer.seed, dp_rank=0, dp_size=dp_size)
-            self._items[dp_size] = [loader.next_batch().items for _ in range(self.steps * run.trainer.grad_accum)]
-        return self._items[dp_size]
 
-    def _measure(self, micro_batches: list[dict], regime: str) -> EncoderLoad:
-        cfg = self.run.model
-        with FakeTensorMode() as fake:
-            encoders = build_encoders(cfg.encoders, cfg.d_model, vocab_sizes_of(self.tokenizer))
-            if regime == "bf16_weights":  # FSDP2's bf16 parameters: the encoders compute in bf16 without autocast
-                encoders = encoders.to(torch.bfloat16)
-            params = {p.untyped_storage()._cdata for p in encoders.parameters()}
-            saved, flops = [], []
-            for items in micro_batches:
-                kept: dict[int, int] = {}
+def _fake_encoders(run: RunConfig, tokenizer: ScientificTokenizer, regime: str) -> nn.ModuleDict:
+    """Built in bf16 for FSDP2's bf16 weights (Module.to cannot swap a FakeTensor parameter)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if regime == "bf16_weights" else torch.float32)
+    try:
+        return build_encoders(run.model.encoders, run.model.d_model, vocab_sizes_of(tokenizer))
+    finally:
+        torch.set_default_dtype(default)
 
-                def keep(t: torch.Tensor) -> torch.Tensor:
-                    storage = t.untyped_storage()  # views of one tensor count once
-                    if storage._cdata not in params:
-                        kept[storage._cdata] = storage.nbytes()
-                    return t
 
-                autocast = torch.autocast("cpu", torch.bfloat16) if regime == "bf16_autocast" else contextlib.nullcontext()
-                counter = FlopCounterMode(display=False)
-                outputs = []  # hold every graph, as training does until backward: no storage is freed and reused
-                with autocast, counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                    for modality, encoder in encoders.items():
-                        if modality in items:
-                            batch = {k: fake.from_tensor(v) for k, v in items[modality].items()}
-                            if regime == "bf16_weights":
-                                batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-                            outputs.append(encoder(batch))
-                saved.append(sum(kept.values()))
-                flops.append(counter.get_total_flops())
-        return EncoderLoad(saved_bytes=max(saved), forward_flops=statistics.fmean(flops), micro_batches=len(saved))
+def _measure(encoders: nn.ModuleDict, items: dict, regime: str, fake: FakeTensorMode) -> tuple[int, int]:
+    """(bytes saved for backward, parameters left out; forward FLOPs) of the encoders over `items`."""
+    params = {p.untyped_storage()._cdata for p in encoders.parameters()}
+    kept: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()  # views of one tensor count once
+        if storage._cdata not in params:
+            kept[storage._cdata] = storage.nbytes()
+        return t
+
+    autocast = torch.autocast("cpu", torch.bfloat16) if regime == "bf16_autocast" else contextlib.nullcontext()
+    counter = FlopCounterMode(display=False)
+    outputs = []  # hold every graph, as training does until backward: no storage is freed and reused
+    with autocast, counter, torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        for modality, encoder in encoders.items():
+            if modality in items:
+                batch = {k: fake.from_tensor(v) for k, v in items[modality].items()}
+                if regime == "bf16_weights":  # FSDP2 casts the inputs to its parameters' dtype
+                    batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+                outputs.append(encoder(batch))
+    return sum(kept.values()), counter.get_total_flops()

@@ -11,7 +11,7 @@ from scifm.core.errors import ConfigError
 from scifm.plan.config import PlanConfig, compose_plan_config
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import CHOICE_KEYS, DIM_KEYS, Layout, split_valid
-from scifm.plan.memory_model import MemoryBreakdown, compute_dtype, memory_breakdown
+from scifm.plan.memory_model import LayoutSizes, MemoryBreakdown, compute_dtype, encoder_regime, memory_breakdown
 from scifm.plan.shapes import ModelShapes, model_shapes, vocab_sizes
 from scifm.plan.time_model import TimeBreakdown, step_time
 
@@ -70,7 +70,11 @@ def make_plan(overrides: list[str]) -> Plan:
         reasons = sorted({reason for _, reason in rejected})
         raise ConfigError(reasons[0] if len(reasons) == 1 else
                           f"parallel: no layout of {world} GPUs is valid ({len(rejected)} tried); e.g. {reasons[0]}")
-    encoders = EncoderSampler(run, hardware.tokenizer, hardware.sample_steps) if hardware.tokenizer else None
+    encoders = None
+    if hardware.tokenizer:  # the encoders' work, sampled for every data-parallel size and regime a layout uses
+        sizes = [LayoutSizes(run, layout) for layout in valid]
+        encoders = EncoderSampler(run, hardware.tokenizer, hardware.sample_steps,
+                                  {(s.dp, encoder_regime(s)) for s in sizes})
     plan = Plan(run, hardware, shapes, world, [], rejected, encoders)
     rows = []
     for layout in valid:

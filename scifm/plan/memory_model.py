@@ -240,10 +240,10 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         # gradients with respect to both; loss parallelism's backward (DTensor's fused nll_loss and
         # log-softmax backward) holds one more tensor of the vocabulary shard's size (measured, tp=2)
         per_entry = FP32 * (5 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
-        # each other micro-batch in flight keeps its logits (the schedule's copy of the stage output)
-        # and the fp32 log-softmax output the loss saves: measured under GPipe, a last stage's peak
-        # grows by these plus the blocks' activations per micro-batch (30.4 MB, 28.9 predicted)
-        per_entry += (flight - 1) * (s.act_bytes + 2 * FP32)
+        # each other micro-batch in flight keeps its logits (the stage's output) and the fp32
+        # log-softmax output the loss saves: measured under GPipe, a last stage's peak grows by these
+        # plus the blocks' activations with every micro-batch (30.4 MB; predicted 29.5)
+        per_entry += (flight - 1) * (s.act_bytes + FP32)
         detail["logits"] = int(s.tokens * vocab * per_entry)
     activations = sum(detail.values())
 

@@ -26,10 +26,11 @@ from scifm.model.multimodal import vocab_sizes_of
 from scifm.model.transformer import TransformerBlock
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout, only_layout
-from scifm.plan.memory_model import LayoutSizes, block_activation_bytes
+from scifm.plan.memory_model import LayoutSizes, block_activation_bytes, encoder_regime
 from scifm.plan.planner import make_plan
 from scifm.plan.report import json_report, text_report
 from scifm.plan.shapes import model_shapes
+from scifm.plan.time_model import step_time
 from tests.helpers.torchrun import train_under_torchrun
 
 # one optimizer step of two micro-batches: a micro-batch's activations meet the gradients of the first
@@ -125,6 +126,27 @@ def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config,
         load = sampler.load(2, regime)
         assert load.micro_batches == 4 and len(set(saved)) > 1  # micro-batches differ: the largest is taken
         assert load.saved_bytes == max(saved) and load.forward_flops == pytest.approx(statistics.fmean(flops)), regime
+
+
+def test_the_encoders_sampled_flops_add_to_the_first_stages_compute(make_config, corpus_dir, tokenizer, tmp_path):
+    """Three times the encoders' mean forward FLOPs per micro-batch, at the stated peak and MFU, on the
+    first pipeline stage only (the last stage's compute is unchanged)."""
+    tokenizer.save(tmp_path / "tokenizer")
+    base = ["experiment=tiny", f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}",
+            "trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128", "trainer.precision=fp32",
+            "cluster.nodes=1", "cluster.gpus_per_node=2", "plan.sample_steps=1"]
+    for layout in (["parallel.dp_shard=2"], ["parallel.pp=2"]):
+        plan = make_plan([*base, *only_layout(layout), f"plan.tokenizer={tmp_path / 'tokenizer'}"])
+        row = plan.rows[0]
+        without = step_time(plan.shapes, plan.run, row.layout, plan.hardware, 2)
+        sizes = LayoutSizes(plan.run, row.layout)
+        load = plan.encoders.load(sizes.dp, encoder_regime(sizes))
+        added = 3 * 2 * load.forward_flops / (plan.hardware.peak_flops("fp32") * plan.hardware.mfu)
+        assert load.forward_flops > 0
+        if sizes.pp == 1:
+            assert row.time.compute == pytest.approx(without.compute + added, rel=1e-9)
+        else:  # the busiest rank is the last stage (the output layer), whose compute the encoders leave alone
+            assert row.time.compute == pytest.approx(without.compute, rel=1e-9)
 
 
 def saved_bytes_per_token(cfg: ModelConfig, layer_id: int, bf16: bool, rows: int = 2, seq: int = 64) -> float:

@@ -8,8 +8,8 @@ pipeline rank runs its own stages' layers. TP, EP and pipeline transfers sit on 
 FSDP's all-gathers and reduce-scatters overlap the compute (FSDP2 prefetches the next block), so
 only the part longer than the compute counts. The modality encoders' FLOPs (first stage, whole on
 every tp rank) are measured on the run's own data where a tokenizer is given (encoder_load.py).
-Not modeled: routing imbalance, kernel launch and optimizer-step time, and the zero-bubble schedules' savings (their
-bubble is counted as Interleaved1F1B's, an upper bound).
+Not modeled: routing imbalance, kernel launch and optimizer-step time, and the zero-bubble
+schedules' savings (their bubble is counted as Interleaved1F1B's, an upper bound).
 """
 
 from __future__ import annotations

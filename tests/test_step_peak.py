@@ -22,6 +22,9 @@ def test_an_address_handed_out_again_was_freed_even_where_no_free_was_recorded()
     assert peak_of_events(events) == 200
     # without the late event the same
     assert peak_of_events([(1, 100, 1), (2, 200, 1), (3, -200, 1), (4, 100, 2)]) == 200
+    # the late event frees nothing: the 200-byte block is still live when 300 more arrive (taking it
+    # for the 200-byte block's free would give 300)
+    assert peak_of_events([(1, 100, 1), (2, 200, 1), (3, -100, 1), (4, 300, 2), (5, -200, 1)]) == 500
 
 
 def test_a_real_step_peak_counts_what_is_live_at_once():

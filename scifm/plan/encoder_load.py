@@ -35,13 +35,13 @@ from scifm.model.encoders import build_encoders
 from scifm.model.multimodal import vocab_sizes_of
 from scifm.tokenizers.scientific import ScientificTokenizer
 
+
 @dataclass(frozen=True)
 class EncoderLoad:
     """The encoders over one data-parallel rank's micro-batches."""
 
     saved_bytes: int  # the most any sampled micro-batch's encoders keep for backward
     forward_flops: float  # the mean over the sampled micro-batches
-    micro_batches: int  # how many were sampled
 
 
 class EncoderSampler:
@@ -66,7 +66,7 @@ class EncoderSampler:
                 for regime in regimes:
                     with fake:
                         measured[dp_size, regime].append(_measure(encoders[regime], items, regime, fake))
-        self._loads = {key: EncoderLoad(max(s for s, _ in found), statistics.fmean(f for _, f in found), len(found))
+        self._loads = {key: EncoderLoad(max(s for s, _ in found), statistics.fmean(f for _, f in found))
                        for key, found in measured.items()}
 
     def load(self, dp_size: int, regime: str) -> EncoderLoad:

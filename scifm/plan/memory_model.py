@@ -242,7 +242,7 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         per_entry = FP32 * (5 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
         # each other micro-batch in flight keeps its logits (the stage's output) and the fp32
         # log-softmax output the loss saves: measured under GPipe, a last stage's peak grows by these
-        # plus the blocks' activations with every micro-batch (30.4 MB; predicted 29.5)
+        # plus the blocks' activations with every micro-batch (30.4 MB; predicted 29.7)
         per_entry += (flight - 1) * (s.act_bytes + FP32)
         detail["logits"] = int(s.tokens * vocab * per_entry)
     activations = sum(detail.values())

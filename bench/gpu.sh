@@ -8,7 +8,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-python -m pip install -q --no-index --find-links .gpu/wheels rdkit hydra-core omegaconf torchao pytest megatron-core \
+python -m pip install -q --no-index --find-links .gpu/wheels rdkit hydra-core omegaconf torchao pytest pytest-xdist pytest-timeout megatron-core \
   > "$OUT/pip.txt" 2>&1 || { tail -5 "$OUT/pip.txt"; exit 1; }
 export PYTHONPATH="$PWD" SCIFM_TEST_CORPUS="$PWD/.gpu/corpus" SCIFM_CACHE="$PWD/.gpu/cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

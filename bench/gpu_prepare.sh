@@ -9,6 +9,7 @@ rm -rf .gpu && mkdir -p .gpu/wheels
 python3 -m pip download -q -d .gpu/wheels --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
   --platform any --no-deps rdkit hydra-core "omegaconf<2.4" torchao pytest pluggy iniconfig packaging pygments PyYAML pillow \
+  pytest-xdist execnet pytest-timeout \
   "megatron-core>=0.16,<0.17"
 # hydra-core's parser runtime is published as a source archive only: build its (pure Python) wheel
 # here, since an offline machine cannot fetch the build tools a source install needs

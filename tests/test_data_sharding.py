@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -175,16 +176,42 @@ def test_prefetch_batches_zero_keeps_the_loader_on_the_training_thread(tokenizer
     assert type(ld) is PackedLoader
 
 
-def test_a_worker_that_dies_is_named_in_one_line(tokenizer, make_config):
-    cfg = make_config(f"data.seq_len={SEQ_LEN}")
+def _threads_writing_a_pipe(pid: int) -> int:
+    """How many of the process's threads wait in the kernel for room in a pipe (Linux's wchan)."""
+    tasks = f"/proc/{pid}/task"
+    return sum("pipe_write" in open(f"{tasks}/{tid}/wchan").read() for tid in os.listdir(tasks))
+
+
+def test_a_worker_killed_halfway_through_a_batch_is_named_in_one_line(tokenizer, make_config):
+    """The kernel's out-of-memory killer can stop the worker in the middle of writing a batch. The
+    training process must then name the dead worker, not wait forever for the rest of the batch (as it
+    did when batches went through a multiprocessing.Queue, whose pipe the reader also held open)."""
+    # a batch's token ids alone (4 x 4096 x 8 bytes) overflow a pipe's 64 KiB
+    cfg = make_config("data.seq_len=4096", "data.prefetch_batches=2")
     ahead = loader(cfg, tokenizer, cls=PrefetchingLoader)
     ahead.next_batch()
-    ahead._process.kill()  # as the kernel's out-of-memory killer would
+    deadline = time.monotonic() + 60
+    while not _threads_writing_a_pipe(ahead._process.pid):  # the next batch, half written
+        assert time.monotonic() < deadline, "the worker never blocked writing a batch"
+        time.sleep(0.05)
+    ahead._process.kill()
     ahead._process.join()
-    with pytest.raises(DataError) as info:
-        for _ in range(2 * cfg.data.prefetch_batches + 2):
-            ahead.next_batch()
-    assert "worker process stopped" in str(info.value) and "\n" not in str(info.value)
+
+    raised: list[BaseException] = []
+
+    def read_on():
+        try:
+            for _ in range(2 * cfg.data.prefetch_batches + 2):
+                ahead.next_batch()
+        except BaseException as err:
+            raised.append(err)
+
+    reader = threading.Thread(target=read_on, daemon=True)  # a daemon: a hang must not hold pytest
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "next_batch() still waits 30 s after its worker died"
+    assert len(raised) == 1 and isinstance(raised[0], DataError), raised
+    assert "worker process stopped" in str(raised[0]) and "\n" not in str(raised[0])
 
 
 ORPHAN = """

@@ -13,16 +13,23 @@ call that would have raised it in the training thread, as the same exception: th
 for a scifm error. The worker ignores the signals the training process acts on (Ctrl-C,
 pre-emption's USR1 and TERM), is killed by `close()`, and leaves by itself once the training
 process has gone (a `kill -9` included).
+
+Batches travel through a one-way pipe whose writing end only the worker holds, with a semaphore
+of data.prefetch_batches slots for the bound. Not a multiprocessing.Queue: its pipe's writing end
+stays open in the training process too, so a worker killed halfway through writing a batch (the
+kernel's out-of-memory killer) would leave the reader waiting forever for the rest of the message;
+here the reader sees the end of the pipe and names the dead worker. Commands go the other way
+through a pipe of their own, for the same reason.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
-import queue
 import signal
 import traceback
 import weakref
+from typing import NoReturn
 
 import torch
 
@@ -59,13 +66,18 @@ class PrefetchingLoader:
 
     def _spawn(self) -> None:
         context = mp.get_context("spawn")  # forking a process with torch's threads running is unsafe
-        self._commands, self._batches = context.Queue(), context.Queue(self.cfg.prefetch_batches)
-        self._process = context.Process(target=_work, args=(*self._args, self._commands, self._batches),
+        commands_in, self._commands = context.Pipe(duplex=False)
+        self._batches, batches_out = context.Pipe(duplex=False)
+        # batches sent and not yet received (one where a caller builds this loader with 0)
+        self._slots = context.Semaphore(max(1, self.cfg.prefetch_batches))
+        self._process = context.Process(target=_work, args=(*self._args, commands_in, batches_out, self._slots),
                                         name=f"scifm-data-{self.split}", daemon=True)
         self._process.start()
+        commands_in.close()  # the worker's ends only: each pipe ends where its one writer or reader dies
+        batches_out.close()
         # kills the worker when this loader is collected or the interpreter exits (before multiprocessing's
         # own exit handler, which would wait for a worker that ignores its TERM)
-        self._stop = weakref.finalize(self, _kill, self._process)
+        self._stop = weakref.finalize(self, _kill, self._process, self._commands, self._batches)
         self._started = False
 
     def _begin(self, state: dict | None) -> None:
@@ -73,23 +85,31 @@ class PrefetchingLoader:
         if self._started:
             self.close()
             self._spawn()
-        self._commands.put(state)
+        try:
+            self._commands.send_bytes(pickle.dumps(state))
+        except OSError:  # a broken pipe: the worker is gone
+            self._worker_stopped()
         self._started = True
         _, self._position = self._receive()
 
     def _receive(self) -> tuple:
-        while True:
-            try:
-                kind, *item = pickle.loads(self._batches.get(timeout=LIVENESS_CHECK_S))
-            except queue.Empty:
-                if not self._process.is_alive():
-                    raise DataError(f"the data loader's worker process stopped (exit code {self._process.exitcode}) "
-                                    "without a word; was it killed, e.g. for lack of memory?") from None
-                continue
-            if kind == "error":
-                self.close()
-                raise item[0]
-            return item
+        while not self._batches.poll(LIVENESS_CHECK_S):
+            if not self._process.is_alive():
+                self._worker_stopped()
+        try:
+            kind, *item = pickle.loads(self._batches.recv_bytes())
+        except (EOFError, OSError):  # the pipe's end, maybe halfway through a batch
+            self._worker_stopped()
+        self._slots.release()
+        if kind == "error":
+            self.close()
+            raise item[0]
+        return item
+
+    def _worker_stopped(self) -> NoReturn:
+        self._process.join(LIVENESS_CHECK_S)  # its exit code, once the kernel has reaped it
+        raise DataError(f"the data loader's worker process stopped (exit code {self._process.exitcode}) "
+                        "without a word; was it killed, e.g. for lack of memory?") from None
 
     # --- PackedLoader's interface ---------------------------------------------------------------
     def next_batch(self) -> Batch:
@@ -129,13 +149,15 @@ class PrefetchingLoader:
         self._stop()
 
 
-def _kill(process) -> None:
+def _kill(process, *pipes) -> None:
     if process.is_alive():
         process.kill()  # it ignores TERM (see the module docstring)
     process.join()
+    for pipe in pipes:
+        pipe.close()
 
 
-def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches) -> None:
+def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches, slots) -> None:
     """The worker: build the loader, wait for where to begin, then make batches until stopped."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
@@ -144,37 +166,35 @@ def _work(cfg, specs, tokenizer, enc_cfg, kw, commands, batches) -> None:
     try:
         loader = PackedLoader(cfg, specs, tokenizer, enc_cfg, **kw)
         freeze_set_up_objects()  # its batches make objects by the thousand (core/python_gc.py)
-        while True:  # the training process may be gone before it says where to begin
-            try:
-                state = commands.get(timeout=LIVENESS_CHECK_S)
-                break
-            except queue.Empty:
-                if not parent.is_alive():
-                    return
+        try:  # the end of the pipe: the training process is gone before it said where to begin
+            state = pickle.loads(commands.recv_bytes())
+        except EOFError:
+            return
         if state is not None:
             loader.load_state_dict(state)
         item = ("ready", None, loader.position_state())
-        while _send(batches, item, parent):
+        while _send(batches, slots, item, parent):
             item = ("batch", loader.next_batch(), loader.position_state())
     except BaseException as err:  # every error goes to the training process, which raises it
-        _send(batches, ("error", _portable(err)), parent)
+        _send(batches, slots, ("error", _portable(err)), parent)
 
 
-def _send(batches, item, parent) -> bool:
-    """Queues `item`; False once the training process has gone (then nothing waits for it).
+def _send(batches, slots, item, parent) -> bool:
+    """Sends `item` once a slot is free; False once the training process has gone (then nothing
+    waits for it).
 
-    Pickled here, tensors by value: through the queue's own pickler torch would share them as file
-    descriptors that only this process can hand over, and batches queued before an error would be
+    Pickled by value, tensors included: torch's multiprocessing pickler would share them as file
+    descriptors that only this process can hand over, and batches sent before an error would be
     lost with it when it leaves."""
     data = pickle.dumps(item)
-    while True:
-        try:
-            batches.put(data, timeout=LIVENESS_CHECK_S)
-            return True
-        except queue.Full:
-            if not parent.is_alive():
-                batches.cancel_join_thread()
-                return False
+    while not slots.acquire(timeout=LIVENESS_CHECK_S):
+        if not parent.is_alive():
+            return False
+    try:
+        batches.send_bytes(data)
+    except OSError:  # a broken pipe: the training process is gone
+        return False
+    return True
 
 
 def _portable(err: BaseException) -> BaseException:

@@ -8,8 +8,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-python -m pip install -q --no-index --find-links .gpu/wheels rdkit hydra-core omegaconf torchao pytest pytest-xdist pytest-timeout megatron-core \
-  > "$OUT/pip.txt" 2>&1 || { tail -5 "$OUT/pip.txt"; exit 1; }
+{ python -m pip install -q --no-index --find-links .gpu/wheels rdkit hydra-core omegaconf torchao pytest pytest-xdist \
+    pytest-timeout megatron-core &&
+  # TensorBoard's event files need only these; its server's dependencies (grpcio, werkzeug, ...) stay behind
+  python -m pip install -q --no-index --find-links .gpu/wheels --no-deps tensorboard protobuf absl-py
+} > "$OUT/pip.txt" 2>&1 || { tail -5 "$OUT/pip.txt"; exit 1; }
 export PYTHONPATH="$PWD" SCIFM_TEST_CORPUS="$PWD/.gpu/corpus" SCIFM_CACHE="$PWD/.gpu/cache"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout 300 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_megatron.py tests/test_megatron_engine.py 2>&1 | tail -30 | tee "$OUT/pytest_gpu.txt"

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from scifm.config import TrainerConfig, WandbConfig
 from scifm.core.errors import ConfigError
 from scifm.train.dashboards import TENSORBOARD_DIR, Dashboards, scalars_of
-from scifm.train.plots import expert_load_matrix
+from scifm.train.plots import expert_load_matrix, write_plots
 from scifm.train.trainer import train
 
 
@@ -156,9 +156,19 @@ def test_a_wandb_offline_run_holds_the_metrics(resumed_run, tmp_path, monkeypatc
     assert (tmp_path / "wandb" / "scifm-run-id").read_text().strip() == run_file.stem.removeprefix("run-")
 
 
-def test_wandb_asked_for_but_not_installed_is_one_line_naming_the_extra(make_config, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # what an environment without it finds
+@pytest.mark.parametrize("package, override, key, remedy", [
+    ("wandb", "trainer.wandb.mode=offline", "trainer.wandb.mode", "'.[wandb]'"),
+    ("tensorboard", "trainer.tensorboard=true", "trainer.tensorboard", "trainer.tensorboard=false")])
+def test_a_dashboard_asked_for_but_not_installed_is_one_line_naming_the_remedy(package, override, key, remedy,
+                                                                               make_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, package, None)  # what an environment without it finds
     with pytest.raises(ConfigError) as info:
-        train(make_config("trainer.wandb.mode=offline"), tmp_path / "run")
-    assert str(info.value).startswith("trainer.wandb.mode: ") and "'.[wandb]'" in str(info.value)
+        train(make_config(override), tmp_path / "run")
+    assert str(info.value).startswith(f"{key}: ") and remedy in str(info.value)
     assert "\n" not in str(info.value) and not (tmp_path / "run").exists()  # before any work
+
+
+def test_without_matplotlib_a_finished_run_says_its_plots_are_missing_in_one_line(resumed_run, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert write_plots(resumed_run) == []
+    assert capsys.readouterr().err == "plots/ not written: matplotlib is not installed (pip install matplotlib)\n"

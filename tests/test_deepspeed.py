@@ -49,7 +49,8 @@ from scifm.parallel.deepspeed_engine import (
 from scifm.train.export import export_checkpoint
 from scifm.train.optim import build_optimizer, build_scheduler, lr_factor
 from scifm.train.sharded_state import OPTIMIZER_DIR, read_full_tensors
-from tests.test_parallel_train import losses, records, train_args, train_cli
+from tests.helpers.run_metrics import losses, records
+from tests.test_parallel_train import train_args, train_cli
 
 pytest.importorskip("deepspeed")
 

@@ -29,8 +29,8 @@ from scifm.parallel.config import ParallelConfig
 from scifm.parallel.megatron_engine import check_megatron
 from scifm.train.export import export_checkpoint
 from scifm.train.trainer import train
+from tests.helpers.run_metrics import records
 from tests.helpers.torchrun import train_under_torchrun
-from tests.test_parallel_train import records
 
 pytest.importorskip("megatron.core")
 

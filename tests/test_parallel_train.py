@@ -19,15 +19,8 @@ from conftest import SMALL_CORPUS_DOCS
 from scifm.eval.config import EvalConfig, EvalRunConfig
 from scifm.eval.runner import run_eval
 from scifm.train.export import export_checkpoint
+from tests.helpers.run_metrics import losses, records
 from tests.test_eval_cli import write_task_file
-
-
-def records(run_dir: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {step: r["loss"] for step, r in records(run_dir).items()}
 
 
 def train_args(corpus_dir: Path, run_dir: Path) -> list[str]:

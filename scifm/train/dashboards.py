@@ -48,10 +48,13 @@ def expert_loads(record: dict) -> dict[str, list[float]]:
     return {f"moe/layer{i}/tokens_per_expert": layer["tokens_per_expert"] for i, layer in enumerate(record["moe"])}
 
 
-def require_wandb(cfg: WandbConfig) -> None:
-    """Before any work: W&B is asked for but not installed."""
-    if cfg.mode != "disabled" and importlib.util.find_spec("wandb") is None:
-        raise ConfigError(f"trainer.wandb.mode: {cfg.mode} needs wandb, which is not installed; "
+def require_dashboards(tc: TrainerConfig) -> None:
+    """Before any work: a dashboard is asked for whose package is not installed."""
+    if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("trainer.tensorboard: true needs tensorboard, which is not installed; "
+                          "pip install tensorboard, or set trainer.tensorboard=false")
+    if tc.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"trainer.wandb.mode: {tc.wandb.mode} needs wandb, which is not installed; "
                           "pip install -e '.[wandb]'")
 
 

@@ -28,7 +28,7 @@ from scifm.parallel.distributed import dims_of
 from scifm.parallel.deepspeed_engine import require_deepspeed
 from scifm.parallel.fp8 import resolve_fp8
 from scifm.parallel.megatron_engine import check_megatron
-from scifm.train.dashboards import require_wandb
+from scifm.train.dashboards import require_dashboards
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
 QUIET_RANK_WAIT_S = 30.0
@@ -69,7 +69,7 @@ def check_before_work(cfg: RunConfig) -> None:
         check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, pick_device(cfg.trainer.device, "trainer.device"))
     if cfg.trainer.precision == "fp8":
         resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
-    require_wandb(cfg.trainer.wandb)
+    require_dashboards(cfg.trainer)
 
 
 def exit_on_config_error(err: ConfigError) -> None:

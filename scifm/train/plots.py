@@ -3,12 +3,16 @@ MoE layer's expert load over the steps, as PNG files that need no server to look
 
 Figures are drawn on matplotlib's Agg canvas through Figure objects, never pyplot: no display, no
 global backend state in the training process. matplotlib is imported only when a run draws (rank 0,
-at its end): importing it costs every process of every run about 0.7 s at start.
+at its end): importing it costs every process of every run about 0.7 s at start. Without matplotlib
+(a GPU image that lacks it) the run says so in one line and ends as it would have: a finished run
+must not fail, and so lose a scheduler's afterok dependency, over its pictures.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +79,9 @@ def write_plots(run_dir: Path) -> list[Path]:
     metrics = run_dir / "metrics.jsonl"
     records = read_records(metrics) if metrics.is_file() else []
     if not records:
+        return []
+    if importlib.util.find_spec("matplotlib") is None:
+        print(f"{PLOTS_DIR}/ not written: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
         return []
     out = run_dir / PLOTS_DIR
     out.mkdir(exist_ok=True)

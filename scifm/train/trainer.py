@@ -60,7 +60,7 @@ from scifm.train.checkpoint import (
     resolve_checkpoint,
     start_checkpoint,
 )
-from scifm.train.dashboards import Dashboards, require_wandb
+from scifm.train.dashboards import Dashboards, require_dashboards
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.plots import write_plots
@@ -86,7 +86,7 @@ def train(cfg: RunConfig, run_dir: Path) -> dict:
         resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
     if cfg.parallel.engine == "megatron":
         check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, device)
-    require_wandb(cfg.trainer.wandb)
+    require_dashboards(cfg.trainer)
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:

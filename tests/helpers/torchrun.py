@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers.run_metrics import losses
+
 WORKERS = Path(__file__).parent / "workers"
 
 
@@ -38,5 +40,4 @@ def train_under_torchrun(nproc: int, run_dir: Path, *overrides: str, timeout: in
         proc.wait()
         raise
     assert proc.returncode == 0, stderr[-3000:]
-    metrics = run_dir / "metrics.jsonl"  # absent after max_steps=0
-    return {r["step"]: r["loss"] for r in map(json.loads, metrics.read_text().splitlines())} if metrics.exists() else {}
+    return losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}  # absent after max_steps=0

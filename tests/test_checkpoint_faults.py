@@ -24,7 +24,7 @@ from scifm.train import checkpoint as checkpoint_module
 from scifm.train import trainer as trainer_module
 from scifm.train.checkpoint import prune_checkpoints
 from scifm.train.trainer import train
-from tests.test_train import losses
+from tests.helpers.run_metrics import losses
 
 COMMON = ("trainer.max_steps=4", "trainer.ckpt_every=2", "trainer.log_every=1", "trainer.val_every=100",
           "trainer.batch_size=4", "data.seq_len=128", "data.val_batches=1")

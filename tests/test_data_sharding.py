@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,7 +180,7 @@ def test_prefetch_batches_zero_keeps_the_loader_on_the_training_thread(tokenizer
 def _threads_writing_a_pipe(pid: int) -> int:
     """How many of the process's threads wait in the kernel for room in a pipe (Linux's wchan)."""
     tasks = f"/proc/{pid}/task"
-    return sum("pipe_write" in open(f"{tasks}/{tid}/wchan").read() for tid in os.listdir(tasks))
+    return sum("pipe_write" in Path(tasks, tid, "wchan").read_text() for tid in os.listdir(tasks))
 
 
 def test_a_worker_killed_halfway_through_a_batch_is_named_in_one_line(tokenizer, make_config):

@@ -30,7 +30,7 @@ from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.trainer import train
 from tests.test_model import batch_of, build, mol_doc
-from tests.test_train import losses
+from tests.helpers.run_metrics import losses
 
 pytest.importorskip("torchao.float8", reason="FP8 on CPU runs through torchao (pip install -e '.[fp8]')")
 

@@ -433,7 +433,7 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, token_corpus, make_con
 @pytest.mark.slow
 def test_training_from_indexed_sources_uses_their_tokenizer_and_resumes_exactly(indexed, make_config, tmp_path):
     from scifm.train.trainer import train
-    from tests.test_train import losses
+    from tests.helpers.run_metrics import losses
 
     common = ("trainer.max_steps=4", "trainer.log_every=1", "trainer.val_every=100", "trainer.ckpt_every=2",
               "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=1")

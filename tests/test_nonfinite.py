@@ -4,14 +4,13 @@ the budget the run stops with a one-line report."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from scifm.train import trainer as trainer_module
 from scifm.train.export import load_checkpoint_model
 from scifm.train.trainer import TrainingDiverged, train
+from tests.helpers.run_metrics import records
 
 COMMON = ("trainer.max_steps=5", "trainer.ckpt_every=1", "trainer.log_every=1", "trainer.val_every=100",
           "trainer.batch_size=4", "data.seq_len=128", "data.val_batches=1")
@@ -52,9 +51,9 @@ def test_a_nonfinite_step_changes_nothing_and_is_counted(make_config, tmp_path, 
     assert summary["nonfinite_steps"] == [2] and summary["nonfinite_reloads"] == 0
     before, after = weights(tmp_path / "checkpoints/step_1"), weights(tmp_path / "checkpoints/step_2")
     assert all(torch.equal(before[k], after[k]) for k in before)  # expert biases included
-    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
-    assert records[2].get("update_skipped") and not records[3].get("update_skipped")
-    assert torch.isfinite(torch.tensor(records[5]["loss"]))
+    logged = records(tmp_path)
+    assert logged[2].get("update_skipped") and not logged[3].get("update_skipped")
+    assert torch.isfinite(torch.tensor(logged[5]["loss"]))
 
 
 def test_nonfinite_steps_in_a_row_reload_the_last_checkpoint(make_config, tmp_path, poison, capsys):

@@ -18,6 +18,7 @@ import yaml
 from conftest import SMALL_CORPUS_DOCS
 from scifm.cli import main as scifm
 from helpers.slurm_cluster import SlurmCluster, Unavailable
+from tests.helpers.run_metrics import losses
 
 STEPS = 8  # the two-node runs: checkpoints at 4 and 8, pre-emption somewhere in between
 
@@ -36,11 +37,6 @@ def nasty_override(tmp_path: Path) -> str:
     """A Hydra-quoted value with ; $() backticks and both quotes; each would create a file if run."""
     return (f"model.name='tiny; touch {tmp_path}/semicolon $(touch {tmp_path}/subshell) "
             f"`touch {tmp_path}/backtick` \"dq\" \\'sq\\''")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    records = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in records}
 
 
 def submit(run_dir: Path, *args: str) -> str:

@@ -16,10 +16,7 @@ from scifm.model.init import init_parameters
 from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.core.checkpoint_files import latest_checkpoint
 from scifm.train.trainer import train
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+from tests.helpers.run_metrics import losses
 
 
 @pytest.mark.slow

@@ -25,6 +25,8 @@ from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  
 from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
 from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
+from scifm.data.indexed.packing_index import IndexedRecord, index_row  # noqa: E402
+from scifm.data.indexed.stream import IndexedStream  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
 from scifm.tokenizers import ScientificTokenizer  # noqa: E402
@@ -172,7 +174,7 @@ def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, t
 def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus, tokenizer_dir, tmp_path):
     # the fixture tokenized in this process; worker processes must write the same bytes
     tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", workers=2)
-    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".graphs.bin", ".graphs.idx", ".json"):
+    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".graphs.bin", ".graphs.idx", ".packing.npy", ".json"):
         assert (tmp_path / f"latex{suffix}").read_bytes() == (indexed / f"latex{suffix}").read_bytes(), suffix
     assert not list(tmp_path.glob("*.tmp-*")), "temporary files were left behind"
 
@@ -242,9 +244,10 @@ def _verdict(encode):
 
 
 def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(token_corpus, tokenizer, make_config):
-    """An indexed document's length checks run over its items at once; at each kind's limit set to the
-    document's largest item of that kind, and one below, it gets encode_document's verdict: the same
-    laid-out ids, or the same error."""
+    """An indexed document's length checks run over its items at once, from its stored ids and from its
+    packing index row alone; at each kind's limit set to the document's largest item of that kind, and
+    one below, both get encode_document's verdict: the same laid-out ids (their number measured by the
+    row), or the same error."""
     base = make_config().model.encoders
     unlimited = dataclasses.replace(base, **{kind: dataclasses.replace(getattr(base, kind), max_len=10**6) for kind in DOMAIN})
     reached = Counter()
@@ -265,64 +268,88 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
                 want = _verdict(lambda: encode_document(doc, tokenizer, enc, token_corpus))
                 got = _verdict(lambda: indexed_doc.encode(tokenizer, enc))
                 assert got == want, (doc.id, kind, max_len)
+                record = IndexedRecord(index_row(stored, split_of(doc.id), 0), doc.skill, lambda: indexed_doc)
+                measured = _verdict(lambda: record.encode(tokenizer, enc))
+                assert measured == want, (doc.id, kind, max_len)
+                if isinstance(want, str):  # refused by the row, before anything is laid out
+                    with pytest.raises(DocumentFormatError):
+                        record.encode(tokenizer, enc)
+                else:
+                    assert record.encode(tokenizer, enc).n_ids == len(want[0])
                 reached[kind, isinstance(got, str)] += 1
     assert {key for key in reached} == {(kind, refused) for kind in DOMAIN for refused in (False, True)}, reached
 
 
-def test_a_rank_lays_out_only_the_documents_of_its_own_rows(indexed, tokenizer, make_config, monkeypatch):
-    """Every rank measures and checks every document, and finds where its items' slots fall (what a cut
-    across rows avoids); laying out ids and items, the per-document work that would otherwise not fall
-    with dp, happens for the documents of its own rows only."""
-    # id -> the document, held so that no id is reused by a later document
-    laid_out, own, cut, measured = {}, {}, {}, Counter()
-    real_layout, real_encode, real_collate = (layout.StoredLayout._laid_out, layout.IndexedDocument.encode,
-                                              loader_module.collate_rows)
+def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(indexed, tokenizer, make_config,
+                                                                          monkeypatch):
+    """Every rank measures and checks every document from its packing index row alone; it reads a
+    document's metadata and ids only where it collates a row of it or cuts it across rows (where its
+    items' slots fall), and lays out only its own rows' documents: the per-document work falls with dp."""
+    read, laid_out, measured = Counter(), Counter(), Counter()
+    own, cut = set(), set()
+    real_read, real_layout = IndexedStream._document, layout.StoredLayout._laid_out
+    real_encode, real_collate = IndexedRecord.encode, loader_module.collate_rows
 
-    def counting(self):
-        assert id(self) not in laid_out  # laid out once, then kept
-        laid_out[id(self)] = self
+    def reading(self, shard, pos):
+        doc = real_read(self, shard, pos)
+        read[doc.id] += 1
+        return doc
+
+    def laying_out(self):
+        laid_out[self._stored.id] += 1
         return real_layout(self)
 
     def recording(rows, seq_len, *args):
-        own.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks)
-        cut.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks if chunk.doc.n_ids > seq_len + 1)
-        return real_collate(rows, seq_len, *args)
+        batch = real_collate(rows, seq_len, *args)  # first: the ids below are read where collating reads them
+        own.update(chunk.doc._record.id for row in rows for chunk in row.chunks)
+        return batch
 
-    monkeypatch.setattr(layout.StoredLayout, "_laid_out", counting)
-    monkeypatch.setattr(layout.IndexedDocument, "encode", lambda self, *a: measured.update(["documents"]) or real_encode(self, *a))
+    monkeypatch.setattr(IndexedStream, "_document", reading)
+    monkeypatch.setattr(layout.StoredLayout, "_laid_out", laying_out)
+    monkeypatch.setattr(IndexedRecord, "encode", lambda self, *a: measured.update(["documents"]) or real_encode(self, *a))
     monkeypatch.setattr(loader_module, "collate_rows", recording)
     loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64"), tokenizer, batch_size=16,
                          dp_rank=1, dp_size=4)
     for _ in range(4):
-        loader.next_batch()
-    assert laid_out.keys() == own.keys()
-    assert cut  # some of them were cut across rows (and so chunked by their measured item spans)
-    assert len(laid_out) < measured["documents"] / 2, (len(laid_out), measured)
+        rows = loader.next_rows()
+        cut.update(chunk.doc._record.id for row in rows for chunk in row.chunks if chunk.doc.n_ids > 64 + 1)
+        loader_module.collate_rows(rows[1::4], 64, tokenizer, loader.placeholders)
+    assert read.keys() == own | cut and max(read.values()) == 1, (read.keys() - own - cut, read.most_common(1))
+    assert laid_out.keys() == own and max(laid_out.values()) == 1  # laid out once, then kept
+    assert cut - own  # some documents were cut across rows but collated by another rank
+    assert len(read) < measured["documents"] / 2, (len(read), measured)
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):
+    """A dataset written before the packing index (format 3) is named, not read without one."""
     for name in ("latex.json", "latex.bin", "latex.idx", "latex.docs.bin", "latex.docs.idx", "latex.graphs.bin",
                  "latex.graphs.idx"):
         shutil.copy(indexed / name, tmp_path / name)
     shutil.copytree(indexed / "latex.tokenizer", tmp_path / "latex.tokenizer")
     sidecar = json.loads((tmp_path / "latex.json").read_text())
-    (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/1"}))
-    with pytest.raises(DataError, match=r"written in format scifm-indexed/1, this scifm reads scifm-indexed/3; "
+    (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/3"}))
+    with pytest.raises(DataError, match=r"written in format scifm-indexed/3, this scifm reads scifm-indexed/4; "
                                         r"write the dataset again"):
         make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
 
 
-def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenizer_dir, make_config, tmp_path):
-    """A shard's token, metadata and graph datasets must hold one document each per document: a
-    graphs file from another write is named, not read as the wrong molecules."""
+@pytest.mark.parametrize("swapped, error", [
+    ((".graphs.bin", ".graphs.idx"), r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"),
+    ((".packing.npy",), r"three.packing.npy: holds an array of shape \(2, 12\) \(int32\), its sidecar says 3 documents; "
+                        r"write the dataset again"),
+])
+def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenizer_dir, make_config, tmp_path,
+                                                              swapped, error):
+    """A shard's token, metadata and graph datasets and its packing index must hold one document each
+    per document: a file from another write is named, not read as the wrong documents."""
     for name, n in (("three", 3), ("two", 2)):
         docs = [{**text_doc(i), "segments": [{"type": "molecule", "smiles": "CCO"}]} for i in range(n)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
         tokenize_corpus([str(tmp_path / f"{name}.jsonl")], tokenizer_dir, tmp_path / name)
-    for ext in (".bin", ".idx"):
-        shutil.copy(tmp_path / f"two.graphs{ext}", tmp_path / f"three.graphs{ext}")
+    for suffix in swapped:
+        shutil.copy(tmp_path / f"two{suffix}", tmp_path / f"three{suffix}")
     loader = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'three'},kind:indexed}}]"), tokenizer)
-    with pytest.raises(DataError, match=r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"):
+    with pytest.raises(DataError, match=error):
         loader.next_batch()
 
 

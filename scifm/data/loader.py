@@ -26,7 +26,7 @@ from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.indexed.files import check_tokenizer
-from scifm.data.indexed.layout import IndexedDocument
+from scifm.data.indexed.packing_index import IndexedRecord
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
@@ -78,8 +78,8 @@ class PackedLoader:
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
-    def _encode(self, doc: Document | IndexedDocument, file: Path) -> list[Chunk]:
-        if isinstance(doc, IndexedDocument):  # stored ids: only its items are featurized
+    def _encode(self, doc: Document | IndexedRecord, file: Path) -> list[Chunk]:
+        if isinstance(doc, IndexedRecord):  # measured by its packing index row; read where needed
             enc = doc.encode(self.tokenizer, self.enc_cfg)
         else:  # figure paths are relative to the document's file
             enc = encode_document(doc, self.tokenizer, self.enc_cfg, file.parent)

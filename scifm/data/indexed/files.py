@@ -7,6 +7,7 @@
   SHARD.docs.bin/.idx     each document's [id, source, skill, its molecules' atom counts, their bond
                           counts] as UTF-8 JSON bytes (uint8), same order
   SHARD.graphs.bin/.idx   each document's molecules' graph features (graphs.py), same order
+  SHARD.packing.npy       the packing index (packing_index.py): per document, what packing needs of it
 SHARD is PREFIX itself, or PREFIX-00000, PREFIX-00001, ... with --docs-per-shard. The sidecar is
 written last, so shards without one are an unfinished write and never read.
 """
@@ -21,12 +22,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+import numpy as np
+
 from scifm.core.errors import DataError
+from scifm.data.indexed.packing_index import DTYPE as INDEX_DTYPE, N_COLUMNS
 from scifm.tokenizers import ScientificTokenizer
 
-# 2: each document's molecules' atom counts beside its id, source and skill; 3: their graph features
-FORMAT = "scifm-indexed/3"
+# 2: each document's molecules' atom counts beside its id, source and skill; 3: their graph features;
+# 4: the packing index, and each shard's skill names (the index's skill codes)
+FORMAT = "scifm-indexed/4"
 DOCS, GRAPHS = ".docs", ".graphs"  # the suffixes of a shard's metadata and molecule graph datasets
+PACKING = ".packing.npy"  # the suffix of a shard's packing index
 SIDECAR_KEYS = ("tokenizer", "shards", "documents", "tokens", "skills", "skipped")
 
 
@@ -50,8 +56,9 @@ def tokenizer_dir(sidecar: Path) -> Path:
 
 
 def shard_files(prefix: Path) -> list[Path]:
-    """The six files of one shard, tokens first."""
-    return [Path(f"{prefix}{part}{ext}") for part in ("", DOCS, GRAPHS) for ext in (".bin", ".idx")]
+    """The seven files of one shard, tokens first."""
+    return [*(Path(f"{prefix}{part}{ext}") for part in ("", DOCS, GRAPHS) for ext in (".bin", ".idx")),
+            Path(f"{prefix}{PACKING}")]
 
 
 def file_digest(paths: Sequence[Path]) -> str:
@@ -102,6 +109,20 @@ def open_shard(sidecar: Path, shard: dict) -> tuple:
         raise DataError(f"{prefix}.bin: holds {'/'.join(map(str, held))} documents, its sidecar "
                         f"{shard['documents']}; write the dataset again with `scifm data tokenize`")
     return (*datasets, None)[:3]
+
+
+def open_packing_index(sidecar: Path, shard: dict) -> np.ndarray:
+    """A shard's packing index, memory-mapped: [documents, packing_index.N_COLUMNS] int32."""
+    path = sidecar.parent / f"{shard['name']}{PACKING}"
+    try:
+        index = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: not readable as a packing index ({type(err).__name__}: {err}); "
+                        "write the dataset again with `scifm data tokenize`") from None
+    if index.shape != (shard["documents"], N_COLUMNS) or index.dtype != INDEX_DTYPE:
+        raise DataError(f"{path}: holds an array of shape {index.shape} ({index.dtype}), its sidecar says "
+                        f"{shard['documents']} documents; write the dataset again with `scifm data tokenize`")
+    return index
 
 
 def check_tokenizer(sidecar: Path, tokenizer: ScientificTokenizer) -> None:

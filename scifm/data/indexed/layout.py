@@ -48,13 +48,14 @@ class StoredDocument:
     atoms: list[int]  # per molecule, in order
     bonds: list[int]
     graphs: np.ndarray  # the molecules' packed graphs, one after another (graphs.DTYPE)
+    items: list[tuple[str, int]]  # per item, in order: its kind and how many ids it is stored as
 
 
 def stored_document(doc: Document, tokenizer) -> StoredDocument:
     """Raises DocumentFormatError (a counted reason) for a table, a figure or a bad item: what the
     featurizers refuse under any encoder config (a SMILES RDKit cannot parse, letters that are no
     amino acids, unbalanced LaTeX) is refused before it is stored."""
-    ids, atoms, bonds, graphs = [tokenizer.bos_id], [], [], [np.empty(0, DTYPE)]
+    ids, atoms, bonds, graphs, items = [tokenizer.bos_id], [], [], [np.empty(0, DTYPE)], []
     for seg in doc.segments:
         kind = seg["type"]
         if kind == "text":
@@ -73,9 +74,11 @@ def stored_document(doc: Document, tokenizer) -> StoredDocument:
         else:
             check_protein(seg["sequence"])
         domain, key = STORED[kind]
-        ids += [tokenizer.start_id(kind), *tokenizer.encode_domain(domain, seg[key]), tokenizer.end_id(kind)]
+        item_ids = tokenizer.encode_domain(domain, seg[key])
+        ids += [tokenizer.start_id(kind), *item_ids, tokenizer.end_id(kind)]
+        items.append((kind, len(item_ids)))
     ids.append(tokenizer.eos_id)
-    return StoredDocument(ids, atoms, bonds, np.concatenate(graphs))
+    return StoredDocument(ids, atoms, bonds, np.concatenate(graphs), items)
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class StoredLayout:
 
     def __init__(self, doc: IndexedDocument, tokenizer, enc_cfg: EncodersConfig, n_ids: int,
                  item_spans: list[tuple[str, int, int]], stored_spans: list[tuple[str, int, int]]):
-        self.doc_id, self.source, self.skill = doc.id, doc.source, doc.skill
+        self.skill = doc.skill
         self.n_ids, self.item_spans = n_ids, item_spans
         self._stored, self._tokenizer, self._enc_cfg = doc, tokenizer, enc_cfg
         self._stored_spans = stored_spans  # each stored item's kind and the positions of its START and END

@@ -23,10 +23,11 @@ import numpy as np
 from scifm.core.errors import DataError, DocumentFormatError
 from scifm.data.build_once import swap_in
 from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
-from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, file_digest, megatron_indexed, shard_files, sidecar_path,
-                                      tokenizer_dir)
+from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, PACKING, file_digest, megatron_indexed, shard_files,
+                                      sidecar_path, tokenizer_dir)
 from scifm.data.indexed.graphs import DTYPE as GRAPH_DTYPE
 from scifm.data.indexed.layout import StoredDocument, stored_document
+from scifm.data.indexed.packing_index import DTYPE as INDEX_DTYPE, N_COLUMNS, index_row
 from scifm.tokenizers import ScientificTokenizer
 
 
@@ -40,9 +41,13 @@ class _ShardWriter:
         self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
         self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=GRAPH_DTYPE)
+        self.index_rows: list[list[int]] = []
+        self.skill_codes: dict[str, int] = {}  # the shard's skills, numbered in order of appearance
         self.documents = self.n_tokens = self.molecules = 0
 
-    def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument) -> None:
+    def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument, split: str) -> None:
+        skill_code = self.skill_codes.setdefault(skill, len(self.skill_codes))
+        self.index_rows.append(index_row(stored, split, skill_code))
         self.tokens.add_document(stored.ids, [len(stored.ids)])
         record = json.dumps([doc_id, source, skill, stored.atoms, stored.bonds], ensure_ascii=False).encode("utf-8")
         self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
@@ -55,8 +60,11 @@ class _ShardWriter:
         self.tokens.finalize(f"{self.temp}.idx")
         self.docs.finalize(f"{self.temp}{DOCS}.idx")
         self.graphs.finalize(f"{self.temp}{GRAPHS}.idx")
+        with open(f"{self.temp}{PACKING}", "wb") as fh:  # a file object: np.save would append .npy to the name
+            np.save(fh, np.array(self.index_rows, dtype=INDEX_DTYPE).reshape(-1, N_COLUMNS))
         return {"name": self.final.name, "documents": self.documents, "tokens": self.n_tokens,
-                "molecules": self.molecules, "sha256": file_digest(shard_files(self.temp))}
+                "molecules": self.molecules, "skills": list(self.skill_codes),
+                "sha256": file_digest(shard_files(self.temp))}
 
     def commit(self) -> None:
         for temp, final in zip(shard_files(self.temp), shard_files(self.final)):
@@ -102,8 +110,9 @@ def tokenize_corpus(inputs: list[str], tokenizer_path: Path, out: Path, docs_per
                 name = out.name if docs_per_shard == 0 else f"{out.name}-{len(shards):05d}"
                 writer = _ShardWriter(out.with_name(name), dtype)
             doc_id, _, skill, _ = stored
-            writer.add(*stored)
-            skills[split_of(doc_id)][skill] += 1
+            split = split_of(doc_id)
+            writer.add(*stored, split)
+            skills[split][skill] += 1
             if writer.documents == docs_per_shard:
                 shards.append(writer.finish())
                 finished.append(writer)

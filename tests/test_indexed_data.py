@@ -243,6 +243,14 @@ def _verdict(encode):
     return doc.ids, [(it.modality, it.slot_start, it.n_slots) for it in doc.items]
 
 
+def _measured_and_laid_out(indexed_doc, tokenizer, enc):
+    """measure's verdict (the error raised here), then lay_out, checked against measure's length and spans."""
+    n_ids, spans = indexed_doc.measure(tokenizer, enc)
+    laid_out = indexed_doc.lay_out(tokenizer, enc)
+    assert (laid_out.n_ids, laid_out.item_spans) == (n_ids, spans)
+    return laid_out
+
+
 def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(token_corpus, tokenizer, make_config):
     """An indexed document's length checks run over its items at once, from its stored ids and from its
     packing index row alone; at each kind's limit set to the document's largest item of that kind, and
@@ -266,7 +274,7 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
             for max_len in (size, size - 1):
                 enc = dataclasses.replace(unlimited, **{kind: dataclasses.replace(getattr(base, kind), max_len=max_len)})
                 want = _verdict(lambda: encode_document(doc, tokenizer, enc, token_corpus))
-                got = _verdict(lambda: indexed_doc.encode(tokenizer, enc))
+                got = _verdict(lambda: _measured_and_laid_out(indexed_doc, tokenizer, enc))
                 assert got == want, (doc.id, kind, max_len)
                 record = IndexedRecord(index_row(stored, split_of(doc.id), 0), doc.skill, lambda: indexed_doc)
                 measured = _verdict(lambda: record.encode(tokenizer, enc))
@@ -287,7 +295,7 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
     items' slots fall), and lays out only its own rows' documents: the per-document work falls with dp."""
     read, laid_out, measured = Counter(), Counter(), Counter()
     own, cut = set(), set()
-    real_read, real_layout = IndexedStream._document, layout.StoredLayout._laid_out
+    real_read, real_layout = IndexedStream._document, layout.IndexedDocument.lay_out
     real_encode, real_collate = IndexedRecord.encode, loader_module.collate_rows
 
     def reading(self, shard, pos):
@@ -295,9 +303,9 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
         read[doc.id] += 1
         return doc
 
-    def laying_out(self):
-        laid_out[self._stored.id] += 1
-        return real_layout(self)
+    def laying_out(self, *args):
+        laid_out[self.id] += 1
+        return real_layout(self, *args)
 
     def recording(rows, seq_len, *args):
         batch = real_collate(rows, seq_len, *args)  # first: the ids below are read where collating reads them
@@ -305,7 +313,7 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
         return batch
 
     monkeypatch.setattr(IndexedStream, "_document", reading)
-    monkeypatch.setattr(layout.StoredLayout, "_laid_out", laying_out)
+    monkeypatch.setattr(layout.IndexedDocument, "lay_out", laying_out)
     monkeypatch.setattr(IndexedRecord, "encode", lambda self, *a: measured.update(["documents"]) or real_encode(self, *a))
     monkeypatch.setattr(loader_module, "collate_rows", recording)
     loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64"), tokenizer, batch_size=16,

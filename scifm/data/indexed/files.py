@@ -122,7 +122,7 @@ def open_packing_index(sidecar: Path, shard: dict) -> np.ndarray:
     if index.shape != (shard["documents"], N_COLUMNS) or index.dtype != INDEX_DTYPE:
         raise DataError(f"{path}: holds an array of shape {index.shape} ({index.dtype}), its sidecar says "
                         f"{shard['documents']} documents; write the dataset again with `scifm data tokenize`")
-    return index
+    return np.asarray(index)  # a plain ndarray over the same map: a memmap's rows cost a Python call each
 
 
 def check_tokenizer(sidecar: Path, tokenizer: ScientificTokenizer) -> None:

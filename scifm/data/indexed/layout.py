@@ -8,9 +8,9 @@ stored. A stored document expands to the EncodedDocument that encode_document gi
 depend on the run's encoders passed when it was stored; the length limits are checked against the
 stored atom counts and the items' id counts (a protein has one id per residue); LaTeX and protein
 features are the stored ids less their block's offset; and a molecule's stored graph is unpacked
-only when a rank featurizes its row. Every rank measures and checks every document (packing needs
-its laid-out length and verdict), from the positions of its stored markers; only a rank that collates a
-row of it lays out its ids and items, so that work falls with dp as the featurizing does.
+only when a rank featurizes its row. Packing measures and checks a document from its packing index
+row (packing_index.py); `measure` does the same from the stored markers, for where its items' slots
+fall when it is cut across rows, and `lay_out` makes its ids and items for a rank that collates it.
 
 Tables and figures are not token-based (cells keep their types, images their pixels) and are
 refused with a counted reason: documents holding them stay in a JSONL source.
@@ -91,75 +91,50 @@ class IndexedDocument:
     bonds: tuple[int, ...]
     graphs: np.ndarray  # the molecules' packed graphs, one after another
 
-    def encode(self, tokenizer, enc_cfg: EncodersConfig) -> "StoredLayout":
-        """Its laid-out length and the length checks now (packing needs them on every rank); raises
-        DocumentFormatError as encode_document does for the first item over its encoder's max_len."""
-        is_marker, kind_at = _item_markers(tokenizer)
-        # markers are special ids, which neither prose nor an item's domain ids contain, and items
-        # do not nest: every START is followed by its item's END
-        bounds = is_marker[self.ids].nonzero()[0].tolist()  # (np.flatnonzero's wrapper costs more on short ids)
-        starts, ends = bounds[0::2], bounds[1::2]
-        kinds = [STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()]
+    def measure(self, tokenizer, enc_cfg: EncodersConfig) -> tuple[int, list[tuple[str, int, int]]]:
+        """Its laid-out length and where its items' slots fall (what a cut across rows avoids), after
+        the length checks; raises DocumentFormatError as encode_document does for the first item over
+        its encoder's max_len."""
         atoms, item_spans, shift = iter(self.atoms), [], 0  # shift: laid-out ids gained before this item
-        for kind, pos, end in zip(kinds, starts, ends):
+        for kind, pos, end in self._stored_items(tokenizer):
             encoder = getattr(enc_cfg, kind)
             n_item_ids = end - pos - 1
             # what its featurizer checks: a molecule's atoms, else its ids (a protein has one per residue)
             _check_fits(kind, next(atoms) if kind == "molecule" else n_item_ids, encoder.max_len)
             item_spans.append((kind, pos + shift + 1, encoder.slots))
             shift += encoder.slots - n_item_ids
-        return StoredLayout(self, tokenizer, enc_cfg, len(self.ids) + shift, item_spans,
-                            list(zip(kinds, starts, ends)))
+        return len(self.ids) + shift, item_spans
 
-
-class StoredLayout:
-    """An indexed document as packing sees it (encode.LaidOut): checked, measured, and where its items'
-    slots fall (what a cut across rows avoids); its ids and items, the EncodedDocument that
-    encode_document gives its JSONL line, are laid out on first use, which is only on a rank that
-    collates a row of it."""
-
-    def __init__(self, doc: IndexedDocument, tokenizer, enc_cfg: EncodersConfig, n_ids: int,
-                 item_spans: list[tuple[str, int, int]], stored_spans: list[tuple[str, int, int]]):
-        self.skill = doc.skill
-        self.n_ids, self.item_spans = n_ids, item_spans
-        self._stored, self._tokenizer, self._enc_cfg = doc, tokenizer, enc_cfg
-        self._stored_spans = stored_spans  # each stored item's kind and the positions of its START and END
-        # the layout, once made; a plain attribute, not functools.cached_property, whose lock at every
-        # document cost more than the layout itself (bench/data.py, short documents at dp=1: 6.1x, 8.7x)
-        self._encoded: EncodedDocument | None = None
-
-    @property
-    def ids(self) -> list[int]:
-        return (self._encoded or self._laid_out()).ids
-
-    @property
-    def items(self) -> list[EncodedItem]:
-        return (self._encoded or self._laid_out()).items
-
-    def _laid_out(self) -> EncodedDocument:
-        doc, tokenizer, enc_cfg = self._stored, self._tokenizer, self._enc_cfg
+    def lay_out(self, tokenizer, enc_cfg: EncodersConfig) -> EncodedDocument:
+        """The EncodedDocument that encode_document gives its JSONL line, for a document that passed
+        its checks (measure, or its packing index row)."""
         ids: list[int] = []
         items: list[EncodedItem] = []
-        molecules = zip(doc.atoms, doc.bonds)
+        molecules = zip(self.atoms, self.bonds)
         done = stored = 0  # stored ids laid out so far; stored graph values passed
-        for kind, pos, end in self._stored_spans:
-            ids += doc.ids[done:pos].tolist()
+        for kind, pos, end in self._stored_items(tokenizer):
+            ids += self.ids[done:pos].tolist()
             if kind == "molecule":
                 n_atoms, n_bonds = next(molecules)
                 size = graph_size(n_atoms, n_bonds)
-                prepared = Prepared(unpacked_graph, (doc.graphs[stored : stored + size], n_atoms))
+                prepared = Prepared(unpacked_graph, (self.graphs[stored : stored + size], n_atoms))
                 stored += size
             else:  # LaTeX and protein features are the item's ids in its block's own numbering
-                local = doc.ids[pos + 1 : end] - tokenizer.domain_offset(STORED[kind][0])
+                local = self.ids[pos + 1 : end] - tokenizer.domain_offset(STORED[kind][0])
                 prepared = Prepared.ready({"ids": local})
             append_item(ids, items, kind, prepared, tokenizer, enc_cfg)
             done = end + 1
-        ids += doc.ids[done:].tolist()
-        laid_out = EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
-        if (laid_out.n_ids, laid_out.item_spans) != (self.n_ids, self.item_spans):  # packing used those
-            raise AssertionError(f"{doc.id}: laid out otherwise than measured")
-        self._encoded = laid_out
-        return laid_out
+        ids += self.ids[done:].tolist()
+        return EncodedDocument(self.id, self.source, self.skill, ids, items)
+
+    def _stored_items(self, tokenizer) -> zip:
+        """Each stored item's kind and the positions of its START and END markers."""
+        is_marker, kind_at = _item_markers(tokenizer)
+        # markers are special ids, which neither prose nor an item's domain ids contain, and items
+        # do not nest: every START is followed by its item's END
+        bounds = is_marker[self.ids].nonzero()[0].tolist()  # (np.flatnonzero's wrapper costs more on short ids)
+        starts, ends = bounds[0::2], bounds[1::2]
+        return zip([STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()], starts, ends)
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,7 +18,8 @@ import numpy as np
 
 from scifm.core.encoders_config import EncodersConfig
 from scifm.data.documents import SPLITS
-from scifm.data.indexed.layout import STORED_KINDS, IndexedDocument, StoredDocument, StoredLayout
+from scifm.data.encode import EncodedDocument, EncodedItem
+from scifm.data.indexed.layout import STORED_KINDS, IndexedDocument, StoredDocument
 
 SPLIT, SKILL, STORED_IDS = 0, 1, 2
 KIND_COLUMNS = 3  # per kind: item count, sum of item ids, largest item
@@ -64,7 +65,7 @@ class IndexedRecord:
             if count:
                 encoder = getattr(enc_cfg, kind)
                 if largest > encoder.max_len:
-                    self.read().encode(tokenizer, enc_cfg)  # raises the refusal
+                    self.read().measure(tokenizer, enc_cfg)  # raises the refusal
                     raise AssertionError(f"{self.id}: its packing index refuses it, its stored ids do not")
                 n_ids += count * encoder.slots - item_ids
         return IndexedLayout(self, tokenizer, enc_cfg, n_ids)
@@ -72,31 +73,38 @@ class IndexedRecord:
 
 class IndexedLayout:
     """An indexed document as packing sees it (encode.LaidOut): measured from its index row; where its
-    items' slots fall, its ids and items come from the stored document, read on first use."""
+    items' slots fall (on a rank that cuts it across rows) and its ids and items (on a rank that
+    collates a row of it) come from the stored document, read on first use."""
 
-    __slots__ = ("skill", "n_ids", "_record", "_tokenizer", "_enc_cfg", "_stored")
+    __slots__ = ("skill", "n_ids", "_record", "_tokenizer", "_enc_cfg", "_item_spans", "_laid_out")
 
     def __init__(self, record: IndexedRecord, tokenizer, enc_cfg: EncodersConfig, n_ids: int):
         self.skill, self.n_ids = record.skill, n_ids
         self._record, self._tokenizer, self._enc_cfg = record, tokenizer, enc_cfg
-        self._stored: StoredLayout | None = None
+        self._item_spans: list[tuple[str, int, int]] | None = None
+        self._laid_out: EncodedDocument | None = None
 
     @property
     def item_spans(self) -> list[tuple[str, int, int]]:
-        return self._measured().item_spans
+        if self._item_spans is None:
+            n_ids, self._item_spans = self._record.read().measure(self._tokenizer, self._enc_cfg)
+            self._check(n_ids)
+        return self._item_spans
 
     @property
     def ids(self) -> list[int]:
-        return self._measured().ids
+        return (self._laid_out or self._lay_out()).ids
 
     @property
-    def items(self) -> list:
-        return self._measured().items
+    def items(self) -> list[EncodedItem]:
+        return (self._laid_out or self._lay_out()).items
 
-    def _measured(self) -> StoredLayout:
-        if self._stored is None:
-            stored = self._record.read().encode(self._tokenizer, self._enc_cfg)
-            if stored.n_ids != self.n_ids:  # packing already used the index's length
-                raise AssertionError(f"{self._record.id}: {stored.n_ids} ids laid out, its packing index says {self.n_ids}")
-            self._stored = stored
-        return self._stored
+    def _lay_out(self) -> EncodedDocument:
+        laid_out = self._record.read().lay_out(self._tokenizer, self._enc_cfg)
+        self._check(laid_out.n_ids)
+        self._laid_out = laid_out
+        return laid_out
+
+    def _check(self, n_ids: int) -> None:
+        if n_ids != self.n_ids:  # packing already used the index's length
+            raise AssertionError(f"{self._record.id}: {n_ids} ids laid out, its packing index says {self.n_ids}")

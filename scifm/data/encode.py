@@ -46,12 +46,10 @@ class EncodedDocument:
 
 
 class LaidOut(Protocol):
-    """What packing reads of a document: an EncodedDocument, or an indexed one (scifm.data.indexed.layout)
-    whose length and verdicts are known at once and whose ids and items are laid out only if a rank
-    collates a row of it."""
+    """What packing reads of a document: an EncodedDocument, or an indexed one
+    (scifm.data.indexed.packing_index) whose length and verdict come from its packing index row and
+    whose item spans, ids and items are read only by a rank that needs them."""
 
-    doc_id: str
-    source: str
     skill: str
     n_ids: int
     item_spans: list[tuple[str, int, int]]  # each item's modality, first slot and slot count: what a cut avoids

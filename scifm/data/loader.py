@@ -4,9 +4,10 @@ Every data-parallel rank runs the same global sequence of rows (seeded mixture d
 documents, greedy packing) and keeps rows rank, rank + W, ...: the global batch is then the
 same for every layout, which is what lets a parallel run equal the single-process one. Packing
 needs each document's length, where its items fall and whether they pass their checks (a bad one
-skips the document), so every rank encodes and checks every document (a JSONL line to its ids; an
-indexed one is only measured, and laid out where a rank collates it); the items' features, most of
-the featurizing, are computed in collate_rows for the rank's own rows only.
+skips the document), so every rank encodes and checks every document of a JSONL source; an indexed
+one is measured and checked from its packing index row, and read only by a rank that collates a row
+of it or cuts it across rows. The items' features, most of the featurizing, are computed in
+collate_rows for the rank's own rows only.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
 file apart (each file's size, and the hash of what each stream read of its current file; for an

@@ -10,6 +10,7 @@ name and renamed at the end; the sidecar comes last and marks the dataset comple
 
 from __future__ import annotations
 
+import array
 import json
 import multiprocessing
 import os
@@ -41,13 +42,13 @@ class _ShardWriter:
         self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
         self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=GRAPH_DTYPE)
-        self.index_rows: list[list[int]] = []
+        self.index_rows = array.array("i")  # flat, 4 bytes a value: a Python list per row would take about 5x
         self.skill_codes: dict[str, int] = {}  # the shard's skills, numbered in order of appearance
         self.documents = self.n_tokens = self.molecules = 0
 
     def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument, split: str) -> None:
         skill_code = self.skill_codes.setdefault(skill, len(self.skill_codes))
-        self.index_rows.append(index_row(stored, split, skill_code))
+        self.index_rows.extend(index_row(stored, split, skill_code))
         self.tokens.add_document(stored.ids, [len(stored.ids)])
         record = json.dumps([doc_id, source, skill, stored.atoms, stored.bonds], ensure_ascii=False).encode("utf-8")
         self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
@@ -61,7 +62,7 @@ class _ShardWriter:
         self.docs.finalize(f"{self.temp}{DOCS}.idx")
         self.graphs.finalize(f"{self.temp}{GRAPHS}.idx")
         with open(f"{self.temp}{PACKING}", "wb") as fh:  # a file object: np.save would append .npy to the name
-            np.save(fh, np.array(self.index_rows, dtype=INDEX_DTYPE).reshape(-1, N_COLUMNS))
+            np.save(fh, np.asarray(self.index_rows, dtype=INDEX_DTYPE).reshape(-1, N_COLUMNS))
         return {"name": self.final.name, "documents": self.documents, "tokens": self.n_tokens,
                 "molecules": self.molecules, "skills": list(self.skill_codes),
                 "sha256": file_digest(shard_files(self.temp))}

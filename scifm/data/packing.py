@@ -105,11 +105,14 @@ PLACEHOLDER_SEGMENTS = {
 }
 
 
-def placeholder_features(tokenizer, enc_cfg) -> dict[str, dict]:
-    return {m: featurize_segment(seg, tokenizer, enc_cfg, Path(".")) for m, seg in PLACEHOLDER_SEGMENTS.items()}
+def placeholder_features(tokenizer, enc_cfg) -> dict[str, dict[str, torch.Tensor]]:
+    """Each placeholder item's encoder inputs, collated once: every batch that lacks the modality
+    shares them (read-only, as all of a batch's inputs are)."""
+    return {m: collate(m, [featurize_segment(seg, tokenizer, enc_cfg, Path("."))])
+            for m, seg in PLACEHOLDER_SEGMENTS.items()}
 
 
-def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[str, dict]) -> Batch:
+def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[str, dict[str, torch.Tensor]]) -> Batch:
     """`placeholders` (from placeholder_features) stand in for modalities without items; their
     slot_index has no rows, so they write nothing into the sequence."""
     n_rows = len(rows)
@@ -138,19 +141,16 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
         targets_BS[r, :used] = row_targets
         positions_BS[r, :used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         doc_ids_BS[r, :used] = np.repeat(np.arange(len(lengths)), lengths)
-    for modality, features_one in placeholders.items():
-        if modality not in features:
-            features[modality] = [features_one]
+    items = {m: collate(m, feats) for m, feats in features.items()}
+    items.update({m: collated for m, collated in placeholders.items() if m not in items})
     slot_index = {m: torch.from_numpy(np.array(firsts)[:, None] + np.arange(n_slots[m]))
                   for m, firsts in first_slots.items()}
-    slot_index.update({m: torch.empty((0, 0), dtype=torch.long) for m in features if m not in first_slots})
+    slot_index.update({m: torch.empty((0, 0), dtype=torch.long) for m in items if m not in first_slots})
     input_ids, targets = torch.from_numpy(input_ids_BS), torch.from_numpy(targets_BS)
     doc_ids = torch.from_numpy(doc_ids_BS)
     is_target = tokenizer.loss_target_mask(targets) & (doc_ids >= 0)
     labels = torch.where(is_target, targets, torch.full_like(targets, IGNORE_INDEX))
     return Batch(
-        input_ids, labels, torch.from_numpy(positions_BS), doc_ids,
-        {m: collate(m, feats) for m, feats in features.items()},
-        slot_index,
+        input_ids, labels, torch.from_numpy(positions_BS), doc_ids, items, slot_index,
         [[(source, chunk.doc.skill) for source, chunk in zip(row.sources, row.chunks)] for row in rows],
     )

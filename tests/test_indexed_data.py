@@ -341,21 +341,31 @@ def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, 
         make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
 
 
-@pytest.mark.parametrize("swapped, error", [
-    ((".graphs.bin", ".graphs.idx"), r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"),
-    ((".packing.npy",), r"three.packing.npy: holds an array of shape \(2, 12\) \(int32\), its sidecar says 3 documents; "
-                        r"write the dataset again"),
-])
+def _from_the_two_document_shard(*suffixes):
+    def damage(tmp_path):
+        for suffix in suffixes:
+            shutil.copy(tmp_path / f"two{suffix}", tmp_path / f"three{suffix}")
+    return damage
+
+
+@pytest.mark.parametrize("damage, error", [
+    (_from_the_two_document_shard(".graphs.bin", ".graphs.idx"),
+     r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"),
+    (_from_the_two_document_shard(".packing.npy"),
+     r"three.packing.npy: holds an array of shape \(2, 12\) \(int32\), its sidecar says 3 documents; write the dataset again"),
+    (lambda tmp_path: (tmp_path / "three.packing.npy").write_bytes(b"not an array"),
+     r"three.packing.npy: not readable as a packing index \(ValueError: .*\); write the dataset again"),
+], ids=["graphs of another write", "packing index of another write", "packing index not an array"])
 def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenizer_dir, make_config, tmp_path,
-                                                              swapped, error):
+                                                              damage, error):
     """A shard's token, metadata and graph datasets and its packing index must hold one document each
-    per document: a file from another write is named, not read as the wrong documents."""
+    per document: a file from another write, or no array at all, is named, not read as the wrong
+    documents."""
     for name, n in (("three", 3), ("two", 2)):
         docs = [{**text_doc(i), "segments": [{"type": "molecule", "smiles": "CCO"}]} for i in range(n)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
         tokenize_corpus([str(tmp_path / f"{name}.jsonl")], tokenizer_dir, tmp_path / name)
-    for suffix in swapped:
-        shutil.copy(tmp_path / f"two{suffix}", tmp_path / f"three{suffix}")
+    damage(tmp_path)
     loader = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'three'},kind:indexed}}]"), tokenizer)
     with pytest.raises(DataError, match=error):
         loader.next_batch()

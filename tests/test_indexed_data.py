@@ -318,10 +318,16 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
     monkeypatch.setattr(loader_module, "collate_rows", recording)
     loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64"), tokenizer, batch_size=16,
                          dp_rank=1, dp_size=4)
-    for _ in range(4):
-        rows = loader.next_rows()
+    real_rows = loader.next_rows
+
+    def all_rows():  # the global batch's rows: every rank's
+        rows = real_rows()
         cut.update(chunk.doc._record.id for row in rows for chunk in row.chunks if chunk.doc.n_ids > 64 + 1)
-        loader_module.collate_rows(rows[1::4], 64, tokenizer, loader.placeholders)
+        return rows
+
+    monkeypatch.setattr(loader, "next_rows", all_rows)
+    for _ in range(4):
+        loader.next_batch()
     assert read.keys() == own | cut and max(read.values()) == 1, (read.keys() - own - cut, read.most_common(1))
     assert laid_out.keys() == own and max(laid_out.values()) == 1  # laid out once, then kept
     assert cut - own  # some documents were cut across rows but collated by another rank

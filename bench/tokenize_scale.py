@@ -5,7 +5,8 @@ Writes synthetic JSONL corpora of the given sizes from the built-in corpus's tok
 each in a fresh process with one worker per CPU and prints its rate (input MB/s) and peak RSS (the
 writing process, and the largest worker). Memory is bounded when the
 peak stays flat as the input grows (the writer streams lines in and ids out; what grows with the
-corpus is Megatron's per-document index, 8 bytes a document plus one small metadata record).
+corpus is Megatron's per-document index, 8 bytes a document plus one small metadata record, and the
+packing index's row of the shard being written, 48 bytes a document).
 Run: python bench/tokenize_scale.py [SIZE_MB ...]   (default: 64 1024; SCIFM_BENCH_WORKERS=N to set workers)
 """
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import SMALL_CORPUS_DOCS
-from helpers.torchrun import train_under_torchrun
+from tests.helpers.torchrun import train_under_torchrun
 from scifm.core.checkpoint_files import META_FILE, file_sizes, is_complete, latest_checkpoint, marked_in_use
 from scifm.core.errors import CheckpointError
 from scifm.train import checkpoint as checkpoint_module

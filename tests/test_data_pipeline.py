@@ -109,7 +109,12 @@ def test_collate_masks_slots_restarts_positions_and_points_at_slots(tokenizer, m
     ]
     encoded = [encode_document(d, tokenizer, cfg.model.encoders, Path(".")) for d in docs]
     row = Row([chunk_document(e, 128)[0] for e in encoded])
-    batch = collate_rows([row], 128, tokenizer, placeholder_features(tokenizer, cfg.model.encoders))
+    placeholders = placeholder_features(tokenizer, cfg.model.encoders)
+    batch = collate_rows([row], 128, tokenizer, placeholders)
+    # a modality without items gets the loader's placeholder inputs, collated once, and no slots
+    assert batch.items.keys() == placeholders.keys()
+    for modality in placeholders.keys() - {"molecule"}:
+        assert batch.items[modality] is placeholders[modality] and batch.slot_index[modality].numel() == 0
     slot = tokenizer.slot_id("molecule")
     flat = batch.input_ids.flatten()
     assert torch.all(flat[batch.slot_index["molecule"].flatten()] == slot)

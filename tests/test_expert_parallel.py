@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.torchrun import run_torchrun
+from tests.helpers.torchrun import run_torchrun
 
 from scifm.model.config import MoEConfig
 from scifm.model.moe import MoE

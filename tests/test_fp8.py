@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from conftest import SMALL_CORPUS_DOCS
-from helpers.torchrun import train_under_torchrun
+from tests.helpers.torchrun import train_under_torchrun
 from scifm.core.errors import ConfigError
 from scifm.model.moe import GroupedExperts
 from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8

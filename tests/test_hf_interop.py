@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers.hf_models import MODEL_VOCAB, PROSE, build_hf_model
-from helpers.torchrun import train_under_torchrun
+from tests.helpers.hf_models import MODEL_VOCAB, PROSE, build_hf_model
+from tests.helpers.torchrun import train_under_torchrun
 from scifm.core.errors import ConfigError
 from scifm.hf.architectures import architecture_for, model_config_from_hf
 from scifm.hf.pretrained import exported_tokenizer, load_pretrained, pretrained_model_config, pretrained_prose

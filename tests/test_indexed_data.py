@@ -293,24 +293,23 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
     """Every rank measures and checks every document from its packing index row alone; it reads a
     document's metadata and ids only where it collates a row of it or cuts it across rows (where its
     items' slots fall), and lays out only its own rows' documents: the per-document work falls with dp."""
-    read, laid_out, measured = Counter(), Counter(), Counter()
-    own, cut = set(), set()
+    read, laid_out, measured = [], Counter(), Counter()
+    own, cut = {}, {}  # id(layout) -> layout, held so that no id is reused
     real_read, real_layout = IndexedStream._document, layout.IndexedDocument.lay_out
     real_encode, real_collate = IndexedRecord.encode, loader_module.collate_rows
 
     def reading(self, shard, pos):
         doc = real_read(self, shard, pos)
-        read[doc.id] += 1
+        read.append(doc)
         return doc
 
     def laying_out(self, *args):
-        laid_out[self.id] += 1
+        laid_out[id(self)] += 1
         return real_layout(self, *args)
 
     def recording(rows, seq_len, *args):
-        batch = real_collate(rows, seq_len, *args)  # first: the ids below are read where collating reads them
-        own.update(chunk.doc._record.id for row in rows for chunk in row.chunks)
-        return batch
+        own.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks)
+        return real_collate(rows, seq_len, *args)
 
     monkeypatch.setattr(IndexedStream, "_document", reading)
     monkeypatch.setattr(layout.IndexedDocument, "lay_out", laying_out)
@@ -322,15 +321,21 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
 
     def all_rows():  # the global batch's rows: every rank's
         rows = real_rows()
-        cut.update(chunk.doc._record.id for row in rows for chunk in row.chunks if chunk.doc.n_ids > 64 + 1)
+        cut.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks if chunk.doc.n_ids > 64 + 1)
         return rows
 
     monkeypatch.setattr(loader, "next_rows", all_rows)
     for _ in range(4):
         loader.next_batch()
-    assert read.keys() == own | cut and max(read.values()) == 1, (read.keys() - own - cut, read.most_common(1))
-    assert laid_out.keys() == own and max(laid_out.values()) == 1  # laid out once, then kept
-    assert cut - own  # some documents were cut across rows but collated by another rank
+    loader_reads = {id(doc) for doc in read}
+    assert len(loader_reads) == len(read)  # each read once, then kept by its record
+    # the documents of the rank's rows and of the cuts: a read here that the loader did not make
+    # would add a document to `read` that `loader_reads` lacks
+    needed = {id(chunk_doc.record.read()) for chunk_doc in (own | cut).values()}
+    assert needed == loader_reads, (len(needed - loader_reads), len(loader_reads - needed))
+    own_docs = {id(chunk_doc.record.read()) for chunk_doc in own.values()}
+    assert laid_out.keys() == own_docs and max(laid_out.values()) == 1  # laid out once, then kept
+    assert cut.keys() - own.keys()  # some documents were cut across rows but collated by another rank
     assert len(read) < measured["documents"] / 2, (len(read), measured)
 
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from helpers.torchrun import run_torchrun
+from tests.helpers.torchrun import run_torchrun
 from conftest import SMALL_CORPUS_DOCS
 from scifm.parallel.config import ParallelConfig
 from scifm.core.errors import ConfigError

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.cli import main as scifm
-from helpers.slurm_cluster import SlurmCluster, Unavailable
+from tests.helpers.slurm_cluster import SlurmCluster, Unavailable
 from tests.helpers.run_metrics import losses
 
 STEPS = 8  # the two-node runs: checkpoints at 4 and 8, pre-emption somewhere in between

@@ -22,13 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from scifm.config import RunConfig, compose_run_config  # importing it registers run_schema
 from scifm.core.errors import ConfigError, ScifmError, exit_on_user_error
 from scifm.core.hydra_compose import CONFIG_MODULE, expand_sweep
-from scifm.core.device import pick_device
-from scifm.hf.pretrained import pretrained_model_config
-from scifm.parallel.distributed import dims_of
-from scifm.parallel.deepspeed_engine import require_deepspeed
-from scifm.parallel.fp8 import resolve_fp8
-from scifm.parallel.megatron_engine import check_megatron
-from scifm.train.dashboards import require_dashboards
+from scifm.train.prework import check_before_work
 
 # how long a rank other than 0 waits before leaving on a config error (see exit_on_config_error)
 QUIET_RANK_WAIT_S = 30.0
@@ -56,20 +50,6 @@ def check_command_line(argv: list[str]) -> None:
         cfg = compose_run_config(overrides)
         if args.cfg is None:  # --cfg only prints the config, whatever its values
             check_before_work(cfg)
-
-
-def check_before_work(cfg: RunConfig) -> None:
-    """What every rank finds alike before any work: the ranges, and the layout against the world."""
-    cfg.model = pretrained_model_config(cfg.model)
-    cfg.validate()
-    dims_of(cfg.parallel).validate(cfg.model, int(os.environ.get("WORLD_SIZE", "1")))
-    if cfg.parallel.engine == "deepspeed":
-        require_deepspeed()
-    if cfg.parallel.engine == "megatron":
-        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, pick_device(cfg.trainer.device, "trainer.device"))
-    if cfg.trainer.precision == "fp8":
-        resolve_fp8(cfg.trainer.fp8, pick_device(cfg.trainer.device, "trainer.device"))
-    require_dashboards(cfg.trainer)
 
 
 def exit_on_config_error(err: ConfigError) -> None:

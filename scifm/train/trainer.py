@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from scifm.config import RunConfig
 from scifm.core.checkpoint_files import latest_checkpoint
-from scifm.core.device import autocast_for, pick_device
+from scifm.core.device import autocast_for
 from scifm.core.errors import CheckpointError, ScifmError
 from scifm.core.host_memory import keep_freed_host_memory
 from scifm.core.python_gc import freeze_set_up_objects
@@ -38,7 +38,6 @@ from scifm.hf.pretrained import (
     exported_tokenizer,
     init_from_dir,
     load_pretrained,
-    pretrained_model_config,
     pretrained_prose,
 )
 from scifm.model.init import init_parameters
@@ -46,8 +45,8 @@ from scifm.model.multimodal import ScientificMoE, vocab_sizes_of
 from scifm.model.transformer import count_params, moe_layers
 from scifm.parallel.distributed import DistContext, init_distributed, shutdown
 from scifm.parallel.deepspeed_engine import initialize_deepspeed
-from scifm.parallel.fp8 import apply_fp8, resolve_fp8
-from scifm.parallel.megatron_engine import check_megatron, initialize_megatron
+from scifm.parallel.fp8 import apply_fp8
+from scifm.parallel.megatron_engine import initialize_megatron
 from scifm.parallel.memory import memory_report, step_peak_bytes
 from scifm.parallel.parallelize import parallelize
 from scifm.tokenizers import ScientificTokenizer
@@ -60,10 +59,11 @@ from scifm.train.checkpoint import (
     resolve_checkpoint,
     start_checkpoint,
 )
-from scifm.train.dashboards import Dashboards, require_dashboards
+from scifm.train.dashboards import Dashboards
 from scifm.train.metrics import MetricsLogger
 from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparameters
 from scifm.train.plots import write_plots
+from scifm.train.prework import check_before_work
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
 from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors, saved_names
 from scifm.train.step import (
@@ -79,14 +79,7 @@ from scifm.train.step import (
 def train(cfg: RunConfig, run_dir: Path) -> dict:
     """Runs `cfg` in `run_dir`; returns the summary. Leaves with the requeue exit code when pre-empted."""
     t_start = time.perf_counter()
-    cfg.model = pretrained_model_config(cfg.model)  # model.init_from's architecture, before any check
-    cfg.validate()
-    device = pick_device(cfg.trainer.device, "trainer.device")
-    if cfg.trainer.precision == "fp8":
-        resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks fails before any work
-    if cfg.parallel.engine == "megatron":
-        check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, device)
-    require_dashboards(cfg.trainer)
+    device = check_before_work(cfg)
     ctx = init_distributed(cfg.parallel, cfg.model, device)
     watch = PreemptionWatch()  # after the layout checks: a rejected layout leaves no handlers behind
     try:

@@ -22,16 +22,16 @@ from scifm.data.encode import EncodedDocument, EncodedItem
 from scifm.data.indexed.layout import STORED_KINDS, IndexedDocument, StoredDocument
 
 SPLIT, SKILL, STORED_IDS = 0, 1, 2
-KIND_COLUMNS = 3  # per kind: item count, sum of item ids, largest item
-N_COLUMNS = 3 + KIND_COLUMNS * len(STORED_KINDS)
+FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
+N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
 DTYPE = np.int32
 
 
 def index_row(stored: StoredDocument, split: str, skill_code: int) -> list[int]:
-    row = [SPLITS.index(split), skill_code, len(stored.ids)] + [0] * (KIND_COLUMNS * len(STORED_KINDS))
+    row = [SPLITS.index(split), skill_code, len(stored.ids)] + [0] * (N_COLUMNS - FIRST_KIND_COLUMN)
     atoms = iter(stored.atoms)
     for kind, n_item_ids in stored.items:
-        col = 3 + KIND_COLUMNS * STORED_KINDS.index(kind)
+        col = FIRST_KIND_COLUMN + KIND_COLUMNS * STORED_KINDS.index(kind)
         row[col] += 1
         row[col + 1] += n_item_ids
         row[col + 2] = max(row[col + 2], next(atoms) if kind == "molecule" else n_item_ids)
@@ -60,8 +60,8 @@ class IndexedRecord:
         """Its laid-out length from the row; raises DocumentFormatError, from the document itself, where
         an item is over its encoder's max_len (the first such item names the error, as from JSONL)."""
         row, n_ids = self.row, self.row[STORED_IDS]
-        for k, kind in enumerate(STORED_KINDS):
-            count, item_ids, largest = row[3 + KIND_COLUMNS * k : 6 + KIND_COLUMNS * k]
+        for col, kind in zip(range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS), STORED_KINDS):
+            count, item_ids, largest = row[col : col + KIND_COLUMNS]
             if count:
                 encoder = getattr(enc_cfg, kind)
                 if largest > encoder.max_len:
@@ -76,18 +76,18 @@ class IndexedLayout:
     items' slots fall (on a rank that cuts it across rows) and its ids and items (on a rank that
     collates a row of it) come from the stored document, read on first use."""
 
-    __slots__ = ("skill", "n_ids", "_record", "_tokenizer", "_enc_cfg", "_item_spans", "_laid_out")
+    __slots__ = ("skill", "n_ids", "record", "_tokenizer", "_enc_cfg", "_item_spans", "_laid_out")
 
     def __init__(self, record: IndexedRecord, tokenizer, enc_cfg: EncodersConfig, n_ids: int):
         self.skill, self.n_ids = record.skill, n_ids
-        self._record, self._tokenizer, self._enc_cfg = record, tokenizer, enc_cfg
+        self.record, self._tokenizer, self._enc_cfg = record, tokenizer, enc_cfg
         self._item_spans: list[tuple[str, int, int]] | None = None
         self._laid_out: EncodedDocument | None = None
 
     @property
     def item_spans(self) -> list[tuple[str, int, int]]:
         if self._item_spans is None:
-            n_ids, self._item_spans = self._record.read().measure(self._tokenizer, self._enc_cfg)
+            n_ids, self._item_spans = self.record.read().measure(self._tokenizer, self._enc_cfg)
             self._check(n_ids)
         return self._item_spans
 
@@ -100,11 +100,11 @@ class IndexedLayout:
         return (self._laid_out or self._lay_out()).items
 
     def _lay_out(self) -> EncodedDocument:
-        laid_out = self._record.read().lay_out(self._tokenizer, self._enc_cfg)
+        laid_out = self.record.read().lay_out(self._tokenizer, self._enc_cfg)
         self._check(laid_out.n_ids)
         self._laid_out = laid_out
         return laid_out
 
     def _check(self, n_ids: int) -> None:
         if n_ids != self.n_ids:  # packing already used the index's length
-            raise AssertionError(f"{self._record.id}: {n_ids} ids laid out, its packing index says {self.n_ids}")
+            raise AssertionError(f"{self.record.id}: {n_ids} ids laid out, its packing index says {self.n_ids}")

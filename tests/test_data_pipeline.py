@@ -78,7 +78,7 @@ def test_bad_segment_raises_counted_reason(tokenizer, make_config):
 
 def synthetic_doc(n_ids: int, items: list[tuple[int, int]]) -> EncodedDocument:
     """ids 0..n-1 with items given as (slot_start, n_slots)."""
-    return EncodedDocument("x", "s", "k", list(range(n_ids)),
+    return EncodedDocument("k", list(range(n_ids)),
                            [EncodedItem("molecule", s, k, {}) for s, k in items])
 
 

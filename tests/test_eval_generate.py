@@ -47,7 +47,7 @@ def tiny(make_config, tokenizer):
 def prompt_doc(tokenizer, enc, context: list[dict], extra: list[int] = ()) -> EncodedDocument:
     """The context as generate lays it out (no [EOS]), then `extra` ids, then a final [EOS] target."""
     doc = encode_document(Document("t", "t", "t", context), tokenizer, enc, Path("."))
-    return EncodedDocument("t", "t", "t", doc.ids[:-1] + list(extra) + [tokenizer.eos_id], doc.items)
+    return EncodedDocument("t", doc.ids[:-1] + list(extra) + [tokenizer.eos_id], doc.items)
 
 
 def forward(model, tokenizer, enc, doc: EncodedDocument, cache: KVCache | None = None) -> torch.Tensor:

@@ -20,13 +20,13 @@ pytest.importorskip("megatron.core")
 from scifm.cli import main  # noqa: E402
 from scifm.core.errors import DataError, DocumentFormatError  # noqa: E402
 from scifm.data import loader as loader_module  # noqa: E402
-from scifm.data.encode import encode_document  # noqa: E402
+from scifm.data.encode import EncodedDocument, encode_document  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
 from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
 from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
-from scifm.data.indexed.packing_index import IndexedRecord, index_row  # noqa: E402
-from scifm.data.indexed.stream import IndexedStream  # noqa: E402
+from scifm.data.indexed.packing_index import REFUSED, index_row, laid_out_lengths  # noqa: E402
+from scifm.data.indexed.stream import IndexedStream, OpenShard  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
 from scifm.tokenizers import ScientificTokenizer  # noqa: E402
@@ -246,7 +246,7 @@ def _verdict(encode):
 def _measured_and_laid_out(indexed_doc, tokenizer, enc):
     """measure's verdict (the error raised here), then lay_out, checked against measure's length and spans."""
     n_ids, spans = indexed_doc.measure(tokenizer, enc)
-    laid_out = indexed_doc.lay_out(tokenizer, enc)
+    laid_out = EncodedDocument("k", *indexed_doc.lay_out(tokenizer, enc))
     assert (laid_out.n_ids, laid_out.item_spans) == (n_ids, spans)
     return laid_out
 
@@ -263,8 +263,9 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
             for doc in documents(path)[:12]]
     for doc in docs:
         stored = layout.stored_document(doc, tokenizer)
-        indexed_doc = layout.IndexedDocument(doc.id, doc.source, doc.skill, np.array(stored.ids, dtype=np.int64),
-                                             tuple(stored.atoms), tuple(stored.bonds), stored.graphs)
+        indexed_doc = layout.IndexedDocument(np.array(stored.ids, dtype=np.int64), tuple(stored.atoms),
+                                             tuple(stored.bonds), stored.graphs)
+        row = np.array([index_row(stored, split_of(doc.id), 0)], dtype=np.int32)
         # each kind's largest item, in what its featurizer checks: atoms, else ids
         sizes = Counter()
         for item in encode_document(doc, tokenizer, unlimited, token_corpus).items:
@@ -276,14 +277,8 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
                 want = _verdict(lambda: encode_document(doc, tokenizer, enc, token_corpus))
                 got = _verdict(lambda: _measured_and_laid_out(indexed_doc, tokenizer, enc))
                 assert got == want, (doc.id, kind, max_len)
-                record = IndexedRecord(index_row(stored, split_of(doc.id), 0), doc.skill, lambda: indexed_doc)
-                measured = _verdict(lambda: record.encode(tokenizer, enc))
-                assert measured == want, (doc.id, kind, max_len)
-                if isinstance(want, str):  # refused by the row, before anything is laid out
-                    with pytest.raises(DocumentFormatError):
-                        record.encode(tokenizer, enc)
-                else:
-                    assert record.encode(tokenizer, enc).n_ids == len(want[0])
+                # the row alone: refused, or the laid-out length
+                assert laid_out_lengths(row, enc)[0] == (REFUSED if isinstance(want, str) else len(want[0]))
                 reached[kind, isinstance(got, str)] += 1
     assert {key for key in reached} == {(kind, refused) for kind in DOMAIN for refused in (False, True)}, reached
 
@@ -291,15 +286,18 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
 def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(indexed, tokenizer, make_config,
                                                                           monkeypatch):
     """Every rank measures and checks every document from its packing index row alone; it reads a
-    document's metadata and ids only where it collates a row of it or cuts it across rows (where its
-    items' slots fall), and lays out only its own rows' documents: the per-document work falls with dp."""
-    read, laid_out, measured = [], Counter(), Counter()
+    document's ids only where it collates a row of it or cuts it across rows (where its items' slots
+    fall), its metadata only where it has molecules, and lays out only its own rows' documents: the
+    per-document work falls with dp."""
+    read, laid_out, yielded = [], Counter(), Counter()
     own, cut = {}, {}  # id(layout) -> layout, held so that no id is reused
-    real_read, real_layout = IndexedStream._document, layout.IndexedDocument.lay_out
-    real_encode, real_collate = IndexedRecord.encode, loader_module.collate_rows
+    real_read, real_layout = OpenShard.document, layout.IndexedDocument.lay_out
+    real_next, real_collate = IndexedStream.next, loader_module.collate_rows
+    real_metadata, metadata = OpenShard._metadata, Counter()
+    monkeypatch.setattr(OpenShard, "_metadata", lambda self, pos: metadata.update(["reads"]) or real_metadata(self, pos))
 
-    def reading(self, shard, pos):
-        doc = real_read(self, shard, pos)
+    def reading(self, pos):
+        doc = real_read(self, pos)
         read.append(doc)
         return doc
 
@@ -311,9 +309,9 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
         own.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks)
         return real_collate(rows, seq_len, *args)
 
-    monkeypatch.setattr(IndexedStream, "_document", reading)
+    monkeypatch.setattr(OpenShard, "document", reading)
     monkeypatch.setattr(layout.IndexedDocument, "lay_out", laying_out)
-    monkeypatch.setattr(IndexedRecord, "encode", lambda self, *a: measured.update(["documents"]) or real_encode(self, *a))
+    monkeypatch.setattr(IndexedStream, "next", lambda self: yielded.update(["documents"]) or real_next(self))
     monkeypatch.setattr(loader_module, "collate_rows", recording)
     loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64"), tokenizer, batch_size=16,
                          dp_rank=1, dp_size=4)
@@ -328,15 +326,17 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
     for _ in range(4):
         loader.next_batch()
     loader_reads = {id(doc) for doc in read}
-    assert len(loader_reads) == len(read)  # each read once, then kept by its record
+    assert len(loader_reads) == len(read)  # each read once, then kept by its layout
     # the documents of the rank's rows and of the cuts: a read here that the loader did not make
     # would add a document to `read` that `loader_reads` lacks
-    needed = {id(chunk_doc.record.read()) for chunk_doc in (own | cut).values()}
+    needed = {id(chunk_doc.read()) for chunk_doc in (own | cut).values()}
     assert needed == loader_reads, (len(needed - loader_reads), len(loader_reads - needed))
-    own_docs = {id(chunk_doc.record.read()) for chunk_doc in own.values()}
+    own_docs = {id(chunk_doc.read()) for chunk_doc in own.values()}
     assert laid_out.keys() == own_docs and max(laid_out.values()) == 1  # laid out once, then kept
     assert cut.keys() - own.keys()  # some documents were cut across rows but collated by another rank
-    assert len(read) < measured["documents"] / 2, (len(read), measured)
+    assert len(read) < yielded["documents"] / 2, (len(read), yielded)
+    # the JSON metadata is read for a document with molecules only (their atom and bond counts)
+    assert metadata["reads"] == sum(1 for doc in read if doc.atoms) > 0
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):

@@ -7,6 +7,7 @@ yields L - 1 (input, target) pairs; targets that are markers or slots carry no l
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -30,8 +31,6 @@ class EncodedItem:
 
 @dataclass
 class EncodedDocument:
-    doc_id: str
-    source: str
     skill: str
     ids: list[int]
     items: list[EncodedItem] = field(default_factory=list)
@@ -69,7 +68,7 @@ def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir:
         assert kind in MODALITIES, kind  # Document.from_dict already rejected other types
         append_item(ids, items, kind, prepare_segment(seg, tokenizer, enc_cfg, base_dir), tokenizer, enc_cfg)
     ids.append(tokenizer.eos_id)
-    return EncodedDocument(doc.id, doc.source, doc.skill, ids, items)
+    return EncodedDocument(doc.skill, ids, items)
 
 
 def append_item(ids: list[int], items: list[EncodedItem], kind: str, prepared: Prepared, tokenizer,
@@ -77,7 +76,11 @@ def append_item(ids: list[int], items: list[EncodedItem], kind: str, prepared: P
     """Lays out a checked item's [START_X] k x [SLOT_X] [END_X] after `ids`. Shared with indexed
     datasets (scifm.data.indexed), whose documents must come out the same."""
     k = getattr(enc_cfg, kind).slots
-    ids.append(tokenizer.start_id(kind))
-    items.append(EncodedItem(kind, len(ids), k, prepared))
-    ids.extend([tokenizer.slot_id(kind)] * k)
-    ids.append(tokenizer.end_id(kind))
+    items.append(EncodedItem(kind, len(ids) + 1, k, prepared))
+    ids += _marker_block(tokenizer, kind, k)
+
+
+@functools.lru_cache(maxsize=32)
+def _marker_block(tokenizer, kind: str, k: int) -> tuple[int, ...]:
+    """[START_X] k x [SLOT_X] [END_X]: the same ids for every item of a kind, made once."""
+    return (tokenizer.start_id(kind), *[tokenizer.slot_id(kind)] * k, tokenizer.end_id(kind))

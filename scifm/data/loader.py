@@ -27,7 +27,7 @@ from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.indexed.files import check_tokenizer
-from scifm.data.indexed.packing_index import IndexedRecord
+from scifm.data.indexed.packing_index import IndexedLayout
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
@@ -64,7 +64,8 @@ class PackedLoader:
         if not layout:
             raise DataError(f"no source has documents in the {split} split ("
                             + ", ".join(f"'{s.name}'" for s in specs) + "); add documents to data.sources")
-        self.streams = [open_stream(specs[i], split, skill, skills[i] if skills else None) for i, skill in layout]
+        self.streams = [open_stream(specs[i], split, skill, skills[i] if skills else None, tokenizer, enc_cfg)
+                        for i, skill in layout]
         # Generator.choice(p=probs) draws one uniform and finds it in this normalised cumulative sum;
         # the same in Python, without choice's per-call checks, which cost more than the rest of a draw
         cdf = np.cumsum(self.probs)
@@ -79,12 +80,11 @@ class PackedLoader:
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
-    def _encode(self, doc: Document | IndexedRecord, file: Path) -> list[Chunk]:
-        if isinstance(doc, IndexedRecord):  # measured by its packing index row; read where needed
-            enc = doc.encode(self.tokenizer, self.enc_cfg)
-        else:  # figure paths are relative to the document's file
-            enc = encode_document(doc, self.tokenizer, self.enc_cfg, file.parent)
-        return chunk_document(enc, self.cfg.seq_len)
+    def _encode(self, doc: Document | IndexedLayout, file: Path) -> list[Chunk]:
+        if isinstance(doc, IndexedLayout):  # measured by its stream; read where needed
+            return chunk_document(doc, self.cfg.seq_len)
+        # figure paths are relative to the document's file
+        return chunk_document(encode_document(doc, self.tokenizer, self.enc_cfg, file.parent), self.cfg.seq_len)
 
     def _next_document(self) -> None:
         while True:

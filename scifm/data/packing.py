@@ -32,6 +32,8 @@ class Chunk:
         return self.stop - self.start
 
     def items(self) -> list[EncodedItem]:
+        if self.start == 0 and self.stop == self.doc.n_ids - 1:  # the whole document, as most are
+            return self.doc.items
         return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
 
 
@@ -128,9 +130,9 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
         row_inputs: list[int] = []
         row_targets: list[int] = []
         for chunk in row.chunks:
-            offset = len(row_inputs)
-            row_inputs += chunk.doc.ids[chunk.start : chunk.stop]
-            row_targets += chunk.doc.ids[chunk.start + 1 : chunk.stop + 1]
+            offset, ids = len(row_inputs), chunk.doc.ids
+            row_inputs += ids[chunk.start : chunk.stop]
+            row_targets += ids[chunk.start + 1 : chunk.stop + 1]
             for item in chunk.items():
                 features.setdefault(item.modality, []).append(item.features())
                 first_slots.setdefault(item.modality, []).append(r * seq_len + offset + item.slot_start - chunk.start)

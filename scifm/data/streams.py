@@ -19,6 +19,7 @@ from scifm.data.config import DataConfig
 from scifm.data.documents import (DamagedFileError, Document, jsonl_files, parse_line, read_lines, record_keys,
                                   split_of, unit_hash)
 from scifm.data.indexed.files import read_sidecar, shard_bins, sidecar_path
+from scifm.core.encoders_config import EncodersConfig
 from scifm.core.errors import DataError, DocumentFormatError
 
 
@@ -94,12 +95,14 @@ def report_damaged(err: DamagedFileError) -> None:
         print(f"scifm: warning: {err.detail}", file=sys.stderr, flush=True)
 
 
-def open_stream(spec: SourceSpec, split: str, skill: str | None = None, skills: dict[str, int] | None = None):
-    """The stream of a JSONL or an indexed source; both give (cursor, document, where) from `next`."""
+def open_stream(spec: SourceSpec, split: str, skill: str | None, skills: dict[str, int] | None, tokenizer,
+                enc_cfg: EncodersConfig):
+    """The stream of a JSONL or an indexed source; both give (cursor, document, where) from `next`. An
+    indexed one measures its documents under `enc_cfg` as it yields them."""
     if spec.index is not None:
         from scifm.data.indexed.stream import IndexedStream  # here: it imports this module
 
-        return IndexedStream(spec, split, skill)
+        return IndexedStream(spec, split, skill, tokenizer, enc_cfg)
     return DocumentStream(spec, split, skill, skills)
 
 

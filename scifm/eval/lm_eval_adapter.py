@@ -175,7 +175,7 @@ class ScifmLM(LM):
             if len(ids) - 1 > self.seq_len:  # the model reads every id but the last
                 ids = left_truncate(ids, self.seq_len + 1)
                 cut.append(req)
-            docs.append(EncodedDocument("eval", "eval", "eval", ids))
+            docs.append(EncodedDocument("eval", ids))
             n_conts.append(len(cont))
             scored.append(i)
         log_truncated("loglikelihood", cut, len(requests), f"max_length={self.seq_len}")
@@ -207,7 +207,7 @@ class ScifmLM(LM):
     def score_token_windows(self, windows: list[tuple[list[int], list[int]]]) -> list[float]:
         """Summed log-probabilities of each window's `pred` ids after its `context` ids (text only;
         the context starts the row at position 0), by score_token_continuations."""
-        docs = [EncodedDocument("eval", "eval", "eval", list(ctx) + list(pred)) for ctx, pred in windows]
+        docs = [EncodedDocument("eval", list(ctx) + list(pred)) for ctx, pred in windows]
         for doc in docs:
             check_fits(len(doc.ids) - 1, self.seq_len, "a window")
         results = score_token_continuations(self.model, self.tokenizer, self.enc_cfg, docs,
@@ -263,7 +263,7 @@ class ScifmLM(LM):
         for (until, max_gen_toks), idx in groups.items():
             prompts = self.prompt_ids([requests[i] for i in idx], max_gen_toks)
             # an encoded document ends with the [EOS] generation does not feed
-            docs = [EncodedDocument("eval", "eval", "eval", p + [self.tokenizer.eos_id]) for p in prompts]
+            docs = [EncodedDocument("eval", p + [self.tokenizer.eos_id]) for p in prompts]
             texts = generate_greedy_encoded(self.model, self.tokenizer, self.enc_cfg, docs, max_new_tokens=max_gen_toks,
                                             seq_len=self.seq_len, stop=until, batch_size=self.batch_size)
             for i, t in zip(idx, texts):

@@ -41,7 +41,7 @@ def _encode(req: Request, tokenizer, enc_cfg: EncodersConfig, base_dir: Path, se
         raise DataError(f"empty continuation {req.continuation!r}: nothing to score")
     ids = context.ids[:-1] + cont  # the context without its [EOS]
     check_fits(len(ids) - 1, seq_len, "a request")
-    return EncodedDocument("eval", "eval", "eval", ids, context.items), len(cont)
+    return EncodedDocument("eval", ids, context.items), len(cont)
 
 
 def score_continuations(model, tokenizer, enc_cfg: EncodersConfig, requests: list[Request], *, seq_len: int,

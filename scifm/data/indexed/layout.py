@@ -27,7 +27,7 @@ import numpy as np
 from scifm.core.encoders_config import EncodersConfig
 from scifm.core.errors import DocumentFormatError
 from scifm.data.documents import Document
-from scifm.data.encode import EncodedDocument, EncodedItem, append_item
+from scifm.data.encode import EncodedItem, append_item
 from scifm.data.features import Prepared
 from scifm.data.features.latex import check_latex
 from scifm.data.features.molecule import check_atoms_fit, mol_features, parse_molecule
@@ -82,12 +82,12 @@ def stored_document(doc: Document, tokenizer) -> StoredDocument:
 
 
 # slots, not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, about
-# 1 us a document on the reading rank (of ~28 per short document at dp=1); nothing assigns to it
+# 1 us a document on the reading rank; nothing assigns to it
 @dataclass(slots=True)
 class IndexedDocument:
-    id: str
-    source: str
-    skill: str
+    """What laying out a stored document needs: its id, source and skill are in the packing index
+    and the metadata, read apart (stream.py)."""
+
     ids: np.ndarray  # stored ids, int64 (see the module docstring)
     atoms: tuple[int, ...]  # per molecule, in order
     bonds: tuple[int, ...]
@@ -107,9 +107,9 @@ class IndexedDocument:
             shift += encoder.slots - n_item_ids
         return len(self.ids) + shift, item_spans
 
-    def lay_out(self, tokenizer, enc_cfg: EncodersConfig) -> EncodedDocument:
-        """The EncodedDocument that encode_document gives its JSONL line, for a document that passed
-        its checks (measure, or its packing index row)."""
+    def lay_out(self, tokenizer, enc_cfg: EncodersConfig) -> tuple[list[int], list[EncodedItem]]:
+        """The ids and items that encode_document gives its JSONL line, for a document that passed its
+        checks (measure, or its packing index row)."""
         ids: list[int] = []
         items: list[EncodedItem] = []
         molecules = zip(self.atoms, self.bonds)
@@ -127,27 +127,28 @@ class IndexedDocument:
             append_item(ids, items, kind, prepared, tokenizer, enc_cfg)
             done = end + 1
         ids += self.ids[done:].tolist()
-        return EncodedDocument(self.id, self.source, self.skill, ids, items)
+        return ids, items
 
     def _stored_items(self, tokenizer) -> zip:
         """Each stored item's kind and the positions of its START and END markers."""
-        is_marker, kind_at = _item_markers(tokenizer)
         # markers are special ids, which neither prose nor an item's domain ids contain, and items
         # do not nest: every START is followed by its item's END
-        bounds = is_marker[self.ids].nonzero()[0].tolist()  # (np.flatnonzero's wrapper costs more on short ids)
-        starts, ends = bounds[0::2], bounds[1::2]
-        return zip([STORED_KINDS[code] for code in kind_at[self.ids[starts]].tolist()], starts, ends)
+        code_at = _marker_codes(tokenizer)[self.ids]
+        bounds = code_at.nonzero()[0]  # (np.flatnonzero's wrapper costs more on short ids)
+        if not len(bounds):
+            return zip()
+        starts, ends = bounds[0::2].tolist(), bounds[1::2].tolist()
+        return zip([STORED_KINDS[code - 1] for code in code_at[bounds[0::2]].tolist()], starts, ends)
 
 
 @functools.lru_cache(maxsize=4)
-def _item_markers(tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Over the vocabulary: True at the START and END ids of stored items (one lookup finds them in a
-    document), and each START id's index in STORED_KINDS (-1 elsewhere). Made once per tokenizer."""
-    is_marker = np.zeros(tokenizer.vocab_size, dtype=bool)
-    is_marker[[id_of(kind) for kind in STORED for id_of in (tokenizer.start_id, tokenizer.end_id)]] = True
-    kind_at = np.full(tokenizer.vocab_size, -1, dtype=np.int64)
-    kind_at[[tokenizer.start_id(kind) for kind in STORED_KINDS]] = np.arange(len(STORED_KINDS))
-    return is_marker, kind_at
+def _marker_codes(tokenizer) -> np.ndarray:
+    """Over the vocabulary: at each stored kind's START id its index in STORED_KINDS plus 1, at its END
+    id -1, elsewhere 0 (one lookup finds a document's markers and kinds). Made once per tokenizer."""
+    codes = np.zeros(tokenizer.vocab_size, dtype=np.int8)
+    for code, kind in enumerate(STORED_KINDS, start=1):
+        codes[tokenizer.start_id(kind)], codes[tokenizer.end_id(kind)] = code, -1
+    return codes
 
 
 def _check_fits(kind: str, measure: int, max_len: int) -> None:

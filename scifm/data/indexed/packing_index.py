@@ -3,28 +3,34 @@
 `scifm data tokenize` writes beside each shard an int32 array, one row per document: its split and
 skill (codes), its stored length and, per stored kind (latex, molecule, protein), how many items it
 has, the sum of their stored ids and its largest item in what the featurizer checks (atoms for a
-molecule, ids otherwise). A stream passes over other splits and skills by the row alone, and packing
-gets a document's laid-out length (stored length plus, per kind, items x slots less their ids) and its
-verdict under the run's length limits from it. Only a rank that collates a row of the document, or
-that cuts it across rows (where its items' slots fall), reads its ids and metadata; a document the
-limits refuse is read too, so that it is refused with the same error as its JSONL line.
+molecule, ids otherwise). When a stream opens a shard it turns the whole index at once into each
+document's laid-out length under the run's encoders (stored length plus, per kind, items x slots
+less their ids), or REFUSED where an item is over its encoder's max_len; it passes over other splits
+and skills by their codes. Packing then gets a document as an IndexedLayout holding that length:
+only a rank that collates a row of it, or cuts it across rows (where its items' slots fall), reads
+its ids; its metadata (molecules' atom and bond counts) only where it has molecules.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from scifm.core.encoders_config import EncodersConfig
 from scifm.data.documents import SPLITS
-from scifm.data.encode import EncodedDocument, EncodedItem
+from scifm.data.encode import EncodedItem
 from scifm.data.indexed.layout import STORED_KINDS, IndexedDocument, StoredDocument
+
+if TYPE_CHECKING:
+    from scifm.data.indexed.stream import OpenShard
 
 SPLIT, SKILL, STORED_IDS = 0, 1, 2
 FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
 N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
+MOLECULES = FIRST_KIND_COLUMN + KIND_COLUMNS * STORED_KINDS.index("molecule")  # the molecule count's column
 DTYPE = np.int32
+REFUSED = -1  # laid_out_lengths' mark of a document an item of which is over its encoder's max_len
 
 
 def index_row(stored: StoredDocument, split: str, skill_code: int) -> list[int]:
@@ -38,73 +44,61 @@ def index_row(stored: StoredDocument, split: str, skill_code: int) -> list[int]:
     return row
 
 
-class IndexedRecord:
-    """A stored document as its stream yields it: its index row, and how to read the document itself."""
-
-    __slots__ = ("row", "skill", "_read", "_doc")
-
-    def __init__(self, row: list[int], skill: str, read: Callable[[], IndexedDocument]):
-        self.row, self.skill, self._read = row, skill, read
-        self._doc: IndexedDocument | None = None
-
-    def read(self) -> IndexedDocument:
-        if self._doc is None:
-            self._doc = self._read()
-        return self._doc
-
-    @property
-    def id(self) -> str:
-        return self.read().id
-
-    def encode(self, tokenizer, enc_cfg: EncodersConfig) -> "IndexedLayout":
-        """Its laid-out length from the row; raises DocumentFormatError, from the document itself, where
-        an item is over its encoder's max_len (the first such item names the error, as from JSONL)."""
-        row, n_ids = self.row, self.row[STORED_IDS]
-        for col, kind in zip(range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS), STORED_KINDS):
-            count, item_ids, largest = row[col : col + KIND_COLUMNS]
-            if count:
-                encoder = getattr(enc_cfg, kind)
-                if largest > encoder.max_len:
-                    self.read().measure(tokenizer, enc_cfg)  # raises the refusal
-                    raise AssertionError(f"{self.id}: its packing index refuses it, its stored ids do not")
-                n_ids += count * encoder.slots - item_ids
-        return IndexedLayout(self, tokenizer, enc_cfg, n_ids)
+def laid_out_lengths(index: np.ndarray, enc_cfg: EncodersConfig) -> np.ndarray:
+    """Each row's laid-out length under `enc_cfg` (int64), REFUSED where an item is over its max_len."""
+    lengths = index[:, STORED_IDS].astype(np.int64)
+    refused = np.zeros(len(index), dtype=bool)
+    for col, kind in zip(range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS), STORED_KINDS):
+        encoder = getattr(enc_cfg, kind)
+        lengths += index[:, col].astype(np.int64) * encoder.slots - index[:, col + 1]
+        refused |= index[:, col + 2] > encoder.max_len  # 0 where the document has none of the kind
+    lengths[refused] = REFUSED
+    return lengths
 
 
 class IndexedLayout:
-    """An indexed document as packing sees it (encode.LaidOut): measured from its index row; where its
-    items' slots fall (on a rank that cuts it across rows) and its ids and items (on a rank that
-    collates a row of it) come from the stored document, read on first use."""
+    """An indexed document as packing sees it (encode.LaidOut): its laid-out length from the packing
+    index; where its items' slots fall (on a rank that cuts it across rows) and its ids and items (on
+    a rank that collates a row of it) come from the stored document, read on first use."""
 
-    __slots__ = ("skill", "n_ids", "record", "_tokenizer", "_enc_cfg", "_item_spans", "_laid_out")
+    __slots__ = ("skill", "n_ids", "shard", "pos", "_doc", "_item_spans", "_ids", "_items")
 
-    def __init__(self, record: IndexedRecord, tokenizer, enc_cfg: EncodersConfig, n_ids: int):
-        self.skill, self.n_ids = record.skill, n_ids
-        self.record, self._tokenizer, self._enc_cfg = record, tokenizer, enc_cfg
+    def __init__(self, shard: "OpenShard", pos: int, skill: str, n_ids: int):
+        self.skill, self.n_ids, self.shard, self.pos = skill, n_ids, shard, pos
+        self._doc: IndexedDocument | None = None
         self._item_spans: list[tuple[str, int, int]] | None = None
-        self._laid_out: EncodedDocument | None = None
+        self._ids: list[int] | None = None
+        self._items: list[EncodedItem] = []
+
+    def read(self) -> IndexedDocument:
+        if self._doc is None:
+            self._doc = self.shard.document(self.pos)
+        return self._doc
 
     @property
     def item_spans(self) -> list[tuple[str, int, int]]:
         if self._item_spans is None:
-            n_ids, self._item_spans = self.record.read().measure(self._tokenizer, self._enc_cfg)
+            n_ids, self._item_spans = self.read().measure(self.shard.tokenizer, self.shard.enc_cfg)
             self._check(n_ids)
         return self._item_spans
 
     @property
     def ids(self) -> list[int]:
-        return (self._laid_out or self._lay_out()).ids
+        return self._ids if self._ids is not None else self._lay_out()
 
     @property
     def items(self) -> list[EncodedItem]:
-        return (self._laid_out or self._lay_out()).items
+        if self._ids is None:
+            self._lay_out()
+        return self._items
 
-    def _lay_out(self) -> EncodedDocument:
-        laid_out = self.record.read().lay_out(self._tokenizer, self._enc_cfg)
-        self._check(laid_out.n_ids)
-        self._laid_out = laid_out
-        return laid_out
+    def _lay_out(self) -> list[int]:
+        ids, self._items = self.read().lay_out(self.shard.tokenizer, self.shard.enc_cfg)
+        self._check(len(ids))
+        self._ids = ids
+        return ids
 
     def _check(self, n_ids: int) -> None:
         if n_ids != self.n_ids:  # packing already used the index's length
-            raise AssertionError(f"{self.record.id}: {n_ids} ids laid out, its packing index says {self.n_ids}")
+            raise AssertionError(f"{self.shard.document_id(self.pos)}: {n_ids} ids laid out, its packing index "
+                                 f"says {self.n_ids}")

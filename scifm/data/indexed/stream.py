@@ -1,46 +1,95 @@
 """An indexed source read as a resumable stream, with DocumentStream's interface (the loader uses either).
 
 The cursor is (epoch, shard index, index of the next document in the shard), so a resumed run reads
-its next document directly. Documents of other splits (by the hash of the id, as for JSONL, stored
-as a code in the packing index) and, with skills balanced, of other skills are passed over by their
-packing index rows alone; a document is yielded as its row (packing_index.IndexedRecord) and read
-only where it is needed. A resumed stream checks that the cursor's shard is still the one it read:
-the checkpoint keeps the sidecar's digest of it (the loader also keeps every shard's size).
+its next document directly. When the stream opens a shard it turns the shard's packing index into
+each document's laid-out length under the run's encoders, or a mark for a document of another split
+(by the hash of the id, as for JSONL) or skill (with skills balanced), which it passes over, or one
+refused by a length limit, which it yields as the error its JSONL line gets (reading that document
+alone). Every other document is yielded as an IndexedLayout, read only where it is needed. A resumed
+stream checks that the cursor's shard is still the one it read: the checkpoint keeps the sidecar's
+digest of it (the loader also keeps every shard's size).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections import OrderedDict
 
 import numpy as np
 
-from scifm.core.errors import DataError
+from scifm.core.encoders_config import EncodersConfig
+from scifm.core.errors import DataError, DocumentFormatError
 from scifm.data.documents import SPLITS
 from scifm.data.indexed.files import open_packing_index, open_shard, read_sidecar
 from scifm.data.indexed.graphs import DTYPE
 from scifm.data.indexed.layout import IndexedDocument
-from scifm.data.indexed.packing_index import SKILL, SPLIT, IndexedRecord
+from scifm.data.indexed.packing_index import MOLECULES, REFUSED, SKILL, SPLIT, IndexedLayout, laid_out_lengths
 from scifm.data.streams import Cursor, SourceSpec, changed
 
 NO_GRAPHS = np.empty(0, DTYPE)  # a document without molecules: its graphs are not read
-# shards whose documents are kept open for reading: a batch's documents span the one the stream is in
-# and, just after it moved on, the one before
+OTHER = -2  # the laid-out length of a document another stream reads (another split or skill)
+# shards kept open: a batch's documents span the one the stream is in and, just after it moved on,
+# the one before (a layout holds its shard, so one still in a batch stays readable regardless)
 OPEN_SHARDS = 2
 
 
+class OpenShard:
+    """One shard of an indexed dataset as a stream reads it: its documents' laid-out lengths, and its
+    documents themselves, read one at a time."""
+
+    def __init__(self, sidecar, shard: dict, split: str, skill: str | None, tokenizer, enc_cfg: EncodersConfig):
+        self.tokenizer, self.enc_cfg = tokenizer, enc_cfg
+        self._sidecar, self._shard = sidecar, shard
+        self.index = open_packing_index(sidecar, shard)
+        self.skills: list[str] = shard["skills"]
+        self.lengths = laid_out_lengths(self.index, enc_cfg)
+        other = self.index[:, SPLIT] != SPLITS.index(split)
+        if skill is not None:
+            # a skill the shard lacks gets a code no row has
+            other |= self.index[:, SKILL] != (self.skills.index(skill) if skill in self.skills else -1)
+        self.lengths[other] = OTHER
+        self._datasets: tuple | None = None  # opened on the first read: a rank may read none of a shard
+
+    def document(self, pos: int) -> IndexedDocument:
+        """Its ids, and for a document with molecules their atom and bond counts (from its metadata)
+        and packed graphs; copies, which outlive the shard's maps."""
+        tokens, docs, graphs = self._datasets or self._open()
+        if self.index[pos, MOLECULES]:
+            atoms, bonds = self._metadata(pos)[3:]
+            return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), graphs[pos].copy())
+        return IndexedDocument(tokens[pos].astype(np.int64), (), (), NO_GRAPHS)
+
+    def document_id(self, pos: int) -> str:
+        return self._metadata(pos)[0]
+
+    def refusal(self, pos: int) -> DocumentFormatError:
+        """The error encode_document raises for the document's JSONL line (its first item over a limit)."""
+        try:
+            self.document(pos).measure(self.tokenizer, self.enc_cfg)
+        except DocumentFormatError as err:
+            return err
+        raise AssertionError(f"{self.document_id(pos)}: its packing index refuses it, its stored ids do not")
+
+    def _metadata(self, pos: int) -> list:
+        """[id, source, skill, each molecule's atoms, each molecule's bonds]"""
+        _, docs, _ = self._datasets or self._open()
+        return json.loads(docs[pos].tobytes().decode())  # str: json.loads would first sniff the bytes' encoding
+
+    def _open(self) -> tuple:
+        self._datasets = open_shard(self._sidecar, self._shard)
+        return self._datasets
+
+
 class IndexedStream:
-    def __init__(self, spec: SourceSpec, split: str, skill: str | None = None):
+    def __init__(self, spec: SourceSpec, split: str, skill: str | None, tokenizer, enc_cfg: EncodersConfig):
         self.spec, self.split, self.skill = spec, split, skill
+        self._tokenizer, self._enc_cfg = tokenizer, enc_cfg
         sidecar = read_sidecar(spec.index)
         self._shards: list[dict] = sidecar["shards"]
         counts: dict[str, int] = sidecar["skills"][split]
         self._matching = counts.get(skill, 0) if skill is not None else sum(counts.values())
-        self._split_code = SPLITS.index(split)
         self.cursor: Cursor = (0, 0, 0)
-        self._index: tuple | None = None  # (shard index, its packing index, its skill names, the skill's code)
-        self._open: OrderedDict[int, tuple] = OrderedDict()  # shard index -> (tokens, metadata, graphs)
+        self._open: OrderedDict[int, OpenShard] = OrderedDict()
 
     def seek(self, cursor: Cursor, prefix_sha256: str | None = None) -> None:
         """Continue at `cursor`; with the checkpoint's shard digest, checks the shard is the same."""
@@ -55,8 +104,8 @@ class IndexedStream:
     def prefix_sha256(self) -> str:
         return self._shards[self.cursor[1]]["sha256"]
 
-    def next(self) -> tuple[Cursor, IndexedRecord, str]:
-        """The next document of this split (and skill); an indexed dataset holds no bad records."""
+    def next(self) -> tuple[Cursor, IndexedLayout | DocumentFormatError, str]:
+        """The next document of this split (and skill), or the error of one a length limit refuses."""
         if not self._matching:
             raise DataError(f"source '{self.spec.name}' has no documents in the {self.split} split"
                             + (f" with skill '{self.skill}'" if self.skill else "")
@@ -68,42 +117,27 @@ class IndexedStream:
                 self.cursor = (epoch, shard + 1, 0) if more else (epoch + 1, 0, 0)
                 continue
             self.cursor = (epoch, shard, pos + 1)
-            _, index, skills, skill_code = self._packing_index(shard)
-            row = index[pos].tolist()
-            if row[SPLIT] == self._split_code and skill_code in (None, row[SKILL]):
-                return (epoch, shard, pos), self._record(shard, pos, row, skills), f"{self.spec.files[shard]}:{pos}"
+            opened = self._open.get(shard) or self._shard(shard)  # (the stream moves forward: the newest)
+            n_ids = int(opened.lengths[pos])
+            if n_ids == OTHER:
+                continue
+            if n_ids == REFUSED:  # named by its id, as the skip of its JSONL line is
+                return (epoch, shard, pos), opened.refusal(pos), opened.document_id(pos)
+            layout = IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], n_ids)
+            return (epoch, shard, pos), layout, f"{self.spec.files[shard]}:{pos}"
 
-    def read_at(self, cursor: Cursor) -> IndexedRecord:
+    def read_at(self, cursor: Cursor) -> IndexedLayout:
+        """The document at `cursor`, which the stream yielded before (a checkpoint's partly emitted one)."""
         _, shard, pos = cursor
-        _, index, skills, _ = self._packing_index(shard)
-        return self._record(shard, pos, index[pos].tolist(), skills)
+        opened = self._shard(shard)
+        return IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], int(opened.lengths[pos]))
 
-    def _record(self, shard: int, pos: int, row: list[int], skills: list[str]) -> IndexedRecord:
-        return IndexedRecord(row, skills[row[SKILL]], functools.partial(self._document, shard, pos))
-
-    def _packing_index(self, shard: int) -> tuple:
-        if self._index is None or self._index[0] != shard:
-            skills = self._shards[shard]["skills"]
-            # a skill the shard lacks gets a code no row has
-            code = None if self.skill is None else (skills.index(self.skill) if self.skill in skills else -1)
-            self._index = (shard, open_packing_index(self.spec.index, self._shards[shard]), skills, code)
-        return self._index
-
-    def _document(self, shard: int, pos: int) -> IndexedDocument:
-        """The stored document: [id, source, skill, each molecule's atoms, each molecule's bonds] from its
-        metadata, then its ids and graphs; copies, since a shard's memory maps close when it leaves
-        the open shards."""
-        tokens, docs, graphs = self._datasets(shard)
-        # str: json.loads would first sniff the bytes' encoding
-        doc_id, source, skill, atoms, bonds = json.loads(docs[pos].tobytes().decode())
-        packed = graphs[pos].copy() if atoms else NO_GRAPHS
-        return IndexedDocument(doc_id, source, skill, tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), packed)
-
-    def _datasets(self, shard: int) -> tuple:
+    def _shard(self, shard: int) -> OpenShard:
         if shard in self._open:
             self._open.move_to_end(shard)
         else:
-            self._open[shard] = open_shard(self.spec.index, self._shards[shard])
+            self._open[shard] = OpenShard(self.spec.index, self._shards[shard], self.split, self.skill,
+                                          self._tokenizer, self._enc_cfg)
             if len(self._open) > OPEN_SHARDS:
                 self._open.popitem(last=False)
         return self._open[shard]

@@ -97,7 +97,8 @@ def report_damaged(err: DamagedFileError) -> None:
 
 def open_stream(spec: SourceSpec, split: str, skill: str | None, skills: dict[str, int] | None, tokenizer,
                 enc_cfg: EncodersConfig):
-    """The stream of a JSONL or an indexed source; both give (cursor, document, where) from `next`. An
+    """The stream of a JSONL or an indexed source; both give (cursor, document or the error that refuses
+    it, and for an error what its skip names) from `next`. An
     indexed one measures its documents under `enc_cfg` as it yields them."""
     if spec.index is not None:
         from scifm.data.indexed.stream import IndexedStream  # here: it imports this module
@@ -111,7 +112,7 @@ def changed(path: Path, why: str) -> DataError:
 
 
 class DocumentStream:
-    """Endless stream of (cursor, document or format error, where) for one source and split.
+    """Endless stream of (cursor, document or format error, where the error is) for one source and split.
 
     A bad record is returned by the one stream it belongs to, so that each loader's skip budget
     counts only its own split: by its id's split where the id can still be read, else by the hash
@@ -173,8 +174,8 @@ class DocumentStream:
         self._digest = digest
         return lines
 
-    def next(self) -> tuple[Cursor, Document | DocumentFormatError, str]:
-        """The next document of this split; a malformed line comes back as its error."""
+    def next(self) -> tuple[Cursor, Document | DocumentFormatError, str | None]:
+        """The next document of this split; a malformed line comes back as its error, with its file:line."""
         while True:
             if self._lines is None:
                 self._lines = self._open()
@@ -191,18 +192,17 @@ class DocumentStream:
             self.cursor = (here[0], here[1], line_no + 1)
             if not raw.strip():
                 continue
-            where = f"{self.spec.files[here[1]]}:{line_no}"
             try:
                 doc = parse_line(raw)
             except DocumentFormatError as err:
                 if not self._owns_bad(raw):
                     continue
                 self._matched_this_epoch = True
-                return here, err, where
+                return here, err, f"{self.spec.files[here[1]]}:{line_no}"
             if split_of(doc.id) != self.split or (self.skill is not None and doc.skill != self.skill):
                 continue
             self._matched_this_epoch = True
-            return here, doc, where
+            return here, doc, None
 
     def _owns_bad(self, raw: bytes) -> bool:
         key, skill = record_keys(raw)

@@ -104,7 +104,7 @@ class IndexedStream:
     def prefix_sha256(self) -> str:
         return self._shards[self.cursor[1]]["sha256"]
 
-    def next(self) -> tuple[Cursor, IndexedLayout | DocumentFormatError, str]:
+    def next(self) -> tuple[Cursor, IndexedLayout | DocumentFormatError, str | None]:
         """The next document of this split (and skill), or the error of one a length limit refuses."""
         if not self._matching:
             raise DataError(f"source '{self.spec.name}' has no documents in the {self.split} split"
@@ -123,8 +123,7 @@ class IndexedStream:
                 continue
             if n_ids == REFUSED:  # named by its id, as the skip of its JSONL line is
                 return (epoch, shard, pos), opened.refusal(pos), opened.document_id(pos)
-            layout = IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], n_ids)
-            return (epoch, shard, pos), layout, f"{self.spec.files[shard]}:{pos}"
+            return (epoch, shard, pos), IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], n_ids), None
 
     def read_at(self, cursor: Cursor) -> IndexedLayout:
         """The document at `cursor`, which the stream yielded before (a checkpoint's partly emitted one)."""

@@ -26,6 +26,7 @@ from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
 from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
 from scifm.data.indexed.packing_index import REFUSED, index_row, laid_out_lengths  # noqa: E402
+from scifm.data.indexed import stream as stream_module  # noqa: E402
 from scifm.data.indexed.stream import IndexedStream, OpenShard  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
@@ -181,8 +182,14 @@ def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus
 
 # --- the loader --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("balance", [False, True])
-def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, make_config, balance):
+@pytest.mark.parametrize("balance, block_bits", [(False, stream_module.BLOCK_BITS), (True, stream_module.BLOCK_BITS),
+                                                 (True, 2)], ids=["mixed", "skills", "skills, blocks of 4 rows"])
+def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, make_config, balance, block_bits,
+                                             monkeypatch):
+    """With blocks of 4 rows every stream measures many blocks of its shard's packing index, and steps
+    across their bounds, within the first batches."""
+    monkeypatch.setattr(stream_module, "BLOCK_BITS", block_bits)
+    monkeypatch.setattr(stream_module, "BLOCK_MASK", (1 << block_bits) - 1)
     extra = ("data.seq_len=64", f"data.balance_skills={balance}")
     modalities = set()
     for split, seed in (("train", 0), ("validation", 1)):

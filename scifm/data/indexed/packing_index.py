@@ -3,7 +3,7 @@
 `scifm data tokenize` writes beside each shard an int32 array, one row per document: its split and
 skill (codes), its stored length and, per stored kind (latex, molecule, protein), how many items it
 has, the sum of their stored ids and its largest item in what the featurizer checks (atoms for a
-molecule, ids otherwise). When a stream opens a shard it turns the whole index at once into each
+molecule, ids otherwise). A stream turns the index, a block of rows at a time, into each
 document's laid-out length under the run's encoders (stored length plus, per kind, items x slots
 less their ids), or REFUSED where an item is over its encoder's max_len; it passes over other splits
 and skills by their codes. Packing then gets a document as an IndexedLayout holding that length:

@@ -1,7 +1,7 @@
 """An indexed source read as a resumable stream, with DocumentStream's interface (the loader uses either).
 
 The cursor is (epoch, shard index, index of the next document in the shard), so a resumed run reads
-its next document directly. When the stream opens a shard it turns the shard's packing index into
+its next document directly. The stream turns a shard's packing index, 65,536 rows at a time, into
 each document's laid-out length under the run's encoders, or a mark for a document of another split
 (by the hash of the id, as for JSONL) or skill (with skills balanced), which it passes over, or one
 refused by a length limit, which it yields as the error its JSONL line gets (reading that document
@@ -28,27 +28,47 @@ from scifm.data.streams import Cursor, SourceSpec, changed
 
 NO_GRAPHS = np.empty(0, DTYPE)  # a document without molecules: its graphs are not read
 OTHER = -2  # the laid-out length of a document another stream reads (another split or skill)
+BLOCK_BITS = 16  # rows measured at once: 65,536, a few ms of numpy
+BLOCK_MASK = (1 << BLOCK_BITS) - 1
 # shards kept open: a batch's documents span the one the stream is in and, just after it moved on,
 # the one before (a layout holds its shard, so one still in a batch stays readable regardless)
 OPEN_SHARDS = 2
 
 
 class OpenShard:
-    """One shard of an indexed dataset as a stream reads it: its documents' laid-out lengths, and its
-    documents themselves, read one at a time."""
+    """One shard of an indexed dataset as a stream reads it: its documents' laid-out lengths and skills,
+    measured a block of rows at a time (the memory stays bounded by the block, however large the
+    shard), and its documents themselves, read one at a time."""
 
     def __init__(self, sidecar, shard: dict, split: str, skill: str | None, tokenizer, enc_cfg: EncodersConfig):
         self.tokenizer, self.enc_cfg = tokenizer, enc_cfg
         self._sidecar, self._shard = sidecar, shard
         self.index = open_packing_index(sidecar, shard)
-        self.skills: list[str] = shard["skills"]
-        self.lengths = laid_out_lengths(self.index, enc_cfg)
-        other = self.index[:, SPLIT] != SPLITS.index(split)
-        if skill is not None:
-            # a skill the shard lacks gets a code no row has
-            other |= self.index[:, SKILL] != (self.skills.index(skill) if skill in self.skills else -1)
-        self.lengths[other] = OTHER
+        self._skills: list[str] = shard["skills"]
+        self._split_code = SPLITS.index(split)
+        # a skill the shard lacks gets a code no row has
+        self._skill_code = None if skill is None else (self._skills.index(skill) if skill in self._skills else -1)
+        self._block = -1
+        self._lengths: list[int] = []  # the current block's, as Python ints: read once per document
+        self._skill_names: list[str] = []
         self._datasets: tuple | None = None  # opened on the first read: a rank may read none of a shard
+
+    def layout(self, pos: int) -> IndexedLayout | int:
+        """The document at `pos` as packing sees it, or OTHER or REFUSED."""
+        if pos >> BLOCK_BITS != self._block:
+            self._measure_block(pos >> BLOCK_BITS)
+        n_ids = self._lengths[pos & BLOCK_MASK]
+        return IndexedLayout(self, pos, self._skill_names[pos & BLOCK_MASK], n_ids) if n_ids >= 0 else n_ids
+
+    def _measure_block(self, block: int) -> None:
+        rows = self.index[block << BLOCK_BITS : (block + 1) << BLOCK_BITS]
+        lengths = laid_out_lengths(rows, self.enc_cfg)
+        other = rows[:, SPLIT] != self._split_code
+        if self._skill_code is not None:
+            other |= rows[:, SKILL] != self._skill_code
+        lengths[other] = OTHER
+        self._block, self._lengths = block, lengths.tolist()
+        self._skill_names = [self._skills[code] for code in rows[:, SKILL].tolist()]
 
     def document(self, pos: int) -> IndexedDocument:
         """Its ids, and for a document with molecules their atom and bond counts (from its metadata)
@@ -118,18 +138,16 @@ class IndexedStream:
                 continue
             self.cursor = (epoch, shard, pos + 1)
             opened = self._open.get(shard) or self._shard(shard)  # (the stream moves forward: the newest)
-            n_ids = int(opened.lengths[pos])
-            if n_ids == OTHER:
-                continue
-            if n_ids == REFUSED:  # named by its id, as the skip of its JSONL line is
+            layout = opened.layout(pos)
+            if isinstance(layout, IndexedLayout):
+                return (epoch, shard, pos), layout, None
+            if layout == REFUSED:  # named by its id, as the skip of its JSONL line is
                 return (epoch, shard, pos), opened.refusal(pos), opened.document_id(pos)
-            return (epoch, shard, pos), IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], n_ids), None
 
     def read_at(self, cursor: Cursor) -> IndexedLayout:
         """The document at `cursor`, which the stream yielded before (a checkpoint's partly emitted one)."""
         _, shard, pos = cursor
-        opened = self._shard(shard)
-        return IndexedLayout(opened, pos, opened.skills[opened.index[pos, SKILL]], int(opened.lengths[pos]))
+        return self._shard(shard).layout(pos)
 
     def _shard(self, shard: int) -> OpenShard:
         if shard in self._open:

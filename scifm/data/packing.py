@@ -32,8 +32,6 @@ class Chunk:
         return self.stop - self.start
 
     def items(self) -> list[EncodedItem]:
-        if self.start == 0 and self.stop == self.doc.n_ids - 1:  # the whole document, as most are
-            return self.doc.items
         return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
 
 

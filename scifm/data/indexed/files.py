@@ -95,8 +95,8 @@ def shard_bins(sidecar: Path) -> tuple[Path, ...]:
 
 class DocumentReader:
     """One of a shard's Megatron IndexedDatasets, read a document at a time through its index's arrays
-    and its memory-mapped .bin reader: the dataset's own __getitem__ costs about 1 us a call, 3x this,
-    in layers (slices, modes, a cache) that reading one document needs none of."""
+    and its memory-mapped .bin reader, without the layers of the dataset's own __getitem__ (slices,
+    modes, a cache) that reading one document needs none of."""
 
     __slots__ = ("_dataset", "_read", "_dtype", "_pointers", "_lengths")
 

@@ -71,12 +71,13 @@ class OpenShard:
         self._skill_names = [self._skills[code] for code in rows[:, SKILL].tolist()]
 
     def document(self, pos: int) -> IndexedDocument:
-        """Its ids, and for a document with molecules their atom and bond counts (from its metadata)
-        and packed graphs; copies, which outlive the shard's maps."""
+        """Its ids (an int64 copy), and for a document with molecules their atom and bond counts (from
+        its metadata) and packed graphs (a view of the map: a layout holds its shard, so the map stays
+        open while the document is in use, and unpacking copies it)."""
         tokens, docs, graphs = self._datasets or self._open()
         if self.index[pos, MOLECULES]:
             atoms, bonds = self._metadata(pos)[3:]
-            return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), graphs[pos].copy())
+            return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), graphs[pos])
         return IndexedDocument(tokens[pos].astype(np.int64), (), (), NO_GRAPHS)
 
     def document_id(self, pos: int) -> str:

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from scifm.model import attention as attention_module
 from scifm.model.attention import Attention, document_causal_mask
 from scifm.model.config import ModelConfig, MoEConfig
+from scifm.model.kv_cache import LayerKV
 from scifm.model.layers import apply_rope, rope_cos_sin
 from scifm.model.transformer import TransformerBlock, count_params, moe_layers
 
@@ -89,6 +91,54 @@ def test_gqa_matches_explicitly_repeated_reference() -> None:
     cos, sin = rope_cos_sin(positions, 8, 10000.0)
     torch.testing.assert_close(attn(x_BSD, cos, sin, mask), _reference_attention(attn, x_BSD, cos, sin, mask),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_give_the_one_calls_result_and_skip_later_keys(monkeypatch) -> None:
+    """Blocks of 4 queries over 11 (the last block short), three documents, with and without cached
+    keys: outputs and every gradient equal one SDPA call's; each call gets only the keys up to its
+    block's last query. Tolerance 1e-6 (fp32): the same sums over fewer masked-out terms."""
+    torch.manual_seed(5)
+    one_call = Attention(d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, qk_norm=True)
+    blocks = copy.deepcopy(one_call)
+    blocks.query_block = 4
+    x_BSD = torch.randn(2, 11, 32)
+    doc_ids_BS = torch.tensor([[0] * 3 + [1] * 6 + [2] * 2, [0] * 11])
+    cos, sin = rope_cos_sin(torch.arange(11)[None].expand(2, -1), 8, 10000.0)
+    mask = document_causal_mask(doc_ids_BS)
+    # five keys already cached before the 11 queries: T = 16
+    cached_mask = torch.cat([torch.ones(2, 1, 11, 5, dtype=torch.bool), mask], dim=3)
+    key_lengths: list[int] = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, **kwargs):
+        key_lengths.append(k.shape[2])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting_sdpa)
+    for m in (mask, cached_mask):
+        k_cached = torch.randn(2, 2, m.shape[3] - 11, 8)
+        with_cache = m is cached_mask
+
+        def run(attn):
+            cache = None
+            if with_cache:
+                cache = LayerKV()
+                cache.append(k_cached, k_cached.flip(0))
+            x = x_BSD.clone().requires_grad_()
+            attn.zero_grad()
+            out_BSD = attn(x, cos, sin, m, cache=cache)
+            out_BSD.square().sum().backward()
+            return [out_BSD.detach(), x.grad] + [p.grad for p in attn.parameters()]
+
+        key_lengths.clear()
+        expected = run(one_call)
+        assert key_lengths == [m.shape[3]]
+        key_lengths.clear()
+        got = run(blocks)
+        offset = m.shape[3] - 11
+        assert key_lengths == [offset + 4, offset + 8, offset + 11]
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
 
 
 def test_rope_depends_only_on_relative_position() -> None:

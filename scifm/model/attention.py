@@ -14,6 +14,27 @@ from scifm.model.kv_cache import LayerKV
 from scifm.model.layers import RMSNorm, apply_rope
 
 
+def blockwise_causal_attention(q_BHSD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor,
+                               mask_B1ST: torch.Tensor, query_block: int) -> torch.Tensor:
+    """SDPA over blocks of query_block queries, each given only the keys up to its last query.
+
+    The mask must be causal (query i, the (T - S + i)-th token, sees no later key), as document and
+    cache masks are: the keys left out of a block's call are ones its mask would hide anyway, so the
+    result is the one call's, and SDPA's masked kernels, which visit every key, do about half the work.
+    query_block 0 or >= S: one call.
+    """
+    S, T = q_BHSD.shape[2], k_BHTD.shape[2]
+    if query_block == 0 or S <= query_block:
+        return F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, attn_mask=mask_B1ST)
+    outs = []
+    for start in range(0, S, query_block):
+        stop = min(start + query_block, S)
+        keys = T - S + stop
+        outs.append(F.scaled_dot_product_attention(q_BHSD[:, :, start:stop], k_BHTD[:, :, :keys],
+                                                   v_BHTD[:, :, :keys], attn_mask=mask_B1ST[:, :, start:stop, :keys]))
+    return torch.cat(outs, dim=2)
+
+
 def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
     """bool [B, 1, S, S]; True where query i may attend key j: same document and j <= i.
 
@@ -27,11 +48,12 @@ def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, qk_norm: bool = False,
-                 bias: str = "none", norm_eps: float = 1e-5):
+                 bias: str = "none", norm_eps: float = 1e-5, query_block: int = 0):
         """bias: none | qkv (on the q, k, v projections) | all (also on wo); qk_norm: an RMSNorm
-        over each query and key head, before RoPE."""
+        over each query and key head, before RoPE; query_block: see blockwise_causal_attention."""
         super().__init__()
         self.head_dim = head_dim
+        self.query_block = query_block
         qkv_bias = bias in ("qkv", "all")
         self.wq = nn.Linear(d_model, n_heads * head_dim, bias=qkv_bias)
         self.wk = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
@@ -49,7 +71,7 @@ class Attention(nn.Module):
         *,
         cache: LayerKV | None = None,
     ) -> torch.Tensor:
-        """mask_B1SS: bool, True = may attend; None = plain causal.
+        """mask_B1SS: bool, True = may attend, and causal (no query sees a later key); None = plain causal.
 
         With a cache the new tokens' K/V are appended to it and queries attend to cached + new keys:
         the mask is then [B, 1, S, T] over all T of them (KVCache.extend makes it).
@@ -79,5 +101,5 @@ class Attention(nn.Module):
         if mask_B1SS is None:
             out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, is_causal=True)
         else:
-            out_BHSD = F.scaled_dot_product_attention(q_BHSD, k_BHTD, v_BHTD, attn_mask=mask_B1SS)
+            out_BHSD = blockwise_causal_attention(q_BHSD, k_BHTD, v_BHTD, mask_B1SS, self.query_block)
         return self.wo(out_BHSD.transpose(1, 2).reshape(B, S, -1))

@@ -70,6 +70,9 @@ class ModelConfig:
     attention_bias: str = "none"  # none | qkv (biases on q, k, v) | all (and on the output projection)
     norm_eps: float = 1e-5
     max_seq_len: int = 256
+    # queries per SDPA call: with causal masks a block's queries see no key after its last one, so
+    # the keys after it are left out of the call (about half the attention work); 0 = one call
+    attention_query_block: int = 256
     tie_embeddings: bool = False
     init_std: float = 0.02
     # start the decoder (and the prose tokenizer) from a pretrained checkpoint: "hf:DIR", a local
@@ -106,6 +109,8 @@ class ModelConfig:
         require(0 <= self.n_dense_layers <= self.n_layers, "model.n_dense_layers",
                  f"must be in [0, n_layers={self.n_layers}], got {self.n_dense_layers}")
         require(self.max_seq_len >= 8, "model.max_seq_len", "must be >= 8")
+        require(self.attention_query_block >= 0, "model.attention_query_block",
+                 f"must be >= 0 (0 = one attention call), got {self.attention_query_block}")
         # RoPE divides by rope_theta's powers; RMSNorm divides by sqrt(mean + eps) (0 gives NaN on a zero row)
         for key in ("rope_theta", "rope_scaling", "norm_eps"):
             require(getattr(self, key) > 0, f"model.{key}", f"must be > 0, got {getattr(self, key)}")

@@ -21,7 +21,8 @@ class TransformerBlock(nn.Module):
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head,
-                                   qk_norm=cfg.qk_norm, bias=cfg.attention_bias, norm_eps=cfg.norm_eps)
+                                   qk_norm=cfg.qk_norm, bias=cfg.attention_bias, norm_eps=cfg.norm_eps,
+                                   query_block=cfg.attention_query_block)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.is_moe = layer_id >= cfg.n_dense_layers
         if self.is_moe:

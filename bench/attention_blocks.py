@@ -1,0 +1,57 @@
+"""One training step of scifm's model with attention over blocks of queries (model.attention_query_block,
+default 256: each block's SDPA call gets only the keys up to its last query) against one SDPA call over
+all keys (attention_query_block=0), same weights, alternated within each round so that load on the
+machine hits both alike. Training masks are document-causal, and SDPA's masked CPU kernels visit every
+key, so the blocks skip work the mask would throw away. Prints the two models' largest logit
+difference first, then per precision the medians, spreads (max / min over rounds) and blocks / one call.
+Run: python bench/attention_blocks.py [--shape small|big] [--precisions fp32 bf16] [--rounds 5] [--batch 4]
+     [--seq 512]
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+from scifm.core.host_memory import keep_freed_host_memory
+from text_step import TextBatch, build_model, model_config, scifm_step, step_arguments
+
+
+def main() -> None:
+    parser = step_arguments(__doc__.splitlines()[0], rounds=5)
+    args = parser.parse_args()
+    keep_freed_host_memory()  # as the trainer does on CPU
+    cfg = model_config(args.shape, args.seq)
+    blocks = build_model(cfg)
+    one_call = copy.deepcopy(blocks)
+    for block in one_call.layers.values():
+        block.attention.query_block = 0
+    batch = TextBatch.random(args.batch, args.seq)
+    with torch.no_grad():
+        logits = [m(batch.input_ids, **batch.model_kwargs()) for m in (blocks, one_call)]
+    print(f"shape {args.shape}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
+          f"batch {args.batch} x {args.seq}, query block {cfg.attention_query_block}; {args.rounds} rounds, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"largest fp32 logit difference {(logits[0] - logits[1]).abs().max().item():.1e}")
+    steps = {(p, name): scifm_step(m, batch, p) for p in args.precisions
+             for name, m in (("blocks", blocks), ("one call", one_call))}
+    for step in steps.values():  # warm-up: kernel probes, allocator, optimizer state
+        step()
+    times: dict[tuple, list[float]] = {v: [] for v in steps}
+    for _ in range(args.rounds):
+        for variant, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[variant].append(time.perf_counter() - t0)
+    for p in args.precisions:
+        med = {name: statistics.median(times[p, name]) for name in ("blocks", "one call")}
+        spreads = ", ".join(f"{name} {max(times[p, name]) / min(times[p, name]):.2f}" for name in med)
+        print(f"{p}: step with blocks {med['blocks'] * 1e3:.0f} ms, one call {med['one call'] * 1e3:.0f} ms "
+              f"(spreads {spreads}); blocks / one call = {med['blocks'] / med['one call']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from scifm.model.config import ModelConfig, MoEConfig
-from scifm.model.flops import decoder_forward_flops, decoder_train_flops_per_token
+from scifm.model import attention as attention_module
+from scifm.model.attention import Attention, document_causal_mask
+from scifm.model.flops import decoder_forward_flops, decoder_train_flops_per_token, keys_visited
+from scifm.model.layers import rope_cos_sin
 from scifm.model.moe import GroupedExperts
 from scifm.model.multimodal import ScientificMoE
 
@@ -39,3 +42,20 @@ def test_decoder_flops_equal_torchs_count_of_its_matmuls(cfg):
     # causal query sees on average
     assert parts["attention scores and values"] == cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.dim_per_head * (S + 1) / 2
     assert decoder_train_flops_per_token(cfg, S, VOCAB) == 3 * sum(parts.values())
+
+
+@pytest.mark.parametrize("seq, block", [(24, 8), (21, 8), (24, 0), (24, 32)])
+def test_keys_visited_is_the_mean_of_the_keys_attentions_calls_get(seq, block, monkeypatch):
+    """The planner's attention work (keys_visited) against the keys the SDPA calls were given, per query."""
+    pairs = []
+    sdpa = attention_module.F.scaled_dot_product_attention
+
+    def counting_sdpa(q, k, v, **kwargs):
+        pairs.append(q.shape[2] * k.shape[2])
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", counting_sdpa)
+    attn = Attention(d_model=16, n_heads=2, n_kv_heads=1, head_dim=8, query_block=block)
+    cos, sin = rope_cos_sin(torch.arange(seq)[None], 8, 10000.0)
+    attn(torch.randn(1, seq, 16), cos, sin, document_causal_mask(torch.zeros(1, seq, dtype=torch.long)))
+    assert keys_visited(seq, block) == pytest.approx(sum(pairs) / seq, rel=1e-12)

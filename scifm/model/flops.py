@@ -4,8 +4,8 @@ layout planner's step time (scifm.plan.time_model).
 A matmul of an [n, a] input with an [a, b] weight is 2ab FLOPs per row; a training step is three
 forward passes' worth (forward, then input and weight gradients). Attention's scores and values
 cost 4 x heads x head_dim FLOPs per query and key: `keys_seen` says over how many keys, (S + 1) / 2
-for the model FLOPs of causal attention (the work the problem needs), S for what a kernel that
-computes every masked pair does. Norms, RoPE, activations and the router's softmax are left out:
+for the model FLOPs of causal attention (the work the problem needs), `keys_visited` for what the
+model's SDPA calls compute (every masked pair of the keys each block of queries is given). Norms, RoPE, activations and the router's softmax are left out:
 they are not matmuls and are small.
 """
 
@@ -19,6 +19,16 @@ TRAIN_PASSES = 3  # forward + backward (grad of inputs + grad of weights)
 def causal_keys(seq_len: int) -> float:
     """Keys a causal query sees on average."""
     return (seq_len + 1) / 2
+
+
+def keys_visited(seq_len: int, query_block: int) -> float:
+    """Keys a query's SDPA call computes on average: a block of queries gets the keys up to its last
+    query (model.attention_query_block; 0 = one call over all keys)."""
+    if query_block == 0 or seq_len <= query_block:
+        return float(seq_len)
+    starts = range(0, seq_len, query_block)
+    return sum((min(start + query_block, seq_len) - start) * min(start + query_block, seq_len)
+               for start in starts) / seq_len
 
 
 def layer_forward_flops(cfg: ModelConfig, moe: bool, keys_seen: float) -> dict[str, float]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scifm.config import RunConfig
-from scifm.model.flops import layer_forward_flops, output_forward_flops
+from scifm.model.flops import keys_visited, layer_forward_flops, output_forward_flops
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.config import PlanConfig
 from scifm.plan.encoder_load import EncoderSampler
@@ -27,7 +27,8 @@ from scifm.plan.shapes import ModelShapes
 
 FORMULAS = """\
 compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed blocks) / (peak x mfu)
-            forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*S*h*hd  (/tp),
+            forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*K*h*hd  (/tp; K = keys a query's
+            SDPA call gets: S, or with query blocks of q (model.attention_query_block) the blocks' mean end),
             dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
             shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
             + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
@@ -76,8 +77,9 @@ TP_SPLIT = {"attention projections", "attention scores and values", "dense feed-
 
 def rank_block_flops(shapes: ModelShapes, moe: bool, s: LayoutSizes) -> float:
     """Forward FLOPs per token of one decoder block on one rank. The document mask is arbitrary, so
-    SDPA's kernels compute every query-key pair: attention counts all S keys."""
-    parts = layer_forward_flops(shapes.cfg, moe, s.seq)
+    SDPA's kernels compute every query-key pair they are given: attention counts the keys each block
+    of queries gets."""
+    parts = layer_forward_flops(shapes.cfg, moe, keys_visited(s.seq, shapes.cfg.attention_query_block))
     split = TP_SPLIT | ({"routed experts"} if s.ep > 1 else set())
     return sum(flops / s.tp if part in split else flops for part, flops in parts.items())
 

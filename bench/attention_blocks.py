@@ -1,9 +1,11 @@
 """One training step of scifm's model with attention over blocks of queries (model.attention_query_block,
 default 256: each block's SDPA call gets only the keys up to its last query) against one SDPA call over
-all keys (attention_query_block=0), same weights, alternated within each round so that load on the
-machine hits both alike. Training masks are document-causal, and SDPA's masked CPU kernels visit every
-key, so the blocks skip work the mask would throw away. Prints the two models' largest logit
-difference first, then per precision the medians, spreads (max / min over rounds) and blocks / one call.
+all keys (attention_query_block=0), same weights, alternated within each round (in flipped order every
+other round) so that load on the machine hits both alike. Training masks are document-causal, and
+SDPA's masked CPU kernels visit every key, so the blocks skip work the mask would throw away. Prints
+the two models' largest logit difference first, then per precision the medians, spreads (max / min
+over rounds) and blocks / one call. A bench of the attention layer alone would show the gain
+without the rest of the step's noise, but the step is what a run pays.
 Run: python bench/attention_blocks.py [--shape small|big] [--precisions fp32 bf16] [--rounds 5] [--batch 4]
      [--seq 512]
 """
@@ -38,11 +40,12 @@ def main() -> None:
           f"largest fp32 logit difference {(logits[0] - logits[1]).abs().max().item():.1e}")
     steps = {(p, name): scifm_step(m, batch, p) for p in args.precisions
              for name, m in (("blocks", blocks), ("one call", one_call))}
-    for step in steps.values():  # warm-up: kernel probes, allocator, optimizer state
-        step()
+    for step in [*steps.values()] * 2:  # warm-up: kernel probes, allocator, optimizer state (a first
+        step()                           # timed step after a single warm-up one still ran up to 1.4x slower)
     times: dict[tuple, list[float]] = {v: [] for v in steps}
-    for _ in range(args.rounds):
-        for variant, step in steps.items():
+    order = list(steps.items())
+    for r in range(args.rounds):  # the order flips every round: neither variant always follows the other
+        for variant, step in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
             step()
             times[variant].append(time.perf_counter() - t0)

@@ -4,8 +4,9 @@ all keys (attention_query_block=0), same weights, alternated within each round (
 other round) so that load on the machine hits both alike. Training masks are document-causal, and
 SDPA's masked CPU kernels visit every key, so the blocks skip work the mask would throw away. Prints
 the two models' largest logit difference first, then per precision the medians, spreads (max / min
-over rounds) and blocks / one call. A bench of the attention layer alone would show the gain
-without the rest of the step's noise, but the step is what a run pays.
+over rounds) and blocks / one call, for the whole step (what a run pays) and for the first block's
+attention layer alone (forward + backward on the same input: the gain without the rest of the step's
+noise).
 Run: python bench/attention_blocks.py [--shape small|big] [--precisions fp32 bf16] [--rounds 5] [--batch 4]
      [--seq 512]
 """
@@ -19,7 +20,25 @@ import time
 import torch
 
 from scifm.core.host_memory import keep_freed_host_memory
-from text_step import TextBatch, build_model, model_config, scifm_step, step_arguments
+from scifm.model.attention import document_causal_mask
+from scifm.model.layers import rope_cos_sin
+from scifm.model.multimodal import ScientificMoE
+from text_step import TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments
+
+
+def attention_layer_pass(model: ScientificMoE, batch: TextBatch, precision: str):
+    """A callable running forward + backward of the model's first attention layer on a fixed input."""
+    cfg, (B, S) = model.cfg, batch.input_ids.shape
+    attention = model.layers["0"].attention
+    x_BSD = torch.randn(B, S, cfg.d_model, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    cos, sin = rope_cos_sin(batch.model_kwargs()["positions_BS"], cfg.dim_per_head, cfg.rope_theta)
+    mask_B1SS = document_causal_mask(batch.model_kwargs()["doc_ids_BS"])
+
+    def run() -> None:
+        with autocast_of(precision):
+            out_BSD = attention(x_BSD, cos, sin, mask_B1SS)
+        out_BSD.float().square().mean().backward()
+    return run
 
 
 def main() -> None:
@@ -38,7 +57,8 @@ def main() -> None:
           f"batch {args.batch} x {args.seq}, query block {cfg.attention_query_block}; {args.rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"largest fp32 logit difference {(logits[0] - logits[1]).abs().max().item():.1e}")
-    steps = {(p, name): scifm_step(m, batch, p) for p in args.precisions
+    steps = {(p, part, name): make(m, batch, p) for p in args.precisions
+             for part, make in (("step", scifm_step), ("attention layer", attention_layer_pass))
              for name, m in (("blocks", blocks), ("one call", one_call))}
     for step in [*steps.values()] * 2:  # warm-up: kernel probes, allocator, optimizer state (a first
         step()                           # timed step after a single warm-up one still ran up to 1.4x slower)
@@ -49,10 +69,10 @@ def main() -> None:
             t0 = time.perf_counter()
             step()
             times[variant].append(time.perf_counter() - t0)
-    for p in args.precisions:
-        med = {name: statistics.median(times[p, name]) for name in ("blocks", "one call")}
-        spreads = ", ".join(f"{name} {max(times[p, name]) / min(times[p, name]):.2f}" for name in med)
-        print(f"{p}: step with blocks {med['blocks'] * 1e3:.0f} ms, one call {med['one call'] * 1e3:.0f} ms "
+    for p, part in dict.fromkeys((p, part) for p, part, _ in steps):
+        med = {name: statistics.median(times[p, part, name]) for name in ("blocks", "one call")}
+        spreads = ", ".join(f"{name} {max(times[p, part, name]) / min(times[p, part, name]):.2f}" for name in med)
+        print(f"{p} {part}: with blocks {med['blocks'] * 1e3:.0f} ms, one call {med['one call'] * 1e3:.0f} ms "
               f"(spreads {spreads}); blocks / one call = {med['blocks'] / med['one call']:.2f}")
 
 

@@ -38,9 +38,10 @@ LAYOUTS = {
         ["parallel.pp=2", "parallel.pp_split=[1,3]"],  # stage 0: embeddings, encoders, 1 layer
         ["parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.tp=2", "parallel.ep=2"],  # ep spans the tp ranks
-        # what imported Qwen3/GLM models bring: q/k norms sharded over heads, biases, partial RoPE
+        # what imported Qwen3/GLM models bring: q/k norms sharded over heads, biases, partial RoPE;
+        # and attention over blocks of 16 of the 64 queries (the default block exceeds these rows)
         ["parallel.tp=2", "model.qk_norm=true", "model.attention_bias=all", "model.rope_fraction=0.5",
-         "model.moe.norm_topk_prob=true", "model.moe.router_dtype=fp32"],
+         "model.moe.norm_topk_prob=true", "model.moe.router_dtype=fp32", "model.attention_query_block=16"],
     ],
     4: [
         ["parallel.dp_shard=4"],

@@ -9,6 +9,8 @@ Each mode builds the model, runs warm-up steps, then times steps of forward, bac
   fp8           trainer.precision=fp8 with the default layers (torchao tensorwise Linear layers, the
                 routed experts through per-expert scaled matmuls)
   fp8_dense     FP8 Linear layers only; routed experts stay in bf16 (trainer.fp8.exclude adds *experts)
+  bf16_one_call bf16 with each layer's attention as one SDPA call over all keys
+                (model.attention_query_block=0), against the default blocks of 256 queries of bf16
 
 Model FLOPs per token: 6 x the matmul parameters a token uses (attention, router, its top-k experts,
 output) + 12 x layers x heads x head_dim x sequence for attention scores (torchtitan's count, no
@@ -20,6 +22,7 @@ causal halving). MFU is against the GPU's dense bf16 peak (`--peak-tflops`, defa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -55,12 +58,14 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
 def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int,
             device: torch.device) -> dict:
     cuda = device.type == "cuda"
+    if mode == "bf16_one_call":
+        cfg = dataclasses.replace(cfg, attention_query_block=0)
     torch.manual_seed(0)
     with device:
         model = ScientificMoE(cfg, {"total": VOCAB, "text": VOCAB, "latex": 512, "protein": 32})  # encoders idle
     autocast = autocast_for("bf16", device)
     fp8_layers = None
-    if mode != "bf16":
+    if mode.startswith("fp8"):
         exclude = Fp8Config().exclude + (["*experts"] if mode == "fp8_dense" else [])
         conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)
         autocast = conversion.forward_context(autocast)
@@ -106,7 +111,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--modes", default="bf16,fp8,fp8_dense")
+    parser.add_argument("--modes", default="bf16,fp8,fp8_dense,bf16_one_call")
     parser.add_argument("--out", default="gpu_step.json")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (to try the script, not to measure)")
     args = parser.parse_args()

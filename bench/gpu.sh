@@ -2,8 +2,9 @@
 # The GPU check in one call, on a single-GPU machine without network (Python 3.12, a CUDA torch,
 # triton, transformers). First run bench/gpu_prepare.sh where there is network and carry .gpu/.
 # Runs the gpu-marked tests (FP8, bf16, NCCL; Megatron-Core's logits against scifm's, engine=megatron's
-# training against the native engine's), then bench/gpu_step.py (bf16 against FP8, and attention over query blocks against
-# one call, on a Qwen3-30B-A3B-shaped model cut to 6 layers); everything lands in $OUT (default gpu_out/). About 6 minutes on an H200.
+# training against the native engine's), then bench/gpu_step.py (bf16 against FP8, and attention over
+# query blocks against one call, on a Qwen3-30B-A3B-shaped model cut to 6 layers); everything lands
+# in $OUT (default gpu_out/). About 6 minutes on an H200.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

@@ -171,12 +171,15 @@ def saved_bytes(forward, skip: list[torch.Tensor]) -> int:
     return total
 
 
+@pytest.mark.parametrize("query_block", [0, 16])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_activation_table_matches_the_tensors_a_block_saves(bf16):
+def test_activation_table_matches_the_tensors_a_block_saves(bf16, query_block):
     """ACTIVATION_BYTES against a count of what autograd keeps, for a dense and an MoE block of a shape
-    other than the one it was counted on: within 1% (the router's per-expert bytes are rounded)."""
+    other than the one it was counted on: within 1% (the router's per-expert bytes are rounded).
+    Attention over blocks of 16 of the 64 queries saves what one call does (its key slices are views)."""
     cfg = ModelConfig(d_model=192, n_heads=6, n_kv_heads=2, head_dim=16, ffn_hidden=256, n_layers=2,
-                      n_dense_layers=1, moe=MoEConfig(n_experts=16, top_k=3, expert_ffn=64, n_shared_experts=2))
+                      n_dense_layers=1, moe=MoEConfig(n_experts=16, top_k=3, expert_ffn=64, n_shared_experts=2),
+                      attention_query_block=query_block)
     run = compose_run_config(["experiment=tiny", "trainer.precision=" + ("bf16" if bf16 else "fp32"), "data.seq_len=64",
                               "trainer.batch_size=2"])
     run.model = cfg

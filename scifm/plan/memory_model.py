@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass, field
 
 from scifm.config import RunConfig
+from scifm.model.cross_entropy import chunk_rows
+from scifm.model.flops import keys_visited
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout
@@ -32,14 +34,17 @@ FP32 = 4
 # Bytes per token saved for backward by one decoder block, per unit of each width, in the two
 # regimes the code runs: fp32 (weights and compute in fp32) and bf16 (bf16 weights under bf16
 # autocast, i.e. FSDP2 with parallel.mixed_precision=bf16). Units: resid per d_model, attn per
-# n_heads x head_dim, head per head, mask per sequence position (the boolean document mask becomes a
-# bias of the compute dtype in every layer's attention), ffn per ffn_hidden, router per expert,
-# routed_* per chosen expert (top_k) and per d_model / expert_ffn, shared per shared-expert width.
+# n_heads x head_dim, head per head, mask per key an SDPA call gives a query (the boolean document
+# mask becomes a bias of the compute dtype in every layer's attention), blocks per n_heads x head_dim
+# where attention runs over blocks of queries (their outputs, which SDPA keeps, are joined into a
+# copy that the output projection keeps; one call's output is kept once), ffn per ffn_hidden, router
+# per expert, routed_* per chosen expert (top_k) and per d_model / expert_ffn, shared per
+# shared-expert width.
 ACTIVATION_BYTES = {
-    "fp32": dict(resid=24, attn=16, head=4, mask=4, ffn=16, router=8, routed_d=12, routed_f=16, routed=28,
-                 shared=16, dense=8, moe=20),
-    "bf16": dict(resid=16, attn=8, head=4, mask=2, ffn=8, router=8, routed_d=6, routed_f=8, routed=26,
-                 shared=8, dense=8, moe=20),
+    "fp32": dict(resid=24, attn=16, head=4, mask=4, blocks=4, ffn=16, router=8, routed_d=12, routed_f=16,
+                 routed=28, shared=16, dense=8, moe=20),
+    "bf16": dict(resid=16, attn=8, head=4, mask=2, blocks=2, ffn=8, router=8, routed_d=6, routed_f=8,
+                 routed=26, shared=8, dense=8, moe=20),
 }
 # of the residual-width bytes, the share held on sequence shards under sequence parallelism (each
 # norm's input and fp32 output); the rest (the gathered inputs of attention and the FFN) is whole
@@ -164,8 +169,10 @@ def block_activation_bytes(shapes: ModelShapes, layer_id: int, s: LayoutSizes) -
     resid = c["resid"] * cfg.d_model
     if s.sp:
         resid = resid * SP_SHARDED_RESID / s.tp + resid * (1 - SP_SHARDED_RESID)
-    per_token = (resid + (c["attn"] * cfg.n_heads * cfg.dim_per_head + c["head"] * cfg.n_heads) / s.tp
-                 + c["mask"] * s.seq)
+    blocks = 0 < cfg.attention_query_block < s.seq
+    attn = c["attn"] + (c["blocks"] if blocks else 0)
+    per_token = (resid + (attn * cfg.n_heads * cfg.dim_per_head + c["head"] * cfg.n_heads) / s.tp
+                 + c["mask"] * keys_visited(s.seq, cfg.attention_query_block))
     if layer_id < cfg.n_dense_layers:
         per_token += c["ffn"] * cfg.ffn_hidden / s.tp + c["dense"]
     else:
@@ -235,16 +242,7 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
         if encoders is not None:  # never checkpointed; whole on every tp rank (each holds its rows' items)
             detail["encoders"] = flight * encoders.load(s.dp, encoder_regime(s)).saved_bytes
     if last:
-        vocab = shapes.vocab // s.tp if s.loss_parallel else shapes.vocab
-        # at the loss's backward: the logits, their fp32 copy (bf16 only), log-softmax's output and the
-        # gradients with respect to both; loss parallelism's backward (DTensor's fused nll_loss and
-        # log-softmax backward) holds one more tensor of the vocabulary shard's size (measured, tp=2)
-        per_entry = FP32 * (5 if s.loss_parallel else 4) + (s.act_bytes if s.act_bytes != FP32 else 0)
-        # each other micro-batch in flight keeps its logits (the stage's output) and the fp32
-        # log-softmax output the loss saves: measured under GPipe, a last stage's peak grows by these
-        # plus the blocks' activations with every micro-batch (30.4 MB; predicted 29.7)
-        per_entry += (flight - 1) * (s.act_bytes + FP32)
-        detail["logits"] = int(s.tokens * vocab * per_entry)
+        detail["logits"] = int(_loss_bytes(shapes.vocab, s, flight))
     activations = sum(detail.values())
 
     buffers: dict[str, int] = {}
@@ -275,3 +273,21 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
     return MemoryBreakdown(params=params, grads=grads, optimizer=2 * params, activations=activations,
                            buffers=sum(buffers.values()), pp_rank=pp_rank,
                            grads_meet_activations=flight < s.microbatches, detail=detail)
+
+
+def _loss_bytes(vocab: int, s: LayoutSizes, flight: int) -> float:
+    """The logits and what the loss holds of them at its peak, with the micro-batches in flight."""
+    if s.loss_parallel:
+        vocab //= s.tp
+        # torch's cross-entropy, at its backward: the logits, their fp32 copy (bf16 only), log-softmax's
+        # output and the gradients with respect to both; loss parallelism's backward (DTensor's fused
+        # nll_loss and log-softmax backward) holds one more tensor of the vocabulary shard's size
+        # (measured, tp=2); each other micro-batch in flight keeps its logits (the stage's output)
+        # and the fp32 log-softmax output the loss saves
+        per_entry = FP32 * 5 + (s.act_bytes if s.act_bytes != FP32 else 0) + (flight - 1) * (s.act_bytes + FP32)
+        return s.tokens * vocab * per_entry
+    # the chunked cross-entropy, in its forward: the logits, the gradient buffer (both in the logits'
+    # dtype) and one chunk's fp32 log-softmax (and, for bf16 logits, the fp32 copy it reads them from);
+    # each other micro-batch in flight keeps its logits (the stage's output) and its gradient buffer
+    chunk = min(s.tokens, chunk_rows(vocab)) * vocab * FP32 * (1 if s.act_bytes == FP32 else 2)
+    return s.tokens * vocab * 2 * s.act_bytes * flight + chunk

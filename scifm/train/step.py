@@ -12,17 +12,23 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from scifm.data.packing import IGNORE_INDEX, Batch
+from scifm.model.cross_entropy import ChunkedCrossEntropy
 from scifm.parallel.distributed import DistContext
 from scifm.parallel.runner import ModelRunner
 
 
 def scaled_cross_entropy(logits_BSV: torch.Tensor, labels_BS: torch.Tensor, scale: float) -> torch.Tensor:
-    """Summed next-token cross-entropy over the targets, times `scale`: the trainer's loss_fn."""
-    loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    return loss * scale
+    """Summed next-token cross-entropy over the targets, times `scale`: the trainer's loss_fn. Logits
+    sharded over the vocabulary (a DTensor, under parallel.loss_parallel) go through torch's
+    cross-entropy, which loss_parallel implements for them; whole logits through the chunked one."""
+    if isinstance(logits_BSV, DTensor):
+        loss = F.cross_entropy(logits_BSV.float().flatten(0, 1), labels_BS.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+        return loss * scale
+    return ChunkedCrossEntropy.apply(logits_BSV.flatten(0, 1), labels_BS.flatten(), scale, IGNORE_INDEX)
 
 
 def train_step(runner: ModelRunner, micro: list[Batch], ctx: DistContext, grad_clip: float) -> tuple[float, float]:

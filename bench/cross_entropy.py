@@ -2,8 +2,9 @@
 (`F.cross_entropy(logits.float(), reduction="sum")`, which the trainer used before), forward +
 backward on the same logits, alternated within each round (the order flipped every other round).
 Prints per dtype and shape the medians, spreads (max / min over rounds), chunked / torch's time,
-the bytes each keeps between forward and backward (counted with saved_tensors_hooks) and the
-largest gradient difference.
+the bytes each keeps between forward and backward (counted with saved_tensors_hooks), the peak each
+allocates above the logits in forward + backward (torch's profiler, as memory.json's step peak; a
+pass of its own, untimed) and the largest gradient difference.
 Run: python bench/cross_entropy.py [--rounds 7] [--shapes 2048x8192 4096x32768]
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from scifm.model.cross_entropy import ChunkedCrossEntropy
+from scifm.parallel.memory import step_peak_bytes
 
 IGNORE = -100
 
@@ -60,6 +62,11 @@ def main() -> None:
             base_NV = (3 * torch.randn(n, v, generator=g)).to(dtype)
             fns = {"chunked": chunked, "torch": torchs}
             results = {name: run(fn, base_NV, labels_N) for name, fn in fns.items()}  # warm-up
+            peak = {}
+            for name, fn in fns.items():
+                with step_peak_bytes(torch.device("cpu")) as measured:
+                    run(fn, base_NV, labels_N)
+                peak[name] = (measured["step_peak_bytes"] - base_NV.nbytes) / 2**20  # less the logits' clone
             times: dict[str, list[float]] = {name: [] for name in fns}
             order = list(fns.items())
             for r in range(args.rounds):
@@ -71,8 +78,9 @@ def main() -> None:
             diff = (results["chunked"][2].float() - results["torch"][2].float()).abs().max().item()
             print(f"{n} x {v} {str(dtype).removeprefix('torch.')}: chunked {ours * 1e3:.1f} ms, torch's "
                   f"{theirs * 1e3:.1f} ms (spreads {spread['chunked']:.2f}, {spread['torch']:.2f}); chunked / "
-                  f"torch's = {ours / theirs:.2f}; kept for backward {kept['chunked']:.1f} MiB against "
-                  f"{kept['torch']:.1f} MiB; largest gradient difference {diff:.1e}")
+                  f"torch's = {ours / theirs:.2f}; kept for backward {kept['chunked']:.0f} MiB against "
+                  f"{kept['torch']:.0f}, peak {peak['chunked']:.0f} MiB against {peak['torch']:.0f}; "
+                  f"largest gradient difference {diff:.1e}")
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,9 @@
 
 The shape is Qwen3-30B-A3B's (width 2048, 32 query / 4 KV heads of 128, 128 experts top-8 of width
 768, vocabulary 151936) with fewer layers, so that weights, gradients and AdamW state fit one GPU.
-Each mode builds the model, runs warm-up steps, then times steps of forward, backward and AdamW
-(fused) on random tokens; modes run one after another (two such models do not fit together).
+Each mode builds the model, runs warm-up steps, then times steps of forward, the trainer's loss
+(the chunked cross-entropy), backward and AdamW (fused) on random tokens; modes run one after
+another (two such models do not fit together).
 
   bf16          bf16 autocast, fp32 master weights (trainer.precision=bf16)
   fp8           trainer.precision=fp8 with the default layers (torchao tensorwise Linear layers, the
@@ -36,6 +37,7 @@ from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.fp8 import apply_fp8
 from scifm.parallel.fp8_config import Fp8Config
+from scifm.train.step import scaled_cross_entropy
 
 VOCAB = 151936
 
@@ -83,7 +85,7 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         t0 = time.perf_counter()
         with autocast:
             logits = model(tokens[:, :-1], positions, doc_ids)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss = scaled_cross_entropy(logits, tokens[:, 1:], 1.0 / (batch * seq))  # the trainer's loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

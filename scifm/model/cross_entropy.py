@@ -1,12 +1,13 @@
 """The training loss's cross-entropy, computed a chunk of rows at a time with its gradient.
 
 torch's cross-entropy on a step's logits (cast to fp32 first) keeps, until backward, an fp32
-log-softmax of every token over the whole vocabulary, and its backward adds fp32 tensors of the same
-size (a zero-filled gradient, the log-softmax's) and the cast back to the logits' dtype: several
-times the logits' own bytes. Here each chunk's log-softmax gives its share of the loss and, straight away, its share of
-the gradient (scale x (softmax - one-hot of the target), zero where no loss is taken), written into
-one buffer of the logits' dtype; backward hands that buffer on. What stays between forward and
-backward is that buffer, and a chunk's fp32 temporaries are all the forward adds.
+log-softmax of every token over the whole vocabulary, and its backward adds fp32 tensors of the
+same size (a zero-filled gradient, the log-softmax's) and the cast back to the logits' dtype:
+several times the logits' own bytes. Here each chunk's log-softmax gives its share of the loss and,
+straight away, its share of the gradient (scale x (softmax - one-hot of the target), zero where no
+loss is taken), written into one buffer of the logits' dtype; backward hands that buffer on. What
+stays between forward and backward is that buffer, and a chunk's fp32 temporaries are all the
+forward adds.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ A matmul of an [n, a] input with an [a, b] weight is 2ab FLOPs per row; a traini
 forward passes' worth (forward, then input and weight gradients). Attention's scores and values
 cost 4 x heads x head_dim FLOPs per query and key: `keys_seen` says over how many keys, (S + 1) / 2
 for the model FLOPs of causal attention (the work the problem needs), `keys_visited` for what the
-model's SDPA calls compute (every masked pair of the keys each block of queries is given). Norms, RoPE, activations and the router's softmax are left out:
-they are not matmuls and are small.
+model's SDPA calls compute (every masked pair of the keys each block of queries is given). Norms,
+RoPE, activations and the router's softmax are left out: they are not matmuls and are small.
 """
 
 from __future__ import annotations

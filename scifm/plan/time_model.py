@@ -27,8 +27,9 @@ from scifm.plan.shapes import ModelShapes
 
 FORMULAS = """\
 compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed blocks) / (peak x mfu)
-            forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*K*h*hd  (/tp; K = keys a query's
-            SDPA call gets: S, or with query blocks of q (model.attention_query_block) the blocks' mean end),
+            forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*K*h*hd  (/tp),
+            K = the keys a query's SDPA call is given: S, or under blocks of queries
+            (model.attention_query_block) the end of the query's block, averaged over the queries;
             dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
             shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
             + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)

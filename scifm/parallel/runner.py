@@ -87,6 +87,7 @@ class ModelRunner:
                 logits_BSV = self.train_forward(batch.input_ids, **batch.model_kwargs())
             with loss_parallel_for(logits_BSV):
                 loss = self.loss_fn(logits_BSV, batch.labels, scale)
+                del logits_BSV  # the loss keeps what its backward needs: the logits need not outlive it
                 self.backward(loss)
             total += full_value(loss.detach()).double()
         return total.cpu()

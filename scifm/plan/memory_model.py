@@ -279,15 +279,17 @@ def _loss_bytes(vocab: int, s: LayoutSizes, flight: int) -> float:
     """The logits and what the loss holds of them at its peak, with the micro-batches in flight."""
     if s.loss_parallel:
         vocab //= s.tp
-        # torch's cross-entropy, at its backward: the logits, their fp32 copy (bf16 only), log-softmax's
-        # output and the gradients with respect to both; loss parallelism's backward (DTensor's fused
-        # nll_loss and log-softmax backward) holds one more tensor of the vocabulary shard's size
-        # (measured, tp=2); each other micro-batch in flight keeps its logits (the stage's output)
-        # and the fp32 log-softmax output the loss saves
-        per_entry = FP32 * 5 + (s.act_bytes if s.act_bytes != FP32 else 0) + (flight - 1) * (s.act_bytes + FP32)
+        # torch's cross-entropy, at its backward: log-softmax's output and the fp32 gradients with
+        # respect to it and to the logits, and for bf16 logits that gradient cast back; loss
+        # parallelism's backward (DTensor's fused nll_loss and log-softmax backward) holds one more
+        # tensor of the vocabulary shard's size (measured, tp=2). The logits themselves are gone by
+        # then (the runner drops them once the loss is made; measured, tp=2). Each other micro-batch
+        # in flight keeps its logits (the stage's output) and the fp32 log-softmax output the loss saves
+        per_entry = FP32 * 4 + (s.act_bytes if s.act_bytes != FP32 else 0) + (flight - 1) * (s.act_bytes + FP32)
         return s.tokens * vocab * per_entry
     # the chunked cross-entropy, in its forward: the logits, the gradient buffer (both in the logits'
     # dtype) and one chunk's fp32 log-softmax (and, for bf16 logits, the fp32 copy it reads them from);
-    # each other micro-batch in flight keeps its logits (the stage's output) and its gradient buffer
+    # its backward holds less (the runner has dropped the logits). Each other micro-batch in flight
+    # keeps its logits (the stage's output) and its gradient buffer
     chunk = min(s.tokens, chunk_rows(vocab)) * vocab * FP32 * (1 if s.act_bytes == FP32 else 2)
     return s.tokens * vocab * 2 * s.act_bytes * flight + chunk

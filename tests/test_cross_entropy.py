@@ -34,6 +34,10 @@ def test_chunks_give_torchs_loss_and_gradient(dtype, monkeypatch):
     gradient is rounded to bf16 once, this one twice here (the loss's gradient of 3 multiplies it in
     bf16), so they may differ by two bf16 steps (2**-7 relative)."""
     monkeypatch.setattr(cross_entropy, "CHUNK_LOGITS", 3 * V)
+    chunk_rows = []
+    log_softmax = F.log_softmax
+    monkeypatch.setattr(cross_entropy.F, "log_softmax",
+                        lambda x, **kwargs: chunk_rows.append(x.shape[0]) or log_softmax(x, **kwargs))
     logits, labels = _logits_and_labels(dtype)
     got_logits, want_logits = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     got = scaled_cross_entropy(got_logits.view(2, N // 2, V), labels.view(2, N // 2), 0.25)
@@ -41,6 +45,7 @@ def test_chunks_give_torchs_loss_and_gradient(dtype, monkeypatch):
     (3 * got).backward()  # a gradient other than 1 reaches the loss
     (3 * want).backward()
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert chunk_rows == [3, 3, 3, 1]  # the fp32 temporaries never span more than a chunk
     tolerance = 1e-6 if dtype == torch.float32 else 2**-7
     torch.testing.assert_close(got_logits.grad, want_logits.grad, rtol=tolerance, atol=1e-7)
     assert got_logits.grad.dtype == dtype

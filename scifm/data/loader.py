@@ -104,30 +104,27 @@ class PackedLoader:
             self.pending, self.pending_chunks = (i, cursor, 0), chunks
             return
 
-    def _peek_chunk(self) -> Chunk:
-        if self.pending is None:
-            self._next_document()
-        return self.pending_chunks[self.pending[2]]
-
-    def _pop_chunk(self) -> None:
-        i, cursor, k = self.pending
-        self.pending = (i, cursor, k + 1) if k + 1 < len(self.pending_chunks) else None
-
     # --- chunks -> rows -> batches --------------------------------------------------------------
     def _next_row(self) -> Row:
+        """Chunks in order until the next one does not fit. Run for every document of the global batch
+        on every rank, so the pending document's chunks are stepped through inline."""
+        seq_len, streams = self.cfg.seq_len, self.streams
         row, used = Row(), 0
         while True:
-            chunk = self._peek_chunk()
-            if used + chunk.length > self.cfg.seq_len and row.chunks:
+            if self.pending is None:
+                self._next_document()
+            i, cursor, k = self.pending
+            chunk = self.pending_chunks[k]
+            if used + chunk.length > seq_len and row.chunks:
                 return row
-            source = self.streams[self.pending[0]].spec.name
+            self.pending = (i, cursor, k + 1) if k + 1 < len(self.pending_chunks) else None
+            source = streams[i].spec.name
             self.tokens_by_source[source] += chunk.length
-            self._pop_chunk()
             row.chunks.append(chunk)
             row.sources.append(source)
             used += chunk.length
             self.tokens_by_skill[chunk.doc.skill] += chunk.length
-            if used == self.cfg.seq_len:
+            if used == seq_len:
                 return row
 
     def next_rows(self) -> list[Row]:

@@ -21,15 +21,14 @@ from scifm.core.errors import DocumentFormatError
 IGNORE_INDEX = -100
 
 
-@dataclass
 class Chunk:
-    doc: LaidOut
-    start: int  # inputs are doc.ids[start:stop], targets doc.ids[start + 1:stop + 1]
-    stop: int
+    """inputs are doc.ids[start:stop], targets doc.ids[start + 1:stop + 1]. Every rank makes one for
+    each document of the global batch, so it is a slotted class whose length is computed once."""
 
-    @property
-    def length(self) -> int:
-        return self.stop - self.start
+    __slots__ = ("doc", "start", "stop", "length")
+
+    def __init__(self, doc: LaidOut, start: int, stop: int):
+        self.doc, self.start, self.stop, self.length = doc, start, stop, stop - start
 
     def items(self) -> list[EncodedItem]:
         return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
@@ -37,6 +36,8 @@ class Chunk:
 
 def chunk_document(doc: LaidOut, seq_len: int) -> list[Chunk]:
     last = doc.n_ids - 1  # index of the final target
+    if 0 < last <= seq_len:  # fits a row: most documents, and nothing to cut
+        return [Chunk(doc, 0, last)]
     chunks, start = [], 0
     while start < last:
         stop = min(start + seq_len, last)

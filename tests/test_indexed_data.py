@@ -4,6 +4,7 @@ the JSONL files give, resume exactly, and refuse a foreign tokenizer; bad input 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import json
@@ -20,6 +21,7 @@ pytest.importorskip("megatron.core")
 from scifm.cli import main  # noqa: E402
 from scifm.core.errors import DataError, DocumentFormatError  # noqa: E402
 from scifm.data import loader as loader_module  # noqa: E402
+from scifm.data import lookahead  # noqa: E402
 from scifm.data.encode import EncodedDocument, encode_document  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
 from scifm.data.features.molecule import featurize_molecule  # noqa: E402
@@ -27,11 +29,30 @@ from scifm.data.indexed import layout  # noqa: E402
 from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
 from scifm.data.indexed.packing_index import REFUSED, index_row, laid_out_lengths  # noqa: E402
 from scifm.data.indexed import stream as stream_module  # noqa: E402
-from scifm.data.indexed.stream import IndexedStream, OpenShard  # noqa: E402
+from scifm.data.indexed.stream import OpenShard  # noqa: E402
 from scifm.data.indexed.write import tokenize_corpus  # noqa: E402
 from scifm.data.streams import resolve_sources  # noqa: E402
 from scifm.tokenizers import ScientificTokenizer  # noqa: E402
 from tests.test_data_pipeline import batches_equal, make_loader, text_doc, user_config  # noqa: E402
+
+# how a loader draws: a batch's draws at once, with the indexed streams' documents taken from their
+# blocks (scifm.data.lookahead), or one document at a time, as a batch under lookahead.MIN_DRAWS does
+EVERY_BATCH, ONE_AT_A_TIME = 0, 10**9
+
+
+@contextlib.contextmanager
+def drawing(min_draws: int):
+    saved, lookahead.MIN_DRAWS = lookahead.MIN_DRAWS, min_draws
+    try:
+        yield
+    finally:
+        lookahead.MIN_DRAWS = saved
+
+
+def next_batch(loader, min_draws: int):
+    with drawing(min_draws):
+        return loader.next_batch()
+
 
 # built-in sources whose documents are text, molecules, proteins and LaTeX only
 CHEM_FILES = ("chembl-fraggle.jsonl", "pyhmmer-proteome.jsonl")
@@ -182,31 +203,39 @@ def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus
 
 # --- the loader --------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
 @pytest.mark.parametrize("balance, block_bits", [(False, stream_module.BLOCK_BITS), (True, stream_module.BLOCK_BITS),
                                                  (True, 2)], ids=["mixed", "skills", "skills, blocks of 4 rows"])
 def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, make_config, balance, block_bits,
-                                             monkeypatch):
+                                             draws, monkeypatch):
     """With blocks of 4 rows every stream measures many blocks of its shard's packing index, and steps
-    across their bounds, within the first batches."""
+    across their bounds, within the first batches. The JSONL loader draws one document at a time; the
+    indexed one also draws each batch ahead, its documents taken from the blocks (past a block's end,
+    and beyond the draws made ahead, one at a time), and so does a second JSONL loader (draws ahead
+    given back)."""
     monkeypatch.setattr(stream_module, "BLOCK_BITS", block_bits)
     monkeypatch.setattr(stream_module, "BLOCK_MASK", (1 << block_bits) - 1)
     extra = ("data.seq_len=64", f"data.balance_skills={balance}")
     modalities = set()
     for split, seed in (("train", 0), ("validation", 1)):
         a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, split=split, seed=seed)
+        a_ahead = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, split=split, seed=seed)
         b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, split=split, seed=seed)
         for _ in range(6):
-            want, got = a.next_batch(), b.next_batch()
+            want, got = next_batch(a, ONE_AT_A_TIME), next_batch(b, draws)
             assert batches_equal(want, got)
+            assert batches_equal(want, next_batch(a_ahead, draws))
             modalities |= {m for m, idx in got.slot_index.items() if idx.numel()}
         assert a.tokens_by_source == b.tokens_by_source and a.tokens_by_skill == b.tokens_by_skill
         assert a.skips.as_dict() == b.skips.as_dict()
+        assert a.state_dict() == a_ahead.state_dict()
     assert modalities >= set(DOMAIN), modalities  # every stored modality reached the encoders
 
 
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
 @pytest.mark.parametrize("limit", ["molecule.max_len=33", "protein.max_len=150", "latex.max_len=12"])
 def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, token_corpus, tokenizer, make_config,
-                                                                     limit, monkeypatch):
+                                                                     limit, draws, monkeypatch):
     """The run's encoders set the limits: an indexed item is held to them by the atom count stored
     with a molecule or by its id count, so the same documents are skipped as too long as from the JSONL
     lines, and each of two data-parallel ranks gets the same rows and features, unpacking the stored
@@ -227,9 +256,9 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
         a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
         b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
         for _ in range(8):
-            want = a.next_batch()
+            want = next_batch(a, ONE_AT_A_TIME)
             calls.clear()
-            got = b.next_batch()
+            got = next_batch(b, draws)
             assert batches_equal(want, got)
             own = int(got.slot_index["molecule"].shape[0]) if "molecule" in got.slot_index else 0
             # one unpack per molecule of this rank's rows, not one for the other rank's, and no RDKit parse
@@ -290,22 +319,33 @@ def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(
     assert {key for key in reached} == {(kind, refused) for kind in DOMAIN for refused in (False, True)}, reached
 
 
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
 def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(indexed, tokenizer, make_config,
-                                                                          monkeypatch):
+                                                                          draws, monkeypatch):
     """Every rank measures and checks every document from its packing index row alone; it reads a
     document's ids only where it collates a row of it or cuts it across rows (where its items' slots
     fall), its metadata only where it has molecules, and lays out only its own rows' documents: the
-    per-document work falls with dp."""
-    read, laid_out, yielded = [], Counter(), Counter()
-    own, cut = {}, {}  # id(layout) -> layout, held so that no id is reused
+    per-document work falls with dp. Documents are named by their shard and position."""
+    cfg = indexed_config(make_config, indexed, "data.seq_len=64")
+
+    def key(layout) -> tuple[str, int]:
+        return layout.shard._shard["sha256"], layout.pos
+
+    # the global batches' documents cut across rows, from a loader of the same data at dp=1
+    reference = make_loader(cfg, tokenizer, batch_size=16)
+    cut = {key(chunk.doc) for _ in range(4) for row in reference.next_rows() for chunk in row.chunks
+           if chunk.doc.n_ids > 64 + 1}
+
+    read, laid_out = [], Counter()
+    own = {}  # id(layout) -> layout, held so that no id is reused
     real_read, real_layout = OpenShard.document, layout.IndexedDocument.lay_out
-    real_next, real_collate = IndexedStream.next, loader_module.collate_rows
+    real_collate = loader_module.collate_rows
     real_metadata, metadata = OpenShard._metadata, Counter()
     monkeypatch.setattr(OpenShard, "_metadata", lambda self, pos: metadata.update(["reads"]) or real_metadata(self, pos))
 
     def reading(self, pos):
         doc = real_read(self, pos)
-        read.append(doc)
+        read.append(((self._shard["sha256"], pos), doc))
         return doc
 
     def laying_out(self, *args):
@@ -318,32 +358,22 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
 
     monkeypatch.setattr(OpenShard, "document", reading)
     monkeypatch.setattr(layout.IndexedDocument, "lay_out", laying_out)
-    monkeypatch.setattr(IndexedStream, "next", lambda self: yielded.update(["documents"]) or real_next(self))
     monkeypatch.setattr(loader_module, "collate_rows", recording)
-    loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64"), tokenizer, batch_size=16,
-                         dp_rank=1, dp_size=4)
-    real_rows = loader.next_rows
-
-    def all_rows():  # the global batch's rows: every rank's
-        rows = real_rows()
-        cut.update((id(chunk.doc), chunk.doc) for row in rows for chunk in row.chunks if chunk.doc.n_ids > 64 + 1)
-        return rows
-
-    monkeypatch.setattr(loader, "next_rows", all_rows)
+    loader = make_loader(cfg, tokenizer, batch_size=16, dp_rank=1, dp_size=4)
     for _ in range(4):
-        loader.next_batch()
-    loader_reads = {id(doc) for doc in read}
-    assert len(loader_reads) == len(read)  # each read once, then kept by its layout
-    # the documents of the rank's rows and of the cuts: a read here that the loader did not make
-    # would add a document to `read` that `loader_reads` lacks
-    needed = {id(chunk_doc.read()) for chunk_doc in (own | cut).values()}
-    assert needed == loader_reads, (len(needed - loader_reads), len(loader_reads - needed))
+        next_batch(loader, draws)
+    loader_reads = [k for k, _ in read]
+    assert len(set(loader_reads)) == len(loader_reads)  # each read once, then kept by its layout
+    own_keys = {key(doc) for doc in own.values()}
+    assert set(loader_reads) == own_keys | cut, (len((own_keys | cut) - set(loader_reads)),
+                                                  len(set(loader_reads) - (own_keys | cut)))
     own_docs = {id(chunk_doc.read()) for chunk_doc in own.values()}
     assert laid_out.keys() == own_docs and max(laid_out.values()) == 1  # laid out once, then kept
-    assert cut.keys() - own.keys()  # some documents were cut across rows but collated by another rank
-    assert len(read) < yielded["documents"] / 2, (len(read), yielded)
+    assert cut - own_keys  # some documents were cut across rows but collated by another rank
+    drawn = sum(loader.skips.seen.values())
+    assert len(read) < drawn / 2, (len(read), drawn)
     # the JSON metadata is read for a document with molecules only (their atom and bond counts)
-    assert metadata["reads"] == sum(1 for doc in read if doc.atoms) > 0
+    assert metadata["reads"] == sum(1 for _, doc in read if doc.atoms) > 0
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):
@@ -389,7 +419,8 @@ def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenize
         loader.next_batch()
 
 
-def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir, make_config, tmp_path):
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
+def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir, make_config, tmp_path, draws):
     docs = [text_doc(i) for i in range(40)]
     for i in range(0, 40, 3):
         docs[i]["segments"].append({"type": "protein", "sequence": "MKTAYIAKQRQISFVKSHFSRQ"[: 10 + i % 12]})
@@ -399,15 +430,16 @@ def test_epochs_and_shards_wrap_as_the_jsonl_file_does(tokenizer, tokenizer_dir,
     b = make_loader(user_config(make_config, f"[{{path:{tmp_path / 'small'},kind:indexed}}]", "data.seq_len=64"),
                     tokenizer)
     for _ in range(12):
-        assert batches_equal(a.next_batch(), b.next_batch())
+        assert batches_equal(next_batch(a, ONE_AT_A_TIME), next_batch(b, draws))
     assert b.streams[0].cursor[0] >= 2, "the stream did not start a new epoch"
 
 
-def test_indexed_loader_resumes_mid_document_across_shards(indexed, token_corpus, tokenizer, make_config):
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
+def test_indexed_loader_resumes_mid_document_across_shards(indexed, token_corpus, tokenizer, make_config, draws):
     cfg = indexed_config(make_config, indexed, "data.seq_len=32")
     a = make_loader(cfg, tokenizer, batch_size=2)
     for _ in range(300):
-        a.next_batch()
+        next_batch(a, draws)
         if a.streams[0].cursor[1] >= 1 and a.pending is not None and a.pending[2] > 0:
             break
     assert a.streams[0].cursor[1] >= 1, "the chem stream never left its first shard"
@@ -416,8 +448,26 @@ def test_indexed_loader_resumes_mid_document_across_shards(indexed, token_corpus
     b = make_loader(cfg, tokenizer, batch_size=2)
     b.load_state_dict(state)
     for _ in range(5):
-        assert batches_equal(a.next_batch(), b.next_batch())
+        assert batches_equal(next_batch(a, draws), next_batch(b, draws))
     assert a.skips.as_dict() == b.skips.as_dict() and a.tokens_by_skill == b.tokens_by_skill
+
+
+def test_a_document_drawn_ahead_and_left_for_the_next_batch_resumes(indexed, tokenizer, make_config):
+    """A document drawn ahead that does not fit the batch's last row is pending only by its position
+    and length (nothing of it read); a checkpoint then holds its cursor, and a resumed loader reads it."""
+    cfg = indexed_config(make_config, indexed, "data.seq_len=64")
+    a = make_loader(cfg, tokenizer, batch_size=4)
+    with drawing(EVERY_BATCH):
+        for _ in range(50):
+            a.next_batch()
+            if a.pending_fit is not None:
+                break
+        assert a.pending_fit is not None, "no batch ended on a document drawn ahead"
+        b = make_loader(cfg, tokenizer, batch_size=4)
+        b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+        for _ in range(4):
+            assert batches_equal(a.next_batch(), b.next_batch())
+    assert a.state_dict() == b.state_dict()
 
 
 def test_resume_after_the_dataset_was_written_again_names_the_shard(token_corpus, tokenizer, tokenizer_dir,

@@ -6,7 +6,9 @@ same for every layout, which is what lets a parallel run equal the single-proces
 needs each document's length, where its items fall and whether they pass their checks (a bad one
 skips the document), so every rank encodes and checks every document of a JSONL source; an indexed
 one is measured and checked from its packing index row, and read only by a rank that collates a row
-of it or cuts it across rows. The items' features, most of the featurizing, are computed in
+of it or cuts it across rows: a batch's draws are made at once and each indexed document is taken
+from its stream's block as a position and a length (scifm.data.lookahead), so the rows a rank does
+not keep are packed from integers. The items' features, most of the featurizing, are computed in
 collate_rows for the rank's own rows only.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
@@ -17,9 +19,7 @@ data stops with the file's name instead.
 
 from __future__ import annotations
 
-import bisect
 from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
@@ -27,11 +27,12 @@ from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.indexed.files import check_tokenizer
-from scifm.data.indexed.packing_index import IndexedLayout
+from scifm.data.indexed.packing_index import REFUSED, IndexedLayout
+from scifm.data.lookahead import NOT_AHEAD, Lookahead
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
-from scifm.data.streams import SourceSpec, changed, open_stream, skill_counts
+from scifm.data.streams import Cursor, SourceSpec, changed, open_stream, skill_counts
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
@@ -77,63 +78,117 @@ class PackedLoader:
         # the document being emitted: (stream index, its cursor, next chunk index) and its chunks
         self.pending: tuple[int, tuple, int] | None = None
         self.pending_chunks: list[Chunk] = []
+        # or, for an indexed document that fits a row, what makes its layout: (OpenShard, position,
+        # skill, laid-out length)
+        self.pending_fit: tuple | None = None
+        self.draws_ahead = 64  # the mixture's draws a batch makes at once (scifm.data.lookahead)
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
 
     # --- documents -> chunks ------------------------------------------------------------------
-    def _encode(self, doc: Document | IndexedLayout, file: Path) -> list[Chunk]:
+    def _encode(self, doc: Document | IndexedLayout, stream, cursor: Cursor) -> list[Chunk]:
         if isinstance(doc, IndexedLayout):  # measured by its stream; read where needed
             return chunk_document(doc, self.cfg.seq_len)
         # figure paths are relative to the document's file
+        file = stream.spec.files[cursor[1]]
         return chunk_document(encode_document(doc, self.tokenizer, self.enc_cfg, file.parent), self.cfg.seq_len)
 
-    def _next_document(self) -> None:
+    def _next_document(self, look: Lookahead) -> None:
+        """The next document the mixture draws that is not skipped becomes the pending one: an indexed
+        document that fits a row by its length alone (pending_fit: nothing of it is read or laid out
+        unless a kept row takes it), any other as its chunks."""
         while True:
-            i = bisect.bisect_right(self.cdf, self.rng.random())
+            i, pos, n_ids, skill = look.next()
             stream = self.streams[i]
-            cursor, doc, where = stream.next()
             source = stream.spec.name
-            if isinstance(doc, DocumentFormatError):
-                self.skips.skip(source, doc.reason, where)
-                continue
+            if pos != NOT_AHEAD:
+                epoch, shard, opened = look.where[i]
+                cursor = (epoch, shard, pos)
+                if n_ids == REFUSED:  # named by its id, as the skip of its JSONL line is
+                    err, doc_id = stream.refused(cursor)
+                    self.skips.skip(source, err.reason, doc_id)
+                    continue
+                if n_ids - 1 <= self.cfg.seq_len:
+                    self.skips.ok(source)
+                    self.pending, self.pending_fit = (i, cursor, 0), (opened, pos, skill, n_ids)
+                    return
+                doc = IndexedLayout(opened, pos, skill, n_ids)
+            else:
+                cursor, doc, where = stream.next()
+                if isinstance(doc, DocumentFormatError):
+                    self.skips.skip(source, doc.reason, where)
+                    continue
             try:
-                chunks = self._encode(doc, stream.spec.files[cursor[1]])
+                chunks = self._encode(doc, stream, cursor)
             except DocumentFormatError as err:
-                self.skips.skip(source, err.reason, doc.id)
+                doc_id = doc.id if isinstance(doc, Document) else stream.document_id(cursor)
+                self.skips.skip(source, err.reason, doc_id)
                 continue
             self.skips.ok(source)
-            self.pending, self.pending_chunks = (i, cursor, 0), chunks
+            self.pending, self.pending_chunks, self.pending_fit = (i, cursor, 0), chunks, None
             return
 
     # --- chunks -> rows -> batches --------------------------------------------------------------
-    def _next_row(self) -> Row:
-        """Chunks in order until the next one does not fit. Run for every document of the global batch
-        on every rank, so the pending document's chunks are stepped through inline."""
+    def _pack(self, keep: list[bool]) -> list[Row]:
+        """The global batch's rows, packed greedily (a chunk that does not fit the rest of a row starts
+        the next one), and returned for the rows `keep` marks. Every rank runs this over every document
+        of the global batch, so a row it does not keep is packed from lengths alone."""
+        look = Lookahead(self.rng, self.cdf, self.streams, self.draws_ahead)
+        try:
+            kept = self._fill_rows(look, keep)
+        finally:  # after an error (a bad-document budget passed) the state is that of the draws taken
+            look.commit()
+        # about as many draws as this batch took, so the next one rarely draws one at a time
+        self.draws_ahead = look.taken + look.taken // 4 + 16
+        return kept
+
+    def _fill_rows(self, look: Lookahead, keep: list[bool]) -> list[Row]:
         seq_len, streams = self.cfg.seq_len, self.streams
-        row, used = Row(), 0
+        kept: list[Row] = []
+        r, used = 0, 0
+        row = Row() if keep[0] else None
         while True:
             if self.pending is None:
-                self._next_document()
+                self._next_document(look)
             i, cursor, k = self.pending
-            chunk = self.pending_chunks[k]
-            if used + chunk.length > seq_len and row.chunks:
-                return row
-            self.pending = (i, cursor, k + 1) if k + 1 < len(self.pending_chunks) else None
-            source = streams[i].spec.name
-            self.tokens_by_source[source] += chunk.length
-            row.chunks.append(chunk)
-            row.sources.append(source)
-            used += chunk.length
-            self.tokens_by_skill[chunk.doc.skill] += chunk.length
-            if used == seq_len:
-                return row
+            fit = self.pending_fit
+            if fit is None:
+                chunk = self.pending_chunks[k]
+                length, skill, last = chunk.length, chunk.doc.skill, k + 1 == len(self.pending_chunks)
+            else:
+                chunk, length, skill, last = None, fit[3] - 1, fit[2], True
+            if used + length > seq_len and used:
+                full = True  # the chunk starts the next row
+            else:
+                source = streams[i].spec.name
+                if row is not None:
+                    if chunk is None:
+                        chunk = Chunk(IndexedLayout(*fit), 0, length)
+                    row.chunks.append(chunk)
+                    row.sources.append(source)
+                self.tokens_by_source[source] += length
+                self.tokens_by_skill[skill] += length
+                used += length
+                if last:
+                    self.pending = self.pending_fit = None
+                else:
+                    self.pending = (i, cursor, k + 1)
+                full = used == seq_len
+            if full:
+                if row is not None:
+                    kept.append(row)
+                r += 1
+                if r == self.batch_size:
+                    return kept
+                row, used = (Row() if keep[r] else None), 0
 
     def next_rows(self) -> list[Row]:
         """The global batch's rows, packed: the same on every rank, whatever the layout."""
-        return [self._next_row() for _ in range(self.batch_size)]
+        return self._pack([True] * self.batch_size)
 
     def next_batch(self) -> Batch:
-        """Every rank builds the global rows; only its own rows' items are featurized, in collate_rows."""
-        mine = self.next_rows()[self.dp_rank :: self.dp_size]
+        """Every rank packs the global rows; only its own are laid out, and their items featurized in
+        collate_rows."""
+        mine = self._pack([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
         return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
 
     def close(self) -> None:
@@ -170,12 +225,12 @@ class PackedLoader:
         self.skips.load_state_dict(state["skips"])
         self.tokens_by_source = defaultdict(int, state["tokens_by_source"])
         self.tokens_by_skill = defaultdict(int, state["tokens_by_skill"])
-        self.pending, self.pending_chunks = None, []
+        self.pending, self.pending_chunks, self.pending_fit = None, [], None
         if state["pending"] is not None:
             i, cursor, k = state["pending"]
             stream = self.streams[i]
             doc = stream.read_at(tuple(cursor))
-            self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream.spec.files[cursor[1]])
+            self.pending, self.pending_chunks = (i, tuple(cursor), k), self._encode(doc, stream, tuple(cursor))
 
     def _check_files(self, saved: dict[str, list]) -> None:
         """Each source's files as the checkpoint saw them: same count and size.

@@ -45,12 +45,16 @@ class OpenShard:
         self._sidecar, self._shard = sidecar, shard
         self.index = open_packing_index(sidecar, shard)
         self._skills: list[str] = shard["skills"]
+        self._skill_array = np.array(self._skills, dtype=object)  # codes -> names, many at once
         self._split_code = SPLITS.index(split)
         # a skill the shard lacks gets a code no row has
         self._skill_code = None if skill is None else (self._skills.index(skill) if skill in self._skills else -1)
         self._block = -1
         self._lengths: list[int] = []  # the current block's, as Python ints: read once per document
         self._skill_names: list[str] = []
+        # the same block as arrays, for documents taken many at a time (ahead): lengths, skill codes,
+        # and the offsets of the documents the stream yields (not OTHER)
+        self._block_lengths = self._block_skills = self._yielded = np.empty(0, np.int64)
         self._datasets: tuple | None = None  # opened on the first read: a rank may read none of a shard
 
     def layout(self, pos: int) -> IndexedLayout | int:
@@ -69,6 +73,20 @@ class OpenShard:
         lengths[other] = OTHER
         self._block, self._lengths = block, lengths.tolist()
         self._skill_names = [self._skills[code] for code in rows[:, SKILL].tolist()]
+        self._block_lengths, self._block_skills = lengths, rows[:, SKILL]
+        self._yielded = np.flatnonzero(lengths != OTHER)
+
+    def ahead(self, pos: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Up to `limit` documents a stream yields from `pos` on, to the end of pos's block: their
+        positions, laid-out lengths (REFUSED marks) and skill names; None where none are left."""
+        if pos >> BLOCK_BITS != self._block:
+            self._measure_block(pos >> BLOCK_BITS)
+        start = self._block << BLOCK_BITS
+        first = int(np.searchsorted(self._yielded, pos - start))
+        offsets = self._yielded[first : first + limit]
+        if not len(offsets):
+            return None
+        return start + offsets, self._block_lengths[offsets], self._skill_array[self._block_skills[offsets]]
 
     def document(self, pos: int) -> IndexedDocument:
         """Its ids (an int64 copy), and for a document with molecules their atom and bond counts (from
@@ -144,6 +162,29 @@ class IndexedStream:
                 return (epoch, shard, pos), layout, None
             if layout == REFUSED:  # named by its id, as the skip of its JSONL line is
                 return (epoch, shard, pos), opened.refusal(pos), opened.document_id(pos)
+
+    def ahead(self, limit: int) -> tuple[int, int, OpenShard, np.ndarray, np.ndarray, np.ndarray] | None:
+        """Up to `limit` documents next() would yield next, to the end of the block they are in, without
+        moving the cursor: (epoch, shard, its OpenShard, positions, laid-out lengths with REFUSED marks,
+        skill names); None where that block has none left (next() then reads on)."""
+        if not self._matching:
+            return None  # next() names the error
+        epoch, shard, pos = self.cursor
+        if pos == self._shards[shard]["documents"]:  # where next() would move first
+            epoch, shard, pos = (epoch, shard + 1, 0) if shard + 1 < len(self._shards) else (epoch + 1, 0, 0)
+            if pos == self._shards[shard]["documents"]:
+                return None
+        opened = self._open.get(shard) or self._shard(shard)
+        found = opened.ahead(pos, limit)
+        return None if found is None else (epoch, shard, opened, *found)
+
+    def refused(self, cursor: Cursor) -> tuple[DocumentFormatError, str]:
+        """The error and id of the document at `cursor`, which its packing index refuses."""
+        opened = self._shard(cursor[1])
+        return opened.refusal(cursor[2]), opened.document_id(cursor[2])
+
+    def document_id(self, cursor: Cursor) -> str:
+        return self._shard(cursor[1]).document_id(cursor[2])
 
     def read_at(self, cursor: Cursor) -> IndexedLayout:
         """The document at `cursor`, which the stream yielded before (a checkpoint's partly emitted one)."""

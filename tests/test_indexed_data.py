@@ -270,6 +270,20 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
 
 
+@pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
+def test_an_item_no_row_can_hold_skips_the_document_by_its_id_as_from_jsonl(indexed, token_corpus, tokenizer,
+                                                                            make_config, draws):
+    """Rows of 4 pairs cannot hold an item's 4 slots and its start marker: a document with one is cut and
+    found too long, and its skip is named by the document's id, as the JSONL line's is."""
+    extra = ("data.seq_len=4", "data.max_bad_fraction=1.0")
+    a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer)
+    b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer)
+    for _ in range(10):
+        assert batches_equal(next_batch(a, ONE_AT_A_TIME), next_batch(b, draws))
+    assert a.skips.state_dict() == b.skips.state_dict()
+    assert any(reason == "too_long" for _, reason, _ in b.skips.state_dict()["examples"]), b.skips.state_dict()
+
+
 def _verdict(encode):
     """An encoded document's ids and item spans, or the error that refused it."""
     try:

@@ -9,8 +9,8 @@
    other load on a shared machine changes less than wall time. Tokens are row positions (B x S), as
    the step consumes them. Also printed: the items featurized per batch (falls as 1/dp) and each
    dp's time over dp=1's, and the part of it that every rank spends alike whatever dp is: drawing,
-   reading what packing needs and packing the global rows (PackedLoader.next_rows, timed on its own
-   in the same rounds), which bounds how far a rank's time can fall with dp. moe_1b's settings also run on the built-in sources whose documents are
+   reading what packing needs and packing the global rows (PackedLoader.next_rows keeping none of
+   them, timed on its own in the same rounds), which bounds how far a rank's time can fall with dp. moe_1b's settings also run on the built-in sources whose documents are
    all token-based (text, molecules, proteins, LaTeX), from their JSONL files and from indexed
    datasets that `scifm data tokenize` wrote of them (in a temporary directory, first); those
    documents are short, so also joined 64 at a time into paper-length ones.
@@ -236,7 +236,8 @@ def run(args, tmp: Path) -> None:
             data_times[key].append(cpu_seconds(lambda: batches.extend(ld.next_batch() for _ in range(args.batches)))
                                    / args.batches)
             docs[key] += sum(ld.skips.seen.values()) - seen_before
-            packing_times[key].append(cpu_seconds(lambda: [ld.next_rows() for _ in range(args.batches)]) / args.batches)
+            none = [False] * ld.batch_size  # the global rows, none of them this rank's
+            packing_times[key].append(cpu_seconds(lambda: [ld.next_rows(none) for _ in range(args.batches)]) / args.batches)
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
         step_cpu.append(sum(cpu_seconds(lambda: step(b)) for b in step_batches) / args.steps)
         for name, feeder in feeders.items():

@@ -181,14 +181,15 @@ class PackedLoader:
                     return kept
                 row, used = (Row() if keep[r] else None), 0
 
-    def next_rows(self) -> list[Row]:
-        """The global batch's rows, packed: the same on every rank, whatever the layout."""
-        return self._pack([True] * self.batch_size)
+    def next_rows(self, keep: list[bool] | None = None) -> list[Row]:
+        """The global batch's rows, packed: the same on every rank, whatever the layout; those `keep`
+        marks (default all), the others packed from lengths alone."""
+        return self._pack([True] * self.batch_size if keep is None else keep)
 
     def next_batch(self) -> Batch:
         """Every rank packs the global rows; only its own are laid out, and their items featurized in
         collate_rows."""
-        mine = self._pack([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
+        mine = self.next_rows([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
         return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
 
     def close(self) -> None:

@@ -10,10 +10,11 @@
    the step consumes them. Also printed: the items featurized per batch (falls as 1/dp) and each
    dp's time over dp=1's, and the part of it that every rank spends alike whatever dp is: drawing,
    reading what packing needs and packing the global rows (PackedLoader.next_rows keeping none of
-   them, timed on its own in the same rounds), which bounds how far a rank's time can fall with dp. moe_1b's settings also run on the built-in sources whose documents are
-   all token-based (text, molecules, proteins, LaTeX), from their JSONL files and from indexed
-   datasets that `scifm data tokenize` wrote of them (in a temporary directory, first); those
-   documents are short, so also joined 64 at a time into paper-length ones.
+   them, timed on its own in the same rounds), which bounds how far a rank's time can fall with dp.
+   moe_1b's settings also run on the built-in sources whose documents are all token-based (text,
+   molecules, proteins, LaTeX), from their JSONL files and from indexed datasets that `scifm data
+   tokenize` wrote of them (in a temporary directory, first); those documents are short, so also
+   joined 64 at a time into paper-length ones.
 2. Consumption: the tiny model's training step (forward, backward, AdamW; fp32, one thread) timed on
    this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
    peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.

@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Run here, with network, before bench/gpu.sh goes to a GPU machine that has none: fills .gpu/
-# (git-ignored; carry it with the run) with the wheels the GPU machine lacks for Python 3.12 (it
-# has torch with CUDA, triton and transformers, hence numpy, tokenizers and safetensors) and a
-# small corpus, so the machine need not build one from packages it lacks. About 56 MiB.
+# (git-ignored; carry it with the run) with the wheels of what the GPU machine's image lacks for
+# Python 3.12 (it has torch with CUDA, triton, transformers, numpy, pytest with xdist and timeout,
+# tensorboard, PyYAML and pillow) and a small corpus, so the machine need not build one from
+# packages it lacks. About 42 MiB, rdkit 32 of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/wheels
 python3 -m pip download -q -d .gpu/wheels --only-binary=:all: --python-version 3.12 \
   --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform any --no-deps rdkit hydra-core "omegaconf<2.4" torchao pytest pluggy iniconfig packaging pygments PyYAML pillow \
-  pytest-xdist execnet pytest-timeout tensorboard protobuf absl-py \
-  "megatron-core>=0.16,<0.17"
+  --platform any --no-deps rdkit hydra-core "omegaconf<2.4" torchao "megatron-core>=0.16,<0.17"
 # hydra-core's parser runtime is published as a source archive only: build its (pure Python) wheel
 # here, since an offline machine cannot fetch the build tools a source install needs
 python3 -m pip wheel -q -w .gpu/wheels --no-deps "antlr4-python3-runtime==4.9.3"

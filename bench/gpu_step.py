@@ -12,10 +12,17 @@ another (two such models do not fit together).
   fp8_dense     FP8 Linear layers only; routed experts stay in bf16 (trainer.fp8.exclude adds *experts)
   bf16_one_call bf16 with each layer's attention as one SDPA call over all keys
                 (model.attention_query_block=0), against the default blocks of 256 queries of bf16
+  bf16_compiled bf16 with each block compiled (parallel.compile=true); its warm-up steps compile
+
+A bf16 matmul of 8192^3 is timed first, in the same run: MFU is given against it as well as against
+the datasheet peak. A mode that fails is recorded with its one-line error and the next one runs; a
+mode not started within --budget-s seconds of the start is recorded as skipped; the JSON file is
+rewritten after each mode, so a run cut short keeps what it measured.
 
 Model FLOPs per token: 6 x the matmul parameters a token uses (attention, router, its top-k experts,
 output) + 12 x layers x heads x head_dim x sequence for attention scores (torchtitan's count, no
-causal halving). MFU is against the GPU's dense bf16 peak (`--peak-tflops`, default H100/H200 SXM).
+causal halving). MFU is against the GPU's dense bf16 peak (`--peak-tflops`, default H100/H200 SXM)
+and against the measured matmul rate.
 
   python bench/gpu_step.py --layers 6 --out gpu_step.json
 """
@@ -36,6 +43,7 @@ from scifm.core.encoders_config import EncodersConfig
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.fp8 import apply_fp8
+from scifm.parallel.fsdp import apply_compile
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.step import scaled_cross_entropy
 
@@ -72,6 +80,8 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)
         autocast = conversion.forward_context(autocast)
         fp8_layers = {"linear_layers": len(conversion.linears), "expert_blocks": len(conversion.experts)}
+    if mode == "bf16_compiled":
+        apply_compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
     positions = torch.arange(seq, device=device).expand(batch, seq)
@@ -105,6 +115,21 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
     return result
 
 
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """bf16 n^3 matmul rate on random data, mean of `reps` after warm-up: the ceiling this run's GPU gives."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6)
@@ -113,30 +138,50 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--modes", default="bf16,fp8,fp8_dense,bf16_one_call")
+    parser.add_argument("--modes", default="bf16,fp8,fp8_dense,bf16_one_call,bf16_compiled")
+    parser.add_argument("--budget-s", type=float, default=200.0, help="start no mode after this many seconds")
     parser.add_argument("--out", default="gpu_step.json")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (to try the script, not to measure)")
     args = parser.parse_args()
+    start = time.perf_counter()
+    device = torch.device(args.device)
     cfg = qwen3_30b_a3b_shape(args.layers, args.seq)
     per_token = flops_per_token(cfg, args.seq)
-    results = []
+    measured_peak = matmul_tflops(device)
+    if measured_peak is not None:
+        print(f"bf16 8192^3 matmul: {measured_peak:.0f} TFLOP/s (datasheet dense peak {args.peak_tflops:.0f})", flush=True)
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "args": vars(args), "flops_per_token": per_token,
+            "matmul_tflops_measured": measured_peak, "results": []}
+    results = info["results"]
     for mode in args.modes.split(","):
-        r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps, torch.device(args.device))
-        r["model_tflops"] = r["tokens_per_second"] * per_token / 1e12
-        r["mfu"] = r["model_tflops"] / args.peak_tflops
-        results.append(r)
-        memory = f"peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
-        print(f"{mode:10s} {r['tokens_per_second']:9.0f} tok/s  {r['model_tflops']:6.1f} TFLOP/s  "
-              f"MFU {r['mfu']:.1%}  {memory}  spread {r['step_seconds_spread']:.2f}", flush=True)
-    base = results[0]["tokens_per_second"]
-    for r in results[1:]:
-        print(f"{r['mode']} / {results[0]['mode']} tokens/s: {r['tokens_per_second'] / base:.2f}")
-    info = {"device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__, "args": vars(args),
-            "flops_per_token": per_token, "results": results}
-    with open(args.out, "w") as f:
-        json.dump(info, f, indent=2)
-
+        if time.perf_counter() - start > args.budget_s:
+            results.append({"mode": mode, "skipped": f"not started: past --budget-s {args.budget_s:.0f}"})
+            print(f"{mode:13s} skipped (budget)", flush=True)
+            continue
+        try:
+            r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps, device)
+        except Exception as e:  # noqa: BLE001 -- one mode's failure must not lose the others' figures
+            results.append({"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
+            print(f"{mode:13s} failed: {results[-1]['error']}", flush=True)
+        else:
+            r["model_tflops"] = r["tokens_per_second"] * per_token / 1e12
+            r["mfu"] = r["model_tflops"] / args.peak_tflops
+            r["mfu_of_measured_matmul"] = r["model_tflops"] / measured_peak if measured_peak else None
+            results.append(r)
+            memory = f"peak {r['peak_memory_gib']:.1f} GiB" if r["peak_memory_gib"] is not None else ""
+            print(f"{mode:13s} {r['tokens_per_second']:9.0f} tok/s  {r['model_tflops']:6.1f} TFLOP/s  "
+                  f"MFU {r['mfu']:.1%}  {memory}  spread {r['step_seconds_spread']:.2f}  "
+                  f"elapsed {time.perf_counter() - start:.0f} s", flush=True)
+        gc.collect()  # a failed mode's model is freed only once its traceback is gone
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=2)
+    measured = [r for r in results if "tokens_per_second" in r]
+    if measured and measured[0]["mode"] == "bf16":
+        for r in measured[1:]:
+            print(f"{r['mode']} / bf16 tokens/s: {r['tokens_per_second'] / measured[0]['tokens_per_second']:.2f}")
 
 if __name__ == "__main__":
     main()

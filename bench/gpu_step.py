@@ -8,11 +8,14 @@ another (two such models do not fit together).
 
   bf16          bf16 autocast, fp32 master weights (trainer.precision=bf16)
   fp8           trainer.precision=fp8 with the default layers (torchao tensorwise Linear layers, the
-                routed experts through per-expert scaled matmuls)
+                routed experts as grouped FP8 GEMMs on Hopper/Blackwell, else per-expert scaled matmuls)
   fp8_dense     FP8 Linear layers only; routed experts stay in bf16 (trainer.fp8.exclude adds *experts)
   bf16_one_call bf16 with each layer's attention as one SDPA call over all keys
                 (model.attention_query_block=0), against the default blocks of 256 queries of bf16
-  bf16_compiled bf16 with each block compiled (parallel.compile=true); its warm-up steps compile
+  <mode>_compiled  that mode with each block compiled (parallel.compile=true); its warm-up steps compile
+
+--profile-modes names modes that run one more step under torch.profiler, whose operator table goes
+to <profile-dir>/<mode>_profile.txt.
 
 A bf16 matmul of 8192^3 is timed first, in the same run: MFU is given against it as well as against
 the datasheet peak. A mode that fails is recorded with its one-line error and the next one runs; a
@@ -24,7 +27,7 @@ output) + 12 x layers x heads x head_dim x sequence for attention scores (torcht
 causal halving). MFU is against the GPU's dense bf16 peak (`--peak-tflops`, default H100/H200 SXM)
 and against the measured matmul rate.
 
-  python bench/gpu_step.py --layers 6 --out gpu_step.json
+  python bench/gpu_step.py --layers 6 --out gpu_step.json --profile-modes bf16,fp8
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
 
 
 def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int,
-            device: torch.device) -> dict:
+            device: torch.device, profile_to: str | None = None) -> dict:
     cuda = device.type == "cuda"
     if mode == "bf16_one_call":
         cfg = dataclasses.replace(cfg, attention_query_block=0)
@@ -76,20 +79,19 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
     autocast = autocast_for("bf16", device)
     fp8_layers = None
     if mode.startswith("fp8"):
-        exclude = Fp8Config().exclude + (["*experts"] if mode == "fp8_dense" else [])
+        exclude = Fp8Config().exclude + (["*experts"] if mode.startswith("fp8_dense") else [])
         conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)
         autocast = conversion.forward_context(autocast)
-        fp8_layers = {"linear_layers": len(conversion.linears), "expert_blocks": len(conversion.experts)}
-    if mode == "bf16_compiled":
+        fp8_layers = {"linear_layers": len(conversion.linears), "expert_blocks": len(conversion.experts),
+                      "experts_kernels": conversion.experts_kernels() if conversion.experts else None}
+    if mode.endswith("_compiled"):
         apply_compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     tokens = torch.randint(0, VOCAB, (batch, seq + 1), device=device)
     positions = torch.arange(seq, device=device).expand(batch, seq)
     doc_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    times = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    for step in range(warmup + steps):
+
+    def step() -> float:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -101,14 +103,26 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+        step.loss = loss.item()
+        return time.perf_counter() - t0
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = [step() for _ in range(warmup + steps)][warmup:]
     seconds = statistics.median(times)
     result = {"mode": mode, "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
-              "tokens_per_second": batch * seq / seconds, "loss": loss.item(),
+              "tokens_per_second": batch * seq / seconds, "loss": step.loss,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
               "fp8": fp8_layers}
-    del model, optimizer, logits, loss
+    if profile_to:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            step()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        with open(profile_to, "w") as f:
+            f.write(f"{mode}: one step's operators by total {sort}\n")
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+    model = optimizer = None  # freed before the next mode builds its own
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -138,7 +152,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--modes", default="bf16,fp8,fp8_dense,bf16_one_call,bf16_compiled")
+    parser.add_argument("--modes", default="bf16,bf16_compiled,fp8,fp8_compiled,fp8_dense_compiled")
+    parser.add_argument("--profile-modes", default="", help="modes whose extra step is profiled, comma-separated")
+    parser.add_argument("--profile-dir", default=".", help="where <mode>_profile.txt files go")
     parser.add_argument("--budget-s", type=float, default=200.0, help="start no mode after this many seconds")
     parser.add_argument("--out", default="gpu_step.json")
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (to try the script, not to measure)")
@@ -160,7 +176,9 @@ def main() -> None:
             print(f"{mode:13s} skipped (budget)", flush=True)
             continue
         try:
-            r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps, device)
+            profile_to = (f"{args.profile_dir}/{mode}_profile.txt"
+                          if mode in args.profile_modes.split(",") else None)
+            r = measure(mode, cfg, args.batch, args.seq, args.warmup, args.steps, device, profile_to)
         except Exception as e:  # noqa: BLE001 -- one mode's failure must not lose the others' figures
             results.append({"mode": mode, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
             print(f"{mode:13s} failed: {results[-1]['error']}", flush=True)

@@ -25,7 +25,7 @@ from torch import nn
 from conftest import SMALL_CORPUS_DOCS
 from tests.helpers.torchrun import train_under_torchrun
 from scifm.core.errors import ConfigError
-from scifm.model.moe import GroupedExperts
+from scifm.model.moe import GroupedExperts, looped_gemm
 from scifm.parallel.fp8 import apply_fp8, fp8_matmul, resolve_fp8
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.trainer import train
@@ -102,9 +102,11 @@ def test_conversion_follows_the_patterns_and_lists_misfits():
     block = Block()
     conversion = apply_fp8(block, Fp8Config(), CPU)
     assert conversion.linears == ["proj"] and conversion.experts == ["experts"] and conversion.misfits == ["odd"]
-    assert type(block.proj).__name__ == "EmptySafeFloat8Linear"
+    assert type(block.proj).__name__ == "RowPaddedFloat8Linear"
     assert type(block.odd) is nn.Linear and type(block.router.gate) is nn.Linear  # misfit; excluded
-    assert block.experts.expert_mm is fp8_matmul
+    # no grouped FP8 kernel on a CPU: the per-expert loop with FP8 matmuls
+    assert block.experts.expert_gemm.func is looped_gemm and block.experts.expert_gemm.keywords["mm"] is fp8_matmul
+    assert "per-expert scaled matmuls" in conversion.describe()
     assert "odd" in conversion.describe() and "torchao tensorwise" in conversion.describe()
     assert set(dict(block.named_parameters())) == set(dict(Block().named_parameters()))  # same checkpoint names
     # an exclude list replaces the defaults: here the router's gate becomes FP8
@@ -127,6 +129,30 @@ def test_fp8_matmul_is_close_to_fp32_forward_and_backward(scaled_mm_calls):
     empty = fp8_matmul(torch.zeros(0, 64, requires_grad=True), w)  # an expert that got no rows
     empty.sum().backward()
     assert empty.shape == (0, 48)
+
+
+def test_fp8_linear_gives_the_gpu_kernels_rows_in_multiples_of_16(monkeypatch):
+    """The weight gradient's GEMM reduces over the input's rows; cuBLASLt (a GPU) refuses a reduced
+    dimension that is no multiple of 16, where the CPU kernel does not, so a checker stands in for
+    the GPU's rule. 37 rows (an encoder's count) and 0 rows (a batch without its modality)."""
+    real = torch._scaled_mm
+
+    def gpu_rules(a, b, *args, **kwargs):
+        assert a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0 and b.shape[1] % 16 == 0, (a.shape, b.shape)
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", gpu_rules)
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(32, 64, bias=False))
+    apply_fp8(layer, Fp8Config(exclude=[]), CPU)
+    for rows in (37, 0):
+        x = torch.randn(rows, 32, requires_grad=True)
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+        assert y.shape == (rows, 64) and x.grad.shape == (rows, 32)
+        want = x.detach() @ layer[0].weight.detach().t()
+        assert rows == 0 or (y - want).norm() / want.norm() < 0.05  # e4m3: see the module docstring
+    assert torch.isfinite(layer[0].weight.grad).all()
 
 
 def test_fp8_model_runs_under_bf16_autocast_as_on_a_gpu(make_config, tokenizer):

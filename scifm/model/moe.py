@@ -138,6 +138,10 @@ def _grouped_mm_works(w_EIO: torch.Tensor) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+# x_AD (rows sorted by expert), w_EXY (one weight per expert), tokens_per_expert_E -> y_AY
+ExpertGemm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights, run as one grouped GEMM over expert-sorted tokens."""
 
@@ -148,9 +152,8 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         # False forces the per-expert fallback (tests, builds without a usable grouped GEMM)
         self.use_grouped_mm = hasattr(torch, "_grouped_mm")
-        # set from outside to replace each expert's x_ND @ w_DF (e.g. by an FP8 matmul); forces the
-        # per-expert path, since a grouped GEMM kernel has no hook per matmul
-        self.expert_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+        # set from outside to replace the experts' three GEMMs (e.g. by FP8 ones)
+        self.expert_gemm: ExpertGemm | None = None
         for w in (self.w1, self.w3, self.w2):
             bound = 1.0 / math.sqrt(w.shape[1])  # nn.Linear's default range, per expert
             nn.init.uniform_(w, -bound, bound)
@@ -158,7 +161,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x_AD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_AD sorted by expert; tokens_per_expert_E[e] rows belong to expert e (zeros allowed)."""
         return swiglu_experts(x_AD, tokens_per_expert_E, self.w1, self.w3, self.w2, self.use_grouped_mm,
-                              self.expert_mm)
+                              self.expert_gemm)
 
 
 def swiglu_experts(
@@ -168,12 +171,12 @@ def swiglu_experts(
     w3_EDF: torch.Tensor,
     w2_EFD: torch.Tensor,
     use_grouped_mm: bool,
-    expert_mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    expert_gemm: ExpertGemm | None = None,
 ) -> torch.Tensor:
     """SwiGLU of expert e on its tokens_per_expert_E[e] rows of x_AD (sorted by expert).
 
     A function of the weights so that expert parallelism can run it on this rank's experts.
-    `expert_mm` (GroupedExperts.expert_mm) replaces the per-expert matmul. Under autocast every
+    `expert_gemm` (GroupedExperts.expert_gemm) replaces the grouped GEMM. Under autocast every
     path computes in the autocast dtype and returns it.
     """
     device_type = x_AD.device.type
@@ -182,17 +185,23 @@ def swiglu_experts(
         # autocast casts an nn.Linear, so the grouped GEMM does not run in fp32 (the weights stay fp32)
         dtype = torch.get_autocast_dtype(device_type)
         x_AD, w1_EDF, w3_EDF, w2_EFD = (t.to(dtype) for t in (x_AD, w1_EDF, w3_EDF, w2_EFD))
-    weights = (w1_EDF, w3_EDF, w2_EFD)
-    if expert_mm is None and use_grouped_mm and _grouped_mm_usable(weights):
-        # same three ops whatever the counts, so every rank issues identical work under EP/TP
-        offs_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
-        h_AF = F.silu(torch._grouped_mm(x_AD, w1_EDF, offs=offs_E)) * torch._grouped_mm(x_AD, w3_EDF, offs=offs_E)
-        return torch._grouped_mm(h_AF, w2_EFD, offs=offs_E)
-    # loop over experts, not tokens; empty slices still run so the op sequence is fixed
-    mm = expert_mm or torch.matmul
+    gemm = expert_gemm
+    if gemm is None:
+        gemm = grouped_gemm if use_grouped_mm and _grouped_mm_usable((w1_EDF, w3_EDF, w2_EFD)) else looped_gemm
+    h_AF = F.silu(gemm(x_AD, w1_EDF, tokens_per_expert_E)) * gemm(x_AD, w3_EDF, tokens_per_expert_E)
+    return gemm(h_AF, w2_EFD, tokens_per_expert_E)
+
+
+def grouped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """One kernel whatever the counts, so every rank issues identical work under EP/TP."""
+    return torch._grouped_mm(x_AD, w_EDF, offs=torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32))
+
+
+def looped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+                mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul) -> torch.Tensor:
+    """A loop over experts, not tokens; empty slices still run, so the op sequence is fixed."""
     chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
-    out = [mm(F.silu(mm(x_ND, w1_EDF[e])) * mm(x_ND, w3_EDF[e]), w2_EFD[e]) for e, x_ND in enumerate(chunks)]
-    return torch.cat(out, dim=0)
+    return torch.cat([mm(x_ND, w_EDF[e]) for e, x_ND in enumerate(chunks)], dim=0)
 
 
 def _grouped_mm_usable(weights: tuple[torch.Tensor, ...]) -> bool:

@@ -81,7 +81,7 @@ class ExpertParallelExperts(nn.Module):
         self.n_local = experts.w1.shape[0] // self.ep
         self.group = ep_mesh.get_group()
         self.use_grouped_mm = experts.use_grouped_mm
-        self.expert_mm = experts.expert_mm  # set before sharding (FP8 converts first)
+        self.expert_gemm = experts.expert_gemm  # set before sharding (FP8 converts first)
         self.grad_scale = 1.0 if plain else self.tp / self.ep
         for name in ("w1", "w3", "w2"):
             # src_data_rank=None: every rank holds the same full weights, so take the block, no scatter
@@ -112,7 +112,7 @@ class ExpertParallelExperts(nn.Module):
         w1, w3, w2 = (_ScaleGrad.apply(w.to_local() if isinstance(w, DTensor) else w, self.grad_scale)
                       for w in (self.w1, self.w3, self.w2))
         y_ND = swiglu_experts(x_ND[order_N], recv_RJ.sum(dim=0), w1, w3, w2, self.use_grouped_mm,
-                              self.expert_mm)
+                              self.expert_gemm)
         y_ND = torch.empty_like(y_ND).index_copy(0, order_N, y_ND)  # back to arrival order
         return funcol.all_to_all_single(y_ND, send_splits, recv_splits, self.group)
 

@@ -9,10 +9,10 @@ FP8 GEMM kernels take) stays in high precision and is listed, once, in the run's
   the same high-precision master weights under the same names and need no FP8 to load.
 - te: each chosen Linear becomes Transformer Engine's Linear (same weight), and forward passes run
   under te.fp8_autocast with the recipe (delayed, current, blockwise, mxfp8).
-- Routed experts, under either backend: each expert's three matmuls run through torch._scaled_mm
-  with tensorwise dynamic scales (e4m3 forward, e5m2 gradients), one scale per expert and tensor.
-  This is GroupedExperts.expert_mm, so expert parallelism runs it unchanged; torchao's and TE's
-  grouped FP8 kernels are not used.
+- Routed experts, under either backend, through GroupedExperts.expert_gemm (so expert parallelism
+  runs them unchanged): on Hopper and Blackwell GPUs as grouped FP8 GEMMs with rowwise scales
+  (fp8_grouped.py); elsewhere (CPU, Ada) as a loop of per-expert torch._scaled_mm calls with
+  tensorwise dynamic scales (e4m3 forward, e5m2 gradients), one scale per expert and tensor.
 
 Shape suffixes: N rows, D in features, F out features.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import importlib
 import logging
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scifm.core.checks import require
-from scifm.model.moe import GroupedExperts
+from scifm.model.moe import GroupedExperts, looped_gemm
 from scifm.parallel.fp8_config import DEFAULT_RECIPE, TE_RECIPES, TORCHAO_RECIPES, Fp8Config
+from scifm.parallel.fp8_grouped import fp8_grouped_gemm, grouped_fp8_supported
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 ALIGN = 16  # FP8 GEMMs (cuBLASLt) need the reduced and the output dimension in multiples of 16
@@ -96,7 +98,8 @@ class Fp8Conversion:
     backend: str
     recipe: str
     linears: list[str] = field(default_factory=list)  # now FP8 Linear modules
-    experts: list[str] = field(default_factory=list)  # GroupedExperts with FP8 expert matmuls
+    experts: list[str] = field(default_factory=list)  # GroupedExperts with FP8 expert GEMMs
+    experts_grouped: bool = False  # the experts' kernels: grouped FP8 GEMMs, or per-expert scaled matmuls
     misfits: list[str] = field(default_factory=list)  # chosen, but dimensions FP8 kernels cannot take
     te_recipe: object = None  # the te recipe object forward passes run under
 
@@ -108,9 +111,12 @@ class Fp8Conversion:
 
         return _Stacked(autocast, lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe))
 
+    def experts_kernels(self) -> str:
+        return "grouped GEMMs, rowwise scales" if self.experts_grouped else "per-expert scaled matmuls"
+
     def describe(self) -> str:
         line = (f"fp8: {self.backend} {self.recipe}; {len(self.linears)} linear layers and "
-                f"{len(self.experts)} routed-expert blocks (per-expert scaled matmuls) in FP8")
+                f"{len(self.experts)} routed-expert blocks ({self.experts_kernels()}) in FP8")
         if self.misfits:
             line += (f"; kept in high precision, dimensions not multiples of {ALIGN}: "
                      f"{', '.join(self.misfits)}")
@@ -140,7 +146,8 @@ def _chosen(name: str, cfg: Fp8Config) -> bool:
 def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conversion:
     """Converts the chosen layers of `model` (whole, unsharded) in place."""
     backend, recipe = resolve_fp8(cfg, device)
-    conversion = Fp8Conversion(backend, recipe)
+    conversion = Fp8Conversion(backend, recipe, experts_grouped=grouped_fp8_supported(device))
+    expert_gemm = fp8_grouped_gemm if conversion.experts_grouped else functools.partial(looped_gemm, mm=fp8_matmul)
     linears = []
     for name, module in model.named_modules():
         if not name or not _chosen(name, cfg):
@@ -150,7 +157,7 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conv
             if d % ALIGN or f % ALIGN:
                 conversion.misfits.append(name)
                 continue
-            module.expert_mm = fp8_matmul
+            module.expert_gemm = expert_gemm
             conversion.experts.append(name)
         elif type(module) is nn.Linear:
             if module.in_features % ALIGN or module.out_features % ALIGN:
@@ -170,19 +177,24 @@ def _to_torchao(model: nn.Module, names: set[str], recipe: str) -> None:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
 
-    class EmptySafeFloat8Linear(Float8Linear):
-        """An encoder sees no rows when a batch has none of its modality; Float8Linear's amax of an
-        empty tensor raises, and a matmul of no rows has nothing to scale."""
+    class RowPaddedFloat8Linear(Float8Linear):
+        """The weight gradient's FP8 GEMM sums over the input's rows, which the GPU kernels take in
+        multiples of ALIGN only (an encoder's rows are any count, none when a batch lacks its
+        modality, and Float8Linear's amax of an empty tensor raises): zero rows are added, which
+        change no scale and add nothing to any product, and their outputs dropped."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.numel() == 0:
-                return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-            return super().forward(x)
+            rows = x.numel() // x.shape[-1]
+            pad = -rows % ALIGN if rows else ALIGN
+            if not pad:
+                return super().forward(x)
+            x_ND = F.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, pad))
+            return super().forward(x_ND)[:rows].reshape(*x.shape[:-1], self.out_features)
 
     config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
     for name in names:
-        model.get_submodule(name).__class__ = EmptySafeFloat8Linear
+        model.get_submodule(name).__class__ = RowPaddedFloat8Linear
 
 
 def _to_te(model: nn.Module, names: list[str], recipe: str):
@@ -256,6 +268,6 @@ class _Fp8Matmul(torch.autograd.Function):
 
 @torch.compiler.disable  # eager under parallel.compile: its scales branch on the (data-dependent) row count
 def fp8_matmul(x_ND: torch.Tensor, w_DF: torch.Tensor) -> torch.Tensor:
-    """GroupedExperts.expert_mm under FP8. The result takes x's dtype (bf16 under autocast, where the
+    """One expert's matmul under FP8 where grouped FP8 GEMMs do not run. The result takes x's dtype (bf16 under autocast, where the
     weight is cast to it as autocast would); each gradient its operand's."""
     return _Fp8Matmul.apply(x_ND, w_DF.to(x_ND.dtype))

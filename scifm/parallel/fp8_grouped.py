@@ -1,0 +1,120 @@
+"""The routed experts' GEMMs in FP8 as grouped kernels (torch._scaled_grouped_mm, Hopper and Blackwell).
+
+One kernel per GEMM over all experts, instead of a loop of per-expert scaled matmuls: e4m3 operands
+with rowwise scales (fp32, one per row of the left operand and per expert and column of the right),
+bf16 out. Forward: x rows scaled over D, w per (expert, output column) over D. Backward: the
+gradient's rows over F against w per (expert, input column) over F for grad x; for grad w, x and the
+gradient per (expert, column) over that expert's rows.
+
+The weight gradient sums over each expert's rows, and the kernel takes a group of rows at a 16-row
+boundary only: every expert's rows are copied into a padded layout (zero rows between experts, at
+least one block per expert so an expert with no rows gets an exact zero gradient) of a size fixed
+by the shapes, so nothing waits on the counts. Zero rows add nothing to any product.
+
+Shape suffixes as in moe.py, plus P padded rows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3 = torch.float8_e4m3fn
+FMAX = torch.finfo(E4M3).max
+ALIGN = 16  # rows per block the grouped FP8 kernels start a group at
+
+
+def grouped_fp8_supported(device: torch.device) -> bool:
+    """torch's grouped FP8 GEMM runs on compute capability 9.0 (Hopper) and 10.0 (Blackwell)."""
+    return (device.type == "cuda" and hasattr(torch, "_scaled_grouped_mm")
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
+
+
+class _PaddedLayout:
+    """Where each expert-sorted row goes when each expert's rows start at a multiple of ALIGN."""
+
+    def __init__(self, tokens_per_expert_E: torch.Tensor, n_rows: int):
+        n_experts = tokens_per_expert_E.numel()
+        padded_E = ((tokens_per_expert_E + ALIGN - 1) // ALIGN * ALIGN).clamp(min=ALIGN)
+        end_E = torch.cumsum(padded_E, 0)
+        shift_E = (end_E - padded_E) - (torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E)
+        arange_A = torch.arange(n_rows, device=tokens_per_expert_E.device)
+        self.dest_A = arange_A + torch.repeat_interleave(shift_E, tokens_per_expert_E, output_size=n_rows)
+        self.offs_E = end_E.to(torch.int32)
+        # a bound on end_E[-1] that the shapes fix; rows past it belong to no expert and stay zero
+        self.n_padded = -(-(n_rows + n_experts * ALIGN) // ALIGN) * ALIGN
+        self.n_experts = n_experts
+
+    def pad(self, t_AX: torch.Tensor) -> torch.Tensor:
+        return t_AX.new_zeros(self.n_padded, t_AX.shape[1]).index_copy_(0, self.dest_A, t_AX)
+
+    def expert_of_row(self) -> torch.Tensor:
+        """Expert of each padded row (the rows past the last expert count as its)."""
+        rows_P = torch.arange(self.n_padded, device=self.offs_E.device, dtype=torch.int32)
+        return torch.searchsorted(self.offs_E, rows_P, right=True).clamp(max=self.n_experts - 1)
+
+
+def _scale(amax: torch.Tensor) -> torch.Tensor:
+    return FMAX / amax.float().clamp(min=1e-12)
+
+
+def _cast(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (t.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
+
+
+def _rows(t_PX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major e4m3 with a scale per row (over X): the kernel's left operand and its inverse scales."""
+    scale_P1 = _scale(t_PX.abs().amax(dim=1, keepdim=True))
+    return _cast(t_PX, scale_P1), scale_P1.reciprocal().flatten()
+
+
+def _per_expert_columns(w_EXY: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w_EXY in e4m3 laid out column-major per expert, scaled per (expert, column y) over X."""
+    scale_E1Y = _scale(w_EXY.abs().amax(dim=1, keepdim=True))
+    w8_EXY = _cast(w_EXY, scale_E1Y)
+    return w8_EXY.transpose(1, 2).contiguous().transpose(1, 2), scale_E1Y.reciprocal().squeeze(1)
+
+
+def _per_group_columns(t_PX: torch.Tensor, expert_P: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t_PX in e4m3 scaled per (expert, column x) over that expert's rows; inverse scales (E, X)."""
+    amax_EX = t_PX.new_zeros(n_experts, t_PX.shape[1], dtype=torch.float32).scatter_reduce_(
+        0, expert_P[:, None].long().expand_as(t_PX), t_PX.abs().float(), "amax")
+    scale_EX = _scale(amax_EX)
+    return _cast(t_PX, scale_EX[expert_P.long()]), scale_EX.reciprocal()
+
+
+class _Fp8GroupedGemm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        layout = _PaddedLayout(tokens_per_expert_E, x_AD.shape[0])
+        x8_PD, x_inv_P = _rows(layout.pad(x_AD))
+        w8_EDF, w_inv_EF = _per_expert_columns(w_EDF)
+        y_PF = torch._scaled_grouped_mm(x8_PD, w8_EDF, x_inv_P, w_inv_EF, offs=layout.offs_E, out_dtype=torch.bfloat16)
+        ctx.save_for_backward(x_AD, w_EDF)
+        ctx.layout = layout
+        return y_PF[layout.dest_A].to(x_AD.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_AF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        x_AD, w_EDF = ctx.saved_tensors
+        layout = ctx.layout
+        grad_PF = layout.pad(grad_AF.to(torch.bfloat16))
+        # grad x = grad @ w^T: w^T per expert is (F, D), scaled per (expert, d) over F
+        g8_PF, g_inv_P = _rows(grad_PF)
+        wt8_EFD, wt_inv_ED = _per_expert_columns(w_EDF.transpose(1, 2))
+        grad_x_PD = torch._scaled_grouped_mm(g8_PF, wt8_EFD, g_inv_P, wt_inv_ED, offs=layout.offs_E,
+                                             out_dtype=torch.bfloat16)
+        # grad w[e] = x_e^T @ grad_e: both scaled per (expert, column) over that expert's rows
+        expert_P = layout.expert_of_row()
+        x8_PD, x_inv_ED = _per_group_columns(layout.pad(x_AD), expert_P, layout.n_experts)
+        g8c_PF, gc_inv_EF = _per_group_columns(grad_PF, expert_P, layout.n_experts)
+        grad_w_EDF = torch._scaled_grouped_mm(x8_PD.t().contiguous(), g8c_PF.t().contiguous().t(),
+                                              x_inv_ED.flatten(), gc_inv_EF.flatten(), offs=layout.offs_E,
+                                              out_dtype=torch.bfloat16)
+        return grad_x_PD[layout.dest_A].to(x_AD.dtype), grad_w_EDF.to(w_EDF.dtype), None
+
+
+@torch.compiler.disable  # eager under parallel.compile: the padded layout depends on the counts
+def fp8_grouped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """GroupedExperts.expert_gemm under FP8 where grouped_fp8_supported: x_AD @ w_EDF[e] for each
+    expert's rows, in x's dtype."""
+    return _Fp8GroupedGemm.apply(x_AD, w_EDF.to(x_AD.dtype), tokens_per_expert_E)

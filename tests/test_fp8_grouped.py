@@ -122,7 +122,10 @@ def test_padded_layout_starts_each_expert_at_a_block_and_fixes_the_size_by_shape
         assert layout.dest_A[first:first + n].tolist() == list(range(s, s + n))
         first += n
     assert ends[-1] <= layout.n_padded == 16 * -(-(sum(COUNTS) + 16 * len(COUNTS)) // 16)
-    assert layout.expert_of_row()[torch.tensor(starts)].tolist() == list(range(len(COUNTS)))
+    expert_B = layout.expert_of_block()
+    assert expert_B.shape == (layout.n_padded // 16,)
+    assert expert_B.tolist() == [e for e, (s, end) in enumerate(zip(starts, ends)) for _ in range(s, end, 16)] + \
+        [len(COUNTS) - 1] * ((layout.n_padded - ends[-1]) // 16)  # the blocks past the last expert count as its
 
 
 @pytest.mark.gpu

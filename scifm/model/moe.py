@@ -180,12 +180,15 @@ def swiglu_experts(
     path computes in the autocast dtype and returns it.
     """
     device_type = x_AD.device.type
+    gemm = expert_gemm
     if torch.is_autocast_enabled(device_type):
         # autocast does not cover _grouped_mm, and the tokens arrive in fp32 (from RMSNorm): cast as
-        # autocast casts an nn.Linear, so the grouped GEMM does not run in fp32 (the weights stay fp32)
+        # autocast casts an nn.Linear, so the grouped GEMM does not run in fp32 (the weights stay
+        # fp32). An expert_gemm takes the weights as they are and casts them as it needs.
         dtype = torch.get_autocast_dtype(device_type)
-        x_AD, w1_EDF, w3_EDF, w2_EFD = (t.to(dtype) for t in (x_AD, w1_EDF, w3_EDF, w2_EFD))
-    gemm = expert_gemm
+        x_AD = x_AD.to(dtype)
+        if gemm is None:
+            w1_EDF, w3_EDF, w2_EFD = (t.to(dtype) for t in (w1_EDF, w3_EDF, w2_EFD))
     if gemm is None:
         gemm = grouped_gemm if use_grouped_mm and _grouped_mm_usable((w1_EDF, w3_EDF, w2_EFD)) else looped_gemm
     h_AF = F.silu(gemm(x_AD, w1_EDF, tokens_per_expert_E)) * gemm(x_AD, w3_EDF, tokens_per_expert_E)

@@ -47,10 +47,22 @@ class _PaddedLayout:
     def pad(self, t_AX: torch.Tensor) -> torch.Tensor:
         return t_AX.new_zeros(self.n_padded, t_AX.shape[1]).index_copy_(0, self.dest_A, t_AX)
 
-    def expert_of_row(self) -> torch.Tensor:
-        """Expert of each padded row (the rows past the last expert count as its)."""
-        rows_P = torch.arange(self.n_padded, device=self.offs_E.device, dtype=torch.int32)
-        return torch.searchsorted(self.offs_E, rows_P, right=True).clamp(max=self.n_experts - 1)
+    def expert_of_block(self) -> torch.Tensor:
+        """Expert of each ALIGN-row block of the padded rows (the blocks past the last expert count as its)."""
+        first_row_B = torch.arange(0, self.n_padded, ALIGN, device=self.offs_E.device, dtype=torch.int32)
+        return torch.searchsorted(self.offs_E, first_row_B, right=True).clamp(max=self.n_experts - 1)
+
+
+def _fused_on_gpu(fn):
+    """Runs `fn` compiled on a GPU, so that each quantization's abs, amax, scale, clamp and cast are
+    one or two kernels instead of a pass over memory each; eager elsewhere (a CPU runs these only
+    in tests, through a stand-in kernel)."""
+    compiled = torch.compile(fn, dynamic=False)
+
+    def run(t: torch.Tensor, *args):
+        return (compiled if t.is_cuda else fn)(t, *args)
+
+    return run
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
@@ -61,12 +73,14 @@ def _cast(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (t.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
 
 
+@_fused_on_gpu
 def _rows(t_PX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major e4m3 with a scale per row (over X): the kernel's left operand and its inverse scales."""
     scale_P1 = _scale(t_PX.abs().amax(dim=1, keepdim=True))
     return _cast(t_PX, scale_P1), scale_P1.reciprocal().flatten()
 
 
+@_fused_on_gpu
 def _per_expert_columns(w_EXY: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w_EXY in e4m3 laid out column-major per expert, scaled per (expert, column y) over X."""
     scale_E1Y = _scale(w_EXY.abs().amax(dim=1, keepdim=True))
@@ -74,28 +88,34 @@ def _per_expert_columns(w_EXY: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return w8_EXY.transpose(1, 2).contiguous().transpose(1, 2), scale_E1Y.reciprocal().squeeze(1)
 
 
-def _per_group_columns(t_PX: torch.Tensor, expert_P: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """t_PX in e4m3 scaled per (expert, column x) over that expert's rows; inverse scales (E, X)."""
-    amax_EX = t_PX.new_zeros(n_experts, t_PX.shape[1], dtype=torch.float32).scatter_reduce_(
-        0, expert_P[:, None].long().expand_as(t_PX), t_PX.abs().float(), "amax")
+@_fused_on_gpu
+def _per_group_columns(t_PX: torch.Tensor, expert_B: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """t_PX in e4m3 scaled per (expert, column x) over that expert's rows, transposed to (X, P)
+    row-major; inverse scales (E, X). An expert's rows fill whole ALIGN-row blocks (expert_B is each
+    block's), so the amax goes over blocks first and scatters ALIGN times fewer rows."""
+    amax_BX = t_PX.abs().view(-1, ALIGN, t_PX.shape[1]).amax(dim=1).float()
+    amax_EX = amax_BX.new_zeros(n_experts, t_PX.shape[1]).scatter_reduce_(
+        0, expert_B[:, None].expand_as(amax_BX), amax_BX, "amax")
     scale_EX = _scale(amax_EX)
-    return _cast(t_PX, scale_EX[expert_P.long()]), scale_EX.reciprocal()
+    scale_PX = scale_EX[expert_B].repeat_interleave(ALIGN, dim=0)
+    return _cast(t_PX, scale_PX).t().contiguous(), scale_EX.reciprocal()
 
 
 class _Fp8GroupedGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         layout = _PaddedLayout(tokens_per_expert_E, x_AD.shape[0])
-        x8_PD, x_inv_P = _rows(layout.pad(x_AD))
+        x_PD = layout.pad(x_AD)
+        x8_PD, x_inv_P = _rows(x_PD)
         w8_EDF, w_inv_EF = _per_expert_columns(w_EDF)
         y_PF = torch._scaled_grouped_mm(x8_PD, w8_EDF, x_inv_P, w_inv_EF, offs=layout.offs_E, out_dtype=torch.bfloat16)
-        ctx.save_for_backward(x_AD, w_EDF)
+        ctx.save_for_backward(x_PD, w_EDF)
         ctx.layout = layout
         return y_PF[layout.dest_A].to(x_AD.dtype)
 
     @staticmethod
     def backward(ctx, grad_AF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        x_AD, w_EDF = ctx.saved_tensors
+        x_PD, w_EDF = ctx.saved_tensors
         layout = ctx.layout
         grad_PF = layout.pad(grad_AF.to(torch.bfloat16))
         # grad x = grad @ w^T: w^T per expert is (F, D), scaled per (expert, d) over F
@@ -104,17 +124,17 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         grad_x_PD = torch._scaled_grouped_mm(g8_PF, wt8_EFD, g_inv_P, wt_inv_ED, offs=layout.offs_E,
                                              out_dtype=torch.bfloat16)
         # grad w[e] = x_e^T @ grad_e: both scaled per (expert, column) over that expert's rows
-        expert_P = layout.expert_of_row()
-        x8_PD, x_inv_ED = _per_group_columns(layout.pad(x_AD), expert_P, layout.n_experts)
-        g8c_PF, gc_inv_EF = _per_group_columns(grad_PF, expert_P, layout.n_experts)
-        grad_w_EDF = torch._scaled_grouped_mm(x8_PD.t().contiguous(), g8c_PF.t().contiguous().t(),
-                                              x_inv_ED.flatten(), gc_inv_EF.flatten(), offs=layout.offs_E,
-                                              out_dtype=torch.bfloat16)
-        return grad_x_PD[layout.dest_A].to(x_AD.dtype), grad_w_EDF.to(w_EDF.dtype), None
+        expert_B = layout.expert_of_block()
+        x8t_DP, x_inv_ED = _per_group_columns(x_PD, expert_B, layout.n_experts)
+        g8t_FP, gc_inv_EF = _per_group_columns(grad_PF, expert_B, layout.n_experts)
+        grad_w_EDF = torch._scaled_grouped_mm(x8t_DP, g8t_FP.t(), x_inv_ED.flatten(), gc_inv_EF.flatten(),
+                                              offs=layout.offs_E, out_dtype=torch.bfloat16)
+        return grad_x_PD[layout.dest_A].to(grad_AF.dtype), grad_w_EDF.to(w_EDF.dtype), None
 
 
 @torch.compiler.disable  # eager under parallel.compile: the padded layout depends on the counts
 def fp8_grouped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """GroupedExperts.expert_gemm under FP8 where grouped_fp8_supported: x_AD @ w_EDF[e] for each
-    expert's rows, in x's dtype."""
-    return _Fp8GroupedGemm.apply(x_AD, w_EDF.to(x_AD.dtype), tokens_per_expert_E)
+    expert's rows, in x's dtype. w_EDF is quantized from its own precision (the fp32 master weight
+    under autocast: no bf16 copy first), and its gradient comes back in it."""
+    return _Fp8GroupedGemm.apply(x_AD, w_EDF, tokens_per_expert_E)

@@ -57,7 +57,7 @@ def _fused_on_gpu(fn):
     """Runs `fn` compiled on a GPU, so that each quantization's abs, amax, scale, clamp and cast are
     one or two kernels instead of a pass over memory each; eager elsewhere (a CPU runs these only
     in tests, through a stand-in kernel)."""
-    compiled = torch.compile(fn, dynamic=False)
+    compiled = torch.compile(fn)  # static shapes first; a new row count (under EP) recompiles once, dynamic
 
     def run(t: torch.Tensor, *args):
         return (compiled if t.is_cuda else fn)(t, *args)

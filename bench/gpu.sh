@@ -2,10 +2,12 @@
 # The GPU check in one call, on a single-GPU machine without network (Python 3.12, a CUDA torch,
 # triton, transformers, pytest). First run bench/gpu_prepare.sh where there is network and carry .gpu/.
 # Runs bench/gpu_step.py first (bf16 against FP8, eager and with compiled blocks, on a
-# Qwen3-30B-A3B-shaped model cut to 6 layers; one step of bf16 and of FP8 profiled), then the
-# gpu-marked tests (FP8 training and grouped FP8 GEMMs, bf16, NCCL; Megatron-Core's logits against
-# scifm's, engine=megatron's training against the native engine's); everything lands in $OUT
-# (default gpu_out/, 7 files). Each part has its own time limit, so the whole ends within 8 minutes.
+# Qwen3-30B-A3B-shaped model cut to 6 layers; one compiled step of each profiled), then
+# bench/fp8_grouped_gemm.py (the experts' GEMM alone, FP8 against bf16), then the gpu-marked tests
+# (FP8 training and grouped FP8 GEMMs, bf16, NCCL; Megatron-Core's logits against scifm's,
+# engine=megatron's training against the native engine's); everything lands in $OUT (default
+# gpu_out/, 8 files, the most a device call brings back). Each part has its own time limit, so the
+# whole ends within 9 minutes (about 5 on an H200).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -21,6 +23,7 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/versions.txt"
 timeout 220 python3 bench/gpu_step.py --out "$OUT/gpu_step.json" --budget-s 170 --profile-modes bf16_compiled,fp8_compiled \
   --profile-dir "$OUT" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/gpu_step.txt"
+timeout 60 python3 bench/fp8_grouped_gemm.py --rounds 5 2>&1 | grep -v "^W[0-9]" | tee "$OUT/fp8_grouped_gemm.txt"
 # the grouped FP8 GEMMs' errors against fp32 are printed (-s: one process, so the print shows)
 { timeout 60 python3 -m pytest -q -n 0 -s -m gpu -p no:cacheprovider --tb=short tests/test_fp8_grouped.py
   timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 --tb=short -rfEs \

@@ -71,7 +71,7 @@ def flops_per_token(cfg: ModelConfig, seq: int) -> float:
 def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, steps: int,
             device: torch.device, profile_to: str | None = None) -> dict:
     cuda = device.type == "cuda"
-    if mode == "bf16_one_call":
+    if mode.startswith("bf16_one_call"):
         cfg = dataclasses.replace(cfg, attention_query_block=0)
     torch.manual_seed(0)
     with device:
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    parser.add_argument("--modes", default="bf16,bf16_compiled,fp8,fp8_compiled,fp8_dense_compiled")
+    parser.add_argument("--modes", default="bf16,bf16_compiled,fp8,fp8_compiled,fp8_dense_compiled,bf16_one_call_compiled")
     parser.add_argument("--profile-modes", default="", help="modes whose extra step is profiled, comma-separated")
     parser.add_argument("--profile-dir", default=".", help="where <mode>_profile.txt files go")
     parser.add_argument("--budget-s", type=float, default=200.0, help="start no mode after this many seconds")

@@ -181,7 +181,7 @@ def _to_torchao(model: nn.Module, names: set[str], recipe: str) -> None:
         """The weight gradient's FP8 GEMM sums over the input's rows, which the GPU kernels take in
         multiples of ALIGN only (an encoder's rows are any count, none when a batch lacks its
         modality, and Float8Linear's amax of an empty tensor raises): zero rows are added, which
-        change no scale and add nothing to any product, and their outputs dropped."""
+        change no other row's scale and add nothing to any product, and their outputs dropped."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             rows = x.numel() // x.shape[-1]

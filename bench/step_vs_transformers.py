@@ -8,8 +8,9 @@ spreads (max / min over rounds) and scifm / transformers per precision. With --p
 step of each variant runs under torch's profiler and its kernels' self CPU time is printed by kind:
 matrix multiplies (aten::mm, addmm, bmm, _grouped_mm), attention (SDPA's kernels) and the rest.
 With --compile, scifm also runs with parallel.compile's per-block torch.compile.
+On a GPU (--device cuda) each step ends with a synchronize, so that the timer holds the whole step.
 Run: python bench/step_vs_transformers.py [--shape small|big] [--precisions fp32 bf16] [--rounds 7]
-     [--batch 4] [--seq 512] [--profile] [--compile]
+     [--batch 4] [--seq 512] [--device cpu|cuda] [--profile] [--compile]
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from scifm.core.host_memory import keep_freed_host_memory
 from scifm.hf.architectures import QWEN3_MOE, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
 from scifm.parallel.fsdp import apply_compile
-from text_step import CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments
+from text_step import (CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments,
+                       synchronize)
 
 
 def as_transformers(model) -> torch.nn.Module:
@@ -42,7 +44,8 @@ def as_transformers(model) -> torch.nn.Module:
 
 def transformers_step(model, batch: TextBatch, precision: str):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    autocast = autocast_of(precision)
+    device = batch.input_ids.device
+    autocast = autocast_of(precision, device.type)
 
     def step() -> None:
         with autocast:  # transformers shifts the labels inside its loss
@@ -51,6 +54,7 @@ def transformers_step(model, batch: TextBatch, precision: str):
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
     return step
 
 
@@ -77,17 +81,23 @@ def count(params) -> float:
 def main() -> None:
     parser = step_arguments(__doc__.splitlines()[0], rounds=7)
     parser.add_argument("--profile", action="store_true", help="also print each variant's operator time by kind")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:N]")
     parser.add_argument("--compile", action="store_true",
                         help="also time scifm with parallel.compile's per-block torch.compile (a copy of the same model)")
     args = parser.parse_args()
-    keep_freed_host_memory()  # as the trainer does on CPU (for both libraries' steps alike)
+    device = torch.device(args.device)
+    if args.profile and device.type != "cpu":
+        parser.error("--profile shares out CPU operator time: run it with --device cpu")
+    if device.type == "cpu":
+        keep_freed_host_memory()  # as the trainer does on CPU (for both libraries' steps alike)
     cfg = model_config(args.shape, args.seq)
     ours = build_model(cfg)
     theirs = as_transformers(ours)
     batch = TextBatch.random(args.batch, args.seq)
-    with torch.no_grad():
+    with torch.no_grad():  # on the CPU in fp32, whatever the device timed: the check is of the computation
         diff = (ours(batch.input_ids, **batch.model_kwargs()) - theirs(input_ids=batch.input_ids).logits).abs().max().item()
     assert diff < 1e-4, f"the two models disagree on the logits (max |diff| {diff:.2e}): not the same computation"
+    ours, theirs, batch = ours.to(device), theirs.to(device), batch.to(device)
 
     compiled = None
     if args.compile:
@@ -113,7 +123,8 @@ def main() -> None:
     print(f"shape {args.shape}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads}/{cfg.n_kv_heads} heads, "
           f"{cfg.moe.n_experts} experts top-{cfg.moe.top_k} width {cfg.moe.expert_ffn}, vocab {VOCAB}; "
           f"batch {args.batch} x {args.seq}; {args.rounds} rounds, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads")
+          f"transformers {transformers.__version__}, "
+          + (torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"))
     print(f"parameters: scifm decoder {count(decoder):.2f}M (+ {count(encoders):.2f}M in encoders a text batch "
           f"leaves idle), transformers {count(theirs.parameters()):.2f}M; logits max |diff| {diff:.1e}")
     medians = {name: statistics.median(t) for name, t in times.items()}

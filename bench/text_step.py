@@ -48,28 +48,39 @@ class TextBatch:
     input_ids: torch.Tensor
 
     @classmethod
-    def random(cls, batch: int, seq: int) -> TextBatch:
-        return cls(torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1)))
+    def random(cls, batch: int, seq: int, device: str = "cpu") -> TextBatch:
+        ids = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
+        return cls(ids.to(device))  # drawn on the CPU: the same ids on every device
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.cat([self.input_ids[:, 1:], torch.full((self.input_ids.shape[0], 1), IGNORE)], dim=1)
+        ignore = torch.full((self.input_ids.shape[0], 1), IGNORE, device=self.input_ids.device)
+        return torch.cat([self.input_ids[:, 1:], ignore], dim=1)
 
     def model_kwargs(self) -> dict:
         B, S = self.input_ids.shape
-        return {"positions_BS": torch.arange(S).expand(B, S), "doc_ids_BS": torch.zeros(B, S, dtype=torch.long)}
+        device = self.input_ids.device
+        return {"positions_BS": torch.arange(S, device=device).expand(B, S),
+                "doc_ids_BS": torch.zeros(B, S, dtype=torch.long, device=device)}
 
     def to(self, device: torch.device) -> TextBatch:
-        return self
+        return TextBatch(self.input_ids.to(device))
 
 
-def autocast_of(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+def autocast_of(precision: str, device_type: str = "cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so that a timer around a step times the step."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str):
-    """A callable running one training step; the optimizer is made once, here."""
-    runner = ModelRunner(model, scaled_cross_entropy, autocast_of(precision), torch.device("cpu"))
+    """A callable running one training step on the batch's device; the optimizer is made once, here."""
+    device = batch.input_ids.device
+    runner = ModelRunner(model, scaled_cross_entropy, autocast_of(precision, device.type), device)
     optimizer = build_optimizer(model, TrainerConfig())
     scale = 1.0 / float((batch.labels != IGNORE).sum())
 
@@ -78,6 +89,7 @@ def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str):
         runner.clip_grad_norm(CLIP)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
     return step
 
 

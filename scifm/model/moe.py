@@ -189,10 +189,14 @@ def swiglu_experts(
         x_AD = x_AD.to(dtype)
         if gemm is None:
             w1_EDF, w3_EDF, w2_EFD = (t.to(dtype) for t in (w1_EDF, w3_EDF, w2_EFD))
+    counts = tokens_per_expert_E
     if gemm is None:
-        gemm = grouped_gemm if use_grouped_mm and _grouped_mm_usable((w1_EDF, w3_EDF, w2_EFD)) else looped_gemm
-    h_AF = F.silu(gemm(x_AD, w1_EDF, tokens_per_expert_E)) * gemm(x_AD, w3_EDF, tokens_per_expert_E)
-    return gemm(h_AF, w2_EFD, tokens_per_expert_E)
+        if use_grouped_mm and _grouped_mm_usable((w1_EDF, w3_EDF, w2_EFD)):
+            gemm = grouped_gemm
+        else:  # the counts read once for the three GEMMs: under compile each read is new unbacked sizes
+            gemm, counts = looped_gemm, tokens_per_expert_E.tolist()
+    h_AF = F.silu(gemm(x_AD, w1_EDF, counts)) * gemm(x_AD, w3_EDF, counts)
+    return gemm(h_AF, w2_EFD, counts)
 
 
 def grouped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
@@ -200,10 +204,12 @@ def grouped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: t
     return torch._grouped_mm(x_AD, w_EDF, offs=torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32))
 
 
-def looped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert_E: torch.Tensor,
+def looped_gemm(x_AD: torch.Tensor, w_EDF: torch.Tensor, tokens_per_expert: torch.Tensor | list[int],
                 mm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul) -> torch.Tensor:
     """A loop over experts, not tokens; empty slices still run, so the op sequence is fixed."""
-    chunks = torch.split(x_AD, tokens_per_expert_E.tolist(), dim=0)
+    if isinstance(tokens_per_expert, torch.Tensor):
+        tokens_per_expert = tokens_per_expert.tolist()
+    chunks = torch.split(x_AD, tokens_per_expert, dim=0)
     return torch.cat([mm(x_ND, w_EDF[e]) for e, x_ND in enumerate(chunks)], dim=0)
 
 

@@ -147,7 +147,7 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conv
     """Converts the chosen layers of `model` (whole, unsharded) in place."""
     backend, recipe = resolve_fp8(cfg, device)
     conversion = Fp8Conversion(backend, recipe, experts_grouped=grouped_fp8_supported(device))
-    expert_gemm = fp8_grouped_gemm if conversion.experts_grouped else functools.partial(looped_gemm, mm=fp8_matmul)
+    expert_gemm = fp8_grouped_gemm if conversion.experts_grouped else fp8_looped_gemm
     linears = []
     for name, module in model.named_modules():
         if not name or not _chosen(name, cfg):
@@ -271,3 +271,7 @@ def fp8_matmul(x_ND: torch.Tensor, w_DF: torch.Tensor) -> torch.Tensor:
     """One expert's matmul under FP8 where grouped FP8 GEMMs do not run. The result takes x's dtype (bf16 under autocast, where the
     weight is cast to it as autocast would); each gradient its operand's."""
     return _Fp8Matmul.apply(x_ND, w_DF.to(x_ND.dtype))
+
+
+# eager under parallel.compile, as a whole: its split sizes are read from the counts (a graph break each)
+fp8_looped_gemm = torch.compiler.disable(functools.partial(looped_gemm, mm=fp8_matmul))

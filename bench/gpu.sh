@@ -3,11 +3,12 @@
 # triton, transformers, pytest). First run bench/gpu_prepare.sh where there is network and carry .gpu/.
 # Runs bench/gpu_step.py first (bf16 against FP8, eager and with compiled blocks, on a
 # Qwen3-30B-A3B-shaped model cut to 6 layers; one compiled step of each profiled), then
-# bench/fp8_grouped_gemm.py (the experts' GEMM alone, FP8 against bf16), then the gpu-marked tests
+# bench/fp8_grouped_gemm.py (the experts' GEMM alone, FP8 against bf16) and
+# bench/step_vs_transformers.py (scifm's step against transformers' Qwen3-MoE), then the gpu-marked tests
 # (FP8 training and grouped FP8 GEMMs, bf16, NCCL; Megatron-Core's logits against scifm's,
 # engine=megatron's training against the native engine's); everything lands in $OUT (default
 # gpu_out/, 8 files, the most a device call brings back). Each part has its own time limit, so the
-# whole ends within 9 minutes (about 5 on an H200).
+# whole ends within 10 minutes (about 6 on an H200): give the device call timeout_s=600.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -21,11 +22,13 @@ python3 -c "import torch, triton, transformers, torchao, rdkit, hydra, megatron.
 print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__,
       'torchao', torchao.__version__, 'pytest', pytest.__version__)" 2>&1 | tail -3 | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/versions.txt"
-timeout 220 python3 bench/gpu_step.py --out "$OUT/gpu_step.json" --budget-s 170 --profile-modes bf16_compiled,fp8_compiled \
+timeout 200 python3 bench/gpu_step.py --out "$OUT/gpu_step.json" --budget-s 150 --profile-modes bf16_compiled,fp8_compiled \
   --profile-dir "$OUT" 2>&1 | grep -v "^W[0-9]" | tee "$OUT/gpu_step.txt"
-timeout 60 python3 bench/fp8_grouped_gemm.py --rounds 5 2>&1 | grep -v "^W[0-9]" | tee "$OUT/fp8_grouped_gemm.txt"
+{ timeout 45 python3 bench/fp8_grouped_gemm.py --rounds 5
+  timeout 90 python3 bench/step_vs_transformers.py --device cuda --shape big --batch 8 --seq 2048 --rounds 5 --compile
+} 2>&1 | grep -v "^W[0-9]\|Loading weights" | tee "$OUT/benches.txt"
 # the grouped FP8 GEMMs' errors against fp32 are printed (-s: one process, so the print shows)
-{ timeout 60 python3 -m pytest -q -n 0 -s -m gpu -p no:cacheprovider --tb=short tests/test_fp8_grouped.py
-  timeout 180 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 --tb=short -rfEs \
+{ timeout 45 python3 -m pytest -q -n 0 -s -m gpu -p no:cacheprovider --tb=short tests/test_fp8_grouped.py
+  timeout 170 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 150 --tb=short -rfEs \
     tests/test_gpu.py tests/test_megatron.py tests/test_megatron_engine.py
 } 2>&1 | grep -v "Warning\|warn" | tee "$OUT/pytest_gpu.txt" | tail -60

@@ -56,11 +56,16 @@ class _PaddedLayout:
 def _fused_on_gpu(fn):
     """Runs `fn` compiled on a GPU, so that each quantization's abs, amax, scale, clamp and cast are
     one or two kernels instead of a pass over memory each; eager elsewhere (a CPU runs these only
-    in tests, through a stand-in kernel)."""
-    compiled = torch.compile(fn)  # static shapes first; a new row count (under EP) recompiles once, dynamic
+    in tests, through a stand-in kernel). Compiled at the first GPU call, not at import."""
+    compiled = None
 
     def run(t: torch.Tensor, *args):
-        return (compiled if t.is_cuda else fn)(t, *args)
+        nonlocal compiled
+        if not t.is_cuda:
+            return fn(t, *args)
+        if compiled is None:
+            compiled = torch.compile(fn)  # static shapes first; a new row count (under EP) recompiles once, dynamic
+        return compiled(t, *args)
 
     return run
 

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from gpu_step import qwen3_30b_a3b_shape
 from scifm.parallel import fp8_grouped
 
 
@@ -72,11 +73,12 @@ def variants(rows: int, d: int, f: int, counts_E: torch.Tensor, device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--experts", type=int, default=128)
-    parser.add_argument("--d", type=int, default=2048)
-    parser.add_argument("--f", type=int, default=768)
+    shape = qwen3_30b_a3b_shape(layers=1, seq=4096)  # gpu_step.py's model: its batch of 2 x 4096 tokens
+    parser.add_argument("--tokens", type=int, default=2 * 4096)
+    parser.add_argument("--top-k", type=int, default=shape.moe.top_k)
+    parser.add_argument("--experts", type=int, default=shape.moe.n_experts)
+    parser.add_argument("--d", type=int, default=shape.d_model)
+    parser.add_argument("--f", type=int, default=shape.moe.expert_ffn)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--device", default="cuda")

@@ -17,6 +17,7 @@ from scifm.model.moe import swiglu_experts
 from scifm.core.errors import ConfigError
 from scifm.parallel.fp8 import resolve_fp8
 from scifm.parallel.fp8_config import TE_RECIPES, TORCHAO_RECIPES, Fp8Config
+from scifm.parallel.fp8_grouped import grouped_fp8_supported
 from scifm.train.trainer import train
 
 pytestmark = pytest.mark.gpu
@@ -62,6 +63,9 @@ def test_fp8_training_stays_within_1_percent_of_bf16(backend, recipe, bf16_loss,
     summary = train(make_config(*STEPS, "trainer.precision=fp8", f"trainer.fp8.backend={backend}",
                                 f"trainer.fp8.recipe={recipe}"), tmp_path)
     assert summary["fp8"]["backend"] == backend and summary["fp8"]["linear_layers"] > 0
+    grouped = grouped_fp8_supported(torch.device("cuda"))  # Hopper, Blackwell: grouped FP8 expert GEMMs
+    assert summary["fp8"]["expert_blocks"] > 0 and summary["fp8"]["experts_kernels"].startswith(
+        "grouped" if grouped else "per-expert"), summary["fp8"]
     assert abs(summary["final_val_loss"] / bf16_loss - 1) < 0.01, (summary["final_val_loss"], bf16_loss)
 
 

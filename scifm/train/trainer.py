@@ -399,7 +399,8 @@ class Trainer:
         }
         if self.fp8 is not None:
             summary["fp8"] = {"backend": self.fp8.backend, "recipe": self.fp8.recipe, "linear_layers": len(self.fp8.linears),
-                              "expert_blocks": len(self.fp8.experts), "high_precision_misfits": self.fp8.misfits}
+                              "expert_blocks": len(self.fp8.experts), "experts_kernels": self.fp8.experts_kernels(),
+                              "high_precision_misfits": self.fp8.misfits}
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_plots(self.run_dir)

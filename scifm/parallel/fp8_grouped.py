@@ -134,7 +134,7 @@ class _Fp8GroupedGemm(torch.autograd.Function):
         g8t_FP, gc_inv_EF = _per_group_columns(grad_PF, expert_B, layout.n_experts)
         grad_w_EDF = torch._scaled_grouped_mm(x8t_DP, g8t_FP.t(), x_inv_ED.flatten(), gc_inv_EF.flatten(),
                                               offs=layout.offs_E, out_dtype=torch.bfloat16)
-        return grad_x_PD[layout.dest_A].to(grad_AF.dtype), grad_w_EDF.to(w_EDF.dtype), None
+        return grad_x_PD[layout.dest_A].to(x_PD.dtype), grad_w_EDF.to(w_EDF.dtype), None
 
 
 @torch.compiler.disable  # eager under parallel.compile: the padded layout depends on the counts

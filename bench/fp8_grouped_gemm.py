@@ -24,6 +24,7 @@ import torch
 
 from gpu_step import qwen3_30b_a3b_shape
 from scifm.parallel import fp8_grouped
+from text_step import synchronize
 
 
 def routed_counts(tokens: int, top_k: int, experts: int, device: torch.device) -> torch.Tensor:
@@ -33,16 +34,12 @@ def routed_counts(tokens: int, top_k: int, experts: int, device: torch.device) -
 
 
 def timer(fn, iters: int, device: torch.device) -> float:
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     fn()
-    sync()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    sync()
+    synchronize(device)
     return (time.perf_counter() - t0) / iters
 
 

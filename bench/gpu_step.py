@@ -49,6 +49,7 @@ from scifm.parallel.fp8 import apply_fp8
 from scifm.parallel.fsdp import apply_compile
 from scifm.parallel.fp8_config import Fp8Config
 from scifm.train.step import scaled_cross_entropy
+from text_step import synchronize
 
 VOCAB = 151936
 
@@ -92,8 +93,7 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
     doc_ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
 
     def step() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         with autocast:
             logits = model(tokens[:, :-1], positions, doc_ids)
@@ -101,8 +101,7 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
         step.loss = loss.item()
         return time.perf_counter() - t0
 
@@ -110,7 +109,7 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         torch.cuda.reset_peak_memory_stats(device)
     times = [step() for _ in range(warmup + steps)][warmup:]
     seconds = statistics.median(times)
-    result = {"mode": mode, "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
+    result = {"mode": mode, "parameters": sum(p.numel() for p in model.parameters()), "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
               "tokens_per_second": batch * seq / seconds, "loss": step.loss,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
               "fp8": fp8_layers}
@@ -136,11 +135,11 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float 
     a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):
         a @ b
-    torch.cuda.synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    torch.cuda.synchronize(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
@@ -196,10 +195,13 @@ def main() -> None:
             torch.cuda.empty_cache()
         with open(args.out, "w") as f:
             json.dump(info, f, indent=2)
-    measured = [r for r in results if "tokens_per_second" in r]
-    if measured and measured[0]["mode"] == "bf16":
-        for r in measured[1:]:
-            print(f"{r['mode']} / bf16 tokens/s: {r['tokens_per_second'] / measured[0]['tokens_per_second']:.2f}")
+    measured = {r["mode"]: r for r in results if "tokens_per_second" in r}
+    if measured:
+        print(f"parameters: {next(iter(measured.values()))['parameters'] / 1e9:.2f}B")
+    for base in ("bf16", "bf16_compiled"):  # each mode against bf16 eager, and compiled ones against compiled bf16
+        for mode, r in measured.items():
+            if base in measured and mode != base and (base == "bf16" or mode.endswith("_compiled")):
+                print(f"{mode} / {base} tokens/s: {r['tokens_per_second'] / measured[base]['tokens_per_second']:.2f}")
 
 if __name__ == "__main__":
     main()

@@ -33,10 +33,11 @@ from torch import nn
 from scifm.core.checks import require
 from scifm.model.moe import GroupedExperts, looped_gemm
 from scifm.parallel.fp8_config import DEFAULT_RECIPE, TE_RECIPES, TORCHAO_RECIPES, Fp8Config
-from scifm.parallel.fp8_grouped import fp8_grouped_gemm, grouped_fp8_supported
+# ALIGN: FP8 GEMMs (cuBLASLt, and the grouped kernels) take the reduced and the output dimension in
+# multiples of 16
+from scifm.parallel.fp8_grouped import ALIGN, E4M3, cast_scaled, fp8_grouped_gemm, grouped_fp8_supported, scale_for
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-ALIGN = 16  # FP8 GEMMs (cuBLASLt) need the reduced and the output dimension in multiples of 16
+E5M2 = torch.float8_e5m2
 MIN_CAPABILITY = {"te": {"delayed": (8, 9), "current": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)},
                   "torchao": {recipe: (8, 9) for recipe in TORCHAO_RECIPES}}
 
@@ -223,10 +224,9 @@ def _to_te(model: nn.Module, names: list[str], recipe: str):
 
 def _to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensorwise dynamic scaling: -> (t scaled into dtype's range, the inverse scale in fp32)."""
-    fmax = torch.finfo(dtype).max
-    amax = t.abs().amax().float() if t.numel() else torch.zeros((), device=t.device)
-    scale = fmax / amax.clamp(min=1e-12)
-    return (t.float() * scale).clamp(-fmax, fmax).to(dtype), scale.reciprocal()
+    amax = t.abs().amax() if t.numel() else torch.zeros((), device=t.device)
+    scale = scale_for(amax, dtype)
+    return cast_scaled(t, scale, dtype), scale.reciprocal()
 
 
 def _scaled_mm(a8_MK: torch.Tensor, a_inv: torch.Tensor, b8_KN: torch.Tensor, b_inv: torch.Tensor,

@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 
 E4M3 = torch.float8_e4m3fn
-FMAX = torch.finfo(E4M3).max
-ALIGN = 16  # rows per block the grouped FP8 kernels start a group at
+ALIGN = 16  # FP8 GEMMs take dimensions, and the grouped kernels group starts, in multiples of this
 
 
 def grouped_fp8_supported(device: torch.device) -> bool:
@@ -70,26 +69,29 @@ def _fused_on_gpu(fn):
     return run
 
 
-def _scale(amax: torch.Tensor) -> torch.Tensor:
-    return FMAX / amax.float().clamp(min=1e-12)
+def scale_for(amax: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """The scale that maps amax onto dtype's largest value (fp32; an all-zero tensor gets a finite one)."""
+    return torch.finfo(dtype).max / amax.float().clamp(min=1e-12)
 
 
-def _cast(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return (t.float() * scale).clamp(-FMAX, FMAX).to(E4M3)
+def cast_scaled(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = E4M3) -> torch.Tensor:
+    """t times scale in dtype, clamped first: a float8 cast does not saturate."""
+    fmax = torch.finfo(dtype).max
+    return (t.float() * scale).clamp(-fmax, fmax).to(dtype)
 
 
 @_fused_on_gpu
 def _rows(t_PX: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major e4m3 with a scale per row (over X): the kernel's left operand and its inverse scales."""
-    scale_P1 = _scale(t_PX.abs().amax(dim=1, keepdim=True))
-    return _cast(t_PX, scale_P1), scale_P1.reciprocal().flatten()
+    scale_P1 = scale_for(t_PX.abs().amax(dim=1, keepdim=True))
+    return cast_scaled(t_PX, scale_P1), scale_P1.reciprocal().flatten()
 
 
 @_fused_on_gpu
 def _per_expert_columns(w_EXY: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w_EXY in e4m3 laid out column-major per expert, scaled per (expert, column y) over X."""
-    scale_E1Y = _scale(w_EXY.abs().amax(dim=1, keepdim=True))
-    w8_EXY = _cast(w_EXY, scale_E1Y)
+    scale_E1Y = scale_for(w_EXY.abs().amax(dim=1, keepdim=True))
+    w8_EXY = cast_scaled(w_EXY, scale_E1Y)
     return w8_EXY.transpose(1, 2).contiguous().transpose(1, 2), scale_E1Y.reciprocal().squeeze(1)
 
 
@@ -101,9 +103,9 @@ def _per_group_columns(t_PX: torch.Tensor, expert_B: torch.Tensor, n_experts: in
     amax_BX = t_PX.abs().view(-1, ALIGN, t_PX.shape[1]).amax(dim=1).float()
     amax_EX = amax_BX.new_zeros(n_experts, t_PX.shape[1]).scatter_reduce_(
         0, expert_B[:, None].expand_as(amax_BX), amax_BX, "amax")
-    scale_EX = _scale(amax_EX)
+    scale_EX = scale_for(amax_EX)
     scale_PX = scale_EX[expert_B].repeat_interleave(ALIGN, dim=0)
-    return _cast(t_PX, scale_PX).t().contiguous(), scale_EX.reciprocal()
+    return cast_scaled(t_PX, scale_PX).t().contiguous(), scale_EX.reciprocal()
 
 
 class _Fp8GroupedGemm(torch.autograd.Function):

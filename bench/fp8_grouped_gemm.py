@@ -1,15 +1,21 @@
-"""The routed experts' GEMM alone on a GPU: scifm's grouped FP8 GEMM against bf16's grouped GEMM, and
-the FP8 kernel with and without fast accumulation, at Qwen3-30B-A3B's expert shape.
+"""The routed experts' GEMMs alone on a GPU, piece by piece: each of the three grouped GEMMs of a
+training step in bf16 and in FP8 (with and without fast accumulation), what the FP8 path adds around
+them, and two layouts not yet used, at Qwen3-30B-A3B's expert shape.
 
 Rows are 8192 tokens x top-8 assignments spread over 128 experts by a random routing; D = 2048,
 F = 768. Variants alternate within each round; each round times `--iters` calls after a warm-up,
 and the medians over rounds, their spread (max / min) and the ratios are printed.
 
-  bf16_fwd_bwd     torch._grouped_mm forward and backward (what bf16 training runs per GEMM)
-  fp8_fwd_bwd      scifm.parallel.fp8_grouped.fp8_grouped_gemm forward and backward, fp32 weights
-  bf16_kernel      one torch._grouped_mm call
-  fp8_kernel       one torch._scaled_grouped_mm call on operands quantized beforehand
-  fp8_kernel_fast  the same with use_fast_accum=True (torchao's choice; scifm calls the default)
+  {bf16,fp8}_fwd_bwd   forward and backward of one expert GEMM: torch._grouped_mm's autograd against
+                       scifm.parallel.fp8_grouped.fp8_grouped_gemm (fp32 master weights, its defaults)
+  {bf16,fp8,fp8_precise}_{fwd,grad_x,grad_w}
+                       one kernel: torch._grouped_mm, torch._scaled_grouped_mm on operands quantized
+                       beforehand with use_fast_accum=True (scifm's), and with False
+  {bf16,fp8}_fwd_2f    the gate and up projections as one GEMM of width 2F (against two of width F)
+  fp8_fwd_unaligned    the forward kernel on rows not padded to 16-row groups (if the kernel takes
+                       them: its result is checked against the padded layout's)
+  pad_x, rows_x, columns_w, group_columns_x, grad_w_to_fp32
+                       the padding, the three quantizers and the weight gradient's cast to fp32
 
   python bench/fp8_grouped_gemm.py --rounds 5
 """
@@ -44,28 +50,58 @@ def timer(fn, iters: int, device: torch.device) -> float:
 
 
 def variants(rows: int, d: int, f: int, counts_E: torch.Tensor, device: torch.device) -> dict:
+    """name -> (callable, GEMM FLOPs per call or 0)."""
+    g = fp8_grouped
     x = torch.randn(rows, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     w32 = (torch.randn(counts_E.numel(), d, f, device=device) / d**0.5).requires_grad_()
     w16 = w32.detach().bfloat16().requires_grad_()
     grad = torch.randn(rows, f, device=device, dtype=torch.bfloat16)
     offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-    layout = fp8_grouped._PaddedLayout(counts_E, rows)
-    x8, x_inv = fp8_grouped._rows(layout.pad(x.detach()))
-    w8, w_inv = fp8_grouped._per_expert_columns(w32.detach())
+    layout = g._PaddedLayout(counts_E, rows)
+    x_PD, grad_PF = layout.pad(x.detach()), layout.pad(grad)
+    x8, x_inv = g._rows(x_PD)
+    w8, w_inv = g._per_expert_columns(w32.detach())
+    g8, g_inv = g._rows(grad_PF)
+    wt8, wt_inv = g._per_expert_columns(w32.detach().transpose(1, 2))
+    expert_B = layout.expert_of_block()
+    x8t, xc_inv = g._per_group_columns(x_PD, expert_B, layout.n_experts)
+    g8t, gc_inv = g._per_group_columns(grad_PF, expert_B, layout.n_experts)
+    w8_2f, w_inv_2f = g._per_expert_columns(torch.cat([w32.detach(), w32.detach()], dim=2))
+    w16_2f = torch.cat([w16.detach(), w16.detach()], dim=2)
+    flops = 2 * rows * d * f
 
-    def bf16_fwd_bwd():
-        torch._grouped_mm(x, w16, offs=offs).backward(grad)
+    def scaled(a, b, sa, sb, fast, o=layout.offs_E):
+        return lambda: torch._scaled_grouped_mm(a, b, sa, sb, offs=o, out_dtype=torch.bfloat16, use_fast_accum=fast)
 
-    def fp8_fwd_bwd():
-        fp8_grouped.fp8_grouped_gemm(x, w32, counts_E).backward(grad)
-
-    def fp8_kernel(fast: bool):
-        return lambda: torch._scaled_grouped_mm(x8, w8, x_inv, w_inv, offs=layout.offs_E, out_dtype=torch.bfloat16,
-                                                use_fast_accum=fast)
-
-    return {"bf16_fwd_bwd": bf16_fwd_bwd, "fp8_fwd_bwd": fp8_fwd_bwd,
-            "bf16_kernel": lambda: torch._grouped_mm(x.detach(), w16.detach(), offs=offs),
-            "fp8_kernel": fp8_kernel(False), "fp8_kernel_fast": fp8_kernel(True)}
+    fns = {
+        "bf16_fwd_bwd": (lambda: torch._grouped_mm(x, w16, offs=offs).backward(grad), 3 * flops),
+        "fp8_fwd_bwd": (lambda: g.fp8_grouped_gemm(x, w32, counts_E).backward(grad), 3 * flops),
+        "bf16_fwd": (lambda: torch._grouped_mm(x.detach(), w16.detach(), offs=offs), flops),
+        "bf16_grad_x": (lambda: torch._grouped_mm(grad, w16.detach().transpose(1, 2), offs=offs), flops),
+        "bf16_grad_w": (lambda: torch._grouped_mm(x.detach().t(), grad, offs=offs), flops),
+        "bf16_fwd_2f": (lambda: torch._grouped_mm(x.detach(), w16_2f, offs=offs), 2 * flops),
+        "fp8_fwd_2f": (scaled(x8, w8_2f, x_inv, w_inv_2f, True), 2 * flops),
+        "pad_x": (lambda: layout.pad(x.detach()), 0),
+        "rows_x": (lambda: g._rows(x_PD), 0),
+        "columns_w": (lambda: g._per_expert_columns(w32.detach()), 0),
+        "group_columns_x": (lambda: g._per_group_columns(x_PD, expert_B, layout.n_experts), 0),
+        "grad_w_to_fp32": (lambda: w16.detach().to(torch.float32), 0),
+    }
+    for fast, prefix in ((True, "fp8"), (False, "fp8_precise")):
+        fns[f"{prefix}_fwd"] = (scaled(x8, w8, x_inv, w_inv, fast), flops)
+        fns[f"{prefix}_grad_x"] = (scaled(g8, wt8, g_inv, wt_inv, fast), flops)
+        fns[f"{prefix}_grad_w"] = (scaled(x8t, g8t.t(), xc_inv.flatten(), gc_inv.flatten(), fast), flops)
+    # unpadded rows: each expert's group starts wherever the previous one ended
+    x8u, xu_inv = g._rows(x.detach())
+    try:
+        y_unaligned = scaled(x8u, w8, xu_inv, w_inv, True, offs)()
+        y_padded = fns["fp8_fwd"][0]()[layout.dest_A]
+        error = ((y_unaligned.float() - y_padded.float()).norm() / y_padded.float().norm()).item()
+        print(f"fp8_fwd_unaligned: the kernel takes unpadded groups; relative difference from the padded layout {error:.2e}")
+        fns["fp8_fwd_unaligned"] = (scaled(x8u, w8, xu_inv, w_inv, True, offs), flops)
+    except RuntimeError as e:
+        print(f"fp8_fwd_unaligned: refused: {str(e).splitlines()[0]}")
+    return fns
 
 
 def main() -> None:
@@ -88,19 +124,31 @@ def main() -> None:
     fns = variants(rows, args.d, args.f, counts_E, device)
     times = {name: [] for name in fns}
     for _ in range(args.rounds):
-        for name, fn in fns.items():
-            times[name].append(timer(fn, args.iters, device))
-    flops = 2 * rows * args.d * args.f
+        for name, (fn, _) in list(fns.items()):
+            try:
+                times[name].append(timer(fn, args.iters, device))
+            except RuntimeError as e:  # one variant the kernel refuses must not lose the others
+                print(f"{name}: failed: {str(e).splitlines()[0]}")
+                del fns[name], times[name]
     print(f"rows {rows}, experts {args.experts} (rows each {int(counts_E.min())} to {int(counts_E.max())}), "
           f"D {args.d}, F {args.f}; {args.rounds} rounds of {args.iters} calls")
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in times.items():
-        gemms = 3 if name.endswith("fwd_bwd") else 1
-        print(f"{name:16s} {med[name] * 1e3:8.3f} ms  {gemms * flops / med[name] / 1e12:7.1f} TFLOP/s  "
-              f"spread {max(t) / min(t):.2f}")
-    print(f"fp8_fwd_bwd / bf16_fwd_bwd time: {med['fp8_fwd_bwd'] / med['bf16_fwd_bwd']:.2f}")
-    print(f"fp8_kernel / bf16_kernel time: {med['fp8_kernel'] / med['bf16_kernel']:.2f}")
-    print(f"fp8_kernel_fast / fp8_kernel time: {med['fp8_kernel_fast'] / med['fp8_kernel']:.2f}")
+        flops = fns[name][1]
+        rate = f"{flops / med[name] / 1e12:7.1f} TFLOP/s" if flops else " " * 15
+        print(f"{name:18s} {med[name] * 1e3:8.3f} ms  {rate}  spread {max(t) / min(t):.2f}")
+
+    def ratio(a: str, b: str, times_b: int = 1) -> None:
+        if a in med and b in med:
+            print(f"{a} / {'2 x ' if times_b == 2 else ''}{b} time: {med[a] / (times_b * med[b]):.2f}")
+
+    ratio("fp8_fwd_bwd", "bf16_fwd_bwd")
+    for kind in ("fwd", "grad_x", "grad_w"):
+        ratio(f"fp8_{kind}", f"bf16_{kind}")
+        ratio(f"fp8_{kind}", f"fp8_precise_{kind}")
+    ratio("fp8_fwd_2f", "fp8_fwd", 2)
+    ratio("bf16_fwd_2f", "bf16_fwd", 2)
+    ratio("fp8_fwd_unaligned", "fp8_fwd")
 
 
 if __name__ == "__main__":

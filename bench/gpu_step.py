@@ -10,7 +10,6 @@ another (two such models do not fit together).
   fp8           trainer.precision=fp8 with the default layers (torchao tensorwise Linear layers, the
                 routed experts as grouped FP8 GEMMs on Hopper/Blackwell, else per-expert scaled matmuls)
   fp8_dense     FP8 Linear layers only; routed experts stay in bf16 (trainer.fp8.exclude adds *experts)
-  fp8_precise   fp8 with the experts' grouped GEMMs accumulating without use_fast_accum
   bf16_one_call bf16 with each layer's attention as one SDPA call over all keys
                 (model.attention_query_block=0), against the default blocks of 256 queries of bf16
   <mode>_compiled  that mode with each block compiled (parallel.compile=true); its warm-up steps compile
@@ -46,7 +45,6 @@ from scifm.core.device import autocast_for
 from scifm.core.encoders_config import EncodersConfig
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
-from scifm.parallel import fp8_grouped
 from scifm.parallel.fp8 import apply_fp8
 from scifm.parallel.fsdp import apply_compile
 from scifm.parallel.fp8_config import Fp8Config
@@ -81,7 +79,6 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         model = ScientificMoE(cfg, {"total": VOCAB, "text": VOCAB, "latex": 512, "protein": 32})  # encoders idle
     autocast = autocast_for("bf16", device)
     fp8_layers = None
-    fp8_grouped.FAST_ACCUM = not mode.startswith("fp8_precise")
     if mode.startswith("fp8"):
         exclude = Fp8Config().exclude + (["*experts"] if mode.startswith("fp8_dense") else [])
         conversion = apply_fp8(model, Fp8Config(backend="torchao", exclude=exclude), device)

@@ -3,11 +3,12 @@ backward: on a CPU through a stand-in for torch._scaled_grouped_mm (which runs o
 Blackwell GPUs only) that enforces the kernel's contract as torch's source states it and computes
 in fp32; on a GPU through the kernel itself.
 
-Tolerance: 6% relative (Frobenius) error. Every operand is e4m3 with rowwise scales: 3 mantissa
-bits, so one rounding is off by up to 2^-4 = 6.25% of a value and by about 2% on average, and a
-product's sum over 48 to 64 terms averages much of that away (measured through the stand-in: 3.6%
-forward, 3.5% and 3.4% for the gradients of x and w). A wrong layout, scale or group boundary is off
-by O(1).
+Tolerance: 6% relative (Frobenius) error for the FP8 products (forward and grad x). Every operand is
+e4m3 with rowwise scales: 3 mantissa bits, so one rounding is off by up to 2^-4 = 6.25% of a value
+and by about 2% on average, and a product's sum over 48 to 64 terms averages much of that away
+(measured through the stand-in: 3.6% forward, 3.5% grad x). The weight gradient is a bf16 GEMM: 1%
+(8 mantissa bits, 2^-9 = 0.2% a rounding; measured 0.23%), so an FP8 weight gradient (3.4% when it
+was one) fails it. A wrong layout, scale or group boundary is off by O(1).
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from scifm.parallel.fp8_config import Fp8Config
 from scifm.parallel.fp8_grouped import fp8_grouped_gemm
 
 TOLERANCE = 0.06
+BF16_TOLERANCE = 0.01
 COUNTS = [0, 37, 1, 16, 90, 0, 3, 13]  # empty experts, and counts off the kernel's 16-row blocks
 
 
 def stand_in_scaled_grouped_mm(calls: list[str]):
-    """torch._scaled_grouped_mm's rowwise FP8 contract (aten/src/ATen/native/cuda/GroupedBlas.cpp),
-    computed in fp32. What the contract leaves unspecified is NaN here, as unwritten memory could be:
-    rows of a 2d-3d output past the last group, and a 2d-2d output for a group of no rows."""
+    """torch._scaled_grouped_mm's rowwise FP8 contract (aten/src/ATen/native/cuda/GroupedBlas.cpp and
+    GroupMMCommon.cuh), computed in fp32. What the contract leaves unspecified is NaN here, as
+    unwritten memory could be: rows of a 2d-3d output past the last group, and a 2d-2d output for a
+    group of no rows (which the kernel refuses for a row-major left operand)."""
 
     def kernel(a, b, scale_a, scale_b, offs=None, out_dtype=None, use_fast_accum=False):
         assert a.dtype == b.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16
@@ -77,7 +80,7 @@ def check_against_fp32(device: str) -> dict[str, float]:
             assert torch.equal(w.grad[e], torch.zeros_like(w.grad[e]))
     errors = {"y": relative_error(y, want), "grad_x": relative_error(x.grad, x32.grad),
               "grad_w": relative_error(w.grad, w32.grad)}
-    assert all(err < TOLERANCE for err in errors.values()), errors
+    assert errors["y"] < TOLERANCE and errors["grad_x"] < TOLERANCE and errors["grad_w"] < BF16_TOLERANCE, errors
     return errors
 
 
@@ -85,7 +88,7 @@ def test_grouped_fp8_gemm_matches_fp32_through_the_kernels_contract(monkeypatch)
     calls = []
     monkeypatch.setattr(torch, "_scaled_grouped_mm", stand_in_scaled_grouped_mm(calls), raising=False)
     print(check_against_fp32("cpu"))  # the errors the module docstring cites (pytest -s)
-    assert calls == ["2d-3d", "2d-3d", "2d-2d"]  # forward; grad x; grad w
+    assert calls == ["2d-3d", "2d-3d"]  # forward; grad x (grad w is a bf16 grouped GEMM)
 
 
 def test_where_the_kernel_runs_the_experts_take_it_under_autocast(monkeypatch):
@@ -105,29 +108,12 @@ def test_where_the_kernel_runs_the_experts_take_it_under_autocast(monkeypatch):
     y.float().square().sum().backward()
     want = reference(x, torch.tensor(COUNTS))
     want.square().sum().backward()
-    assert len(calls) == 9  # three GEMMs, each once forward and twice backward
-    # SwiGLU chains two FP8 GEMMs in bf16: about twice one GEMM's error (measured 6.2% for y, 6.6%
+    assert len(calls) == 6  # three GEMMs, each once forward and once backward (grad x)
+    # SwiGLU chains two FP8 GEMMs in bf16: about twice one GEMM's error (measured 6.2% for y, 6.0% and 6.4%
     # for the gradients of w1 and w2)
     assert relative_error(y, want) < 0.1
     for got, ref in ((experts.w1.grad, reference.w1.grad), (experts.w2.grad, reference.w2.grad)):
         assert relative_error(got, ref) < 0.1
-
-
-def test_padded_layout_starts_each_expert_at_a_block_and_fixes_the_size_by_shapes():
-    counts = torch.tensor(COUNTS)
-    layout = fp8_grouped._PaddedLayout(counts, sum(COUNTS))
-    ends = layout.offs_E.tolist()
-    starts = [0] + ends[:-1]
-    assert all(s % 16 == 0 for s in starts) and all(e - s >= max(n, 16) for s, e, n in zip(starts, ends, COUNTS))
-    first = 0
-    for s, n in zip(starts, COUNTS):  # each expert's rows land, in order, at its block's start
-        assert layout.dest_A[first:first + n].tolist() == list(range(s, s + n))
-        first += n
-    assert ends[-1] <= layout.n_padded == 16 * -(-(sum(COUNTS) + 16 * len(COUNTS)) // 16)
-    expert_B = layout.expert_of_block()
-    assert expert_B.shape == (layout.n_padded // 16,)
-    assert expert_B.tolist() == [e for e, (s, end) in enumerate(zip(starts, ends)) for _ in range(s, end, 16)] + \
-        [len(COUNTS) - 1] * ((layout.n_padded - ends[-1]) // 16)  # the blocks past the last expert count as its
 
 
 @pytest.mark.gpu

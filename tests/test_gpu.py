@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped elsewhere, with the reason): training in bf16 and in FP8 with every recipe
 the GPU and the installed backends support, the grouped-GEMM experts, and NCCL with one GPU.
-bench/gpu.sh runs these first."""
+bench/gpu.sh runs these."""
 
 from __future__ import annotations
 

@@ -61,6 +61,21 @@ def test_grouped_experts_match_per_token_reference(use_grouped_mm: bool, monkeyp
 
 
 @pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_experts_take_no_rows(use_grouped_mm: bool) -> None:
+    """A rank that receives no tokens under EP: torch._grouped_mm's backward refuses an empty
+    operand; the experts return no rows and every weight gets a zero gradient."""
+    torch.manual_seed(0)
+    experts = GroupedExperts(n_experts=4, dim=16, hidden=16)
+    experts.use_grouped_mm = use_grouped_mm
+    x_AD = torch.randn(0, 16, requires_grad=True)
+    y_AD = experts(x_AD, torch.zeros(4, dtype=torch.long))
+    y_AD.sum().backward()
+    assert y_AD.shape == (0, 16) and x_AD.grad.shape == (0, 16)
+    for w in (experts.w1, experts.w3, experts.w2):
+        assert w.grad is not None and not w.grad.any()
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
 def test_moe_matches_per_token_reference(use_grouped_mm: bool) -> None:
     if use_grouped_mm and not HAS_GROUPED_MM:
         pytest.skip("this torch build has no torch._grouped_mm")

@@ -179,6 +179,11 @@ def swiglu_experts(
     `expert_gemm` (GroupedExperts.expert_gemm) replaces the grouped GEMM. Under autocast every
     path computes in the autocast dtype and returns it.
     """
+    if x_AD.shape[0] == 0:  # a rank that received no rows under EP: the grouped kernels refuse empty
+        # operands. The rows and every weight still get their (zero) gradients, so each rank runs the
+        # same backward, the collectives that brought the rows among it
+        anchor = x_AD.sum() + w1_EDF.sum() + w3_EDF.sum() + w2_EFD.sum()
+        return x_AD.new_zeros(0, w2_EFD.shape[-1]) + 0 * anchor
     device_type = x_AD.device.type
     gemm = expert_gemm
     if torch.is_autocast_enabled(device_type):

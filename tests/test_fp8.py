@@ -212,16 +212,53 @@ def test_fp8_resume_with_activation_checkpointing_repeats_the_uninterrupted_loss
     assert losses(tmp_path) == {s: want[s] for s in (3, 4)}
 
 
+def train_fp8_under_torchrun(corpus_dir: Path, run_dir: Path, *layout: str) -> dict[int, float]:
+    return train_under_torchrun(2, run_dir, "experiment=tiny", f"data.corpus_dir={corpus_dir}",
+                                f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", *SHORT,
+                                "trainer.precision=fp8", *layout)
+
+
+@pytest.fixture(scope="module")
+def fsdp_fp8_run(corpus_dir, tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """dp_shard=2 with ep=2: FSDP2 shards the weights, and gathers the FP8 Linear weights in float8."""
+    run_dir = tmp_path_factory.mktemp("fp8_fsdp") / "run"
+    return run_dir, train_fp8_under_torchrun(corpus_dir, run_dir, "parallel.dp_shard=2", "parallel.ep=2")
+
+
+def fp8_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())["fp8"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [("parallel.tp=2",), ("parallel.dp_shard=2", "parallel.ep=2")])
-def test_fp8_under_a_layout_gives_the_single_process_fp8_losses(fp8_run, corpus_dir, tmp_path, layout):
-    got = train_under_torchrun(2, tmp_path / "run", "experiment=tiny", f"data.corpus_dir={corpus_dir}",
-                               f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", *SHORT,
-                               "trainer.precision=fp8", *layout)
+def test_fp8_under_tp_gives_the_single_process_fp8_losses(fp8_run, corpus_dir, tmp_path):
+    got = train_fp8_under_torchrun(corpus_dir, tmp_path / "run", "parallel.tp=2")
     want = losses(fp8_run)
     assert got.keys() == want.keys()
     assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
-    assert json.loads((tmp_path / "run/summary.json").read_text())["fp8"]["linear_layers"] > 0
+    summary = fp8_summary(tmp_path / "run")
+    assert summary["linear_layers"] > 0 and not summary["fsdp_float8_all_gather"]  # no FSDP here
+
+
+@pytest.mark.slow
+def test_fp8_under_fsdp_gathers_float8_weights_and_gives_the_single_process_fp8_losses(fp8_run, fsdp_fp8_run):
+    """The float8 all-gather scales each weight by its whole-weight amax, as the Linear does with a
+    weight gathered in high precision: the same FP8 numbers, so the same 2e-3 as any layout."""
+    run_dir, got = fsdp_fp8_run
+    want = losses(fp8_run)
+    assert got.keys() == want.keys()
+    assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
+    summary = fp8_summary(run_dir)
+    assert summary["linear_layers"] > 0 and summary["fsdp_float8_all_gather"]
+
+
+@pytest.mark.slow
+def test_fp8_under_fsdp_resumes_exactly(fsdp_fp8_run, corpus_dir, tmp_path):
+    """The float8 all-gather wraps the weights in a tensor subclass; checkpoints hold the plain
+    tensors inside it and load back into them: the losses after resume are the uninterrupted run's."""
+    run_dir, want = fsdp_fp8_run
+    got = train_fp8_under_torchrun(corpus_dir, tmp_path / "run", "parallel.dp_shard=2", "parallel.ep=2",
+                                   f"resume={run_dir / 'checkpoints/step_2'}")
+    assert got == {s: want[s] for s in (3, 4)}
 
 
 def test_an_fp8_checkpoint_evaluates_and_exports_without_fp8_installed(fp8_run, tmp_path):

@@ -24,7 +24,7 @@ import fnmatch
 import functools
 import importlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,7 @@ class Fp8Conversion:
     experts_grouped: bool = False  # the experts' kernels: grouped FP8 GEMMs, or per-expert scaled matmuls
     misfits: list[str] = field(default_factory=list)  # chosen, but dimensions FP8 kernels cannot take
     te_recipe: object = None  # the te recipe object forward passes run under
+    fsdp_float8_all_gather: bool = False  # FSDP2 gathers the FP8 Linear weights in float8 (torchao tensorwise)
 
     def forward_context(self, autocast):
         """The precision context of forward passes: `autocast`, plus te.fp8_autocast under te."""
@@ -118,6 +119,8 @@ class Fp8Conversion:
     def describe(self) -> str:
         line = (f"fp8: {self.backend} {self.recipe}; {len(self.linears)} linear layers and "
                 f"{len(self.experts)} routed-expert blocks ({self.experts_kernels()}) in FP8")
+        if self.fsdp_float8_all_gather:
+            line += "; FSDP all-gathers their weights in float8"
         if self.misfits:
             line += (f"; kept in high precision, dimensions not multiples of {ALIGN}: "
                      f"{', '.join(self.misfits)}")
@@ -144,10 +147,14 @@ def _chosen(name: str, cfg: Fp8Config) -> bool:
             and not any(fnmatch.fnmatchcase(name, p) for p in cfg.exclude))
 
 
-def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conversion:
-    """Converts the chosen layers of `model` (whole, unsharded) in place."""
+def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device, fsdp: bool = False) -> Fp8Conversion:
+    """Converts the chosen layers of `model` (whole, unsharded) in place. `fsdp`: FSDP2 will shard
+    the weights (without tensor parallelism): under torchao's tensorwise recipe the FP8 Linear
+    weights are then cast to float8 before FSDP gathers them (half the bytes of bf16), with one
+    scale over the whole weight, as the Linear would compute it from the gathered weight."""
     backend, recipe = resolve_fp8(cfg, device)
-    conversion = Fp8Conversion(backend, recipe, experts_grouped=grouped_fp8_supported(device))
+    conversion = Fp8Conversion(backend, recipe, experts_grouped=grouped_fp8_supported(device),
+                               fsdp_float8_all_gather=fsdp and backend == "torchao" and recipe == "tensorwise")
     expert_gemm = fp8_grouped_gemm if conversion.experts_grouped else fp8_looped_gemm
     linears = []
     for name, module in model.named_modules():
@@ -166,14 +173,14 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config, device: torch.device) -> Fp8Conv
             else:
                 linears.append(name)
     if backend == "torchao":
-        _to_torchao(model, set(linears), recipe)
+        _to_torchao(model, set(linears), recipe, conversion.fsdp_float8_all_gather)
     else:
         conversion.te_recipe = _to_te(model, linears, recipe)
     conversion.linears = linears
     return conversion
 
 
-def _to_torchao(model: nn.Module, names: set[str], recipe: str) -> None:
+def _to_torchao(model: nn.Module, names: set[str], recipe: str, float8_all_gather: bool) -> None:
     with _quiet_torchao():
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
@@ -193,6 +200,9 @@ def _to_torchao(model: nn.Module, names: set[str], recipe: str) -> None:
             return super().forward(x_ND)[:rows].reshape(*x.shape[:-1], self.out_features)
 
     config = Float8LinearConfig.from_recipe_name(recipe)
+    # the weights become a tensor subclass that FSDP2 asks for its float8 all-gather input;
+    # checkpoints see through it (sharded_state.plain)
+    config = replace(config, enable_fsdp_float8_all_gather=float8_all_gather)
     convert_to_float8_training(model, config=config, module_filter_fn=lambda module, fqn: fqn in names)
     for name in names:
         model.get_submodule(name).__class__ = RowPaddedFloat8Linear

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from scifm.core.errors import CheckpointError
 
@@ -47,12 +48,32 @@ def _quiet_single_process():
         yield
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """`t` without a tensor subclass that wraps one plain tensor (torchao's weights that FSDP
+    all-gathers in float8 hold their high-precision values so), as a view of the same memory, inside
+    a DTensor too: checkpoints hold plain tensors, and loading into the view fills the parameter."""
+    if isinstance(t, DTensor):
+        inner = plain(t._local_tensor)
+        return t if inner is t._local_tensor else DTensor.from_local(
+            inner, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        if len(names) == 1:
+            return plain(getattr(t, names[0]))
+    return t
+
+
+def _plain_values(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: plain(t) for name, t in state.items()}
+
+
 def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     """{name: the earlier name holding the same tensor}: tied weights (model.tie_embeddings) are one
     tensor under two names, which safetensors refuses to write twice; the first name is the one saved."""
     first: dict[tuple, str] = {}
     aliases = {}
     for name, t in state.items():
+        t = plain(t)
         local = t._local_tensor if isinstance(t, DTensor) else t
         if local.numel() == 0:
             continue
@@ -87,7 +108,8 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     threads whose collectives run on those groups, never interleaved with training's."""
     if states is None:
         optim_state = get_optimizer_state_dict(model, optimizer)
-        states = saved_names(get_model_state_dict(model)), _flat_optimizer_tensors(optim_state), optim_state["param_groups"]
+        states = (_plain_values(saved_names(get_model_state_dict(model))),
+                  _plain_values(_flat_optimizer_tensors(optim_state)), optim_state["param_groups"])
     model_state, optim_flat, param_groups = states
     futures = []
     with _quiet_single_process():
@@ -125,7 +147,7 @@ def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Collective (or one process): fills this rank's shards of the model weights."""
     model_state = get_model_state_dict(model)
     aliases = tied_aliases(model_state)
-    saved = {name: t for name, t in model_state.items() if name not in aliases}
+    saved = {name: plain(t) for name, t in model_state.items() if name not in aliases}
     with _quiet_single_process():
         dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
     set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()})
@@ -138,7 +160,7 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     load_model_weights(directory, model)
     _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
     optim_state = get_optimizer_state_dict(model, optimizer)
-    flat = _flat_optimizer_tensors(optim_state)
+    flat = _plain_values(_flat_optimizer_tensors(optim_state))
     with _quiet_single_process():
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(directory / OPTIMIZER_DIR)))
     for key, t in flat.items():

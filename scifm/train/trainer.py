@@ -178,7 +178,8 @@ class Trainer:
         model, autocast = model.to(ctx.device), autocast_for(tc.precision, ctx.device)
         self.fp8 = None
         if tc.precision == "fp8":  # before any sharding: the layers are swapped whole
-            self.fp8 = apply_fp8(model, tc.fp8, ctx.device)
+            fsdp = cfg.parallel.engine == "native" and ctx.dims.dp_size > 1 and ctx.dims.tp == 1
+            self.fp8 = apply_fp8(model, tc.fp8, ctx.device, fsdp)
             autocast = self.fp8.forward_context(autocast)
             if ctx.is_main:
                 print(self.fp8.describe(), flush=True)
@@ -400,7 +401,8 @@ class Trainer:
         if self.fp8 is not None:
             summary["fp8"] = {"backend": self.fp8.backend, "recipe": self.fp8.recipe, "linear_layers": len(self.fp8.linears),
                               "expert_blocks": len(self.fp8.experts), "experts_kernels": self.fp8.experts_kernels(),
-                              "high_precision_misfits": self.fp8.misfits}
+                              "high_precision_misfits": self.fp8.misfits,
+                              "fsdp_float8_all_gather": self.fp8.fsdp_float8_all_gather}
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_plots(self.run_dir)

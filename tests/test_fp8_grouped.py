@@ -101,7 +101,8 @@ def test_where_the_kernel_runs_the_experts_take_it_under_autocast(monkeypatch):
     experts, reference = GroupedExperts(len(COUNTS), 64, 48), GroupedExperts(len(COUNTS), 64, 48)
     reference.load_state_dict(experts.state_dict())
     conversion = fp8.apply_fp8(torch.nn.ModuleDict({"experts": experts}), Fp8Config(), torch.device("cpu"))
-    assert experts.expert_gemm is fp8_grouped_gemm and "grouped GEMMs, rowwise scales" in conversion.describe()
+    assert experts.expert_gemm is fp8_grouped_gemm
+    assert "grouped GEMMs, rowwise scales, bf16 weight gradient" in conversion.describe()
     x = torch.randn(sum(COUNTS), 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = experts(x, torch.tensor(COUNTS))

@@ -114,7 +114,8 @@ class Fp8Conversion:
         return _Stacked(autocast, lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe))
 
     def experts_kernels(self) -> str:
-        return "grouped GEMMs, rowwise scales" if self.experts_grouped else "per-expert scaled matmuls"
+        return ("grouped GEMMs, rowwise scales, bf16 weight gradient" if self.experts_grouped
+                else "per-expert scaled matmuls")
 
     def describe(self) -> str:
         line = (f"fp8: {self.backend} {self.recipe}; {len(self.linears)} linear layers and "

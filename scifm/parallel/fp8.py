@@ -113,6 +113,15 @@ class Fp8Conversion:
 
         return _Stacked(autocast, lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe))
 
+    def after_update(self, model: nn.Module) -> None:
+        """Collective, after each optimizer step. Under the float8 all-gather: the scales of all FP8
+        weights for the next gathers in one all-reduce (torchao's precompute), where each weight
+        would otherwise all-reduce its own amax at each of its gathers, forward and backward."""
+        if self.fsdp_float8_all_gather:
+            with _quiet_torchao():
+                from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+            precompute_float8_dynamic_scale_for_fsdp(model)
+
     def experts_kernels(self) -> str:
         return ("grouped GEMMs, rowwise scales, bf16 weight gradient" if self.experts_grouped
                 else "per-expert scaled matmuls")

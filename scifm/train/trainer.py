@@ -297,6 +297,8 @@ class Trainer:
         self.nonfinite_in_row = 0
         with_grads = memory_report(self.model, self.optimizer) if first else None
         moe_stats = apply_update(self.optimizer, self.scheduler, self.moes, self.runner.applies_update)
+        if self.fp8 is not None:
+            self.fp8.after_update(self.model)
         if with_grads is not None:  # optimizer state exists only after the first update
             self._write_memory_report(memory_report(self.model, self.optimizer) | {"grad_bytes": with_grads["grad_bytes"]}
                                       | peak)

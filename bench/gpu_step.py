@@ -109,7 +109,8 @@ def measure(mode: str, cfg: ModelConfig, batch: int, seq: int, warmup: int, step
         torch.cuda.reset_peak_memory_stats(device)
     times = [step() for _ in range(warmup + steps)][warmup:]
     seconds = statistics.median(times)
-    result = {"mode": mode, "parameters": sum(p.numel() for p in model.parameters()), "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
+    result = {"mode": mode, "parameters": sum(p.numel() for p in model.parameters()),
+              "step_seconds_median": seconds, "step_seconds_spread": (max(times) - min(times)) / seconds,
               "tokens_per_second": batch * seq / seconds, "loss": step.loss,
               "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
               "fp8": fp8_layers}

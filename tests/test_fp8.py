@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from conftest import SMALL_CORPUS_DOCS
-from tests.helpers.torchrun import train_under_torchrun
+from tests.helpers.torchrun import run_torchrun, train_under_torchrun
 from scifm.core.errors import ConfigError
 from scifm.model.moe import GroupedExperts
 from scifm.parallel.fp8 import apply_fp8, fp8_looped_gemm, fp8_matmul, resolve_fp8
@@ -212,17 +212,25 @@ def test_fp8_resume_with_activation_checkpointing_repeats_the_uninterrupted_loss
     assert losses(tmp_path) == {s: want[s] for s in (3, 4)}
 
 
+def fp8_run_overrides(corpus_dir: Path, *layout: str) -> list[str]:
+    return ["experiment=tiny", f"data.corpus_dir={corpus_dir}", f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}",
+            *SHORT, "trainer.precision=fp8", *layout]
+
+
 def train_fp8_under_torchrun(corpus_dir: Path, run_dir: Path, *layout: str) -> dict[int, float]:
-    return train_under_torchrun(2, run_dir, "experiment=tiny", f"data.corpus_dir={corpus_dir}",
-                                f"data.corpus_max_docs_per_source={SMALL_CORPUS_DOCS}", *SHORT,
-                                "trainer.precision=fp8", *layout)
+    return train_under_torchrun(2, run_dir, *fp8_run_overrides(corpus_dir, *layout))
 
 
 @pytest.fixture(scope="module")
-def fsdp_fp8_run(corpus_dir, tmp_path_factory) -> tuple[Path, dict[int, float]]:
-    """dp_shard=2 with ep=2: FSDP2 shards the weights, and gathers the FP8 Linear weights in float8."""
-    run_dir = tmp_path_factory.mktemp("fp8_fsdp") / "run"
-    return run_dir, train_fp8_under_torchrun(corpus_dir, run_dir, "parallel.dp_shard=2", "parallel.ep=2")
+def fsdp_fp8_run(corpus_dir, tmp_path_factory) -> tuple[Path, dict[int, float], dict]:
+    """dp_shard=2 with ep=2: FSDP2 shards the weights, and gathers the FP8 Linear weights in float8;
+    the worker counts those gathers (tests/helpers/workers/float8_gather_worker.py)."""
+    out_dir = tmp_path_factory.mktemp("fp8_fsdp")
+    run_dir = out_dir / "run"
+    gathers = run_torchrun("float8_gather_worker.py", 2, out_dir,
+                           *fp8_run_overrides(corpus_dir, "parallel.dp_shard=2", "parallel.ep=2"),
+                           f"hydra.run.dir={run_dir}")
+    return run_dir, losses(run_dir), gathers
 
 
 def fp8_summary(run_dir: Path) -> dict:
@@ -243,19 +251,24 @@ def test_fp8_under_tp_gives_the_single_process_fp8_losses(fp8_run, corpus_dir, t
 def test_fp8_under_fsdp_gathers_float8_weights_and_gives_the_single_process_fp8_losses(fp8_run, fsdp_fp8_run):
     """The float8 all-gather scales each weight by its whole-weight amax, as the Linear does with a
     weight gathered in high precision: the same FP8 numbers, so the same 2e-3 as any layout."""
-    run_dir, got = fsdp_fp8_run
+    run_dir, got, gathers = fsdp_fp8_run
     want = losses(fp8_run)
     assert got.keys() == want.keys()
     assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
     summary = fp8_summary(run_dir)
     assert summary["linear_layers"] > 0 and summary["fsdp_float8_all_gather"]
+    # FSDP2 really gathered float8; after each optimizer step the scales were precomputed in one
+    # all-reduce, so the gathers of steps 2 to 4 took them (the first step's have none)
+    print(gathers)  # rank 0's counts (pytest -s)
+    assert gathers["gathers"] > 0 and gathers["dtypes"] == ["torch.float8_e4m3fn"], gathers
+    assert 0 < gathers["precomputed"] < gathers["gathers"], gathers
 
 
 @pytest.mark.slow
 def test_fp8_under_fsdp_resumes_exactly(fsdp_fp8_run, corpus_dir, tmp_path):
     """The float8 all-gather wraps the weights in a tensor subclass; checkpoints hold the plain
     tensors inside it and load back into them: the losses after resume are the uninterrupted run's."""
-    run_dir, want = fsdp_fp8_run
+    run_dir, want, _ = fsdp_fp8_run
     got = train_fp8_under_torchrun(corpus_dir, tmp_path / "run", "parallel.dp_shard=2", "parallel.ep=2",
                                    f"resume={run_dir / 'checkpoints/step_2'}")
     assert got == {s: want[s] for s in (3, 4)}

@@ -27,33 +27,23 @@ COUNTS = [0, 37, 1, 16, 90, 0, 3, 13]  # empty experts, and counts off the kerne
 
 
 def stand_in_scaled_grouped_mm(calls: list[str]):
-    """torch._scaled_grouped_mm's rowwise FP8 contract (aten/src/ATen/native/cuda/GroupedBlas.cpp and
-    GroupMMCommon.cuh), computed in fp32. What the contract leaves unspecified is NaN here, as
-    unwritten memory could be: rows of a 2d-3d output past the last group, and a 2d-2d output for a
-    group of no rows (which the kernel refuses for a row-major left operand)."""
+    """torch._scaled_grouped_mm's rowwise FP8 contract for groups of the left operand's rows against
+    one weight each (aten/src/ATen/native/cuda/GroupedBlas.cpp and GroupMMCommon.cuh, the only form
+    fp8_grouped.py calls), computed in fp32. Rows past the last group are left unspecified (NaN
+    here, as unwritten memory could be)."""
 
     def kernel(a, b, scale_a, scale_b, offs=None, out_dtype=None, use_fast_accum=False):
         assert a.dtype == b.dtype == torch.float8_e4m3fn and out_dtype == torch.bfloat16
         assert a.stride(-1) == 1 and b.stride(-2) == 1, "a row-major, b column-major"
         assert a.shape[-1] % 16 == 0 and b.shape[-2] % 16 == 0 and b.shape[-1] % 16 == 0
-        assert offs.dtype == torch.int32 and offs.dim() == 1
+        assert a.dim() == 2 and b.dim() == 3 and offs.dtype == torch.int32 and offs.shape == (b.shape[0],)
         assert scale_a.dtype == scale_b.dtype == torch.float32
+        assert scale_a.shape == (a.shape[0],) and scale_b.shape == (b.shape[0], b.shape[2])
+        calls.append("2d-3d")
         ends = offs.tolist()
-        starts = [0] + ends[:-1]
-        if b.dim() == 3:  # 2d-3d: groups of a's rows, one weight each
-            calls.append("2d-3d")
-            assert scale_a.shape == (a.shape[0],) and scale_b.shape == (b.shape[0], b.shape[2])
-            out = torch.full((a.shape[0], b.shape[2]), float("nan"))
-            for g, (s, e) in enumerate(zip(starts, ends)):
-                out[s:e] = (a[s:e].float() * scale_a[s:e, None]) @ (b[g].float() * scale_b[g])
-            return out.to(out_dtype)
-        calls.append("2d-2d")  # groups of the reduced dimension, one output each; 16-byte aligned starts
-        assert all(s % 16 == 0 for s in starts), starts
-        m, n = a.shape[0], b.shape[1]
-        assert scale_a.shape == (len(ends) * m,) and scale_b.shape == (len(ends) * n,)
-        out = torch.stack([(a[:, s:e].float() * scale_a[g * m:(g + 1) * m, None])
-                           @ (b[s:e].float() * scale_b[g * n:(g + 1) * n]) if e > s else torch.full((m, n), float("nan"))
-                           for g, (s, e) in enumerate(zip(starts, ends))])
+        out = torch.full((a.shape[0], b.shape[2]), float("nan"))
+        for g, (s, e) in enumerate(zip([0] + ends[:-1], ends)):
+            out[s:e] = (a[s:e].float() * scale_a[s:e, None]) @ (b[g].float() * scale_b[g])
         return out.to(out_dtype)
 
     return kernel

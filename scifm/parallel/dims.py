@@ -39,6 +39,11 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def fsdp(self) -> bool:
+        """The native engine applies FSDP2 (HSDP) whenever there is more than one data-parallel rank."""
+        return self.dp_size > 1
+
+    @property
     def dp_shard_in_ep(self) -> int:
         return self.ep // self.tp if self.ep > 1 else 1
 

@@ -33,11 +33,10 @@ from torch import nn
 from scifm.core.checks import require
 from scifm.model.moe import GroupedExperts, looped_gemm
 from scifm.parallel.fp8_config import DEFAULT_RECIPE, TE_RECIPES, TORCHAO_RECIPES, Fp8Config
-# ALIGN: FP8 GEMMs (cuBLASLt, and the grouped kernels) take the reduced and the output dimension in
-# multiples of 16
-from scifm.parallel.fp8_grouped import ALIGN, E4M3, cast_scaled, fp8_grouped_gemm, grouped_fp8_supported, scale_for
+from scifm.parallel.fp8_grouped import E4M3, cast_scaled, fp8_grouped_gemm, grouped_fp8_supported, scale_for
 
 E5M2 = torch.float8_e5m2
+ALIGN = 16  # FP8 GEMMs (cuBLASLt, and the grouped kernels) take the reduced and the output dimension in multiples of 16
 MIN_CAPABILITY = {"te": {"delayed": (8, 9), "current": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)},
                   "torchao": {recipe: (8, 9) for recipe in TORCHAO_RECIPES}}
 

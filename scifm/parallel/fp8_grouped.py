@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 
 E4M3 = torch.float8_e4m3fn
-ALIGN = 16  # FP8 GEMMs take their dimensions in multiples of this
 
 
 def grouped_fp8_supported(device: torch.device) -> bool:

@@ -52,7 +52,7 @@ def _parallelize_module(model: ScientificMoE, ctx: DistContext, cfg: ParallelCon
 
         apply_expert_parallel(model, ctx.submesh("ep"), ctx.submesh("tp") if dims.tp > 1 else None)
     apply_recompute_and_compile(model, cfg)
-    if dims.dp_size > 1:
+    if dims.fsdp:
         dp_mesh = ctx.submesh("dp_replicate", "dp_shard") if dims.dp_replicate > 1 else ctx.submesh("dp_shard")
         expert_mesh = None
         if dims.ep > 1:

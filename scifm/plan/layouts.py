@@ -27,8 +27,7 @@ class Layout:
 
     @property
     def fsdp(self) -> bool:
-        """parallelize.py applies FSDP2 (HSDP) whenever there is more than one data-parallel rank."""
-        return self.dims.dp_size > 1
+        return self.dims.fsdp
 
     def label(self) -> str:
         p = self.parallel

@@ -73,7 +73,6 @@ def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     first: dict[tuple, str] = {}
     aliases = {}
     for name, t in state.items():
-        t = plain(t)
         local = t._local_tensor if isinstance(t, DTensor) else t
         if local.numel() == 0:
             continue
@@ -108,7 +107,7 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     threads whose collectives run on those groups, never interleaved with training's."""
     if states is None:
         optim_state = get_optimizer_state_dict(model, optimizer)
-        states = (_plain_values(saved_names(get_model_state_dict(model))),
+        states = (saved_names(_plain_values(get_model_state_dict(model))),
                   _plain_values(_flat_optimizer_tensors(optim_state)), optim_state["param_groups"])
     model_state, optim_flat, param_groups = states
     futures = []
@@ -145,9 +144,9 @@ def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, 
 
 def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
     """Collective (or one process): fills this rank's shards of the model weights."""
-    model_state = get_model_state_dict(model)
+    model_state = _plain_values(get_model_state_dict(model))
     aliases = tied_aliases(model_state)
-    saved = {name: plain(t) for name, t in model_state.items() if name not in aliases}
+    saved = {name: t for name, t in model_state.items() if name not in aliases}
     with _quiet_single_process():
         dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
     set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()})

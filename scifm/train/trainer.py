@@ -178,7 +178,7 @@ class Trainer:
         model, autocast = model.to(ctx.device), autocast_for(tc.precision, ctx.device)
         self.fp8 = None
         if tc.precision == "fp8":  # before any sharding: the layers are swapped whole
-            fsdp = cfg.parallel.engine == "native" and ctx.dims.dp_size > 1 and ctx.dims.tp == 1
+            fsdp = cfg.parallel.engine == "native" and ctx.dims.fsdp and ctx.dims.tp == 1
             self.fp8 = apply_fp8(model, tc.fp8, ctx.device, fsdp)
             autocast = self.fp8.forward_context(autocast)
             if ctx.is_main:

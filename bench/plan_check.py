@@ -4,11 +4,14 @@ layouts of the tiny model to the one-process run, side by side.
 Each round trains every layout once, in turn (one process, then two under torchrun with gloo), so
 load on the machine hits them alike; a run's step time is the median of its steps after the first
 two (the first one also measures memory). Prints, per layout, the median over rounds, the spread
-(max / min over rounds), the measured ratio to the one-process run, the planner's ratio, and
-measured / predicted. The planner is given this CPU as its hardware: fp32, a peak from a matmul
-timed here at the tiny model's shapes, mfu 1, and plan.intra_node_gbps (default 1 GB/s, about what
-gloo moves between two processes on one machine; override it with plan.intra_node_gbps=...).
-Run: python bench/plan_check.py [--rounds N] [plan.intra_node_gbps=X]
+(max / min over rounds), the predicted seconds, the measured ratio to the one-process run, the
+planner's ratio, measured / predicted, and the predicted parts. The planner is given this CPU as its
+hardware: fp32, a peak from a matmul timed here at the tiny model's shapes, the MFU the one-process
+run reached against it (so its compute equals that run's step, and the ratios test what the layouts
+add to it), gloo's bandwidth and per-step latency between two processes (timed first, on all-gathers
+and reduce-scatters of two sizes), and plan.comm_overlap=false (gloo's collectives run on the cores
+that compute). Any plan.KEY=VALUE given overrides them.
+Run: python bench/plan_check.py [--rounds N] [--batch-size R --seq-len S] [plan.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -53,6 +56,48 @@ def matmul_flops() -> float:
     return 200 * 2 * 512 * 128 * 384 / statistics.median(times)
 
 
+LINK_SIZES = (1 << 14, 1 << 20)  # fp32 elements per rank: 64 KiB and 4 MiB
+
+
+def time_link(out: Path) -> None:
+    """Under torchrun (2 processes, gloo): the median seconds of an all-gather plus a reduce-scatter at
+    each of LINK_SIZES, written by rank 0 to `out`."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    times = {}
+    for numel in LINK_SIZES:
+        shard, full = torch.randn(numel), torch.randn(2 * numel)
+        rounds = []
+        for _ in range(15):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_gather_into_tensor(full, shard)
+            dist.reduce_scatter_tensor(shard, full)
+            rounds.append(time.perf_counter() - t0)
+        times[numel] = statistics.median(rounds)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps(times))
+    dist.destroy_process_group()
+
+
+def link_figures(tmp: Path) -> tuple[float, float]:
+    """gloo's (GB/s, microseconds per step) between two processes: each size's pair of collectives moves
+    2 x (n-1)/n x its gathered bytes in 2 ring steps, so two sizes give bandwidth and latency."""
+    out = tmp / "link.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+           "--time-link", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    times = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    small, big = LINK_SIZES
+    moved = {n: 2 * (1 / 2) * 2 * n * 4 for n in LINK_SIZES}  # bytes per rank of the pair
+    seconds_per_byte = (times[big] - times[small]) / (moved[big] - moved[small])
+    latency = max(0.0, (times[small] - moved[small] * seconds_per_byte) / 2)
+    return 1 / seconds_per_byte / 1e9, latency * 1e6
+
+
 def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path, run: list[str]) -> float:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc > 1 else [sys.executable]
@@ -73,32 +118,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--time-link", type=Path, help=argparse.SUPPRESS)  # the link-timing child
     args, plan_overrides = parser.parse_known_args()
+    if args.time_link:
+        return time_link(args.time_link)
     run = [*RUN, f"trainer.batch_size={args.batch_size}", f"data.seq_len={args.seq_len}"]
     peak = matmul_flops()
-    hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1", "plan.intra_node_gbps=1", *plan_overrides]
     measured: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     with tempfile.TemporaryDirectory() as tmp:
+        gbps, latency_us = link_figures(Path(tmp))
         for r in range(args.rounds):
             for name, (nproc, layout) in LAYOUTS.items():
                 run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_').replace('=', '')}"  # "=" would split the override
                 measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus", run))
-        predicted = {}
-        for name, (nproc, layout) in LAYOUTS.items():
+        base = statistics.median(measured["single"])
+
+        def predict(name: str, hardware: list[str]):
+            nproc, layout = LAYOUTS[name]
             # the run's tokenizer and corpus: the planner samples the encoders' work from the same data
-            plan = make_plan([*run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+            return make_plan([*run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                               f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware,
-                              f"data.corpus_dir={Path(tmp) / 'corpus'}", f"data.corpus_max_docs_per_source={CORPUS_DOCS}"])
-            predicted[name] = plan.rows[0].time.total
-    base = statistics.median(measured["single"])
-    print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s; {args.rounds} rounds of {STEPS} steps; "
-          f"planner: {' '.join(hardware[1:])}")
-    print(f"{'layout':18} {'median s':>9} {'spread':>7} {'measured/single':>16} {'predicted/single':>17} {'meas/pred':>10}")
+                              f"data.corpus_dir={Path(tmp) / 'corpus'}",
+                              f"data.corpus_max_docs_per_source={CORPUS_DOCS}"]).rows[0].time
+
+        # the MFU the one-process run reached: its step is all compute, so the planner's compute at the
+        # matmul peak over the measured step
+        mfu = min(1.0, predict("single", [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1"]).compute / base)
+        hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", f"plan.mfu={mfu}", f"plan.intra_node_gbps={gbps}",
+                    f"plan.intra_node_latency_us={latency_us}", "plan.comm_overlap=false", *plan_overrides]
+        predicted = {name: predict(name, hardware) for name in LAYOUTS}
+    print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s, the one-process run's MFU {mfu:.2f}; gloo "
+          f"{gbps:.2f} GB/s, {latency_us:.0f} us a step; {args.rounds} rounds of {STEPS} steps; planner: "
+          f"{' '.join(hardware[1:])}")
+    print(f"{'layout':18} {'median s':>9} {'spread':>7} {'predicted s':>12} {'measured/single':>16} "
+          f"{'predicted/single':>17} {'meas/pred':>10}  predicted parts (s)")
     for name, times in measured.items():
         ratio = statistics.median(times) / base
-        want = predicted[name] / predicted["single"]
-        print(f"{name:18} {statistics.median(times):9.3f} {max(times) / min(times):7.2f} {ratio:16.2f} {want:17.2f} "
-              f"{ratio / want:10.2f}")
+        want = predicted[name].total / predicted["single"].total
+        parts = " ".join(f"{part} {value:.3f}" for part, value in predicted[name].parts().items() if value)
+        print(f"{name:18} {statistics.median(times):9.3f} {max(times) / min(times):7.2f} {predicted[name].total:12.3f} "
+              f"{ratio:16.2f} {want:17.2f} {ratio / want:10.2f}  {parts}")
 
 
 if __name__ == "__main__":

@@ -200,11 +200,11 @@ def test_activation_table_matches_the_tensors_a_block_saves(bf16, query_block):
 
 def test_time_model_arithmetic_against_hand_computed_figures():
     """tp=2 x ep=2 x dp_shard=2 on one node of 4 GPUs, bf16: each term from its formula by hand."""
-    plan = make_plan(["model=tiny", "cluster.nodes=1", "cluster.gpus_per_node=4", "trainer.batch_size=8",
-                      "data.seq_len=128", "trainer.precision=bf16", "parallel.tp=2", "parallel.ep=2",
-                      "parallel.dp_shard=2", "parallel.pp=1", "parallel.dp_replicate=1",
-                      "parallel.activation_checkpoint=none", "parallel.mixed_precision=bf16"])
-    (row,) = plan.rows
+    layout = ["model=tiny", "cluster.nodes=1", "cluster.gpus_per_node=4", "trainer.batch_size=8",
+              "data.seq_len=128", "trainer.precision=bf16", "parallel.tp=2", "parallel.ep=2",
+              "parallel.dp_shard=2", "parallel.pp=1", "parallel.dp_replicate=1",
+              "parallel.activation_checkpoint=none", "parallel.mixed_precision=bf16"]
+    (row,) = make_plan(layout).rows
     t = row.time
     tokens = 8 // 2 * 128  # a data-parallel rank's rows x seq_len
     attention = (2 * 128 * (4 + 2 * 2) * 32 + 2 * 4 * 32 * 128 + 4 * 128 * 4 * 32) / 2
@@ -213,12 +213,22 @@ def test_time_model_arithmetic_against_hand_computed_figures():
     forward = dense + 3 * moe + 2 * 128 * 32000 / 2  # the output layer; typical vocabulary 32000
     assert math.isclose(t.compute, tokens * 3 * forward / (989e12 * 0.4), rel_tol=1e-12)
     residual = tokens * 128 * 2
-    assert math.isclose(t.tp, 4 * 8 * (1 / 2) * residual / 450e9, rel_tol=1e-12)
+    latency = 3.4e-6  # plan.intra_node_latency_us: each collective step of the ring
+    # 4 blocks x 8 collectives (all-gather and reduce-scatter of the residual around attention and the
+    # FFN, forward and backward), each one step over 2 ranks
+    assert math.isclose(t.tp, 4 * 8 * ((1 / 2) * residual / 450e9 + latency), rel_tol=1e-12)
     routed = tokens * 2 * 128 * 2
-    assert math.isclose(t.ep, 3 * (4 * (1 / 2) * routed / 2 + 2 * (1 / 2) * routed) / 450e9, rel_tol=1e-12)
+    # 3 MoE blocks x (4 all-to-alls over ep=2 + 2 all-gathers over tp=2), one latency step each
+    assert math.isclose(t.ep, 3 * ((4 * (1 / 2) * routed / 2 + 2 * (1 / 2) * routed) / 450e9 + 6 * latency),
+                        rel_tol=1e-12)
     assert t.pp_bubble == t.pp_p2p == 0
     assert t.dp_exposed == max(0.0, t.dp - t.compute)
     assert math.isclose(t.total, t.compute + t.tp + t.ep + t.dp_exposed, rel_tol=1e-12)
+    # FSDP's collectives: 10 units (4 blocks, 5 encoders, the root) over dp_shard=2, each gathered in
+    # forward and backward but the root (19 all-gathers) and each reduce-scattered (10); the 3 MoE
+    # blocks' experts are units of their own over dp_shard_out=2 ranks (6 all-gathers, 3 reduce-scatters)
+    without_latency = make_plan([*layout, "plan.intra_node_latency_us=0"]).rows[0].time
+    assert math.isclose(t.dp - without_latency.dp, (19 + 10 + 6 + 3) * latency, rel_tol=1e-9)
 
     # a pipeline across two nodes: the bubble is (pp - 1) / micro-batches of the compute, and the
     # stage-to-stage transfers use the inter-node bandwidth
@@ -227,7 +237,26 @@ def test_time_model_arithmetic_against_hand_computed_figures():
                        "parallel.tp=1", "parallel.ep=1", "parallel.dp_replicate=1",
                        "parallel.activation_checkpoint=none"]).rows[0].time
     assert math.isclose(piped.pp_bubble, piped.compute * 1 / 4, rel_tol=1e-12)
-    assert math.isclose(piped.pp_p2p, 2 * 4 * (8 * 128 * 128 * 2) / 50e9, rel_tol=1e-12)
+    assert math.isclose(piped.pp_p2p, 2 * 4 * ((8 * 128 * 128 * 2) / 50e9 + 14e-6), rel_tol=1e-12)
+
+
+def test_fsdp_communication_per_step_follows_the_schedule_and_the_overlap_switch():
+    """Outside a pipeline FSDP gathers and reduce-scatters every micro-batch; a pipeline stage keeps its
+    weights gathered and its gradients unsharded over the step (one round); with comm_overlap=false
+    (gloo on CPU) all of it adds to the step."""
+    base = ["model=tiny", "cluster.nodes=1", "cluster.gpus_per_node=4", "trainer.batch_size=8", "data.seq_len=128",
+            "parallel.tp=1", "parallel.ep=1", "parallel.dp_replicate=1", "parallel.activation_checkpoint=none"]
+
+    def dp(extra: list[str]):
+        return make_plan([*base, *extra]).rows[0].time
+
+    flat = ["parallel.dp_shard=4", "parallel.pp=1"]
+    assert math.isclose(dp([*flat, "trainer.grad_accum=4"]).dp, 4 * dp([*flat, "trainer.grad_accum=1"]).dp)
+    piped = ["parallel.dp_shard=2", "parallel.pp=2"]
+    assert math.isclose(dp([*piped, "trainer.grad_accum=4"]).dp, dp([*piped, "trainer.grad_accum=2"]).dp)
+    hidden, counted = dp(flat), dp([*flat, "plan.comm_overlap=false"])
+    assert hidden.dp == counted.dp > hidden.compute and hidden.dp_exposed == hidden.dp - hidden.compute
+    assert counted.dp_exposed == counted.dp and counted.total == counted.compute + counted.dp
 
 
 @pytest.fixture(scope="module")
@@ -306,10 +335,15 @@ def test_the_plan_command_prints_the_table_and_json(capsys):
 
 
 def test_step_time_ranks_expert_parallelism_by_its_all_to_all():
-    """More GPUs per expert group over a slow link: the ep term grows with (ep-1)/ep and the bandwidth."""
+    """More GPUs per expert group over a slow link: the ep term's bytes grow with (ep-1)/ep and the
+    bandwidth; its latency (one step per all-to-all: the sends to every peer go at once) with the link's."""
     base = ["model=moe_1b", "cluster.gpus_per_node=8", "trainer.batch_size=64", "data.seq_len=1024",
             "parallel.tp=1", "parallel.pp=1", "parallel.dp_replicate=1", "parallel.activation_checkpoint=none",
-            "parallel.mixed_precision=bf16"]
-    within = make_plan([*base, "cluster.nodes=2", "parallel.dp_shard=16", "parallel.ep=8"]).rows[0].time
-    across = make_plan([*base, "cluster.nodes=2", "parallel.dp_shard=16", "parallel.ep=16"]).rows[0].time
+            "parallel.mixed_precision=bf16", "cluster.nodes=2", "parallel.dp_shard=16"]
+    no_latency = ["plan.intra_node_latency_us=0", "plan.inter_node_latency_us=0"]
+    within = make_plan([*base, *no_latency, "parallel.ep=8"]).rows[0].time
+    across = make_plan([*base, *no_latency, "parallel.ep=16"]).rows[0].time
     assert across.ep / within.ep == pytest.approx((15 / 16) / (7 / 8) * 450 / 50)
+    within_latency = make_plan([*base, "parallel.ep=8"]).rows[0].time.ep - within.ep
+    across_latency = make_plan([*base, "parallel.ep=16"]).rows[0].time.ep - across.ep
+    assert across_latency / within_latency == pytest.approx(14 / 3.4)

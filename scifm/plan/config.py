@@ -23,6 +23,14 @@ class PlanConfig:
     mfu: float = 0.4  # share of the peak the model's matmuls reach
     intra_node_gbps: float = 450.0  # GB/s per GPU and direction inside a node (NVLink 4: 900 GB/s both ways)
     inter_node_gbps: float = 50.0  # GB/s per GPU and direction between nodes (400 Gb/s InfiniBand)
+    # microseconds each step of a collective adds to its bytes' time (a ring all-gather over n ranks takes
+    # n-1 steps, an all-to-all one): the per-hop latencies NCCL's own tuning model assumes for its ring
+    # algorithm with its bulk (Simple) protocol, over NVLink and over the network
+    intra_node_latency_us: float = 3.4
+    inter_node_latency_us: float = 14.0
+    # FSDP's all-gathers and reduce-scatters run beside the compute (NCCL on its own streams); false where
+    # they take the compute's own cores (gloo on a CPU), so all of their time adds to the step
+    comm_overlap: bool = True
     # a saved tokenizer directory: exact vocabulary sizes, and the run's data is sampled for the encoders'
     # activations and FLOPs; "" = typical vocabulary sizes, encoders left out
     tokenizer: str = ""
@@ -33,6 +41,8 @@ class PlanConfig:
         for key in ("gpu_memory_gb", "peak_tflops_bf16", "peak_tflops_fp8", "peak_tflops_fp32",
                     "intra_node_gbps", "inter_node_gbps"):
             require(getattr(self, key) > 0, f"plan.{key}", f"must be > 0, got {getattr(self, key)}")
+        for key in ("intra_node_latency_us", "inter_node_latency_us"):
+            require(getattr(self, key) >= 0, f"plan.{key}", f"must be >= 0, got {getattr(self, key)}")
         require(0 <= self.reserved_gb < self.gpu_memory_gb, "plan.reserved_gb",
                 f"must be in [0, plan.gpu_memory_gb={self.gpu_memory_gb}), got {self.reserved_gb}")
         require(0 < self.mfu <= 1, "plan.mfu", f"must be in (0, 1], got {self.mfu}")

@@ -52,6 +52,7 @@ class ModelShapes:
     front: tuple[Tensor, ...]  # token embeddings and encoders: the first pipeline stage
     layers: tuple[tuple[Tensor, ...], ...]  # per decoder layer
     back: tuple[Tensor, ...]  # final norm and output layer: the last pipeline stage
+    n_encoders: int  # modality encoders (front[1:]): each is its own FSDP unit
     total_params: int
     active_params: int  # per token: top_k routed experts of each MoE layer
 
@@ -93,4 +94,5 @@ def model_shapes(cfg: ModelConfig, sizes: dict[str, int]) -> ModelShapes:
     total, active = count_params(model, cfg)
     interned: dict[tuple[Tensor, ...], tuple[Tensor, ...]] = {}  # one object per distinct layer: caches hit
     layer_tuples = tuple(interned.setdefault(tuple(layer), tuple(layer)) for layer in layers)
-    return ModelShapes(cfg, model.output.weight.shape[0], tuple(front), layer_tuples, tuple(back), total, active)
+    return ModelShapes(cfg, model.output.weight.shape[0], tuple(front), layer_tuples, tuple(back),
+                       len(model.encoders or {}), total, active)

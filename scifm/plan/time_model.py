@@ -4,10 +4,13 @@ stated bandwidths (formulas in FORMULAS, printed with every report).
 Compute is counted per rank, as the layout splits the work: tp divides attention, the dense FFN,
 shared experts and the output layer; the routed experts run whole on every tp rank unless ep spans
 the tp ranks (tensor_parallel.py leaves them replicated); the router runs whole everywhere; a
-pipeline rank runs its own stages' layers. TP, EP and pipeline transfers sit on the critical path;
-FSDP's all-gathers and reduce-scatters overlap the compute (FSDP2 prefetches the next block), so
-only the part longer than the compute counts. The modality encoders' FLOPs (first stage, whole on
-every tp rank) are measured on the run's own data where a tokenizer is given (encoder_load.py).
+pipeline rank runs its own stages' layers. Every collective costs its bytes over the link's bandwidth
+plus its steps (n-1 for a ring over n ranks) times the link's latency. TP, EP and pipeline transfers
+sit on the critical path; FSDP's all-gathers and reduce-scatters overlap the compute on GPUs (FSDP2
+prefetches the next block), so only the part longer than the compute counts; with
+plan.comm_overlap=false (gloo on a CPU, whose collectives take the compute's cores) all of it counts.
+The modality encoders' FLOPs (first stage, whole on every tp rank) are measured on the run's own data
+where a tokenizer is given (encoder_load.py).
 Not modeled: routing imbalance, kernel launch and optimizer-step time, and the zero-bubble
 schedules' savings (their bubble is counted as Interleaved1F1B's, an upper bound).
 """
@@ -38,9 +41,17 @@ tp        = blocks x micro-batches x 8 x (tp-1)/tp x tokens x d x act_bytes / bw
 ep        = MoE blocks x micro-batches x [4 x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
             + 2 x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw   (dispatch+combine fwd and bwd; tp all-gather)
 pp bubble = compute x (pp-1) / (virtual stages x micro-batches);  pp p2p = 2 x v x micro-batches x tokens x d x act_bytes / bw
-dp        = micro-batches x [(n-1)/n x gathered weights x (2 x gathered_bytes + 4)   (all-gather fwd+bwd, fp32 reduce-scatter)
-            + 2 x (r-1)/r x shard x 4]  / bw   (n = dp_shard, dp_shard_out for experts under ep; r = dp_replicate)
-            only max(0, dp - compute) counts: FSDP overlaps it with the compute
+dp        = rounds x [(n-1)/n x (g x units' weights + root's) x gathered_bytes + (n-1)/n x all weights x 4
+            + 2 x (r-1)/r x shard x 4] / bw   (all-gathers, fp32 reduce-scatter, HSDP all-reduce; n = dp_shard,
+            dp_shard_out for the experts' units under ep; r = dp_replicate; units = blocks, encoders, experts
+            under ep, each its own all-gathers and reduce-scatter; the root (embedding, norm, output) stays
+            gathered from forward to backward). Outside a pipeline g = 2 (forward and backward) and rounds =
+            micro-batches; a pipeline stage keeps its weights gathered and gradients unsharded over the step:
+            g = 1, rounds = 1. Where plan.comm_overlap (FSDP overlaps the compute) only max(0, dp - compute)
+            counts
+latency   = each collective adds its steps x the link's latency (plan.intra/inter_node_latency_us): ring
+            all-gather and reduce-scatter over n ranks n-1 steps, all-reduce 2(n-1); an all-to-all (its sends to
+            every peer go at once) and a pipeline send 1
 bw        = intra_node_gbps when the group's ranks share a node (tp innermost, then ep, dp_shard, dp_replicate, pp
             outermost), else inter_node_gbps
 step      = compute + tp + ep + pp bubble + pp p2p + exposed dp"""
@@ -107,9 +118,16 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     flops, recompute_flops, layer_ids, stages = worst
     compute = flops / peak
 
-    def bandwidth(span: int) -> float:
-        """Bytes/s for a group whose ranks span `span` consecutive ranks."""
-        return (plan.intra_node_gbps if span <= max(gpus_per_node, 1) and gpus_per_node > 0 else plan.inter_node_gbps) * 1e9
+    def link(span: int) -> tuple[float, float]:
+        """(bytes/s, seconds per collective step) for a group whose ranks span `span` consecutive ranks."""
+        if gpus_per_node > 0 and span <= max(gpus_per_node, 1):
+            return plan.intra_node_gbps * 1e9, plan.intra_node_latency_us * 1e-6
+        return plan.inter_node_gbps * 1e9, plan.inter_node_latency_us * 1e-6
+
+    def seconds(moved_bytes: float, steps: int, span: int) -> float:
+        """Collectives moving `moved_bytes` per rank in `steps` latency steps in all."""
+        bandwidth, latency = link(span)
+        return moved_bytes / bandwidth + steps * latency
 
     d = layout.dims
     a, m = s.act_bytes, s.microbatches
@@ -118,33 +136,47 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     residual = s.tokens * cfg.d_model * a
     tp = 0.0
     if s.tp > 1:
-        tp = m * (8 * n_blocks + 4 * n_recomputed) * (s.tp - 1) / s.tp * residual / bandwidth(s.tp)
+        count = m * (8 * n_blocks + 4 * n_recomputed)
+        tp = seconds(count * (s.tp - 1) / s.tp * residual, count * (s.tp - 1), s.tp)
     ep = 0.0
     n_moe = sum(1 for i in layer_ids if i >= cfg.n_dense_layers)
     if s.ep > 1 and n_moe:
         routed = s.tokens * cfg.moe.top_k * cfg.d_model * a
         per_layer = 4 * (s.ep - 1) / s.ep * routed / s.tp + 2 * (s.tp - 1) / s.tp * routed
-        ep = m * n_moe * per_layer / bandwidth(s.ep)
+        ep = seconds(m * n_moe * per_layer, m * n_moe * (4 + 2 * (s.tp - 1)), s.ep)
     pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
-    pp_p2p = 2 * s.virtual * m * residual / bandwidth(d.world_size // s.pp + 1) if s.pp > 1 else 0.0
-    dp = _dp_seconds(shapes, s, layer_ids, 0 in stages, s.n_stages - 1 in stages, bandwidth)
+    pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
+    dp = _dp_seconds(shapes, s, layer_ids, 0 in stages, s.n_stages - 1 in stages, seconds)
     return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
-                         pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute),
+                         pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
 
 
-def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first: bool, last: bool, bandwidth) -> float:
-    """FSDP2 per micro-batch: all-gathers in forward and backward, a reduce-scatter of fp32 gradients,
-    and under HSDP an all-reduce of the gradient shards over the replicas."""
+def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first: bool, last: bool, seconds) -> float:
+    """FSDP2 on one rank: all-gathers and reduce-scatters of fp32 gradients, and under HSDP an all-reduce
+    of the gradient shards over the replicas. Each block, encoder and (under ep) block's experts is a
+    unit with its own collectives; the root (token embedding, final norm, output layer) stays gathered
+    from forward to backward. Outside a pipeline every micro-batch gathers each unit in forward and
+    again in backward and reduce-scatters its gradients; a pipeline stage keeps its weights gathered and
+    its gradients unsharded over the step's micro-batches (torch's PipelineStage), so once a step."""
     if not s.fsdp:
         return 0.0
-    groups = [shapes.layers[i] for i in layer_ids] + [shapes.front] * first + [shapes.back] * last
+    units = [shapes.layers[i] for i in layer_ids] + [shapes.front[1:]] * first
+    root = shapes.front[:1] * first + shapes.back * last
+    n_units = len(layer_ids) + shapes.n_encoders * first
+    n_expert_units = sum(1 for i in layer_ids if i >= shapes.cfg.n_dense_layers) if s.ep > 1 else 0
+    gathers, rounds = (1, 1) if s.pp > 1 else (2, s.microbatches)
     replicas = s.dp // s.dp_shard
-    seconds = 0.0
-    for experts, shards in ((False, s.dp_shard), (True, s.dp_shard_out if s.ep > 1 else s.dp_shard)):
-        numel = sum(tensors_numel(group, s, False, experts) for group in groups)
-        seconds += (shards - 1) / shards * numel * (2 * s.gathered_bytes + FP32) / bandwidth(s.dp_shard * s.tp)
+    total = 0.0
+    for experts, shards, n in ((False, s.dp_shard, n_units + bool(root)),
+                               (True, s.dp_shard_out if s.ep > 1 else s.dp_shard, n_expert_units)):
+        unit_numel = sum(tensors_numel(unit, s, False, experts) for unit in units)
+        root_numel = tensors_numel(root, s, False, experts)
+        gathered = gathers * unit_numel + root_numel
+        moved = (shards - 1) / shards * (gathered * s.gathered_bytes + (unit_numel + root_numel) * FP32)
+        n_gathers = gathers * n - (gathers - 1) * bool(root) * (not experts)
+        total += seconds(moved, (n_gathers + n) * (shards - 1), s.dp_shard * s.tp)
         if replicas > 1:
-            seconds += 2 * (replicas - 1) / replicas * FP32 * numel / shards / bandwidth(s.dp * s.tp)
-    return s.microbatches * seconds
-
+            total += seconds(2 * (replicas - 1) / replicas * FP32 * (unit_numel + root_numel) / shards,
+                             n * 2 * (replicas - 1), s.dp * s.tp)
+    return rounds * total

@@ -56,26 +56,27 @@ def matmul_flops() -> float:
     return 200 * 2 * 512 * 128 * 384 / statistics.median(times)
 
 
-LINK_SIZES = (1 << 14, 1 << 20)  # fp32 elements per rank: 64 KiB and 4 MiB
+LINK_SIZES = (1, 1 << 14, 1 << 16, 1 << 18, 1 << 20)  # fp32 elements per rank: 4 bytes, 64 KiB to 4 MiB
 
 
 def time_link(out: Path) -> None:
     """Under torchrun (2 processes, gloo): the median seconds of an all-gather plus a reduce-scatter at
-    each of LINK_SIZES, written by rank 0 to `out`."""
+    each of LINK_SIZES, after a pass that warms gloo's buffers up, written by rank 0 to `out`."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     times = {}
-    for numel in LINK_SIZES:
-        shard, full = torch.randn(numel), torch.randn(2 * numel)
-        rounds = []
-        for _ in range(15):
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_gather_into_tensor(full, shard)
-            dist.reduce_scatter_tensor(shard, full)
-            rounds.append(time.perf_counter() - t0)
-        times[numel] = statistics.median(rounds)
+    for timed in (False, True):
+        for numel in LINK_SIZES:
+            shard, full = torch.randn(numel), torch.randn(2 * numel)
+            rounds = []
+            for _ in range((51 if numel == 1 else 21) if timed else 3):
+                dist.barrier()
+                t0 = time.perf_counter()
+                dist.all_gather_into_tensor(full, shard)
+                dist.reduce_scatter_tensor(shard, full)
+                rounds.append(time.perf_counter() - t0)
+            times[numel] = statistics.median(rounds)
     if dist.get_rank() == 0:
         out.write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -83,7 +84,8 @@ def time_link(out: Path) -> None:
 
 def link_figures(tmp: Path) -> tuple[float, float]:
     """gloo's (GB/s, microseconds per step) between two processes: each size's pair of collectives moves
-    2 x (n-1)/n x its gathered bytes in 2 ring steps, so two sizes give bandwidth and latency."""
+    2 x (n-1)/n x its gathered bytes in 2 ring steps; a least-squares line through the sizes' times
+    gives seconds per byte (its slope), and the pair of one-element collectives two steps' latency."""
     out = tmp / "link.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
            "--time-link", str(out)]
@@ -91,11 +93,10 @@ def link_figures(tmp: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     times = {int(k): v for k, v in json.loads(out.read_text()).items()}
-    small, big = LINK_SIZES
-    moved = {n: 2 * (1 / 2) * 2 * n * 4 for n in LINK_SIZES}  # bytes per rank of the pair
-    seconds_per_byte = (times[big] - times[small]) / (moved[big] - moved[small])
-    latency = max(0.0, (times[small] - moved[small] * seconds_per_byte) / 2)
-    return 1 / seconds_per_byte / 1e9, latency * 1e6
+    sizes = LINK_SIZES[1:]
+    moved = [2 * (1 / 2) * 2 * n * 4 for n in sizes]  # bytes per rank of the pair
+    slope, _ = statistics.linear_regression(moved, [times[n] for n in sizes])
+    return 1 / slope / 1e9, times[1] / 2 * 1e6
 
 
 def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path, run: list[str]) -> float:

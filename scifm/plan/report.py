@@ -30,8 +30,7 @@ NOT_MODELED = [
     "the zero-bubble schedules' savings (their bubble is counted as Interleaved1F1B's)",
     "engines other than native (DeepSpeed's ZeRO and Megatron-Core shard differently)",
     "the optimizer step's own time, kernel launches and allocator fragmentation (reserved_gb stands for it)",
-    "FSDP2's copies into and out of its communication buffers, DTensor's per-operator dispatch, and ranks "
-    "waiting for each other at collectives when their rows carry uneven encoder work",
+    "FSDP2's copies into and out of its communication buffers and DTensor's per-operator dispatch",
 ]
 
 PARTS_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -102,8 +101,8 @@ def text_report(plan: Plan) -> str:
         f"batch: {describe_batch(run)}; pipeline schedule {run.parallel.pp_schedule}",
         f"hardware (plan.*): {hw.gpu_memory_gb:g} GiB per GPU, {hw.reserved_gb:g} reserved; peak TFLOP/s "
         f"bf16 {hw.peak_tflops_bf16:g}, fp8 {hw.peak_tflops_fp8:g}, fp32 {hw.peak_tflops_fp32:g}; mfu {hw.mfu:g}; "
-        f"intra-node {hw.intra_node_gbps:g} GB/s and {hw.intra_node_latency_us:g} us a ring step, inter-node "
-        f"{hw.inter_node_gbps:g} GB/s and {hw.inter_node_latency_us:g} us per GPU; FSDP's communication "
+        f"per GPU intra-node {hw.intra_node_gbps:g} GB/s and {hw.intra_node_latency_us:g} us a collective step, "
+        f"inter-node {hw.inter_node_gbps:g} GB/s and {hw.inter_node_latency_us:g} us; FSDP's communication "
         f"{'overlaps' if hw.comm_overlap else 'does not overlap'} the compute",
         f"layouts: {len(plan.rows)} valid, {len(plan.fitting)} fit in {gib(plan.usable_bytes)} GiB; "
         f"{len(plan.rejected)} rejected",

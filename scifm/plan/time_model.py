@@ -168,14 +168,15 @@ def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first
     gathers, rounds = (1, 1) if s.pp > 1 else (2, s.microbatches)
     replicas = s.dp // s.dp_shard
     total = 0.0
-    for experts, shards, n in ((False, s.dp_shard, n_units + bool(root)),
-                               (True, s.dp_shard_out if s.ep > 1 else s.dp_shard, n_expert_units)):
+    # (experts' tensors?, ranks they are sharded over, units, of which the root)
+    for experts, shards, n, n_root in ((False, s.dp_shard, n_units + bool(root), int(bool(root))),
+                                       (True, s.dp_shard_out if s.ep > 1 else s.dp_shard, n_expert_units, 0)):
         unit_numel = sum(tensors_numel(unit, s, False, experts) for unit in units)
         root_numel = tensors_numel(root, s, False, experts)
-        gathered = gathers * unit_numel + root_numel
+        gathered = gathers * unit_numel + root_numel  # the root is gathered once a round
         moved = (shards - 1) / shards * (gathered * s.gathered_bytes + (unit_numel + root_numel) * FP32)
-        n_gathers = gathers * n - (gathers - 1) * bool(root) * (not experts)
-        total += seconds(moved, (n_gathers + n) * (shards - 1), s.dp_shard * s.tp)
+        n_gathers = gathers * (n - n_root) + n_root
+        total += seconds(moved, (n_gathers + n) * (shards - 1), s.dp_shard * s.tp)  # + one reduce-scatter a unit
         if replicas > 1:
             total += seconds(2 * (replicas - 1) / replicas * FP32 * (unit_numel + root_numel) / shards,
                              n * 2 * (replicas - 1), s.dp * s.tp)

@@ -38,8 +38,9 @@ compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed 
             + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
 tp        = blocks x micro-batches x 8 x (tp-1)/tp x tokens x d x act_bytes / bw   (4 collectives fwd, 4 bwd;
             +4 per recomputed block)
-ep        = MoE blocks x micro-batches x [4 x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
-            + 2 x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw   (dispatch+combine fwd and bwd; tp all-gather)
+ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
+            + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
+            (dispatch+combine fwd, bwd and recompute; the all-gather over tp and its backward)
 pp bubble = compute x (pp-1) / (virtual stages x micro-batches);  pp p2p = 2 x v x micro-batches x tokens x d x act_bytes / bw
 dp        = rounds x [(n-1)/n x (g x units' weights + root's) x gathered_bytes + (n-1)/n x all weights x 4
             + 2 x (r-1)/r x shard x 4] / bw   (all-gathers, fp32 reduce-scatter, HSDP all-reduce; n = dp_shard,
@@ -132,18 +133,25 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     d = layout.dims
     a, m = s.act_bytes, s.microbatches
     n_blocks = len(layer_ids)
-    n_recomputed = n_blocks if s.ac == "full" else (n_blocks + 1) // 2 if s.ac == "selective" else 0
+    recomputed = [s.ac == "full" or (s.ac == "selective" and k % 2 == 0) for k in range(n_blocks)]
+    n_recomputed = sum(recomputed)
     residual = s.tokens * cfg.d_model * a
     tp = 0.0
     if s.tp > 1:
         count = m * (8 * n_blocks + 4 * n_recomputed)
         tp = seconds(count * (s.tp - 1) / s.tp * residual, count * (s.tp - 1), s.tp)
     ep = 0.0
-    n_moe = sum(1 for i in layer_ids if i >= cfg.n_dense_layers)
+    moe = [i >= cfg.n_dense_layers for i in layer_ids]
+    n_moe = sum(moe)
     if s.ep > 1 and n_moe:
+        # a recomputed block runs its forward's collectives again in backward
+        n_moe_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
         routed = s.tokens * cfg.moe.top_k * cfg.d_model * a
-        per_layer = 4 * (s.ep - 1) / s.ep * routed / s.tp + 2 * (s.tp - 1) / s.tp * routed
-        ep = seconds(m * n_moe * per_layer, m * n_moe * (4 + 2 * (s.tp - 1)), s.ep)
+        all_to_alls = m * (4 * n_moe + 2 * n_moe_recomputed)  # dispatch and combine, forward and backward
+        counts = m * (n_moe + n_moe_recomputed)  # each forward's exchange of token counts: latency only
+        gathers = m * (2 * n_moe + n_moe_recomputed) if s.tp > 1 else 0  # over tp, where ep spans it
+        ep = seconds(all_to_alls * (s.ep - 1) / s.ep * routed / s.tp + gathers * (s.tp - 1) / s.tp * routed,
+                     all_to_alls + counts + gathers * (s.tp - 1), s.ep)
     pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
     pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
     dp = _dp_seconds(shapes, s, layer_ids, 0 in stages, s.n_stages - 1 in stages, seconds)

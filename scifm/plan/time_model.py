@@ -11,8 +11,9 @@ prefetches the next block), so only the part longer than the compute counts; wit
 plan.comm_overlap=false (gloo on a CPU, whose collectives take the compute's cores) all of it counts.
 The modality encoders' FLOPs (first stage, whole on every tp rank) are measured on the run's own data
 where a tokenizer is given (encoder_load.py).
-Not modeled: routing imbalance, kernel launch and optimizer-step time, and the zero-bubble
-schedules' savings (their bubble is counted as Interleaved1F1B's, an upper bound).
+Not modeled: routing imbalance, kernel launch and optimizer-step time, FSDP2's buffer copies and
+DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
+Interleaved1F1B's, an upper bound).
 """
 
 from __future__ import annotations

@@ -15,11 +15,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from scifm.model.multimodal import ScientificMoE
 
 
+def recomputes(mode: str, index: int) -> bool:
+    """Whether parallel.activation_checkpoint=`mode` recomputes the block at `index` (within the model
+    or pipeline stage part): full every block, selective every other one (half the memory saving for
+    half the recompute)."""
+    return mode == "full" or (mode == "selective" and index % 2 == 0)
+
+
 def apply_activation_checkpointing(model: ScientificMoE, mode: str) -> None:
-    """full: recompute every block in backward; selective: every other block (half the memory
-    saving for half the recompute)."""
     for i, (name, block) in enumerate(list(model.layers.items())):
-        if mode == "full" or (mode == "selective" and i % 2 == 0):
+        if recomputes(mode, i):
             model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 

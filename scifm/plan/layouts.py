@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from scifm.config import RunConfig
 from scifm.core.errors import ConfigError
 from scifm.parallel.config import ParallelConfig
+from scifm.parallel.dims import ParallelDims
 from scifm.parallel.distributed import dims_of
 
 DIM_KEYS = ("dp_replicate", "dp_shard", "tp", "pp", "ep")
@@ -24,10 +25,6 @@ class Layout:
     @property
     def dims(self):
         return dims_of(self.parallel)
-
-    @property
-    def fsdp(self) -> bool:
-        return self.dims.fsdp
 
     def label(self) -> str:
         p = self.parallel
@@ -87,7 +84,7 @@ def candidates(run: RunConfig, world: int, fixed: set[str]) -> list[Layout]:
                     continue
                 for ep in options("ep", [1] + [tp * j for j in divisors(dp_shard) if tp * j > 1]):
                     for ac in options("activation_checkpoint", ACTIVATION_CHECKPOINTS):
-                        fsdp = dp_replicate * dp_shard > 1
+                        fsdp = ParallelDims(dp_replicate, dp_shard, tp, pp, ep).fsdp
                         for mp in options("mixed_precision", ("fp32", "bf16") if fsdp else (p.mixed_precision,)):
                             split = list(p.pp_split) if "pp_split" in fixed else balanced_split(
                                 run.model.n_layers, pp * p.pp_virtual_stages)

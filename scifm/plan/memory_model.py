@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from scifm.config import RunConfig
 from scifm.model.cross_entropy import chunk_rows
 from scifm.model.flops import keys_visited
+from scifm.parallel.fsdp import recomputes
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout
@@ -90,14 +91,14 @@ def compute_dtype(run: RunConfig) -> str:
 
 def activation_regime(run: RunConfig, layout: Layout) -> str:
     """fp32 or bf16: FSDP's bf16 parameters compute in bf16 even without autocast (it casts the inputs)."""
-    low = compute_dtype(run) != "fp32" or (layout.fsdp and layout.parallel.mixed_precision == "bf16")
+    low = compute_dtype(run) != "fp32" or (layout.dims.fsdp and layout.parallel.mixed_precision == "bf16")
     return "bf16" if low else "fp32"
 
 
 def weight_copies(run: RunConfig, layout: Layout) -> bool:
     """bf16 compute over fp32 weights: autocast (and the experts' own cast) makes a bf16 copy of every
     weight a forward uses, which backward needs, so it lives from a block's forward to its backward."""
-    return compute_dtype(run) != "fp32" and not (layout.fsdp and layout.parallel.mixed_precision == "bf16")
+    return compute_dtype(run) != "fp32" and not (layout.dims.fsdp and layout.parallel.mixed_precision == "bf16")
 
 
 class LayoutSizes:
@@ -107,7 +108,7 @@ class LayoutSizes:
         d = layout.dims
         self.tp, self.ep, self.pp, self.dp = d.tp, d.ep, d.pp, d.dp_size
         self.dp_shard, self.dp_shard_out = d.dp_shard, d.dp_shard_out
-        self.fsdp = layout.fsdp
+        self.fsdp = layout.dims.fsdp
         self.sp = layout.parallel.sequence_parallel and d.tp > 1
         self.loss_parallel = layout.parallel.loss_parallel and d.tp > 1
         self.rows = run.trainer.batch_size // d.dp_size  # rows of one micro-batch on a data-parallel rank
@@ -121,7 +122,7 @@ class LayoutSizes:
         self.ac = layout.parallel.activation_checkpoint
         self.regime = activation_regime(run, layout)
         self.act_bytes = 2 if self.regime == "bf16" else FP32
-        self.gathered_bytes = 2 if layout.fsdp and layout.parallel.mixed_precision == "bf16" else FP32
+        self.gathered_bytes = 2 if self.fsdp and layout.parallel.mixed_precision == "bf16" else FP32
         self.weight_copies = weight_copies(run, layout)
 
 
@@ -225,8 +226,7 @@ def _rank_breakdown(shapes: ModelShapes, s: LayoutSizes, pp_rank: int, layer_ids
     block_input = s.tokens * cfg.d_model * (FP32 if s.regime == "fp32" or s.weight_copies else 2)
     kept = []
     for k, b in enumerate(blocks):  # checkpointing wraps blocks by their index within the stage part
-        checkpointed = s.ac == "full" or (s.ac == "selective" and k % 2 == 0)
-        kept.append(block_input if checkpointed else b)
+        kept.append(block_input if recomputes(s.ac, k) else b)
     flight = in_flight(s, pp_rank)
     detail["blocks"] = int(sum(kept) * flight)
     if s.ac != "none" and blocks:

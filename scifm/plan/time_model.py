@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from scifm.config import RunConfig
 from scifm.model.flops import keys_visited, layer_forward_flops, output_forward_flops
+from scifm.parallel.fsdp import recomputes
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.config import PlanConfig
 from scifm.plan.encoder_load import EncoderSampler
@@ -112,7 +113,7 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
         stages = stages_of_rank(pp_rank, s.pp, s.virtual, s.schedule) if s.pp > 1 else [0]
         layer_ids = [i for st in stages for i in ranges[st]]
         per_layer = [per_kind[i >= cfg.n_dense_layers] for i in layer_ids]
-        checkpointed = sum(f for k, f in enumerate(per_layer) if s.ac == "full" or (s.ac == "selective" and k % 2 == 0))
+        checkpointed = sum(f for k, f in enumerate(per_layer) if recomputes(s.ac, k))
         forward = sum(per_layer) + (output_forward_flops(cfg, shapes.vocab) / s.tp if s.n_stages - 1 in stages else 0)
         flops = tokens * (3 * forward + checkpointed) + (3 * s.microbatches * encoder_flops if 0 in stages else 0)
         if flops > worst[0]:
@@ -134,7 +135,7 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     d = layout.dims
     a, m = s.act_bytes, s.microbatches
     n_blocks = len(layer_ids)
-    recomputed = [s.ac == "full" or (s.ac == "selective" and k % 2 == 0) for k in range(n_blocks)]
+    recomputed = [recomputes(s.ac, k) for k in range(n_blocks)]
     n_recomputed = sum(recomputed)
     residual = s.tokens * cfg.d_model * a
     tp = 0.0
@@ -155,13 +156,14 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
                      all_to_alls + counts + gathers * (s.tp - 1), s.ep)
     pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
     pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
-    dp = _dp_seconds(shapes, s, layer_ids, 0 in stages, s.n_stages - 1 in stages, seconds)
+    dp = _dp_seconds(shapes, s, layer_ids, n_moe, 0 in stages, s.n_stages - 1 in stages, seconds)
     return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
                          pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
 
 
-def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first: bool, last: bool, seconds) -> float:
+def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], n_moe: int, first: bool, last: bool,
+                seconds) -> float:
     """FSDP2 on one rank: all-gathers and reduce-scatters of fp32 gradients, and under HSDP an all-reduce
     of the gradient shards over the replicas. Each block, encoder and (under ep) block's experts is a
     unit with its own collectives; the root (token embedding, final norm, output layer) stays gathered
@@ -173,7 +175,7 @@ def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], first
     units = [shapes.layers[i] for i in layer_ids] + [shapes.front[1:]] * first
     root = shapes.front[:1] * first + shapes.back * last
     n_units = len(layer_ids) + shapes.n_encoders * first
-    n_expert_units = sum(1 for i in layer_ids if i >= shapes.cfg.n_dense_layers) if s.ep > 1 else 0
+    n_expert_units = n_moe if s.ep > 1 else 0
     gathers, rounds = (1, 1) if s.pp > 1 else (2, s.microbatches)
     replicas = s.dp // s.dp_shard
     total = 0.0

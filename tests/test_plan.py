@@ -24,13 +24,14 @@ from scifm.model.encoders import build_encoders
 from scifm.model.layers import rope_cos_sin
 from scifm.model.multimodal import vocab_sizes_of
 from scifm.model.transformer import TransformerBlock
+from scifm.parallel.fsdp import apply_activation_checkpointing
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout, only_layout
 from scifm.plan.memory_model import LayoutSizes, block_activation_bytes, encoder_regime
 from scifm.plan.planner import make_plan
 from scifm.plan.report import json_report, text_report
-from scifm.plan.shapes import model_shapes
-from scifm.plan.time_model import step_time
+from scifm.plan.shapes import meta_model, model_shapes, vocab_sizes
+from scifm.plan.time_model import rank_block_flops, step_time
 from tests.helpers.torchrun import train_under_torchrun
 
 # one optimizer step of two micro-batches: a micro-batch's activations meet the gradients of the first
@@ -244,6 +245,24 @@ def test_time_model_arithmetic_against_hand_computed_figures():
                        "parallel.activation_checkpoint=none"]).rows[0].time
     assert math.isclose(piped.pp_bubble, piped.compute * 1 / 4, rel_tol=1e-12)
     assert math.isclose(piped.pp_p2p, 2 * 4 * ((8 * 128 * 128 * 2) / 50e9 + 14e-6), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("mode, wrapped", [("full", [0, 1, 2, 3]), ("selective", [0, 2]), ("none", [])])
+def test_checkpointing_wraps_the_blocks_the_planner_recomputes(mode, wrapped):
+    """The blocks apply_activation_checkpointing wraps, by hand for the tiny model's 4, are the ones
+    whose forward the planner counts again (one rule for both)."""
+    cfg = compose_run_config(["model=tiny"]).model
+    model = meta_model(cfg, vocab_sizes(cfg))
+    apply_activation_checkpointing(model, mode)
+    assert [k for k, block in enumerate(model.layers.values()) if hasattr(block, "_checkpoint_wrapped_module")] == wrapped
+    plan = make_plan(["model=tiny", "cluster.nodes=1", "cluster.gpus_per_node=1", "trainer.batch_size=8",
+                      "data.seq_len=128", f"parallel.activation_checkpoint={mode}"])
+    (row,) = plan.rows
+    s = LayoutSizes(plan.run, row.layout)
+    per_block = [rank_block_flops(plan.shapes, k >= cfg.n_dense_layers, s) for k in range(cfg.n_layers)]
+    peak = plan.hardware.peak_flops("bf16") * plan.hardware.mfu
+    want = sum(per_block[k] for k in wrapped) * s.tokens * s.microbatches / peak
+    assert math.isclose(row.time.recompute, want, rel_tol=1e-12) and (row.time.recompute > 0) == bool(wrapped)
 
 
 def test_fsdp_communication_per_step_follows_the_schedule_and_the_overlap_switch():

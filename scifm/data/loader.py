@@ -28,7 +28,7 @@ from scifm.data.documents import Document
 from scifm.data.encode import encode_document
 from scifm.data.indexed.files import check_tokenizer
 from scifm.data.indexed.packing_index import REFUSED, IndexedLayout
-from scifm.data.lookahead import NOT_AHEAD, Lookahead
+from scifm.data.lookahead import Lookahead
 from scifm.data.mixture import stream_probabilities
 from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
 from scifm.data.skips import SkipCounter
@@ -97,11 +97,11 @@ class PackedLoader:
         document that fits a row by its length alone (pending_fit: nothing of it is read or laid out
         unless a kept row takes it), any other as its chunks."""
         while True:
-            i, pos, n_ids, skill = look.next()
+            i, place, n_ids, skill = look.next()
             stream = self.streams[i]
             source = stream.spec.name
-            if pos != NOT_AHEAD:
-                epoch, shard, opened = look.where[i]
+            if place is not None:
+                epoch, shard, opened, pos = place
                 cursor = (epoch, shard, pos)
                 if n_ids == REFUSED:  # named by its id, as the skip of its JSONL line is
                     err, doc_id = stream.refused(cursor)
@@ -142,10 +142,25 @@ class PackedLoader:
         return kept
 
     def _fill_rows(self, look: Lookahead, keep: list[bool]) -> list[Row]:
-        seq_len, streams = self.cfg.seq_len, self.streams
         kept: list[Row] = []
-        r, used = 0, 0
-        row = Row() if keep[0] else None
+        r = 0
+        while r < self.batch_size:
+            if keep[r]:
+                kept.append(self._fill_row(look, Row()))
+                r += 1
+                continue
+            others = next((n for n, k in enumerate(keep[r:]) if k), self.batch_size - r)
+            passed = self._pass_rows(look, others)
+            if passed < others:  # the run of documents packed at once ended inside a row
+                self._fill_row(look, None)
+                passed += 1
+            r += passed
+        return kept
+
+    def _fill_row(self, look: Lookahead, row: Row | None) -> Row | None:
+        """One row, filled from the pending document on; None (a row this rank does not keep) counts
+        its tokens and lays nothing out."""
+        seq_len, used = self.cfg.seq_len, 0
         while True:
             if self.pending is None:
                 self._next_document(look)
@@ -157,29 +172,82 @@ class PackedLoader:
             else:
                 chunk, length, skill, last = None, fit[3] - 1, fit[2], True
             if used + length > seq_len and used:
-                full = True  # the chunk starts the next row
+                return row  # the chunk starts the next row
+            source = self.streams[i].spec.name
+            if row is not None:
+                if chunk is None:
+                    chunk = Chunk(IndexedLayout(*fit), 0, length)
+                row.chunks.append(chunk)
+                row.sources.append(source)
+            self.tokens_by_source[source] += length
+            self.tokens_by_skill[skill] += length
+            used += length
+            if last:
+                self.pending = self.pending_fit = None
             else:
-                source = streams[i].spec.name
-                if row is not None:
-                    if chunk is None:
-                        chunk = Chunk(IndexedLayout(*fit), 0, length)
-                    row.chunks.append(chunk)
-                    row.sources.append(source)
-                self.tokens_by_source[source] += length
-                self.tokens_by_skill[skill] += length
-                used += length
-                if last:
-                    self.pending = self.pending_fit = None
-                else:
-                    self.pending = (i, cursor, k + 1)
-                full = used == seq_len
-            if full:
-                if row is not None:
-                    kept.append(row)
-                r += 1
-                if r == self.batch_size:
-                    return kept
-                row, used = (Row() if keep[r] else None), 0
+                self.pending = (i, cursor, k + 1)
+            if used == seq_len:
+                return row
+
+    def _pass_rows(self, look: Lookahead, n_rows: int) -> int:
+        """Up to n_rows rows this rank does not keep, packed at once from the look-ahead's arrays while
+        its draws are indexed documents that each fit a row: the same rows, counts and pending document
+        as _fill_row's, one document at a time, gives (a row ends where the next document would pass
+        seq_len, found in the prefix sums of their lengths). Returns the rows packed; it stops before
+        a row the run does not finish."""
+        # the pending document, drawn before, comes first: its (length, skill), if one chunk of it is left
+        if self.pending is None:
+            pending = None
+        elif self.pending_fit is not None:
+            pending = self.pending_fit[3] - 1, self.pending_fit[2]
+        elif self.pending[2] + 1 == len(self.pending_chunks):
+            pending = self.pending_chunks[-1].length, self.pending_chunks[-1].doc.skill
+        else:
+            return 0  # a cut document with more than one chunk to go
+        seq_len, start = self.cfg.seq_len, look.taken
+        end = look.fitting_run(seq_len)
+        if end == start:
+            return 0
+        stream_of, _, n_ids, skill_codes = look.arrays
+        head = 0 if pending is None else 1
+        lengths = n_ids[start:end] - 1
+        if head:
+            lengths = np.concatenate(([pending[0]], lengths))
+        ends = np.concatenate(([0], np.cumsum(lengths)))  # ends[d]: tokens of documents 0..d-1
+        first, rows, exact = 0, 0, True  # the row's first document; rows done; whether the last closed at seq_len
+        while rows < n_rows:
+            target = ends[first] + seq_len
+            d = int(np.searchsorted(ends, target))
+            if d == len(ends):
+                break  # the run's documents do not fill this row
+            exact = bool(ends[d] == target)
+            first = d if exact else d - 1  # a document that would pass seq_len starts the next row
+            rows += 1
+        if not rows:
+            return 0
+        # documents first.. are not in the rows; the first of them was drawn unless the last row was exact
+        placed, drawn = first - head, first - head + (0 if exact else 1)
+        if head:
+            self.tokens_by_source[self.streams[self.pending[0]].spec.name] += pending[0]
+            self.tokens_by_skill[pending[1]] += pending[0]
+        new = slice(start, start + placed)
+        by_stream = np.bincount(stream_of[new], weights=lengths[head:first], minlength=len(self.streams))
+        by_skill = np.bincount(skill_codes[new], weights=lengths[head:first], minlength=len(look.skill_names))
+        for i in np.flatnonzero(by_stream).tolist():
+            self.tokens_by_source[self.streams[i].spec.name] += int(by_stream[i])
+        for code in np.flatnonzero(by_skill).tolist():
+            self.tokens_by_skill[look.skill_names[code]] += int(by_skill[code])
+        seen = np.bincount(stream_of[start : start + drawn], minlength=len(self.streams))
+        for i in np.flatnonzero(seen).tolist():
+            self.skips.ok(self.streams[i].spec.name, int(seen[i]))
+        look.taken += drawn
+        self.pending = self.pending_fit = None
+        if not exact:
+            j = start + drawn - 1
+            epoch, shard, opened, pos = look.place(j)
+            self.pending = (look.stream_of[j], (epoch, shard, pos), 0)
+            self.pending_fit = (opened, pos, look.skills[j], look.n_ids[j])
+        return rows
 
     def next_rows(self, keep: list[bool] | None = None) -> list[Row]:
         """The global batch's rows, packed: the same on every rank, whatever the layout; those `keep`

@@ -22,8 +22,8 @@ class SkipCounter:
         self.skipped: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.examples: dict[tuple[str, str], str] = {}
 
-    def ok(self, source: str) -> None:
-        self.seen[source] += 1
+    def ok(self, source: str, n: int = 1) -> None:
+        self.seen[source] += n
 
     def skip(self, source: str, reason: str, doc_id: str) -> None:
         self.seen[source] += 1

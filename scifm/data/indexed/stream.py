@@ -76,9 +76,10 @@ class OpenShard:
         self._block_lengths, self._block_skills = lengths, rows[:, SKILL]
         self._yielded = np.flatnonzero(lengths != OTHER)
 
-    def ahead(self, pos: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def ahead(self, pos: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
         """Up to `limit` documents a stream yields from `pos` on, to the end of pos's block: their
-        positions, laid-out lengths (REFUSED marks) and skill names; None where none are left."""
+        positions, laid-out lengths (REFUSED marks) and skill codes, and the shard's names of the codes
+        (an object array); None where none are left."""
         if pos >> BLOCK_BITS != self._block:
             self._measure_block(pos >> BLOCK_BITS)
         start = self._block << BLOCK_BITS
@@ -86,7 +87,7 @@ class OpenShard:
         offsets = self._yielded[first : first + limit]
         if not len(offsets):
             return None
-        return start + offsets, self._block_lengths[offsets], self._skill_array[self._block_skills[offsets]]
+        return start + offsets, self._block_lengths[offsets], self._block_skills[offsets], self._skill_array
 
     def document(self, pos: int) -> IndexedDocument:
         """Its ids (an int64 copy), and for a document with molecules their atom and bond counts (from
@@ -163,20 +164,26 @@ class IndexedStream:
             if layout == REFUSED:  # named by its id, as the skip of its JSONL line is
                 return (epoch, shard, pos), opened.refusal(pos), opened.document_id(pos)
 
-    def ahead(self, limit: int) -> tuple[int, int, OpenShard, np.ndarray, np.ndarray, np.ndarray] | None:
-        """Up to `limit` documents next() would yield next, to the end of the block they are in, without
-        moving the cursor: (epoch, shard, its OpenShard, positions, laid-out lengths with REFUSED marks,
-        skill names); None where that block has none left (next() then reads on)."""
+    def ahead(self, limit: int) -> list[tuple]:
+        """Up to `limit` documents next() would yield next, without moving the cursor, in segments of
+        one block each (across blocks, shards and epochs, as next() walks): (epoch, shard, its
+        OpenShard, positions, laid-out lengths with REFUSED marks, skill codes, the codes' names)."""
+        segments: list[tuple] = []
         if not self._matching:
-            return None  # next() names the error
+            return segments  # next() names the error
         epoch, shard, pos = self.cursor
-        if pos == self._shards[shard]["documents"]:  # where next() would move first
-            epoch, shard, pos = (epoch, shard + 1, 0) if shard + 1 < len(self._shards) else (epoch + 1, 0, 0)
-            if pos == self._shards[shard]["documents"]:
-                return None
-        opened = self._open.get(shard) or self._shard(shard)
-        found = opened.ahead(pos, limit)
-        return None if found is None else (epoch, shard, opened, *found)
+        while limit > 0:
+            documents = self._shards[shard]["documents"]
+            if pos == documents:  # where next() moves on
+                epoch, shard, pos = (epoch, shard + 1, 0) if shard + 1 < len(self._shards) else (epoch + 1, 0, 0)
+                continue
+            opened = self._open.get(shard) or self._shard(shard)
+            found = opened.ahead(pos, limit)
+            if found is not None:
+                segments.append((epoch, shard, opened, *found))
+                limit -= len(found[0])
+            pos = min(((pos >> BLOCK_BITS) + 1) << BLOCK_BITS, documents)  # found holds its block's rest
+        return segments
 
     def refused(self, cursor: Cursor) -> tuple[DocumentFormatError, str]:
         """The error and id of the document at `cursor`, which its packing index refuses."""

@@ -7,9 +7,9 @@ needs each document's length, where its items fall and whether they pass their c
 skips the document), so every rank encodes and checks every document of a JSONL source; an indexed
 one is measured and checked from its packing index row, and read only by a rank that collates a row
 of it or cuts it across rows: a batch's draws are made at once and each indexed document is taken
-from its stream's block as a position and a length (scifm.data.lookahead), so the rows a rank does
-not keep are packed from integers. The items' features, most of the featurizing, are computed in
-collate_rows for the rank's own rows only.
+from its stream's blocks as a position and a length (scifm.data.lookahead), so the rows a rank does
+not keep are packed from integers, many documents at once (_pass_rows). The items' features, most
+of the featurizing, are computed in collate_rows for the rank's own rows only.
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
 file apart (each file's size, and the hash of what each stream read of its current file; for an
@@ -191,10 +191,10 @@ class PackedLoader:
 
     def _pass_rows(self, look: Lookahead, n_rows: int) -> int:
         """Up to n_rows rows this rank does not keep, packed at once from the look-ahead's arrays while
-        its draws are indexed documents that each fit a row: the same rows, counts and pending document
-        as _fill_row's, one document at a time, gives (a row ends where the next document would pass
-        seq_len, found in the prefix sums of their lengths). Returns the rows packed; it stops before
-        a row the run does not finish."""
+        its draws are indexed documents that each fit a row. A row ends where the next document would
+        pass seq_len, found in the prefix sums of their lengths; the counts, cursors and pending
+        document end as _fill_row, a document at a time, leaves them. Returns the rows packed: it
+        stops before a row that the run of such documents does not finish."""
         # the pending document, drawn before, comes first: its (length, skill), if one chunk of it is left
         if self.pending is None:
             pending = None

@@ -5,11 +5,11 @@ document it does not collate bounds how far a rank's work falls with dp. Drawing
 uniforms in one call (the same values as one call per document) and taking, for each draw of an
 indexed stream, the next document's place and laid-out length from the stream's measured blocks
 (numpy over all the draws of a stream at once, across blocks, shards and epochs) leaves packing a loop
-over integers, or none: rows a rank does not keep are packed many documents at once from these arrays
-(PackedLoader._pass_rows). Draws of a JSONL stream, and those past the draws made ahead, are read with
-the stream's `next()`, as before. `commit()` leaves the generator and every cursor where drawing and reading one
-document at a time would have: the draws not taken are given back (`advance` from the saved state),
-and a cursor moves just past the last document taken.
+over integers, or none: rows a rank does not keep are packed many documents at once from these
+arrays (PackedLoader._pass_rows). Draws of a JSONL stream, and those past the draws made ahead, are
+read with the stream's `next()`, as before. `commit()` leaves the generator and every cursor where
+drawing and reading one document at a time would have: the draws not taken are given back
+(`advance` from the saved state), and a cursor moves just past the last document taken.
 """
 
 from __future__ import annotations

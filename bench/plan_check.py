@@ -9,7 +9,7 @@ planner's ratio, measured / predicted, and the predicted parts. The planner is g
 hardware: fp32, a peak from a matmul timed here at the tiny model's shapes, the MFU the one-process
 run reached against it (so its compute equals that run's step, and the ratios test what the layouts
 add to it), gloo's bandwidth and per-step latency between two processes (timed first, on all-gathers
-and reduce-scatters of two sizes), and plan.comm_overlap=false (gloo's collectives run on the cores
+and reduce-scatters of 64 KiB to 4 MiB for the bandwidth and of one element for the latency), and plan.comm_overlap=false (gloo's collectives run on the cores
 that compute). Any plan.KEY=VALUE given overrides them.
 Run: python bench/plan_check.py [--rounds N] [--batch-size R --seq-len S] [plan.KEY=VALUE ...]
 """

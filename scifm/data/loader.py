@@ -30,7 +30,7 @@ from scifm.data.indexed.files import check_tokenizer
 from scifm.data.indexed.packing_index import REFUSED, IndexedLayout
 from scifm.data.lookahead import Lookahead
 from scifm.data.mixture import stream_probabilities
-from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, placeholder_features
+from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, fits_a_row, placeholder_features
 from scifm.data.skips import SkipCounter
 from scifm.data.streams import Cursor, SourceSpec, changed, open_stream, skill_counts
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
@@ -107,7 +107,7 @@ class PackedLoader:
                     err, doc_id = stream.refused(cursor)
                     self.skips.skip(source, err.reason, doc_id)
                     continue
-                if n_ids - 1 <= self.cfg.seq_len:
+                if fits_a_row(n_ids, self.cfg.seq_len):
                     self.skips.ok(source)
                     self.pending, self.pending_fit = (i, cursor, 0), (opened, pos, skill, n_ids)
                     return

@@ -20,6 +20,7 @@ import numpy as np
 
 from scifm.data.indexed.packing_index import REFUSED
 from scifm.data.indexed.stream import IndexedStream
+from scifm.data.packing import fits_a_row
 
 NOT_AHEAD = -1  # a draw whose document the stream's next() reads
 # below about this many draws a batch, the few numpy calls per stream cost more than they save:
@@ -79,7 +80,7 @@ class Lookahead:
             return self.taken
         if self._breaks is None:
             _, pos, n_ids, _ = self.arrays
-            self._breaks = np.flatnonzero((pos == NOT_AHEAD) | (n_ids == REFUSED) | (n_ids - 1 > seq_len))
+            self._breaks = np.flatnonzero((pos == NOT_AHEAD) | (n_ids == REFUSED) | ~fits_a_row(n_ids, seq_len))
         k = int(np.searchsorted(self._breaks, self.taken))
         return int(self._breaks[k]) if k < len(self._breaks) else self.draws
 

@@ -34,9 +34,15 @@ class Chunk:
         return [it for it in self.doc.items if self.start <= it.slot_start and it.slot_start + it.n_slots <= self.stop]
 
 
+def fits_a_row(n_ids, seq_len: int):
+    """Whether a document of n_ids laid-out ids goes into one row uncut: its n_ids - 1 inputs fit in
+    seq_len (for an int, or elementwise for an array of them)."""
+    return n_ids - 1 <= seq_len
+
+
 def chunk_document(doc: LaidOut, seq_len: int) -> list[Chunk]:
     last = doc.n_ids - 1  # index of the final target
-    if 0 < last <= seq_len:  # fits a row: most documents, and nothing to cut
+    if last > 0 and fits_a_row(doc.n_ids, seq_len):  # most documents, and nothing to cut
         return [Chunk(doc, 0, last)]
     chunks, start = [], 0
     while start < last:

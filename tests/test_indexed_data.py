@@ -284,6 +284,33 @@ def test_an_item_no_row_can_hold_skips_the_document_by_its_id_as_from_jsonl(inde
     assert any(reason == "too_long" for _, reason, _ in b.skips.state_dict()["examples"]), b.skips.state_dict()
 
 
+def test_a_stream_looks_ahead_across_blocks_shards_and_epochs_as_next_reads(indexed, tokenizer, make_config,
+                                                                          monkeypatch):
+    """IndexedStream.ahead gives, without moving the cursor, the documents next() then reads, one by
+    one: over blocks of 4 rows, shards of DOCS_PER_SHARD and the epochs after the first (twice the
+    split's documents), refused ones included."""
+    monkeypatch.setattr(stream_module, "BLOCK_BITS", 2)
+    monkeypatch.setattr(stream_module, "BLOCK_MASK", 3)
+    loader = make_loader(indexed_config(make_config, indexed, "data.seq_len=64", "model.encoders.protein.max_len=150"),
+                         tokenizer)
+    refused, shards = 0, set()
+    for stream in loader.streams:
+        stream.next()  # start inside a block
+        cursor, limit = stream.cursor, 2 * stream._matching + 3
+        ahead = [(epoch, shard, int(pos), int(n_ids)) for epoch, shard, _, positions, lengths, _, _ in stream.ahead(limit)
+                 for pos, n_ids in zip(positions, lengths)]
+        assert stream.cursor == cursor and len(ahead) == limit
+        read = []
+        for _ in range(limit):
+            where, doc, _ = stream.next()
+            read.append((*where, REFUSED if isinstance(doc, DocumentFormatError) else doc.n_ids))
+        assert ahead == read
+        assert ahead[-1][0] == 2  # into the third epoch
+        refused += sum(n_ids == REFUSED for *_, n_ids in ahead)
+        shards |= {(stream.spec.name, shard) for _, shard, _, _ in ahead}
+    assert len(shards) > 2 and refused > 0  # 'chem' is in shards of DOCS_PER_SHARD
+
+
 @pytest.fixture(scope="module")
 def indexed_in_one_shard(tmp_path_factory, token_corpus, tokenizer_dir) -> Path:
     """'chem' and 'latex' as indexed datasets of one shard each: a batch's draws find long runs of

@@ -215,9 +215,16 @@ def test_time_model_arithmetic_against_hand_computed_figures():
     assert math.isclose(t.compute, tokens * 3 * forward / (989e12 * 0.4), rel_tol=1e-12)
     residual = tokens * 128 * 2
     latency = 3.4e-6  # plan.intra_node_latency_us: each collective step of the ring
-    # 4 blocks x 8 collectives (all-gather and reduce-scatter of the residual around attention and the
-    # FFN, forward and backward), each one step over 2 ranks
-    assert math.isclose(t.tp, 4 * 8 * ((1 / 2) * residual / 450e9 + latency), rel_tol=1e-12)
+    # under sequence and loss parallelism (the defaults): all-gathers and reduce-scatters of the residual,
+    # one step each over 2 ranks: 8 in the dense block (around attention and the FFN, forward and
+    # backward), 6 in each of the 3 MoE blocks (around attention; the routed experts' input and their
+    # output's gradient), the first block's sequence shard's gradient, the output layer's input and
+    # its gradient; all-reduces of the residual, two steps each: the shared expert's output and its
+    # input's gradient in each MoE block, the embedding's output; and the loss's 3 all-reduces of one
+    # fp32 number a token
+    gathers, all_reduces = 8 + 3 * 6 + 1 + 2, 3 * 2 + 1
+    assert math.isclose(t.tp, ((gathers + 2 * all_reduces) * (1 / 2) * residual + 3 * 2 * (1 / 2) * tokens * 4) / 450e9
+                        + (gathers + 2 * all_reduces + 3 * 2) * latency, rel_tol=1e-12)
     routed = tokens * 2 * 128 * 2
     # 3 MoE blocks x (4 all-to-alls over ep=2, the token counts' exchange, 2 all-gathers over tp=2),
     # one latency step each

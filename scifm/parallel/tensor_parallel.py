@@ -3,7 +3,9 @@
 Attention q/k/v and the SwiGLU w1/w3 are column-parallel, attention wo and SwiGLU w2 row-parallel.
 The vocabulary-parallel embedding gathers its output (the encoders splice their slots into the
 full sequence) and, with sequence parallelism, the first block takes its sequence shard; norms
-then run on sequence shards and attention/FFN inputs are all-gathered on entry. Routed experts
+then run on sequence shards and attention/FFN inputs are all-gathered on entry. Attention and the
+FFNs take their input as one replicated DTensor, so the backward reduces its gradient once per
+module (a reduce-scatter under sequence parallelism), not once per projection that reads it. Routed experts
 run replicated on every tp rank (their router is a plain Linear), so the MoE block takes a
 replicated input and returns a sequence-sharded output. With loss parallelism the output layer
 keeps logits sharded on the vocabulary and the loss is computed without gathering them.
@@ -26,8 +28,19 @@ from scifm.core.errors import ConfigError
 from scifm.model.multimodal import ScientificMoE
 
 
+def _as_replicated_input(input_layout, n_args: int = 1) -> PrepareModuleInput:
+    """The module's input as one replicated DTensor (gathered first where `input_layout` is a shard):
+    the column-parallel projections that read it then add their partial input gradients as DTensors,
+    and the sum is reduced once, at this input, instead of once per projection (three all-reduces
+    of the residual for q, k and v)."""
+    rest = (None,) * (n_args - 1)  # the module's other arguments stay as they are
+    return PrepareModuleInput(input_layouts=(input_layout, *rest), desired_input_layouts=(Replicate(), *rest),
+                              use_local_output=False)
+
+
 def _swiglu_plan(prefix: str, residual) -> dict:
     return {
+        prefix: _as_replicated_input(residual),
         f"{prefix}.w1": ColwiseParallel(),
         f"{prefix}.w3": ColwiseParallel(),
         f"{prefix}.w2": RowwiseParallel(output_layouts=residual),
@@ -51,6 +64,7 @@ def apply_tensor_parallel(model: ScientificMoE, tp_mesh: DeviceMesh, sequence_pa
     })
     for block in model.layers.values():
         plan = {
+            "attention": _as_replicated_input(residual, n_args=4),  # x, cos, sin, mask
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
@@ -63,6 +77,7 @@ def apply_tensor_parallel(model: ScientificMoE, tp_mesh: DeviceMesh, sequence_pa
             plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if block.is_moe:
             if block.moe.shared_experts is not None:
+                # the MoE hands its experts a plain tensor, the same on every tp rank
                 plan.update(_swiglu_plan("moe.shared_experts", Replicate()))
         else:
             plan.update(_swiglu_plan("feed_forward", residual))
@@ -79,17 +94,11 @@ def apply_tensor_parallel(model: ScientificMoE, tp_mesh: DeviceMesh, sequence_pa
 
 
 def _sequence_parallel_plan(is_moe: bool) -> dict:
-    """Norms on sequence shards; attention and FFN inputs gathered on entry."""
-    gather = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                use_local_output=True)
+    """Norms on sequence shards (attention's and the dense FFN's inputs are gathered on entry, by
+    _as_replicated_input)."""
     plan = {
         "attention_norm": SequenceParallel(),
         "ffn_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None),
-            desired_input_layouts=(Replicate(), None, None, None),
-            use_local_output=True,
-        ),
     }
     if is_moe:
         # the router and the replicated experts see the whole sequence; the output goes back
@@ -98,6 +107,4 @@ def _sequence_parallel_plan(is_moe: bool) -> dict:
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
             output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True,
         )
-    else:
-        plan["feed_forward"] = gather
     return plan

@@ -134,14 +134,9 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
 
     d = layout.dims
     a, m = s.act_bytes, s.microbatches
-    n_blocks = len(layer_ids)
-    recomputed = [recomputes(s.ac, k) for k in range(n_blocks)]
-    n_recomputed = sum(recomputed)
+    recomputed = [recomputes(s.ac, k) for k in range(len(layer_ids))]
     residual = s.tokens * cfg.d_model * a
-    tp = 0.0
-    if s.tp > 1:
-        count = m * (8 * n_blocks + 4 * n_recomputed)
-        tp = seconds(count * (s.tp - 1) / s.tp * residual, count * (s.tp - 1), s.tp)
+    tp = m * _tp_seconds(cfg, shapes.vocab, s, layer_ids, stages, recomputed, seconds) if s.tp > 1 else 0.0
     ep = 0.0
     moe = [i >= cfg.n_dense_layers for i in layer_ids]
     n_moe = sum(moe)
@@ -160,6 +155,58 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
                          pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
+
+
+# a ring collective over n ranks passes its data (n-1)/n of the way this many times, in as many
+# times n-1 latency steps
+RING_PASSES = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
+
+
+def _tp_block_collectives(moe: bool, shared: bool, sp: bool) -> tuple[list[str], list[str], list[str]]:
+    """(forward, backward, recomputed) collectives of one block under tp, each of the residual stream's
+    size (tensor_parallel.py's plan). Attention and the dense FFN: under sequence parallelism their
+    input is gathered and their output reduce-scattered, and the backward does the reverse; without it
+    the output is all-reduced, and in backward the input's gradient once (q, k and v add theirs first).
+    The MoE runs its router and routed experts whole on every rank: under sequence parallelism it
+    gathers its input and, in backward, its output's gradient; its shared experts are column- and
+    row-parallel, an all-reduce each way. A recomputed block runs its forward's collectives again up
+    to its last tensor saved for backward (torch's checkpoint stops there): a dense block's output
+    reduction is not repeated, an MoE block's is (its routing statistics come after it)."""
+    around = (["all_gather", "reduce_scatter"], ["all_gather", "reduce_scatter"]) if sp else (["all_reduce"], ["all_reduce"])
+    if not moe:
+        forward = around[0] * 2
+        return forward, around[1] * 2, forward[:-1]
+    forward, backward = (["all_gather"], ["all_gather"]) if sp else ([], [])
+    if shared:
+        forward, backward = forward + ["all_reduce"], backward + ["all_reduce"]
+    return around[0] + forward, around[1] + backward, around[0] + forward
+
+
+def _tp_seconds(cfg, vocab: int, s: LayoutSizes, layer_ids: list[int], stages: list[int], recomputed: list[bool],
+                seconds) -> float:
+    """One micro-batch's tensor-parallel collectives on this pipeline rank: its blocks' (with what a
+    recomputed block repeats), and around them: the vocabulary-parallel embedding's all-reduce (first
+    stage); under sequence parallelism each stage's first block takes its sequence shard (whose backward
+    gathers the gradient) and every stage but the last gathers its output for the next one; the output
+    layer (last stage) gathers its input and reduce-scatters that gradient, or without sequence
+    parallelism all-reduces it; under loss parallelism the loss all-reduces three numbers a token (the
+    max, the sum of exponentials, the target's logit), else the logits are gathered whole."""
+    residual = s.tokens * cfg.d_model * s.act_bytes
+    sized: list[tuple[str, float]] = []  # (collective, bytes of the whole tensor)
+    shared = cfg.moe.n_shared_experts > 0
+    for layer_id, again in zip(layer_ids, recomputed):
+        forward, backward, repeated = _tp_block_collectives(layer_id >= cfg.n_dense_layers, shared, s.sp)
+        sized += [(c, residual) for c in forward + backward + repeated * again]
+    if 0 in stages:
+        sized.append(("all_reduce", residual))
+    if s.sp:
+        sized += [("all_gather", residual)] * (len(stages) + sum(stage != s.n_stages - 1 for stage in stages))
+    if s.n_stages - 1 in stages:
+        sized += [("all_gather", residual), ("reduce_scatter", residual)] if s.sp else [("all_reduce", residual)]
+        sized += [("all_reduce", s.tokens * FP32)] * 3 if s.loss_parallel else [("all_gather", s.tokens * vocab * s.act_bytes)]
+    n = s.tp
+    moved = sum(RING_PASSES[c] * (n - 1) / n * size for c, size in sized)
+    return seconds(moved, sum(RING_PASSES[c] * (n - 1) for c, _ in sized), n)
 
 
 def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], n_moe: int, first: bool, last: bool,

@@ -1,7 +1,7 @@
 """The planner's tensor-parallel collectives (time_model._tp_seconds) against those a tensor-parallel
 model really issues: one process stands for rank 0 of a tp group on torch's fake process group
 (collectives return at once, so the values are meaningless but every collective is issued with its
-real shape), and torch's CommDebugMode records each one of a micro-batch's forward, loss and
+real shape), and scifm.parallel.comm_count records each one of a micro-batch's forward, loss and
 backward. The bytes each rank moves and the ring's latency steps, summed over what was recorded,
 must equal the planner's exactly, under sequence and loss parallelism on and off, with and without
 shared experts, recomputation, and as pipeline stages."""
@@ -12,39 +12,22 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor.debug import CommDebugMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from scifm.config import compose_run_config
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
+from scifm.parallel.comm_count import CollectiveRecorder, ring_cost
 from scifm.parallel.fsdp import apply_activation_checkpointing, recomputes
 from scifm.parallel.pipeline import _gather_sequence_on_exit, model_part
 from scifm.parallel.runner import loss_parallel_for
 from scifm.parallel.tensor_parallel import apply_tensor_parallel
 from scifm.plan.layouts import Layout
 from scifm.plan.memory_model import LayoutSizes
-from scifm.plan.time_model import RING_PASSES, _tp_seconds
+from scifm.plan.time_model import _tp_seconds
 from scifm.train.step import scaled_cross_entropy
 
 B, S, VOCAB = 2, 16, 320
-KINDS = {"all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter", "all_reduce": "all_reduce"}
-
-
-class RecordCollectives(CommDebugMode):
-    """CommDebugMode (which also sees the collectives DTensor issues inside its operators) that keeps
-    each collective's kind and the bytes of the tensor it was given."""
-
-    def __init__(self):
-        super().__init__()
-        self.issued: list[tuple[str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._overloadpacket.__name__
-        if func._schema.name.startswith("_c10d_functional::") and name in KINDS:
-            t = args[0]
-            self.issued.append((KINDS[name], t.numel() * t.element_size()))
-        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 @pytest.fixture
@@ -53,17 +36,6 @@ def fake_group(request):
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.param)
     yield init_device_mesh("cpu", (request.param,), mesh_dim_names=("tp",))
     dist.destroy_process_group()
-
-
-def issued_cost(issued: list[tuple[str, int]], tp: int) -> tuple[float, int]:
-    """(bytes this rank moves, latency steps) of the recorded collectives: an all-gather is given this
-    rank's shard (the whole is tp times it), a reduce-scatter and an all-reduce the whole tensor."""
-    moved = steps = 0
-    for kind, size in issued:
-        whole = size * tp if kind == "all_gather" else size
-        moved += RING_PASSES[kind] * (tp - 1) / tp * whole
-        steps += RING_PASSES[kind] * (tp - 1)
-    return moved, steps
 
 
 CASES = {  # name: (tp, shared experts, parallel overrides, pipeline (stages, this rank's stage) or None)
@@ -106,7 +78,7 @@ def test_planner_counts_the_collectives_a_tensor_parallel_model_issues(case, fak
         apply_activation_checkpointing(model, par.activation_checkpoint)
 
     x = torch.randint(0, VOCAB, (B, S)) if first else torch.randn(B, S, cfg.d_model, requires_grad=True)
-    recorder = RecordCollectives()
+    recorder = CollectiveRecorder()
     with recorder:
         out = model(x, torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long))
         if last:
@@ -120,4 +92,4 @@ def test_planner_counts_the_collectives_a_tensor_parallel_model_issues(case, fak
     stages = [stage] if stage is not None else [0]
     predicted = _tp_seconds(cfg, VOCAB, s, layer_ids, stages, recomputed, lambda moved, steps, span: (moved, steps))
     assert recorder.issued  # the model ran under tensor parallelism
-    assert predicted == pytest.approx(issued_cost(recorder.issued, tp), rel=1e-12), recorder.issued
+    assert predicted == pytest.approx(ring_cost(recorder.issued, tp), rel=1e-12), recorder.issued

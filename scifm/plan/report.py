@@ -29,7 +29,8 @@ NOT_MODELED = [
     "routing imbalance: every expert is assumed to receive its even share of the tokens",
     "the zero-bubble schedules' savings (their bubble is counted as Interleaved1F1B's)",
     "engines other than native (DeepSpeed's ZeRO and Megatron-Core shard differently)",
-    "the optimizer step's own time, kernel launches and allocator fragmentation (reserved_gb stands for it)",
+    "the optimizer step's own time and collectives (under sequence parallelism the norms' weight gradients are "
+    "all-reduced there), kernel launches and allocator fragmentation (reserved_gb stands for it)",
     "FSDP2's copies into and out of its communication buffers and DTensor's per-operator dispatch",
 ]
 

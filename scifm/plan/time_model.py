@@ -11,7 +11,7 @@ prefetches the next block), so only the part longer than the compute counts; wit
 plan.comm_overlap=false (gloo on a CPU, whose collectives take the compute's cores) all of it counts.
 The modality encoders' FLOPs (first stage, whole on every tp rank) are measured on the run's own data
 where a tokenizer is given (encoder_load.py).
-Not modeled: routing imbalance, kernel launch and optimizer-step time, FSDP2's buffer copies and
+Not modeled: routing imbalance, kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
 DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
 Interleaved1F1B's, an upper bound).
 """
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from scifm.config import RunConfig
 from scifm.model.flops import keys_visited, layer_forward_flops, output_forward_flops
+from scifm.parallel.comm_count import RING_PASSES
 from scifm.parallel.fsdp import recomputes
 from scifm.parallel.pipeline import layer_ranges, stages_of_rank
 from scifm.plan.config import PlanConfig
@@ -38,8 +39,16 @@ compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed 
             dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
             shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
             + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
-tp        = blocks x micro-batches x 8 x (tp-1)/tp x tokens x d x act_bytes / bw   (4 collectives fwd, 4 bwd;
-            +4 per recomputed block)
+tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x bytes / bw, each of the residual
+            (tokens x d x act_bytes) but the loss's: per dense block 8 under sequence parallelism (all-gather
+            and reduce-scatter around attention and the FFN, forward and backward) or 4 all-reduces without;
+            per MoE block attention's, under SP 2 all-gathers (the experts' input, its output's gradient),
+            with shared experts 2 all-reduces; a recomputed block repeats its forward's (a dense block's
+            but its last); the embedding's all-reduce (first stage); under SP each stage's first block's
+            gradient gathered and every stage but the last's output gathered; the output layer's
+            all-gather and reduce-scatter (SP) or all-reduce; the loss's 3 all-reduces of tokens x 4 bytes
+            (loss parallel) or an all-gather of the logits. passes: all-gather and reduce-scatter 1,
+            all-reduce 2
 ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
             (dispatch+combine fwd, bwd and recompute; the all-gather over tp and its backward)
@@ -155,11 +164,6 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
                          pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
-
-
-# a ring collective over n ranks passes its data (n-1)/n of the way this many times, in as many
-# times n-1 latency steps
-RING_PASSES = {"all_gather": 1, "reduce_scatter": 1, "all_reduce": 2}
 
 
 def _tp_block_collectives(moe: bool, shared: bool, sp: bool) -> tuple[list[str], list[str], list[str]]:

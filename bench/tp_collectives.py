@@ -70,11 +70,11 @@ def main() -> None:
     start = 0
     for phase, end in phases.items():
         issued = recorder.issued[start:end]
-        for kind, count in sorted(Counter(k for k, _ in issued).items()):
-            moved, steps = ring_cost([c for c in issued if c[0] == kind], args.tp)
+        for kind, count in sorted(Counter(k for k, _, _ in issued).items()):
+            moved, steps = ring_cost([c for c in issued if c[0] == kind])
             print(f"{phase:9} {kind:15} {count:6} {moved / 1e6:10.3f} {steps:6}")
         start = end
-    moved, steps = ring_cost(recorder.issued, args.tp)
+    moved, steps = ring_cost(recorder.issued)
     s = LayoutSizes(run, Layout(par))
     recomputed = [recomputes(par.activation_checkpoint, k) for k in range(cfg.n_layers)]
     want_moved, want_steps = _tp_seconds(cfg, VOCAB, s, list(range(cfg.n_layers)), [0], recomputed,

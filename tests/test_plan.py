@@ -220,11 +220,13 @@ def test_time_model_arithmetic_against_hand_computed_figures():
     # backward), 6 in each of the 3 MoE blocks (around attention; the routed experts' input and their
     # output's gradient), the first block's sequence shard's gradient, the output layer's input and
     # its gradient; all-reduces of the residual, two steps each: the shared expert's output and its
-    # input's gradient in each MoE block, the embedding's output; and the loss's 3 all-reduces of one
-    # fp32 number a token
+    # input's gradient in each MoE block, the embedding's output; the loss's 3 all-reduces of one fp32
+    # number a token; and, FSDP2 making the norms' partial gradients whole, 9 all-reduces of 128 bf16
+    # weights (2 norms a block, the final norm)
     gathers, all_reduces = 8 + 3 * 6 + 1 + 2, 3 * 2 + 1
-    assert math.isclose(t.tp, ((gathers + 2 * all_reduces) * (1 / 2) * residual + 3 * 2 * (1 / 2) * tokens * 4) / 450e9
-                        + (gathers + 2 * all_reduces + 3 * 2) * latency, rel_tol=1e-12)
+    assert math.isclose(t.tp, ((gathers + 2 * all_reduces) * (1 / 2) * residual + 3 * 2 * (1 / 2) * tokens * 4
+                               + 9 * 2 * (1 / 2) * 128 * 2) / 450e9
+                        + (gathers + 2 * all_reduces + 3 * 2 + 9 * 2) * latency, rel_tol=1e-12)
     routed = tokens * 2 * 128 * 2
     # 3 MoE blocks x (4 all-to-alls over ep=2, the token counts' exchange, 2 all-gathers over tp=2),
     # one latency step each

@@ -47,8 +47,8 @@ tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x byt
             but its last); the embedding's all-reduce (first stage); under SP each stage's first block's
             gradient gathered and every stage but the last's output gathered; the output layer's
             all-gather and reduce-scatter (SP) or all-reduce; the loss's 3 all-reduces of tokens x 4 bytes
-            (loss parallel) or an all-gather of the logits. passes: all-gather and reduce-scatter 1,
-            all-reduce 2
+            (loss parallel) or an all-gather of the logits; under FSDP an all-reduce of each norm weight's
+            gradient (SP) and each q/k norm's. passes: all-gather and reduce-scatter 1, all-reduce 2
 ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
             (dispatch+combine fwd, bwd and recompute; the all-gather over tp and its backward)
@@ -194,7 +194,8 @@ def _tp_seconds(cfg, vocab: int, s: LayoutSizes, layer_ids: list[int], stages: l
     gathers the gradient) and every stage but the last gathers its output for the next one; the output
     layer (last stage) gathers its input and reduce-scatters that gradient, or without sequence
     parallelism all-reduces it; under loss parallelism the loss all-reduces three numbers a token (the
-    max, the sum of exponentials, the target's logit), else the logits are gathered whole."""
+    max, the sum of exponentials, the target's logit), else the logits are gathered whole. Under FSDP
+    the replicated weights whose gradients are partial sums over the tp ranks are all-reduced too."""
     residual = s.tokens * cfg.d_model * s.act_bytes
     sized: list[tuple[str, float]] = []  # (collective, bytes of the whole tensor)
     shared = cfg.moe.n_shared_experts > 0
@@ -208,6 +209,12 @@ def _tp_seconds(cfg, vocab: int, s: LayoutSizes, layer_ids: list[int], stages: l
     if s.n_stages - 1 in stages:
         sized += [("all_gather", residual), ("reduce_scatter", residual)] if s.sp else [("all_reduce", residual)]
         sized += [("all_reduce", s.tokens * FP32)] * 3 if s.loss_parallel else [("all_gather", s.tokens * vocab * s.act_bytes)]
+    if s.fsdp:
+        # FSDP2 makes each replicated weight's partial gradient whole before its reduce-scatter: under
+        # sequence parallelism the norms' (and the q/k norms', which run on each rank's heads)
+        norms = [cfg.d_model] * (2 * len(layer_ids) + (s.n_stages - 1 in stages)) * s.sp
+        norms += [cfg.dim_per_head] * (2 * len(layer_ids)) * cfg.qk_norm
+        sized += [("all_reduce", numel * s.gathered_bytes) for numel in norms]
     n = s.tp
     moved = sum(RING_PASSES[c] * (n - 1) / n * size for c, size in sized)
     return seconds(moved, sum(RING_PASSES[c] * (n - 1) for c, _ in sized), n)

@@ -1,0 +1,162 @@
+"""The planner's communication (time_model._tp_seconds and _dp_seconds) against the collectives a
+sharded model really issues: one process stands for rank 0 of its groups on torch's fake process
+group (collectives return at once, so the values are meaningless but every collective is issued
+with its real shapes), and scifm.parallel.comm_count records each one of the micro-batches' forward,
+loss and backward. The bytes each rank moves and the rings' latency steps, summed over what was
+recorded, must equal the planner's exactly: tensor parallelism with sequence and loss parallelism on
+and off, with and without shared experts, recomputation, and as pipeline stages; FSDP2 and HSDP with
+fp32 and bf16 weights, micro-batches, recomputation, and under tensor parallelism."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from scifm.config import compose_run_config
+from scifm.model.config import ModelConfig, MoEConfig
+from scifm.model.multimodal import ScientificMoE
+from scifm.parallel.comm_count import CollectiveRecorder, ring_cost
+from scifm.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, recomputes
+from scifm.parallel.pipeline import _gather_sequence_on_exit, model_part
+from scifm.parallel.runner import loss_parallel_for
+from scifm.parallel.tensor_parallel import apply_tensor_parallel
+from scifm.plan.layouts import Layout
+from scifm.plan.memory_model import LayoutSizes
+from scifm.plan.shapes import model_shapes
+from scifm.plan.time_model import _dp_seconds, _tp_seconds
+from scifm.train.step import scaled_cross_entropy
+
+B, S, VOCAB = 2, 16, 320  # B rows per micro-batch on each data-parallel rank
+SIZES = {"total": VOCAB, "text": VOCAB, "latex": 64, "protein": 32}
+
+
+def cost(moved: float, steps: int, span: int) -> np.ndarray:
+    """The planner's `seconds` callback, returning what it is given: its sums are the planner's totals."""
+    return np.array([moved, steps], dtype=float)
+
+
+@pytest.fixture
+def fake_world(request):
+    """Rank 0 of a fake process group of `request.param` ranks."""
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=request.param)
+    yield
+    dist.destroy_process_group()
+
+
+def setup(shared: int, overrides: list[str]):
+    run = compose_run_config(["experiment=tiny", "trainer.precision=fp32", f"data.seq_len={S}", *overrides])
+    cfg = ModelConfig(d_model=64, n_layers=4, n_heads=4, n_kv_heads=4, ffn_hidden=96, n_dense_layers=1,
+                      moe=MoEConfig(n_experts=4, top_k=2, expert_ffn=32, n_shared_experts=shared),
+                      qk_norm=run.model.qk_norm)
+    run.model = cfg
+    dp = run.parallel.dp_replicate * run.parallel.dp_shard
+    run.trainer.batch_size = B * dp
+    return cfg, run, LayoutSizes(run, Layout(run.parallel))
+
+
+def record(model: nn.Module, microbatches: int, first: bool, last: bool, d_model: int) -> list:
+    """What one rank issues over a step's micro-batches: forward, loss (on the last stage) and backward."""
+    recorder = CollectiveRecorder()
+    with recorder:
+        for _ in range(microbatches):
+            x = torch.randint(0, VOCAB, (B, S)) if first else torch.randn(B, S, d_model, requires_grad=True)
+            out = model(x, torch.arange(S).expand(B, S), torch.zeros(B, S, dtype=torch.long))
+            if last:
+                with loss_parallel_for(out):
+                    scaled_cross_entropy(out, torch.randint(0, VOCAB, (B, S)), 1.0).backward()
+            else:
+                out.backward(torch.ones_like(out))
+    assert recorder.issued  # the model ran sharded
+    return recorder.issued
+
+
+TP_CASES = {  # name: (tp, shared experts, parallel overrides, this rank's stage of 2 or None)
+    "sp+lp": (2, 1, [], None),
+    "no sp, no lp": (2, 1, ["parallel.sequence_parallel=false", "parallel.loss_parallel=false"], None),
+    "sp, no lp": (2, 1, ["parallel.loss_parallel=false"], None),
+    "tp=4 without shared experts": (4, 0, [], None),
+    "full recompute": (2, 1, ["parallel.activation_checkpoint=full"], None),
+    "no sp, full recompute": (2, 1, ["parallel.sequence_parallel=false", "parallel.activation_checkpoint=full"], None),
+    "no sp, selective recompute": (2, 0, ["parallel.sequence_parallel=false",
+                                          "parallel.activation_checkpoint=selective"], None),
+    "first of 2 stages, recomputed": (2, 1, ["parallel.pp=2", "parallel.activation_checkpoint=full"], 0),
+    "last of 2 stages": (2, 1, ["parallel.pp=2"], 1),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Parallelize plan key")  # a stage lacks the embedding or the output layer
+@pytest.mark.parametrize("case, fake_world", [(name, case[0]) for name, case in TP_CASES.items()],
+                         indirect=["fake_world"])
+def test_planner_counts_the_collectives_a_tensor_parallel_model_issues(case, fake_world):
+    tp, shared, overrides, stage = TP_CASES[case]
+    cfg, run, s = setup(shared, [f"parallel.tp={tp}", *overrides])
+    par = run.parallel
+    mesh = init_device_mesh("cpu", (tp,), mesh_dim_names=("tp",))
+    model = ScientificMoE(cfg, SIZES)
+    layer_ids = list(range(cfg.n_layers))
+    first = last = True
+    if stage is not None:  # the pipeline's two stages of two layers each, as build_pipeline makes them
+        layer_ids = [2 * stage, 2 * stage + 1]
+        first, last = stage == 0, stage == 1
+        model = model_part(model, layer_ids, first, last)
+        if not last and par.sequence_parallel:
+            _gather_sequence_on_exit(model, mesh)
+    apply_tensor_parallel(model, mesh, par.sequence_parallel, par.loss_parallel)
+    if par.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, par.activation_checkpoint)
+
+    issued = record(model, 1, first, last, cfg.d_model)
+    recomputed = [recomputes(par.activation_checkpoint, k) for k in range(len(layer_ids))]
+    predicted = _tp_seconds(cfg, VOCAB, s, layer_ids, [stage or 0], recomputed, cost)
+    assert tuple(predicted) == pytest.approx(ring_cost(issued), rel=1e-12), issued
+
+
+FSDP_CASES = {  # name: (world, parallel overrides, micro-batches)
+    "dp_shard=2": (2, ["parallel.dp_shard=2"], 1),
+    "dp_shard=4, bf16 weights, 2 micro-batches": (4, ["parallel.dp_shard=4", "parallel.mixed_precision=bf16"], 2),
+    "dp_replicate=2 dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1),
+    "dp_shard=2, full recompute": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"], 1),
+    "dp_shard=2 tp=2": (4, ["parallel.dp_shard=2", "parallel.tp=2"], 1),
+    "dp_shard=2 tp=2, q/k norms, bf16 weights": (4, ["parallel.dp_shard=2", "parallel.tp=2", "model.qk_norm=true",
+                                                    "parallel.mixed_precision=bf16"], 1),
+    "dp_shard=2 tp=2 without sp": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sequence_parallel=false"], 1),
+}
+
+
+@pytest.mark.parametrize("case, fake_world", [(name, case[0]) for name, case in FSDP_CASES.items()],
+                         indirect=["fake_world"])
+def test_planner_counts_the_collectives_fsdp_issues(case, fake_world):
+    """FSDP2 as parallelize applies it: each block a unit, the root (embedding, final norm, output layer)
+    gathered once a micro-batch; the encoders are left out of the model and of its shapes here (the
+    recorded batches carry no items, which would leave them unrun)."""
+    world, overrides, microbatches = FSDP_CASES[case]
+    cfg, run, s = setup(1, [*overrides, f"trainer.grad_accum={microbatches}"])
+    par = run.parallel
+    names = [n for n, size in (("dp_replicate", par.dp_replicate), ("dp_shard", par.dp_shard), ("tp", par.tp))
+             if size > 1]
+    mesh = init_device_mesh("cpu", tuple(getattr(par, n) for n in names), mesh_dim_names=tuple(names))
+    model = ScientificMoE(cfg, SIZES)
+    model.encoders = nn.ModuleDict()
+    if par.tp > 1:
+        apply_tensor_parallel(model, mesh["tp"], par.sequence_parallel, par.loss_parallel)
+    if par.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, par.activation_checkpoint)
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if par.dp_replicate > 1 else mesh["dp_shard"]
+    apply_fsdp(model, dp_mesh, torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32)
+
+    issued = record(model, microbatches, True, True, cfg.d_model)
+    shapes = model_shapes(cfg, SIZES)
+    shapes = dataclasses.replace(shapes, front=shapes.front[:1], n_encoders=0)
+    layer_ids = list(range(cfg.n_layers))
+    predicted = _dp_seconds(shapes, s, layer_ids, cfg.n_layers - cfg.n_dense_layers, True, True, cost)
+    if par.tp > 1:
+        recomputed = [recomputes(par.activation_checkpoint, k) for k in layer_ids]
+        predicted = predicted + microbatches * _tp_seconds(cfg, VOCAB, s, layer_ids, [0], recomputed, cost)
+    assert tuple(predicted) == pytest.approx(ring_cost(issued), rel=1e-12), issued

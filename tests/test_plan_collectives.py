@@ -5,7 +5,8 @@ with its real shapes), and scifm.parallel.comm_count records each one of the mic
 loss and backward. The bytes each rank moves and the rings' latency steps, summed over what was
 recorded, must equal the planner's exactly: tensor parallelism with sequence and loss parallelism on
 and off, with and without shared experts, recomputation, and as pipeline stages; FSDP2 and HSDP with
-fp32 and bf16 weights, micro-batches, recomputation, and under tensor parallelism."""
+fp32 and bf16 weights, micro-batches, recomputation, and under tensor parallelism. And what clipping
+and the optimizer step issue under tensor parallelism: each partial gradient reduced once."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.comm_count import CollectiveRecorder, ring_cost
 from scifm.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, recomputes
+from scifm.parallel.grad_norm import clip_grad_norm
 from scifm.parallel.pipeline import _gather_sequence_on_exit, model_part
 from scifm.parallel.runner import loss_parallel_for
 from scifm.parallel.tensor_parallel import apply_tensor_parallel
@@ -31,6 +33,7 @@ from scifm.plan.layouts import Layout
 from scifm.plan.memory_model import LayoutSizes
 from scifm.plan.shapes import model_shapes
 from scifm.plan.time_model import _dp_seconds, _tp_seconds
+from scifm.train.optim import build_optimizer
 from scifm.train.step import scaled_cross_entropy
 
 B, S, VOCAB = 2, 16, 320  # B rows per micro-batch on each data-parallel rank
@@ -160,3 +163,25 @@ def test_planner_counts_the_collectives_fsdp_issues(case, fake_world):
         recomputed = [recomputes(par.activation_checkpoint, k) for k in layer_ids]
         predicted = predicted + microbatches * _tp_seconds(cfg, VOCAB, s, layer_ids, [0], recomputed, cost)
     assert tuple(predicted) == pytest.approx(ring_cost(issued), rel=1e-12), issued
+
+
+@pytest.mark.parametrize("fake_world", [2], indirect=True)
+def test_clipping_reduces_each_partial_gradient_once_and_the_optimizer_none(fake_world):
+    """Under sequence parallelism the norms' weights get partial gradients over the tp ranks. Summed once
+    when the gradient norm is taken, in place of the gradient; left partial, the norm reduced each again
+    and AdamW three times more (38 all-reduces a step for the tiny model's 9 norms instead of 9)."""
+    cfg, run, s = setup(1, ["parallel.tp=2"])
+    model = ScientificMoE(cfg, SIZES)
+    apply_tensor_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)), True, True)
+    optimizer = build_optimizer(model, run.trainer)
+    record(model, 1, True, True, cfg.d_model)
+    clipping, stepping = CollectiveRecorder(), CollectiveRecorder()
+    with clipping:
+        clip_grad_norm(list(model.parameters()), 1.0)
+    with stepping:
+        optimizer.step()
+    n_norms = 2 * cfg.n_layers + 1
+    assert clipping.issued[:n_norms] == [("all_reduce", cfg.d_model * 4, 2)] * n_norms
+    # then the squared norms of the two groups of tp-sharded gradients (dim 0 and dim 1), summed over tp
+    assert [kind for kind, _, _ in clipping.issued[n_norms:]] == ["all_reduce"] * 2
+    assert stepping.issued == []

@@ -32,6 +32,8 @@ NOT_MODELED = [
     "the optimizer step's own time and collectives (under sequence parallelism the norms' weight gradients are "
     "all-reduced there), kernel launches and allocator fragmentation (reserved_gb stands for it)",
     "FSDP2's copies into and out of its communication buffers and DTensor's per-operator dispatch",
+    "the MoE routing statistics' all-reduce over the data-parallel ranks (2E+3 numbers, each way per MoE block "
+    "and micro-batch: latency only, which NCCL's tree algorithm keeps to about 2 log2(dp) hops)",
 ]
 
 PARTS_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",

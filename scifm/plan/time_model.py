@@ -11,7 +11,8 @@ prefetches the next block), so only the part longer than the compute counts; wit
 plan.comm_overlap=false (gloo on a CPU, whose collectives take the compute's cores) all of it counts.
 The modality encoders' FLOPs (first stage, whole on every tp rank) are measured on the run's own data
 where a tokenizer is given (encoder_load.py).
-Not modeled: routing imbalance, kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
+Not modeled: routing imbalance, the routing statistics' all-reduce over the dp ranks (a few numbers per MoE
+block), kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
 DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
 Interleaved1F1B's, an upper bound).
 """

@@ -228,15 +228,16 @@ def test_time_model_arithmetic_against_hand_computed_figures():
                                + 9 * 2 * (1 / 2) * 128 * 2) / 450e9
                         + (gathers + 2 * all_reduces + 3 * 2 + 9 * 2) * latency, rel_tol=1e-12)
     routed = tokens * 2 * 128 * 2
+    counts = 8 * 8  # the exchange of 8 experts' token counts, int64
     # 3 MoE blocks x (4 all-to-alls over ep=2, the token counts' exchange, 2 all-gathers over tp=2),
     # one latency step each
-    assert math.isclose(t.ep, 3 * ((4 * (1 / 2) * routed / 2 + 2 * (1 / 2) * routed) / 450e9 + 7 * latency),
-                        rel_tol=1e-12)
+    assert math.isclose(t.ep, 3 * ((4 * (1 / 2) * routed / 2 + (1 / 2) * counts + 2 * (1 / 2) * routed) / 450e9
+                                   + 7 * latency), rel_tol=1e-12)
     # recomputing every block runs each MoE block's forward collectives again: 2 all-to-alls, the
     # exchange, 1 all-gather
     full = make_plan([*layout, "parallel.activation_checkpoint=full"]).rows[0].time
-    assert math.isclose(full.ep, 3 * ((6 * (1 / 2) * routed / 2 + 3 * (1 / 2) * routed) / 450e9 + 11 * latency),
-                        rel_tol=1e-12)
+    assert math.isclose(full.ep, 3 * ((6 * (1 / 2) * routed / 2 + 2 * (1 / 2) * counts + 3 * (1 / 2) * routed) / 450e9
+                                      + 11 * latency), rel_tol=1e-12)
     assert t.pp_bubble == t.pp_p2p == 0
     assert t.dp_exposed == max(0.0, t.dp - t.compute)
     assert math.isclose(t.total, t.compute + t.tp + t.ep + t.dp_exposed, rel_tol=1e-12)

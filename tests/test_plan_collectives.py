@@ -1,12 +1,13 @@
-"""The planner's communication (time_model._tp_seconds and _dp_seconds) against the collectives a
-sharded model really issues: one process stands for rank 0 of its groups on torch's fake process
-group (collectives return at once, so the values are meaningless but every collective is issued
-with its real shapes), and scifm.parallel.comm_count records each one of the micro-batches' forward,
-loss and backward. The bytes each rank moves and the rings' latency steps, summed over what was
-recorded, must equal the planner's exactly: tensor parallelism with sequence and loss parallelism on
-and off, with and without shared experts, recomputation, and as pipeline stages; FSDP2 and HSDP with
-fp32 and bf16 weights, micro-batches, recomputation, and under tensor parallelism. And what clipping
-and the optimizer step issue under tensor parallelism: each partial gradient reduced once."""
+"""The planner's communication (time_model._tp_seconds, _ep_seconds and _dp_seconds) against the
+collectives a sharded model really issues: one process stands for rank 0 of its groups on torch's
+fake process group (collectives return at once, so the values are meaningless but every collective is
+issued with its real shapes), and scifm.parallel.comm_count records each one of the micro-batches'
+forward, loss and backward. The bytes each rank moves and the rings' latency steps, summed over what
+was recorded, must equal the planner's exactly: tensor parallelism with sequence and loss parallelism
+on and off, with and without shared experts, recomputation, and as pipeline stages; FSDP2, HSDP and
+expert parallelism as training applies them, with fp32 and bf16 weights, micro-batches,
+recomputation, and under tensor parallelism. And what clipping and the optimizer step issue under
+tensor parallelism: each partial gradient reduced once."""
 
 from __future__ import annotations
 
@@ -24,15 +25,17 @@ from scifm.config import compose_run_config
 from scifm.model.config import ModelConfig, MoEConfig
 from scifm.model.multimodal import ScientificMoE
 from scifm.parallel.comm_count import CollectiveRecorder, ring_cost
-from scifm.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, recomputes
+from scifm.parallel.distributed import init_distributed
+from scifm.parallel.fsdp import apply_activation_checkpointing, recomputes
 from scifm.parallel.grad_norm import clip_grad_norm
+from scifm.parallel.parallelize import _parallelize_module
 from scifm.parallel.pipeline import _gather_sequence_on_exit, model_part
 from scifm.parallel.runner import loss_parallel_for
 from scifm.parallel.tensor_parallel import apply_tensor_parallel
 from scifm.plan.layouts import Layout
 from scifm.plan.memory_model import LayoutSizes
 from scifm.plan.shapes import model_shapes
-from scifm.plan.time_model import _dp_seconds, _tp_seconds
+from scifm.plan.time_model import _dp_seconds, _ep_seconds, _tp_seconds
 from scifm.train.optim import build_optimizer
 from scifm.train.step import scaled_cross_entropy
 
@@ -64,9 +67,10 @@ def setup(shared: int, overrides: list[str]):
     return cfg, run, LayoutSizes(run, Layout(run.parallel))
 
 
-def record(model: nn.Module, microbatches: int, first: bool, last: bool, d_model: int) -> list:
+def record(model: nn.Module, microbatches: int, first: bool, last: bool, d_model: int,
+           recorder_type=CollectiveRecorder) -> list:
     """What one rank issues over a step's micro-batches: forward, loss (on the last stage) and backward."""
-    recorder = CollectiveRecorder()
+    recorder = recorder_type()
     with recorder:
         for _ in range(microbatches):
             x = torch.randint(0, VOCAB, (B, S)) if first else torch.randn(B, S, d_model, requires_grad=True)
@@ -121,7 +125,7 @@ def test_planner_counts_the_collectives_a_tensor_parallel_model_issues(case, fak
     assert tuple(predicted) == pytest.approx(ring_cost(issued), rel=1e-12), issued
 
 
-FSDP_CASES = {  # name: (world, parallel overrides, micro-batches)
+LAYOUT_CASES = {  # name: (world, parallel overrides, micro-batches)
     "dp_shard=2": (2, ["parallel.dp_shard=2"], 1),
     "dp_shard=4, bf16 weights, 2 micro-batches": (4, ["parallel.dp_shard=4", "parallel.mixed_precision=bf16"], 2),
     "dp_replicate=2 dp_shard=2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"], 1),
@@ -130,38 +134,54 @@ FSDP_CASES = {  # name: (world, parallel overrides, micro-batches)
     "dp_shard=2 tp=2, q/k norms, bf16 weights": (4, ["parallel.dp_shard=2", "parallel.tp=2", "model.qk_norm=true",
                                                     "parallel.mixed_precision=bf16"], 1),
     "dp_shard=2 tp=2 without sp": (4, ["parallel.dp_shard=2", "parallel.tp=2", "parallel.sequence_parallel=false"], 1),
+    "dp_shard=2 ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 1),
+    "dp_shard=2 ep=2, full recompute, 2 micro-batches": (2, ["parallel.dp_shard=2", "parallel.ep=2",
+                                                            "parallel.activation_checkpoint=full"], 2),
+    "tp=2 ep=2 (ep spans tp)": (2, ["parallel.tp=2", "parallel.ep=2"], 1),
+    "dp_shard=4 ep=2 (experts sharded over the other 2)": (4, ["parallel.dp_shard=4", "parallel.ep=2"], 1),
 }
 
 
-@pytest.mark.parametrize("case, fake_world", [(name, case[0]) for name, case in FSDP_CASES.items()],
+class MirroredAllToAll(CollectiveRecorder):
+    """The recorder, with every rank routing as this one: an all-to-all hands back what it was given
+    (the fake group leaves its output unwritten, which would give the dispatch garbage counts)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func is torch.ops._c10d_functional.all_to_all_single.default:
+            out.copy_(args[0])
+        return out
+
+
+@pytest.mark.parametrize("case, fake_world", [(name, case[0]) for name, case in LAYOUT_CASES.items()],
                          indirect=["fake_world"])
-def test_planner_counts_the_collectives_fsdp_issues(case, fake_world):
-    """FSDP2 as parallelize applies it: each block a unit, the root (embedding, final norm, output layer)
-    gathered once a micro-batch; the encoders are left out of the model and of its shapes here (the
-    recorded batches carry no items, which would leave them unrun)."""
-    world, overrides, microbatches = FSDP_CASES[case]
+def test_planner_counts_the_collectives_of_fsdp_and_expert_parallelism(case, fake_world, monkeypatch):
+    """The layout applied as training applies it (parallelize's TP, routing statistics, EP, recompute,
+    FSDP2: each block a unit, under ep each block's experts one more, the root gathered once a micro-
+    batch). The encoders are left out of the model and of its shapes here (the recorded batches carry
+    no items, which would leave them unrun), and so are the routing statistics' all-reduces over the
+    dp ranks, which the planner does not model."""
+    world, overrides, microbatches = LAYOUT_CASES[case]
     cfg, run, s = setup(1, [*overrides, f"trainer.grad_accum={microbatches}"])
     par = run.parallel
-    names = [n for n, size in (("dp_replicate", par.dp_replicate), ("dp_shard", par.dp_shard), ("tp", par.tp))
-             if size > 1]
-    mesh = init_device_mesh("cpu", tuple(getattr(par, n) for n in names), mesh_dim_names=tuple(names))
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    ctx = init_distributed(par, cfg, torch.device("cpu"))
     model = ScientificMoE(cfg, SIZES)
     model.encoders = nn.ModuleDict()
-    if par.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"], par.sequence_parallel, par.loss_parallel)
-    if par.activation_checkpoint != "none":
-        apply_activation_checkpointing(model, par.activation_checkpoint)
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if par.dp_replicate > 1 else mesh["dp_shard"]
-    apply_fsdp(model, dp_mesh, torch.bfloat16 if par.mixed_precision == "bf16" else torch.float32)
+    _parallelize_module(model, ctx, par)
 
-    issued = record(model, microbatches, True, True, cfg.d_model)
+    statistics = ("all_reduce", (2 * cfg.moe.n_experts + 3) * 8, ctx.dims.dp_size)  # float64 sums
+    issued = [c for c in record(model, microbatches, True, True, cfg.d_model, MirroredAllToAll) if c != statistics]
     shapes = model_shapes(cfg, SIZES)
     shapes = dataclasses.replace(shapes, front=shapes.front[:1], n_encoders=0)
     layer_ids = list(range(cfg.n_layers))
-    predicted = _dp_seconds(shapes, s, layer_ids, cfg.n_layers - cfg.n_dense_layers, True, True, cost)
+    moe = [i >= cfg.n_dense_layers for i in layer_ids]
+    recomputed = [recomputes(par.activation_checkpoint, k) for k in layer_ids]
+    predicted = _dp_seconds(shapes, s, layer_ids, sum(moe), True, True, cost)
     if par.tp > 1:
-        recomputed = [recomputes(par.activation_checkpoint, k) for k in layer_ids]
         predicted = predicted + microbatches * _tp_seconds(cfg, VOCAB, s, layer_ids, [0], recomputed, cost)
+    if par.ep > 1:
+        predicted = predicted + microbatches * _ep_seconds(cfg, s, moe, recomputed, cost)
     assert tuple(predicted) == pytest.approx(ring_cost(issued), rel=1e-12), issued
 
 

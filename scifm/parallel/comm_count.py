@@ -33,6 +33,8 @@ def _functional(name: str, args) -> tuple[str, int, int] | None:
         return "reduce_scatter", _nbytes(args[0]), args[2]
     if name == "all_reduce":  # (input, op, group name)
         return "all_reduce", _nbytes(args[0]), c10d._resolve_process_group(args[2]).size()
+    if name == "all_to_all_single":  # (input, output splits, input splits, group name)
+        return "all_to_all", _nbytes(args[0]), c10d._resolve_process_group(args[3]).size()
     return None
 
 
@@ -42,7 +44,7 @@ def _ranks(group) -> int:
 
 def _in_place(name: str, args) -> tuple[str, int, int] | None:
     """The same of an in-place c10d collective (output, input, process group, ...)."""
-    if name in ("_allgather_base_", "allgather_into_tensor_coalesced_"):
+    if name in ("_allgather_base_", "allgather_into_tensor_coalesced_", "allgather_"):
         return "all_gather", _nbytes(args[0]), _ranks(args[2])
     if name in ("_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_"):
         return "reduce_scatter", _nbytes(args[1]), _ranks(args[2])
@@ -70,9 +72,11 @@ class CollectiveRecorder(TorchDispatchMode):
 
 
 def ring_cost(issued: list[tuple[str, int, int]]) -> tuple[float, int]:
-    """(bytes each rank moves, latency steps) of `issued` collectives, each over a ring of its ranks."""
+    """(bytes each rank moves, latency steps) of `issued` collectives, each over a ring of its ranks;
+    an all-to-all sends (n-1)/n of its input (an even share to each peer), to every peer at once: one step."""
     moved = steps = 0
     for kind, size, n in issued:
-        moved += RING_PASSES[kind] * (n - 1) / n * size
-        steps += RING_PASSES[kind] * (n - 1)
+        passes = RING_PASSES.get(kind, 1)
+        moved += passes * (n - 1) / n * size
+        steps += 1 if kind == "all_to_all" else passes * (n - 1)
     return moved, steps

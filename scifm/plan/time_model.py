@@ -51,8 +51,10 @@ tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x byt
             (loss parallel) or an all-gather of the logits; under FSDP an all-reduce of each norm weight's
             gradient (SP) and each q/k norm's. passes: all-gather and reduce-scatter 1, all-reduce 2
 ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
+            + (MoE blocks + recomputed ones) x (ep-1)/ep x experts x 8
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
-            (dispatch+combine fwd, bwd and recompute; the all-gather over tp and its backward)
+            (dispatch+combine fwd, bwd and recompute; each forward's exchange of token counts; the
+            all-gather over tp and its backward)
 pp bubble = compute x (pp-1) / (virtual stages x micro-batches);  pp p2p = 2 x v x micro-batches x tokens x d x act_bytes / bw
 dp        = rounds x [(n-1)/n x (g x units' weights + root's) x gathered_bytes + (n-1)/n x all weights x 4
             + 2 x (r-1)/r x shard x 4] / bw   (all-gathers, fp32 reduce-scatter, HSDP all-reduce; n = dp_shard,
@@ -147,18 +149,9 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     recomputed = [recomputes(s.ac, k) for k in range(len(layer_ids))]
     residual = s.tokens * cfg.d_model * a
     tp = m * _tp_seconds(cfg, shapes.vocab, s, layer_ids, stages, recomputed, seconds) if s.tp > 1 else 0.0
-    ep = 0.0
     moe = [i >= cfg.n_dense_layers for i in layer_ids]
     n_moe = sum(moe)
-    if s.ep > 1 and n_moe:
-        # a recomputed block runs its forward's collectives again in backward
-        n_moe_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
-        routed = s.tokens * cfg.moe.top_k * cfg.d_model * a
-        all_to_alls = m * (4 * n_moe + 2 * n_moe_recomputed)  # dispatch and combine, forward and backward
-        counts = m * (n_moe + n_moe_recomputed)  # each forward's exchange of token counts: latency only
-        gathers = m * (2 * n_moe + n_moe_recomputed) if s.tp > 1 else 0  # over tp, where ep spans it
-        ep = seconds(all_to_alls * (s.ep - 1) / s.ep * routed / s.tp + gathers * (s.tp - 1) / s.tp * routed,
-                     all_to_alls + counts + gathers * (s.tp - 1), s.ep)
+    ep = m * _ep_seconds(cfg, s, moe, recomputed, seconds) if s.ep > 1 and n_moe else 0.0
     pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
     pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
     dp = _dp_seconds(shapes, s, layer_ids, n_moe, 0 in stages, s.n_stages - 1 in stages, seconds)
@@ -219,6 +212,24 @@ def _tp_seconds(cfg, vocab: int, s: LayoutSizes, layer_ids: list[int], stages: l
     n = s.tp
     moved = sum(RING_PASSES[c] * (n - 1) / n * size for c, size in sized)
     return seconds(moved, sum(RING_PASSES[c] * (n - 1) for c, _ in sized), n)
+
+
+def _ep_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], seconds) -> float:
+    """One micro-batch's expert-parallel collectives on this pipeline rank (expert_parallel.py): per MoE
+    block's forward an all-to-all of each ep rank's token counts per expert, then the routed rows' dispatch
+    and combine (their backward the same two again); where ep spans the tp ranks, each dispatches 1/tp of
+    the rows and their results are all-gathered over tp (whose backward gathers the rows' gradients). A
+    recomputed block's forward runs them again. Rows leave for the other ranks' experts in proportion to
+    their share (routing imbalance is not modeled)."""
+    n_moe = sum(moe)
+    n_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
+    routed = s.tokens * cfg.moe.top_k * cfg.d_model * s.act_bytes
+    all_to_alls = 4 * n_moe + 2 * n_recomputed
+    counts = n_moe + n_recomputed
+    gathers = 2 * n_moe + n_recomputed if s.tp > 1 else 0
+    moved = (s.ep - 1) / s.ep * (all_to_alls * routed / s.tp + counts * cfg.moe.n_experts * 8) \
+        + gathers * (s.tp - 1) / s.tp * routed
+    return seconds(moved, all_to_alls + counts + gathers * (s.tp - 1), s.ep)
 
 
 def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], n_moe: int, first: bool, last: bool,

@@ -1,5 +1,6 @@
-"""`scifm plan`'s step-time model against CPU runs: measured and predicted step-time ratios of five
-layouts of the tiny model to the one-process run, side by side.
+"""`scifm plan`'s step-time model against CPU runs: measured and predicted step-time ratios of four
+two-process layouts of the tiny model, and of one process on half the rows (a data-parallel rank's share
+of the work, without the other rank), to the one-process run, side by side.
 
 Each round trains every layout once, in turn (one process, then two under torchrun with gloo), so
 load on the machine hits them alike; a run's step time is the median of its steps after the first
@@ -11,7 +12,9 @@ run reached against it (so its compute equals that run's step, and the ratios te
 add to it), gloo's bandwidth and per-step latency between two processes (timed first, on all-gathers
 and reduce-scatters of 64 KiB to 4 MiB for the bandwidth and of one element for the latency), and plan.comm_overlap=false (gloo's collectives run on the cores
 that compute). Any plan.KEY=VALUE given overrides them.
-Run: python bench/plan_check.py [--rounds N] [--batch-size R --seq-len S] [plan.KEY=VALUE ...]
+With --profile it then trains dp_shard=2 once more under trainer.profile and prints, from both ranks'
+traces, the time FSDP2's collectives take on their own and the time a rank waits in them for the other.
+Run: python bench/plan_check.py [--rounds N] [--batch-size R --seq-len S] [--profile] [plan.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ import torch
 
 from scifm.plan.layouts import only_layout
 from scifm.plan.planner import make_plan
+from scifm.train.profiling import PROFILE_DIR
 
 RUN = ["experiment=tiny", "trainer.grad_accum=2", "trainer.precision=fp32"]
+# name: (processes, parallel overrides, rows per micro-batch divided by). One process on half the rows is
+# a data-parallel rank's work without the other rank: the planner's compute, measured
 LAYOUTS = {
-    "single": (1, []),
-    "dp_shard=2": (2, ["parallel.dp_shard=2"]),
-    "tp=2": (2, ["parallel.tp=2"]),
-    "dp_shard=2 ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
-    "pp=2": (2, ["parallel.pp=2"]),
+    "single": (1, [], 1),
+    "single, half rows": (1, [], 2),
+    "dp_shard=2": (2, ["parallel.dp_shard=2"], 1),
+    "tp=2": (2, ["parallel.tp=2"], 1),
+    "dp_shard=2 ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2"], 1),
+    "pp=2": (2, ["parallel.pp=2"], 1),
 }
 STEPS = 8
 CORPUS_DOCS = 150  # per source
@@ -114,30 +121,57 @@ def step_seconds(nproc: int, layout: list[str], run_dir: Path, corpus: Path, run
     return statistics.median(seconds[2:])
 
 
+PROFILED = (3, 4)  # trainer.profile's window in a --profile run: steps 3 to 6 of STEPS
+
+
+def collective_split(run_dir: Path) -> tuple[float, float]:
+    """Seconds a step, per rank, that FSDP2's collectives (each all-gather and post-backward
+    reduce-scatter, with their copies) take on their own and spend waiting for the other rank, from
+    both ranks' traces: a collective ends on both ranks together, so the rank that reached it last
+    shows its own time and the other rank waited for the difference."""
+    def events(rank: int) -> list[tuple[str, float]]:
+        trace = json.loads((run_dir / PROFILE_DIR / f"rank{rank}.json").read_text())
+        return sorted(((e["name"], e["dur"] / 1e6, e["ts"]) for e in trace["traceEvents"] if e.get("ph") == "X"
+                       and e["name"].startswith(("FSDP::all_gather", "FSDP::post_backward_reduce"))
+                       and not e["name"].startswith("FSDP::all_gather_copy")), key=lambda e: e[2])
+
+    pairs = list(zip(events(0), events(1), strict=True))
+    assert all(a[0] == b[0] for a, b in pairs), "the ranks' collectives differ"
+    own = sum(min(a[1], b[1]) for a, b in pairs)
+    waited = sum(abs(a[1] - b[1]) for a, b in pairs) / 2  # one of the two ranks waits at each
+    return own / PROFILED[1], waited / PROFILED[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile dp_shard=2 and split its FSDP collectives' time (trainer.profile)")
     parser.add_argument("--time-link", type=Path, help=argparse.SUPPRESS)  # the link-timing child
     args, plan_overrides = parser.parse_known_args()
     if args.time_link:
         return time_link(args.time_link)
-    run = [*RUN, f"trainer.batch_size={args.batch_size}", f"data.seq_len={args.seq_len}"]
+
+    def run(name: str) -> list[str]:
+        return [*RUN, f"trainer.batch_size={args.batch_size // LAYOUTS[name][2]}", f"data.seq_len={args.seq_len}"]
+
     peak = matmul_flops()
     measured: dict[str, list[float]] = {name: [] for name in LAYOUTS}
     with tempfile.TemporaryDirectory() as tmp:
         gbps, latency_us = link_figures(Path(tmp))
         for r in range(args.rounds):
-            for name, (nproc, layout) in LAYOUTS.items():
-                run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_').replace('=', '')}"  # "=" would split the override
-                measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus", run))
+            for name, (nproc, layout, _) in LAYOUTS.items():
+                # "=" would split the override, "," would make a list of it
+                run_dir = Path(tmp) / f"{r}-{name.replace(' ', '_').replace('=', '').replace(',', '')}"
+                measured[name].append(step_seconds(nproc, layout, run_dir, Path(tmp) / "corpus", run(name)))
         base = statistics.median(measured["single"])
 
         def predict(name: str, hardware: list[str]):
-            nproc, layout = LAYOUTS[name]
+            nproc, layout, _ = LAYOUTS[name]
             # the run's tokenizer and corpus: the planner samples the encoders' work from the same data
-            return make_plan([*run, *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
+            return make_plan([*run(name), *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                               f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware,
                               f"data.corpus_dir={Path(tmp) / 'corpus'}",
                               f"data.corpus_max_docs_per_source={CORPUS_DOCS}"]).rows[0].time
@@ -148,6 +182,11 @@ def main() -> None:
         hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", f"plan.mfu={mfu}", f"plan.intra_node_gbps={gbps}",
                     f"plan.intra_node_latency_us={latency_us}", "plan.comm_overlap=false", *plan_overrides]
         predicted = {name: predict(name, hardware) for name in LAYOUTS}
+        if args.profile:
+            window = [f"trainer.profile.start_step={PROFILED[0]}", f"trainer.profile.steps={PROFILED[1]}"]
+            step_seconds(2, [*LAYOUTS["dp_shard=2"][1], *window], Path(tmp) / "profiled", Path(tmp) / "corpus",
+                         run("dp_shard=2"))
+            own, waited = collective_split(Path(tmp) / "profiled")
     print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s, the one-process run's MFU {mfu:.2f}; gloo "
           f"{gbps:.2f} GB/s, {latency_us:.0f} us a step; {args.rounds} rounds of {STEPS} steps; planner: "
           f"{' '.join(hardware[1:])}")
@@ -159,6 +198,13 @@ def main() -> None:
         parts = " ".join(f"{part} {value:.3f}" for part, value in predicted[name].parts().items() if value)
         print(f"{name:18} {statistics.median(times):9.3f} {max(times) / min(times):7.2f} {predicted[name].total:12.3f} "
               f"{ratio:16.2f} {want:17.2f} {ratio / want:10.2f}  {parts}")
+    if args.profile:
+        added = statistics.median(measured["dp_shard=2"]) - statistics.median(measured["single, half rows"])
+        print(f"dp_shard=2 adds {added:.3f} s a step to one process on half the rows (planner: "
+              f"{predicted['dp_shard=2'].total - predicted['single, half rows'].total:.3f}). Profiled (steps "
+              f"{PROFILED[0]}-{sum(PROFILED) - 1}, under the profiler): FSDP2's all-gathers and reduce-scatters take "
+              f"{own:.3f} s a step on their own (planner: dp_exposed {predicted['dp_shard=2'].dp_exposed:.3f}) and a "
+              f"rank waits {waited:.3f} s a step in them for the other rank")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,19 @@ class WandbConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """trainer.profile: torch.profiler traces of a window of steps, per rank, in the run directory's
+    profile/ (scifm/train/profiling.py)."""
+
+    start_step: int = 0  # the window's first step, counted from 1; 0 = no profiling
+    steps: int = 3
+
+    def validate(self) -> None:
+        require(self.start_step >= 0, "trainer.profile.start_step", f"must be >= 0 (0 = off), got {self.start_step}")
+        require(self.steps >= 1, "trainer.profile.steps", f"must be >= 1, got {self.steps}")
+
+
+@dataclass
 class TrainerConfig:
     seed: int = 0
     max_steps: int = 300
@@ -67,6 +80,7 @@ class TrainerConfig:
     max_nonfinite_steps: int = 10  # more steps with a non-finite loss or gradient than this stop the run
     tensorboard: bool = True  # TensorBoard event files of the logged metrics in the run directory's tensorboard/
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def validate(self) -> None:
         # NumPy's generators take no negative seed (the loaders draw with seed and seed + 1)
@@ -91,6 +105,7 @@ class TrainerConfig:
         for key in ("ckpt_every", "keep_last", "keep_every", "nonfinite_reload_after", "max_nonfinite_steps"):
             require(getattr(self, key) >= 0, f"trainer.{key}", f"must be >= 0, got {getattr(self, key)}")
         self.wandb.validate()
+        self.profile.validate()
 
     def saves_checkpoint_at(self, step: int) -> bool:
         """Every ckpt_every steps and at the end (step 0 only when max_steps is 0: the initial weights)."""

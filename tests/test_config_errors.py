@@ -83,6 +83,8 @@ BAD_VALUES = [
     ("trainer.ckpt_every=-1", "trainer.ckpt_every"),
     ("trainer.wandb.mode=cloud", "trainer.wandb.mode"),
     ("trainer.wandb.project=''", "trainer.wandb.project"),
+    ("trainer.profile.start_step=-1", "trainer.profile.start_step"),
+    ("trainer.profile.steps=0", "trainer.profile.steps"),
     *((f"parallel.{key}=0", f"parallel.{key}") for key in ("dp_replicate", "dp_shard", "tp", "pp", "ep",
                                                            "pp_virtual_stages")),
     ("parallel.pp_split=[4,0]", "parallel.pp_split"),

@@ -65,6 +65,7 @@ from scifm.train.optim import build_optimizer, build_scheduler, saved_hyperparam
 from scifm.train.plots import write_plots
 from scifm.train.prework import check_before_work
 from scifm.train.preemption import REQUEUE_EXIT_CODE, Preempted, PreemptionWatch, exit_for_requeue
+from scifm.train.profiling import StepProfiler
 from scifm.train.sharded_state import async_save_groups, load_sharded, read_full_tensors, saved_names
 from scifm.train.step import (
     Evaluation,
@@ -268,18 +269,23 @@ class Trainer:
         """Up to trainer.max_steps: train, log, validate, checkpoint; returns the last validation."""
         tc, last_eval = self.tc, None
         self.model.train()
-        while self.step < tc.max_steps:
-            result = self.train_one_step()
-            at_end = self.step == tc.max_steps
-            evaluation = self.validate() if self.step % tc.val_every == 0 or at_end else None
-            if evaluation is not None or self.step % tc.log_every == 0:
-                self.log(result, evaluation, logger)
-            last_eval = evaluation or last_eval
-            checkpointed = tc.saves_checkpoint_at(self.step)
-            if checkpointed:
-                self.checkpoint()
-            if not at_end and watch.requested(self.ctx):
-                self._stop_for_preemption(watch, checkpointed)
+        profiler = StepProfiler(tc.profile, self.run_dir, self.ctx.rank, self.ctx.device)
+        try:  # a run that stops early still writes the steps it profiled
+            while self.step < tc.max_steps:
+                with profiler.step(self.step + 1):
+                    result = self.train_one_step()
+                at_end = self.step == tc.max_steps
+                evaluation = self.validate() if self.step % tc.val_every == 0 or at_end else None
+                if evaluation is not None or self.step % tc.log_every == 0:
+                    self.log(result, evaluation, logger)
+                last_eval = evaluation or last_eval
+                checkpointed = tc.saves_checkpoint_at(self.step)
+                if checkpointed:
+                    self.checkpoint()
+                if not at_end and watch.requested(self.ctx):
+                    self._stop_for_preemption(watch, checkpointed)
+        finally:
+            profiler.close()
         return last_eval
 
     def train_one_step(self) -> StepResult:

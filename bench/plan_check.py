@@ -129,7 +129,7 @@ def collective_split(run_dir: Path) -> tuple[float, float]:
     reduce-scatter, with their copies) take on their own and spend waiting for the other rank, from
     both ranks' traces: a collective ends on both ranks together, so the rank that reached it last
     shows its own time and the other rank waited for the difference."""
-    def events(rank: int) -> list[tuple[str, float]]:
+    def events(rank: int) -> list[tuple[str, float, float]]:  # (name, seconds, start)
         trace = json.loads((run_dir / PROFILE_DIR / f"rank{rank}.json").read_text())
         return sorted(((e["name"], e["dur"] / 1e6, e["ts"]) for e in trace["traceEvents"] if e.get("ph") == "X"
                        and e["name"].startswith(("FSDP::all_gather", "FSDP::post_backward_reduce"))

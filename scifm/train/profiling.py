@@ -21,18 +21,27 @@ def step_marker(step: int) -> str:
 
 
 class StepProfiler:
-    """Profiles steps start_step .. start_step + steps - 1 (an off config profiles nothing)."""
+    """Profiles steps start_step .. start_step + steps - 1 (an off config profiles nothing) but
+    `memory_step`: on a CPU the process's first step measures memory.json's peak with torch's profiler,
+    and a second profiler session at once crashes the process, so a window that holds that step
+    starts after it, said in one line on rank 0."""
 
-    def __init__(self, cfg: ProfileConfig, run_dir: Path, rank: int, device: torch.device):
-        self.cfg, self.rank, self.out = cfg, rank, run_dir / PROFILE_DIR
+    def __init__(self, cfg: ProfileConfig, run_dir: Path, rank: int, device: torch.device, memory_step: int | None):
+        self.rank, self.out = rank, run_dir / PROFILE_DIR
         self.activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.first, self.last = cfg.start_step, cfg.start_step + cfg.steps - 1
+        if cfg.start_step > 0 and memory_step is not None and self.first <= memory_step <= self.last:
+            self.first = memory_step + 1
+            if rank == 0:
+                left = f"steps {self.first} to {self.last}" if self.first <= self.last else "no step"
+                print(f"trainer.profile: step {memory_step} measures memory.json with torch's profiler, which "
+                      f"does not nest; profiling {left}", flush=True)
         self.prof: profile | None = None
 
     def step(self, step: int):
         """A context around training step `step`: starts the profiler at the window's first step and
         writes the traces after its last one."""
-        first = self.cfg.start_step
-        return self._profiled(step) if first > 0 and first <= step < first + self.cfg.steps else nullcontext()
+        return self._profiled(step) if self.first > 0 and self.first <= step <= self.last else nullcontext()
 
     @contextmanager
     def _profiled(self, step: int):
@@ -41,7 +50,7 @@ class StepProfiler:
             self.prof.__enter__()
         with record_function(step_marker(step)):
             yield
-        if step == self.cfg.start_step + self.cfg.steps - 1:
+        if step == self.last:
             self.close()
 
     def close(self) -> None:

@@ -269,7 +269,8 @@ class Trainer:
         """Up to trainer.max_steps: train, log, validate, checkpoint; returns the last validation."""
         tc, last_eval = self.tc, None
         self.model.train()
-        profiler = StepProfiler(tc.profile, self.run_dir, self.ctx.rank, self.ctx.device)
+        memory_step = self.start_step + 1 if self.ctx.device.type == "cpu" else None  # step_peak_bytes' profiler
+        profiler = StepProfiler(tc.profile, self.run_dir, self.ctx.rank, self.ctx.device, memory_step)
         try:  # a run that stops early still writes the steps it profiled
             while self.step < tc.max_steps:
                 with profiler.step(self.step + 1):

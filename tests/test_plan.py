@@ -238,9 +238,13 @@ def test_time_model_arithmetic_against_hand_computed_figures():
     full = make_plan([*layout, "parallel.activation_checkpoint=full"]).rows[0].time
     assert math.isclose(full.ep, 3 * ((6 * (1 / 2) * routed / 2 + 2 * (1 / 2) * counts + 3 * (1 / 2) * routed) / 450e9
                                       + 11 * latency), rel_tol=1e-12)
+    # the routing statistics: each of the 3 MoE blocks all-reduces 2 x 8 + 3 float64 sums over the
+    # dp=2 ranks in forward and their gradient in backward, over a tree of 1 hop each way
+    assert math.isclose(t.stats, 6 * (2 * (1 / 2) * (2 * 8 + 3) * 8 / 450e9 + 2 * latency), rel_tol=1e-12)
+    assert math.isclose(full.stats, 9 / 6 * t.stats, rel_tol=1e-12)  # recomputed forwards reduce again
     assert t.pp_bubble == t.pp_p2p == 0
     assert t.dp_exposed == max(0.0, t.dp - t.compute)
-    assert math.isclose(t.total, t.compute + t.tp + t.ep + t.dp_exposed, rel_tol=1e-12)
+    assert math.isclose(t.total, t.compute + t.tp + t.ep + t.stats + t.dp_exposed, rel_tol=1e-12)
     # FSDP's collectives: 10 units (4 blocks, 5 encoders, the root) over dp_shard=2, each gathered in
     # forward and backward but the root (19 all-gathers) and each reduce-scattered (10); the 3 MoE
     # blocks' experts are units of their own over dp_shard_out=2 ranks (6 all-gathers, 3 reduce-scatters)
@@ -291,7 +295,7 @@ def test_fsdp_communication_per_step_follows_the_schedule_and_the_overlap_switch
     assert math.isclose(dp([*piped, "trainer.grad_accum=4"]).dp, dp([*piped, "trainer.grad_accum=2"]).dp)
     hidden, counted = dp(flat), dp([*flat, "plan.comm_overlap=false"])
     assert hidden.dp == counted.dp > hidden.compute and hidden.dp_exposed == hidden.dp - hidden.compute
-    assert counted.dp_exposed == counted.dp and counted.total == counted.compute + counted.dp
+    assert counted.dp_exposed == counted.dp and counted.total == counted.compute + counted.stats + counted.dp
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +330,7 @@ def test_json_output_lists_every_row_with_its_breakdown(paper_plan):
     assert first["fits"] and memory["total"] == memory["params"] + memory["optimizer"] + memory["step_peak"]
     assert memory["step_peak"] >= max(memory["grads"], memory["activations"]) + memory["buffers"]
     assert math.isclose(first["time_s"]["step"], sum(first["time_s"][k] for k in
-                        ("compute", "tp", "ep", "pp_bubble", "pp_p2p", "dp_exposed")))
+                        ("compute", "tp", "ep", "stats", "pp_bubble", "pp_p2p", "dp_exposed")))
     assert out["hardware"]["gpu_memory_gb"] == 80 and "compute" in out["formulas"]["time"]
 
 

@@ -32,8 +32,6 @@ NOT_MODELED = [
     "the optimizer step's own time and collectives (under sequence parallelism the norms' weight gradients are "
     "all-reduced there), kernel launches and allocator fragmentation (reserved_gb stands for it)",
     "FSDP2's copies into and out of its communication buffers and DTensor's per-operator dispatch",
-    "the MoE routing statistics' all-reduce over the data-parallel ranks (2E+3 numbers, each way per MoE block "
-    "and micro-batch: latency only, which NCCL's tree algorithm keeps to about 2 log2(dp) hops)",
 ]
 
 PARTS_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
@@ -111,16 +109,17 @@ def text_report(plan: Plan) -> str:
         f"{len(plan.rejected)} rejected",
         "",
         f"{'#':>3} {'layout':{width}} {'params':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buffer':>6} {'total':>6} fits"
-        f" | {'compute':>8} {'tp':>7} {'ep':>7} {'bubble':>7} {'p2p':>7} {'dp':>7} {'step s':>8} {'tok/s':>9}",
+        f" | {'compute':>8} {'tp':>7} {'ep':>7} {'stats':>7} {'bubble':>7} {'p2p':>7} {'dp':>7} {'step s':>8} {'tok/s':>9}",
     ]
     for i, row in enumerate(plan.rows[:hw.top], 1):
         m, t = row.memory, row.time
         lines.append(
             f"{i:>3} {row.layout.label():{width}} {gib(m.params):>7} {gib(m.grads):>6} {gib(m.optimizer):>6} "
             f"{gib(m.activations):>6} {gib(m.buffers):>6} {gib(m.total):>6} {'yes' if row.fits else 'no ':4}"
-            f"| {t.compute:8.3g} {t.tp:7.3g} {t.ep:7.3g} {t.pp_bubble:7.3g} {t.pp_p2p:7.3g} {t.dp_exposed:7.3g} "
-            f"{t.total:8.3g} {t.tokens_per_s:9.3g}")
-    lines.append("memory in GiB on the fullest GPU; time in seconds per step (dp: the part FSDP cannot hide behind compute)")
+            f"| {t.compute:8.3g} {t.tp:7.3g} {t.ep:7.3g} {t.stats:7.3g} {t.pp_bubble:7.3g} {t.pp_p2p:7.3g} "
+            f"{t.dp_exposed:7.3g} {t.total:8.3g} {t.tokens_per_s:9.3g}")
+    lines.append("memory in GiB on the fullest GPU; time in seconds per step (stats: the routing statistics' "
+                 "all-reduces over the data-parallel ranks; dp: the part FSDP cannot hide behind compute)")
     lines += [""] + explanation(plan)
     if plan.rejected:
         lines += ["", "rejected layouts (count, reason as `scifm train` gives it, for one of them):"]

@@ -11,14 +11,16 @@ prefetches the next block), so only the part longer than the compute counts; wit
 plan.comm_overlap=false (gloo on a CPU, whose collectives take the compute's cores) all of it counts.
 The modality encoders' FLOPs (first stage, whole on every tp rank) are measured on the run's own data
 where a tokenizer is given (encoder_load.py).
-Not modeled: routing imbalance, the routing statistics' all-reduce over the dp ranks (a few numbers per MoE
-block), kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
+The routing statistics' all-reduce over the dp ranks (a few hundred bytes per MoE block, in the
+forward's path) counts its latency, over a tree's hops as NCCL runs so small a reduction.
+Not modeled: routing imbalance, kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
 DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
 Interleaved1F1B's, an upper bound).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from scifm.config import RunConfig
@@ -55,6 +57,9 @@ ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep 
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
             (dispatch+combine fwd, bwd and recompute; each forward's exchange of token counts; the
             all-gather over tp and its backward)
+stats     = micro-batches x (2 x MoE blocks + recomputed ones) x [2 x (dp-1)/dp x (2 x experts + 3) x 8 / bw
+            + 2 x ceil(log2 dp) x latency]   (each MoE forward all-reduces its routing sums, float64, over
+            the dp ranks, and its backward their gradient; a tree: up and down log2(dp) hops)
 pp bubble = compute x (pp-1) / (virtual stages x micro-batches);  pp p2p = 2 x v x micro-batches x tokens x d x act_bytes / bw
 dp        = rounds x [(n-1)/n x (g x units' weights + root's) x gathered_bytes + (n-1)/n x all weights x 4
             + 2 x (r-1)/r x shard x 4] / bw   (all-gathers, fp32 reduce-scatter, HSDP all-reduce; n = dp_shard,
@@ -69,7 +74,7 @@ latency   = each collective adds its steps x the link's latency (plan.intra/inte
             every peer go at once) and a pipeline send 1
 bw        = intra_node_gbps when the group's ranks share a node (tp innermost, then ep, dp_shard, dp_replicate, pp
             outermost), else inter_node_gbps
-step      = compute + tp + ep + pp bubble + pp p2p + exposed dp"""
+step      = compute + tp + ep + stats + pp bubble + pp p2p + exposed dp"""
 
 
 @dataclass
@@ -78,6 +83,7 @@ class TimeBreakdown:
     recompute: float  # of which recomputation
     tp: float
     ep: float
+    stats: float  # the routing statistics' all-reduces over the data-parallel ranks
     pp_bubble: float
     pp_p2p: float
     dp: float  # FSDP/HSDP communication, whole
@@ -86,14 +92,14 @@ class TimeBreakdown:
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.ep + self.pp_bubble + self.pp_p2p + self.dp_exposed
+        return self.compute + self.tp + self.ep + self.stats + self.pp_bubble + self.pp_p2p + self.dp_exposed
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens_per_step / self.total
 
     def parts(self) -> dict[str, float]:
-        return {"compute": self.compute, "tp": self.tp, "ep": self.ep, "pp_bubble": self.pp_bubble,
+        return {"compute": self.compute, "tp": self.tp, "ep": self.ep, "stats": self.stats, "pp_bubble": self.pp_bubble,
                 "pp_p2p": self.pp_p2p, "dp_exposed": self.dp_exposed}
 
 
@@ -152,11 +158,12 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     moe = [i >= cfg.n_dense_layers for i in layer_ids]
     n_moe = sum(moe)
     ep = m * _ep_seconds(cfg, s, moe, recomputed, seconds) if s.ep > 1 and n_moe else 0.0
+    stats = m * _stats_seconds(cfg, s, moe, recomputed, seconds) if s.dp > 1 and n_moe else 0.0
     pp_bubble = compute * (s.pp - 1) / (s.virtual * m) if s.pp > 1 else 0.0
     pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
     dp = _dp_seconds(shapes, s, layer_ids, n_moe, 0 in stages, s.n_stages - 1 in stages, seconds)
-    return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, pp_bubble=pp_bubble,
-                         pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
+    return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, stats=stats,
+                         pp_bubble=pp_bubble, pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
 
 
@@ -230,6 +237,25 @@ def _ep_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], se
     moved = (s.ep - 1) / s.ep * (all_to_alls * routed / s.tp + counts * cfg.moe.n_experts * 8) \
         + gathers * (s.tp - 1) / s.tp * routed
     return seconds(moved, all_to_alls + counts + gathers * (s.tp - 1), s.ep)
+
+
+def stats_all_reduces(cfg, moe: list[bool], recomputed: list[bool]) -> tuple[int, int]:
+    """(count, bytes each) of one micro-batch's routing-statistics all-reduces over the data-parallel
+    ranks (router_stats.py): every MoE block's forward reduces its float64 sums (router probabilities
+    and routed tokens per expert, the z-loss's, the tokens and the dropped ones), a recomputed block's
+    forward again, and its backward their gradient."""
+    n_moe = sum(moe)
+    n_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
+    return 2 * n_moe + n_recomputed, (2 * cfg.moe.n_experts + 3) * 8
+
+
+def _stats_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], seconds) -> float:
+    """One micro-batch's routing-statistics all-reduces: a few hundred bytes each, which NCCL reduces
+    over a tree (log2 of the ranks up, as many down) rather than a ring's 2(dp-1) steps. The forward
+    waits for each one before it goes on (the block's auxiliary losses need the global sums)."""
+    count, size = stats_all_reduces(cfg, moe, recomputed)
+    hops = 2 * math.ceil(math.log2(s.dp))
+    return seconds(count * RING_PASSES["all_reduce"] * (s.dp - 1) / s.dp * size, count * hops, s.dp * s.tp)
 
 
 def _dp_seconds(shapes: ModelShapes, s: LayoutSizes, layer_ids: list[int], n_moe: int, first: bool, last: bool,

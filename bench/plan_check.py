@@ -11,7 +11,8 @@ hardware: fp32, a peak from a matmul timed here at the tiny model's shapes, the 
 run reached against it (so its compute equals that run's step, and the ratios test what the layouts
 add to it), gloo's bandwidth and per-step latency between two processes (timed first, on all-gathers
 and reduce-scatters of 64 KiB to 4 MiB for the bandwidth and of one element for the latency), and plan.comm_overlap=false (gloo's collectives run on the cores
-that compute). Any plan.KEY=VALUE given overrides them.
+that compute); the first one-process run's metrics.jsonl gives it the routing (plan.routing_metrics: how
+many more rows than an even share the busiest ep rank takes). Any plan.KEY=VALUE given overrides them.
 With --profile it then trains dp_shard=2 once more under trainer.profile and prints, from both ranks'
 traces, the time FSDP2's collectives take on their own and the time a rank waits in them for the other.
 Run: python bench/plan_check.py [--rounds N] [--batch-size R --seq-len S] [--profile] [plan.KEY=VALUE ...]
@@ -31,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from scifm.config import compose_run_config
 from scifm.plan.layouts import only_layout
 from scifm.plan.planner import make_plan
+from scifm.plan.routing_load import RoutingLoad
 from scifm.train.profiling import PROFILE_DIR
 
 RUN = ["experiment=tiny", "trainer.grad_accum=2", "trainer.precision=fp32"]
@@ -180,8 +183,11 @@ def main() -> None:
         # matmul peak over the measured step
         mfu = min(1.0, predict("single", [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1"]).compute / base)
         hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", f"plan.mfu={mfu}", f"plan.intra_node_gbps={gbps}",
-                    f"plan.intra_node_latency_us={latency_us}", "plan.comm_overlap=false", *plan_overrides]
+                    f"plan.intra_node_latency_us={latency_us}", "plan.comm_overlap=false",
+                    f"plan.routing_metrics={Path(tmp) / '0-single' / 'metrics.jsonl'}", *plan_overrides]
         predicted = {name: predict(name, hardware) for name in LAYOUTS}
+        n_experts = compose_run_config(run("single")).model.moe.n_experts
+        imbalance = RoutingLoad(str(Path(tmp) / "0-single" / "metrics.jsonl"), n_experts).imbalance(2)
         if args.profile:
             window = [f"trainer.profile.start_step={PROFILED[0]}", f"trainer.profile.steps={PROFILED[1]}"]
             step_seconds(2, [*LAYOUTS["dp_shard=2"][1], *window], Path(tmp) / "profiled", Path(tmp) / "corpus",
@@ -189,7 +195,8 @@ def main() -> None:
             own, waited = collective_split(Path(tmp) / "profiled")
     print(f"CPU peak (one thread, fp32 matmul) {peak / 1e9:.1f} GFLOP/s, the one-process run's MFU {mfu:.2f}; gloo "
           f"{gbps:.2f} GB/s, {latency_us:.0f} us a step; {args.rounds} rounds of {STEPS} steps; planner: "
-          f"{' '.join(hardware[1:])}")
+          f"{' '.join(h for h in hardware[1:] if not h.startswith('plan.routing_metrics'))}; routing: the busiest "
+          f"of 2 ep ranks takes {imbalance:.3f} x an even share of the rows")
     print(f"{'layout':18} {'median s':>9} {'spread':>7} {'predicted s':>12} {'measured/single':>16} "
           f"{'predicted/single':>17} {'meas/pred':>10}  predicted parts (s)")
     for name, times in measured.items():

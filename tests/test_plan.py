@@ -29,7 +29,8 @@ from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import Layout, only_layout
 from scifm.plan.memory_model import LayoutSizes, block_activation_bytes, encoder_regime
 from scifm.plan.planner import make_plan
-from scifm.plan.report import json_report, text_report
+from scifm.plan.report import json_report, not_modeled, text_report
+from scifm.plan.routing_load import RoutingLoad
 from scifm.plan.shapes import meta_model, model_shapes, vocab_sizes
 from scifm.plan.time_model import rank_block_flops, step_time
 from tests.helpers.torchrun import train_under_torchrun
@@ -389,3 +390,55 @@ def test_step_time_ranks_expert_parallelism_by_its_all_to_all():
     within_latency = make_plan([*base, "parallel.ep=8"]).rows[0].time.ep - within.ep
     across_latency = make_plan([*base, "parallel.ep=16"]).rows[0].time.ep - across.ep
     assert across_latency / within_latency == pytest.approx(14 / 3.4)
+
+
+def write_routing(path, blocks: list[list[int]], n_experts: int = 8) -> str:
+    """A metrics.jsonl as the trainer logs it: each record's moe entries, one per MoE block."""
+    records = [{"step": 1, "loss": 1.0, "moe": [{"tokens_per_expert": counts, "dropped_tokens": 0.0}
+                                                for counts in blocks]},
+               {"step": 2, "loss": 1.0}]  # a record without routing statistics (none logged that step)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_routing_imbalance_weighs_the_busiest_expert_parallel_rank(tmp_path):
+    """plan.routing_metrics: per logged block the busiest ep rank's rows (its contiguous slice of
+    experts) over the mean rank's, averaged; its experts' FLOPs, all-to-all rows and routed activations
+    scale by it, and nothing else does."""
+    routing = RoutingLoad(write_routing(tmp_path / "m.jsonl", [[4, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]]), 8)
+    # ep=2: ranks [4, 4] and [4, 4]; ep=4: [4, 0, 2, 2] (max 4 over mean 2) and even; ep=8: 4 over 1, and even
+    assert (routing.imbalance(1), routing.imbalance(2), routing.imbalance(4), routing.imbalance(8)) == (1.0, 1.0, 1.5, 2.5)
+
+    layout = ["model=tiny", "cluster.nodes=1", "cluster.gpus_per_node=4", "trainer.batch_size=8",
+              "data.seq_len=128", "trainer.precision=bf16", "parallel.tp=1", "parallel.ep=4", "parallel.dp_shard=4",
+              "parallel.pp=1", "parallel.dp_replicate=1", "parallel.activation_checkpoint=none",
+              "parallel.mixed_precision=bf16"]
+    even = make_plan(layout).rows[0]
+    skewed_plan = make_plan([*layout, f"plan.routing_metrics={tmp_path / 'm.jsonl'}"])
+    skewed = skewed_plan.rows[0]
+    tokens = 8 // 4 * 128
+    routed_flops = 3 * 2 * 6 * 128 * 128  # forward per token: 3 MoE blocks x top-2 x a SwiGLU of d 128, width 128
+    assert math.isclose(skewed.time.compute - even.time.compute,
+                        tokens * 3 * routed_flops * 0.5 / (989e12 * 0.4), rel_tol=1e-9)
+    routed_bytes = tokens * 2 * 128 * 2
+    assert math.isclose(skewed.time.ep - even.time.ep, 3 * 4 * (3 / 4) * routed_bytes * 0.5 / 450e9, rel_tol=1e-9)
+    assert (skewed.time.tp, skewed.time.stats, skewed.time.dp) == (even.time.tp, even.time.stats, even.time.dp)
+    assert skewed.memory.activations > even.memory.activations and skewed.memory.params == even.memory.params
+    assert "1.500 at ep=4" in text_report(skewed_plan) and json_report(skewed_plan)["rows"][0]["ep_imbalance"] == 1.5
+    assert not any("routing imbalance" in x for x in not_modeled(skewed_plan))
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "plan.routing_metrics: no such file"),
+    ('{"step": 1, "loss": 2.0}\n', "holds no routing statistics"),
+    ('{"step": 1, "moe": [{"tokens_per_expert": [1, 2, 3]}]}\n', "routes to 3 experts; the model has model.moe.n_experts=8"),
+    ('{"step": 1,\n', "line 1 is not JSON"),
+])
+def test_bad_routing_metrics_are_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "model=tiny", "cluster.gpus_per_node=2", f"plan.routing_metrics={path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err

@@ -104,8 +104,10 @@ def weight_copies(run: RunConfig, layout: Layout) -> bool:
 class LayoutSizes:
     """Sizes of this layout that every formula below reads."""
 
-    def __init__(self, run: RunConfig, layout: Layout):
+    def __init__(self, run: RunConfig, layout: Layout, ep_imbalance: float = 1.0):
         d = layout.dims
+        # the busiest ep rank's routed rows over an even share (routing_load.py); 1 without ep
+        self.ep_imbalance = ep_imbalance if d.ep > 1 else 1.0
         self.tp, self.ep, self.pp, self.dp = d.tp, d.ep, d.pp, d.dp_size
         self.dp_shard, self.dp_shard_out = d.dp_shard, d.dp_shard_out
         self.fsdp = layout.dims.fsdp
@@ -179,8 +181,9 @@ def block_activation_bytes(shapes: ModelShapes, layer_id: int, s: LayoutSizes) -
     else:
         moe = cfg.moe
         routed = moe.top_k * (c["routed_d"] * cfg.d_model + c["routed_f"] * moe.expert_ffn + c["routed"])
-        # routed experts run whole on every tp rank unless ep spans tp (each tp rank then sends 1/tp)
-        per_token += (c["router"] * moe.n_experts + routed / (s.tp if s.ep > 1 else 1)
+        # routed experts run whole on every tp rank unless ep spans tp (each tp rank then sends 1/tp);
+        # under ep the busiest rank holds its larger share of the rows
+        per_token += (c["router"] * moe.n_experts + routed * s.ep_imbalance / (s.tp if s.ep > 1 else 1)
                       + c["shared"] * moe.n_shared_experts * moe.expert_ffn / s.tp + c["moe"])
     return per_token * s.tokens
 
@@ -201,8 +204,8 @@ def in_flight(s: LayoutSizes, pp_rank: int) -> int:
 
 
 def memory_breakdown(shapes: ModelShapes, run: RunConfig, layout: Layout,
-                     encoders: EncoderSampler | None = None) -> MemoryBreakdown:
-    s = LayoutSizes(run, layout)
+                     encoders: EncoderSampler | None = None, ep_imbalance: float = 1.0) -> MemoryBreakdown:
+    s = LayoutSizes(run, layout, ep_imbalance)
     ranges = layer_ranges(shapes.cfg.n_layers, s.n_stages, s.split)
     per_rank = []
     for pp_rank in range(s.pp):

@@ -12,6 +12,7 @@ from scifm.plan.config import PlanConfig, compose_plan_config
 from scifm.plan.encoder_load import EncoderSampler
 from scifm.plan.layouts import CHOICE_KEYS, DIM_KEYS, Layout, split_valid
 from scifm.plan.memory_model import LayoutSizes, MemoryBreakdown, compute_dtype, encoder_regime, memory_breakdown
+from scifm.plan.routing_load import RoutingLoad
 from scifm.plan.shapes import ModelShapes, model_shapes, vocab_sizes
 from scifm.plan.time_model import TimeBreakdown, step_time
 
@@ -35,6 +36,7 @@ class Plan:
     rows: list[Row]  # those that fit by step time, then the rest by memory
     rejected: list[tuple[Layout, str]]
     encoders: EncoderSampler | None  # the run's data sampled for the encoders (None without plan.tokenizer)
+    routing: RoutingLoad  # the busiest ep rank's share of the routed rows (even without plan.routing_metrics)
 
     @property
     def usable_bytes(self) -> float:
@@ -75,12 +77,14 @@ def make_plan(overrides: list[str]) -> Plan:
         sizes = [LayoutSizes(run, layout) for layout in valid]
         encoders = EncoderSampler(run, hardware.tokenizer, hardware.sample_steps,
                                   {(s.dp, encoder_regime(s)) for s in sizes})
-    plan = Plan(run, hardware, shapes, world, [], rejected, encoders)
+    routing = RoutingLoad(hardware.routing_metrics, run.model.moe.n_experts)
+    plan = Plan(run, hardware, shapes, world, [], rejected, encoders, routing)
     rows = []
     for layout in valid:
-        memory = memory_breakdown(shapes, run, layout, encoders)
-        rows.append(Row(layout, memory, step_time(shapes, run, layout, hardware, run.cluster.gpus_per_node, encoders),
-                        memory.total <= plan.usable_bytes))
+        imbalance = routing.imbalance(layout.dims.ep)
+        memory = memory_breakdown(shapes, run, layout, encoders, imbalance)
+        time = step_time(shapes, run, layout, hardware, run.cluster.gpus_per_node, encoders, imbalance)
+        rows.append(Row(layout, memory, time, memory.total <= plan.usable_bytes))
     # ties (layouts the model cannot tell apart in time) go to the one with more memory to spare
     rows.sort(key=lambda r: (not r.fits, round(r.time.total, 9) if r.fits else 0.0, r.memory.total))
     plan.rows = rows

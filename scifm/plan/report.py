@@ -26,7 +26,6 @@ step peak = grads + activations + buffers where a backward runs before the last 
 fits      = params + optimizer + step peak <= gpu_memory_gb - reserved_gb"""
 
 NOT_MODELED = [
-    "routing imbalance: every expert is assumed to receive its even share of the tokens",
     "the zero-bubble schedules' savings (their bubble is counted as Interleaved1F1B's)",
     "engines other than native (DeepSpeed's ZeRO and Megatron-Core shard differently)",
     "the optimizer step's own time and collectives (under sequence parallelism the norms' weight gradients are "
@@ -39,10 +38,23 @@ PARTS_NAMES = {"params": "parameters", "grads": "gradients", "optimizer": "optim
 
 
 def not_modeled(plan: Plan) -> list[str]:
-    if plan.encoders is not None:
-        return NOT_MODELED
-    return ["the modality encoders' activations and FLOPs: they depend on how many items a batch holds; give "
-            "plan.tokenizer=DIR (the run's tokenizer) to sample them from the run's data", *NOT_MODELED]
+    missing = []
+    if plan.encoders is None:
+        missing.append("the modality encoders' activations and FLOPs: they depend on how many items a batch holds; "
+                       "give plan.tokenizer=DIR (the run's tokenizer) to sample them from the run's data")
+    if not plan.hardware.routing_metrics:
+        missing.append("routing imbalance: every expert is assumed to receive its even share of the tokens; give "
+                       "plan.routing_metrics=FILE (a run's metrics.jsonl) to weigh the busiest ep rank by its routing")
+    return missing + NOT_MODELED
+
+
+def routing_line(plan: Plan) -> str:
+    eps = sorted({row.layout.dims.ep for row in plan.rows} - {1})
+    if not plan.hardware.routing_metrics or not eps:
+        return "routing: every expert its even share of the tokens"
+    shares = ", ".join(f"{plan.routing.imbalance(ep):.3f} at ep={ep}" for ep in eps)
+    return (f"routing (plan.routing_metrics, {plan.routing.n_blocks} logged blocks): the busiest ep rank takes "
+            f"{shares} times an even share of the routed rows (its experts' work and all-to-all rows scale by it)")
 
 
 def encoders_line(plan: Plan) -> str:
@@ -132,7 +144,7 @@ def text_report(plan: Plan) -> str:
                   f"{k} {v} | {memory_model.ACTIVATION_BYTES['bf16'][k]}"
                   for k, v in memory_model.ACTIVATION_BYTES["fp32"].items()),
               "time model:", *("  " + x for x in FORMULAS.splitlines()),
-              encoders_line(plan), "not modeled:", *(f"  - {x}" for x in not_modeled(plan))]
+              encoders_line(plan), routing_line(plan), "not modeled:", *(f"  - {x}" for x in not_modeled(plan))]
     return "\n".join(lines)
 
 
@@ -167,6 +179,7 @@ def json_report(plan: Plan) -> dict:
             "rank": rank, "layout": {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "tp", "pp", "ep",
                                                                "activation_checkpoint", "mixed_precision", "pp_split")},
             "overrides": row.layout.overrides(), "fits": row.fits,
+            "ep_imbalance": plan.routing.imbalance(row.layout.dims.ep),
             "memory_bytes": {**row.memory.parts(), "step_peak": row.memory.step_peak, "total": row.memory.total,
                              "pp_rank": row.memory.pp_rank,
                              "detail": row.memory.detail},
@@ -181,7 +194,8 @@ def json_report(plan: Plan) -> dict:
         "batch": describe_batch(plan.run), "hardware": dataclasses.asdict(plan.hardware),
         "usable_bytes": plan.usable_bytes,
         "formulas": {"memory": MEMORY_FORMULAS, "activation_bytes": memory_model.ACTIVATION_BYTES, "time": FORMULAS},
-        "encoders": encoders_line(plan), "not_modeled": not_modeled(plan), "explanation": explanation(plan),
+        "encoders": encoders_line(plan), "routing": routing_line(plan), "not_modeled": not_modeled(plan),
+        "explanation": explanation(plan),
         "rows": [row_json(i, r) for i, r in enumerate(plan.rows, 1)],
         "rejected": [{"overrides": layout.overrides(), "reason": reason} for layout, reason in plan.rejected],
     }

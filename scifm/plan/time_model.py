@@ -13,7 +13,8 @@ The modality encoders' FLOPs (first stage, whole on every tp rank) are measured 
 where a tokenizer is given (encoder_load.py).
 The routing statistics' all-reduce over the dp ranks (a few hundred bytes per MoE block, in the
 forward's path) counts its latency, over a tree's hops as NCCL runs so small a reduction.
-Not modeled: routing imbalance, kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
+Routing imbalance under ep scales the routed experts' work and rows on the busiest ep rank by the factor
+a run's logged routing gives (plan.routing_metrics, routing_load.py). Not modeled: kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
 DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
 Interleaved1F1B's, an upper bound).
 """
@@ -39,7 +40,8 @@ compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed 
             forward FLOPs per token: attention 2*d*(h+2*kv)*hd + 2*h*hd*d + 4*K*h*hd  (/tp),
             K = the keys a query's SDPA call is given: S, or under blocks of queries
             (model.attention_query_block) the end of the query's block, averaged over the queries;
-            dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1),
+            dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1;
+            x the busiest ep rank's imbalance i, from plan.routing_metrics, 1 without),
             shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
             + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
 tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x bytes / bw, each of the residual
@@ -52,7 +54,7 @@ tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x byt
             all-gather and reduce-scatter (SP) or all-reduce; the loss's 3 all-reduces of tokens x 4 bytes
             (loss parallel) or an all-gather of the logits; under FSDP an all-reduce of each norm weight's
             gradient (SP) and each q/k norm's. passes: all-gather and reduce-scatter 1, all-reduce 2
-ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes / tp
+ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes x i / tp
             + (MoE blocks + recomputed ones) x (ep-1)/ep x experts x 8
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
             (dispatch+combine fwd, bwd and recompute; each forward's exchange of token counts; the
@@ -113,13 +115,15 @@ def rank_block_flops(shapes: ModelShapes, moe: bool, s: LayoutSizes) -> float:
     SDPA's kernels compute every query-key pair they are given: attention counts the keys each block
     of queries gets."""
     parts = layer_forward_flops(shapes.cfg, moe, keys_visited(s.seq, shapes.cfg.attention_query_block))
+    if "routed experts" in parts:  # the busiest ep rank's rows, which every rank waits for
+        parts["routed experts"] *= s.ep_imbalance
     split = TP_SPLIT | ({"routed experts"} if s.ep > 1 else set())
     return sum(flops / s.tp if part in split else flops for part, flops in parts.items())
 
 
 def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanConfig, gpus_per_node: int,
-              encoders: EncoderSampler | None = None) -> TimeBreakdown:
-    s = LayoutSizes(run, layout)
+              encoders: EncoderSampler | None = None, ep_imbalance: float = 1.0) -> TimeBreakdown:
+    s = LayoutSizes(run, layout, ep_imbalance)
     encoder_flops = encoders.load(s.dp, encoder_regime(s)).forward_flops if encoders is not None else 0.0
     cfg = shapes.cfg
     peak = plan.peak_flops(compute_dtype(run)) * plan.mfu
@@ -227,14 +231,15 @@ def _ep_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], se
     and combine (their backward the same two again); where ep spans the tp ranks, each dispatches 1/tp of
     the rows and their results are all-gathered over tp (whose backward gathers the rows' gradients). A
     recomputed block's forward runs them again. Rows leave for the other ranks' experts in proportion to
-    their share (routing imbalance is not modeled)."""
+    their share, and the busiest rank receives (and sends back) s.ep_imbalance times its even share,
+    which the all-to-all waits for."""
     n_moe = sum(moe)
     n_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
     routed = s.tokens * cfg.moe.top_k * cfg.d_model * s.act_bytes
     all_to_alls = 4 * n_moe + 2 * n_recomputed
     counts = n_moe + n_recomputed
     gathers = 2 * n_moe + n_recomputed if s.tp > 1 else 0
-    moved = (s.ep - 1) / s.ep * (all_to_alls * routed / s.tp + counts * cfg.moe.n_experts * 8) \
+    moved = (s.ep - 1) / s.ep * (all_to_alls * routed * s.ep_imbalance / s.tp + counts * cfg.moe.n_experts * 8) \
         + gathers * (s.tp - 1) / s.tp * routed
     return seconds(moved, all_to_alls + counts + gathers * (s.tp - 1), s.ep)
 

@@ -121,7 +121,8 @@ def text_report(plan: Plan) -> str:
         f"{len(plan.rejected)} rejected",
         "",
         f"{'#':>3} {'layout':{width}} {'params':>7} {'grads':>6} {'optim':>6} {'activ':>6} {'buffer':>6} {'total':>6} fits"
-        f" | {'compute':>8} {'tp':>7} {'ep':>7} {'stats':>7} {'bubble':>7} {'p2p':>7} {'dp':>7} {'step s':>8} {'tok/s':>9}",
+        f" | {'compute':>8} {'tp':>7} {'ep':>7} {'stats':>7} {'bubble':>7} {'p2p':>7} {'dp':>7} {'step s':>8}"
+        f" {'tok/s':>9}",
     ]
     for i, row in enumerate(plan.rows[:hw.top], 1):
         m, t = row.memory, row.time

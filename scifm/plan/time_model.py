@@ -14,9 +14,9 @@ where a tokenizer is given (encoder_load.py).
 The routing statistics' all-reduce over the dp ranks (a few hundred bytes per MoE block, in the
 forward's path) counts its latency, over a tree's hops as NCCL runs so small a reduction.
 Routing imbalance under ep scales the routed experts' work and rows on the busiest ep rank by the factor
-a run's logged routing gives (plan.routing_metrics, routing_load.py). Not modeled: kernel launches, the optimizer step's time and collectives, FSDP2's buffer copies and
-DTensor's dispatch, and the zero-bubble schedules' savings (their bubble is counted as
-Interleaved1F1B's, an upper bound).
+a run's logged routing gives (plan.routing_metrics, routing_load.py). Not modeled: kernel launches, the
+optimizer step's time and collectives, FSDP2's buffer copies and DTensor's dispatch, and the zero-bubble
+schedules' savings (their bubble is counted as Interleaved1F1B's, an upper bound).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x byt
             all-gather and reduce-scatter (SP) or all-reduce; the loss's 3 all-reduces of tokens x 4 bytes
             (loss parallel) or an all-gather of the logits; under FSDP an all-reduce of each norm weight's
             gradient (SP) and each q/k norm's. passes: all-gather and reduce-scatter 1, all-reduce 2
-ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes x i / tp
+ep        = micro-batches x [(4 x MoE blocks + 2 x recomputed ones) x (ep-1)/ep x tokens x top_k x d x act_bytes
+              x i / tp
             + (MoE blocks + recomputed ones) x (ep-1)/ep x experts x 8
             + (2 x MoE blocks + recomputed ones) x (tp-1)/tp x tokens x top_k x d x act_bytes] / bw
             (dispatch+combine fwd, bwd and recompute; each forward's exchange of token counts; the
@@ -101,8 +102,8 @@ class TimeBreakdown:
         return self.tokens_per_step / self.total
 
     def parts(self) -> dict[str, float]:
-        return {"compute": self.compute, "tp": self.tp, "ep": self.ep, "stats": self.stats, "pp_bubble": self.pp_bubble,
-                "pp_p2p": self.pp_p2p, "dp_exposed": self.dp_exposed}
+        return {"compute": self.compute, "tp": self.tp, "ep": self.ep, "stats": self.stats,
+                "pp_bubble": self.pp_bubble, "pp_p2p": self.pp_p2p, "dp_exposed": self.dp_exposed}
 
 
 # what tp divides of a block's work, by part (scifm.model.flops's parts); the routed experts run
@@ -167,7 +168,8 @@ def step_time(shapes: ModelShapes, run: RunConfig, layout: Layout, plan: PlanCon
     pp_p2p = seconds(2 * s.virtual * m * residual, 2 * s.virtual * m, d.world_size // s.pp + 1) if s.pp > 1 else 0.0
     dp = _dp_seconds(shapes, s, layer_ids, n_moe, 0 in stages, s.n_stages - 1 in stages, seconds)
     return TimeBreakdown(compute=compute, recompute=recompute_flops / peak, tp=tp, ep=ep, stats=stats,
-                         pp_bubble=pp_bubble, pp_p2p=pp_p2p, dp=dp, dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
+                         pp_bubble=pp_bubble, pp_p2p=pp_p2p, dp=dp,
+                         dp_exposed=max(0.0, dp - compute) if plan.comm_overlap else dp,
                          tokens_per_step=run.trainer.batch_size * run.trainer.grad_accum * s.seq)
 
 

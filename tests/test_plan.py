@@ -414,7 +414,9 @@ def test_routing_imbalance_weighs_the_busiest_expert_parallel_rank(tmp_path):
               "parallel.pp=1", "parallel.dp_replicate=1", "parallel.activation_checkpoint=none",
               "parallel.mixed_precision=bf16"]
     even = make_plan(layout).rows[0]
-    skewed_plan = make_plan([*layout, f"plan.routing_metrics={tmp_path / 'm.jsonl'}"])
+    (tmp_path / "run").mkdir()
+    write_routing(tmp_path / "run" / "metrics.jsonl", [[4, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 1]])
+    skewed_plan = make_plan([*layout, f"plan.routing_metrics={tmp_path / 'run'}"])  # a run's directory
     skewed = skewed_plan.rows[0]
     tokens = 8 // 4 * 128
     routed_flops = 3 * 2 * 6 * 128 * 128  # forward per token: 3 MoE blocks x top-2 x a SwiGLU of d 128, width 128

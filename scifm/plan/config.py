@@ -35,8 +35,9 @@ class PlanConfig:
     # activations and FLOPs; "" = typical vocabulary sizes, encoders left out
     tokenizer: str = ""
     sample_steps: int = 4  # optimizer steps of the run's data sampled for the encoders (with a tokenizer)
-    # a run's metrics.jsonl: its logged routing (tokens per expert) gives, for each ep size, how many more
-    # rows than an even share the busiest ep rank takes (routing_load.py); "" = every expert its even share
+    # a run's metrics.jsonl (or the run's directory): its logged routing (tokens per expert) gives, for each
+    # ep size, how many more rows than an even share the busiest ep rank takes (routing_load.py); "" = every
+    # expert its even share
     routing_metrics: str = ""
     top: int = 15  # rows shown in the table (--json lists all)
 

@@ -51,7 +51,9 @@ class RoutingLoad:
 
 
 def _read_counts(path: Path, n_experts: int) -> list[list[float]]:
-    require(path.is_file(), KEY, f"no such file: {path} (give a run's metrics.jsonl)")
+    if path.is_dir():  # a run directory: the metrics.jsonl it holds
+        path = path / "metrics.jsonl"
+    require(path.is_file(), KEY, f"no such file: {path} (give a run's metrics.jsonl or its directory)")
     blocks = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

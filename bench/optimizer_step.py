@@ -1,11 +1,13 @@
-"""torch's AdamW step over a scifm model's parameters: the default (tensor by tensor on CPU), foreach
-and fused implementations, alternated within each round so that load on the machine hits all three
-alike. Prints medians, the spread (max / min over rounds) and each median over the default's.
-With --meshes 2 the parameters are DTensors on two meshes, as FSDP2 with expert parallelism leaves them
-(the experts on theirs, the rest on dp_shard's; torch's fake process group stands for the other rank,
-replicated placements keep every tensor whole): the optimizer stepped them tensor by tensor (the
-default) until the trainer asked torch whether its fused kernel takes several meshes at once.
-Run: python bench/optimizer_step.py [--model tiny|moe_1b] [--rounds 7] [--meshes 2]
+"""torch's AdamW step over a scifm model's parameters, alternated within each round so that load on the
+machine hits every variant alike: the default (tensor by tensor on CPU), foreach, fused (one call per
+group), and scifm's (build_optimizer: fused, one call per group and mesh where the parameters sit on
+several). Prints medians, the spread (max / min over rounds) and each median over the default's.
+--placement: `plain` tensors; `two-meshes`, replicated DTensors with the routed experts on one mesh and
+the rest on another, as FSDP2 with expert parallelism leaves them; `mixed`, the decoder blocks' matrices
+but the experts' and routers' as DTensors on one mesh and the rest plain, as TP without FSDP leaves them
+(torch's fake process group stands for the other rank; replicated placements keep every tensor whole).
+A variant torch refuses for a placement is named and left out.
+Run: python bench/optimizer_step.py [--model tiny|moe_1b] [--rounds 7] [--placement plain|two-meshes|mixed]
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import time
 
 import torch
 
-from scifm.config import compose_run_config
+from scifm.config import TrainerConfig, compose_run_config
 from scifm.model.multimodal import ScientificMoE
+from scifm.train.optim import build_optimizer
 
-IMPLEMENTATIONS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+TORCH_VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 # vocabulary sizes of the kind a trained tokenizer gives; the optimizer only sees the tensor sizes
 VOCAB = {"total": 4096, "text": 2048, "latex": 512, "protein": 64}
 
 
-def on_two_meshes(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The model's parameters as replicated DTensors: the routed experts' on one mesh, the rest on another."""
+def placed(model: torch.nn.Module, placement: str) -> list[torch.nn.Parameter]:
+    if placement == "plain":
+        return list(model.parameters())
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate
@@ -33,25 +37,43 @@ def on_two_meshes(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp_shard", "ep"))
-    return [torch.nn.Parameter(DTensor.from_local(p.detach(), mesh["ep" if ".experts." in name else "dp_shard"],
-                                                  [Replicate()], run_check=False))
-            for name, p in model.named_parameters()]
+
+    def mesh_of(name: str, p: torch.Tensor):
+        if placement == "two-meshes":
+            return mesh["ep" if ".experts." in name else "dp_shard"]
+        sharded = name.startswith("layers.") and p.ndim >= 2 and ".experts." not in name and ".router." not in name
+        return mesh["dp_shard"] if sharded else None
+
+    out = []
+    for name, p in model.named_parameters():
+        on = mesh_of(name, p)
+        out.append(torch.nn.Parameter(p.detach() if on is None else
+                                      DTensor.from_local(p.detach(), on, [Replicate()], run_check=False)))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="a configs/model preset")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--meshes", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--placement", choices=("plain", "two-meshes", "mixed"), default="plain")
     args = parser.parse_args()
     cfg = compose_run_config(["experiment=tiny", f"model={args.model}"])
-    model = ScientificMoE(cfg.model, VOCAB)
-    params = list(model.parameters()) if args.meshes == 1 else on_two_meshes(model)
+    params = placed(ScientificMoE(cfg.model, VOCAB), args.placement)
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
-    optimizers = {name: torch.optim.AdamW(params, lr=1e-4, **kw) for name, kw in IMPLEMENTATIONS.items()}
-    for opt in optimizers.values():  # the first step creates the moments: not timed
-        opt.step()
+    holder = torch.nn.Module()
+    for i, p in enumerate(params):
+        holder.register_parameter(f"p{i}", p)
+    optimizers = {name: torch.optim.AdamW(params, lr=1e-4, **kw) for name, kw in TORCH_VARIANTS.items()}
+    optimizers["scifm"] = build_optimizer(holder, TrainerConfig())
+    refused = []
+    for name, opt in list(optimizers.items()):  # the first step creates the moments: not timed
+        try:
+            opt.step()
+        except RuntimeError as err:
+            refused.append(f"{name} ({str(err).splitlines()[0][:90]})")
+            del optimizers[name]
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for _ in range(args.rounds):
         for name, opt in optimizers.items():
@@ -59,12 +81,13 @@ def main() -> None:
             opt.step()
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times["default"])
-    print(f"model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, {len(params)} tensors"
-          f"{', DTensors on 2 meshes' if args.meshes == 2 else ''}, "
-          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"model {args.model}: {sum(p.numel() for p in params) / 1e6:.1f}M parameters, {len(params)} tensors "
+          f"({args.placement}), {args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, t in times.items():
         median = statistics.median(t)
         print(f"  {name:8s} median {median * 1e3:8.1f} ms  spread {max(t) / min(t):5.2f}  / default {median / base:.3f}")
+    for line in refused:
+        print(f"  refused by torch: {line}")
 
 
 if __name__ == "__main__":

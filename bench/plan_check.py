@@ -32,10 +32,8 @@ from pathlib import Path
 
 import torch
 
-from scifm.config import compose_run_config
 from scifm.plan.layouts import only_layout
 from scifm.plan.planner import make_plan
-from scifm.plan.routing_load import RoutingLoad
 from scifm.train.profiling import PROFILE_DIR
 
 RUN = ["experiment=tiny", "trainer.grad_accum=2", "trainer.precision=fp32"]
@@ -177,17 +175,18 @@ def main() -> None:
             return make_plan([*run(name), *only_layout(layout), "cluster.nodes=1", f"cluster.gpus_per_node={nproc}",
                               f"plan.tokenizer={Path(tmp) / '0-single' / 'tokenizer'}", *hardware,
                               f"data.corpus_dir={Path(tmp) / 'corpus'}",
-                              f"data.corpus_max_docs_per_source={CORPUS_DOCS}"]).rows[0].time
+                              f"data.corpus_max_docs_per_source={CORPUS_DOCS}"])
 
         # the MFU the one-process run reached: its step is all compute, so the planner's compute at the
         # matmul peak over the measured step
-        mfu = min(1.0, predict("single", [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1"]).compute / base)
+        mfu = min(1.0, predict("single", [f"plan.peak_tflops_fp32={peak / 1e12}", "plan.mfu=1"]).rows[0].time.compute
+                  / base)
         hardware = [f"plan.peak_tflops_fp32={peak / 1e12}", f"plan.mfu={mfu}", f"plan.intra_node_gbps={gbps}",
                     f"plan.intra_node_latency_us={latency_us}", "plan.comm_overlap=false",
                     f"plan.routing_metrics={Path(tmp) / '0-single' / 'metrics.jsonl'}", *plan_overrides]
-        predicted = {name: predict(name, hardware) for name in LAYOUTS}
-        n_experts = compose_run_config(run("single")).model.moe.n_experts
-        imbalance = RoutingLoad(str(Path(tmp) / "0-single" / "metrics.jsonl"), n_experts).imbalance(2)
+        plans = {name: predict(name, hardware) for name in LAYOUTS}
+        predicted = {name: plan.rows[0].time for name, plan in plans.items()}
+        imbalance = plans["dp_shard=2 ep=2"].routing.imbalance(2)
         if args.profile:
             window = [f"trainer.profile.start_step={PROFILED[0]}", f"trainer.profile.steps={PROFILED[1]}"]
             step_seconds(2, [*LAYOUTS["dp_shard=2"][1], *window], Path(tmp) / "profiled", Path(tmp) / "corpus",

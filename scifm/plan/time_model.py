@@ -227,6 +227,11 @@ def _tp_seconds(cfg, vocab: int, s: LayoutSizes, layer_ids: list[int], stages: l
     return seconds(moved, sum(RING_PASSES[c] * (n - 1) for c, _ in sized), n)
 
 
+def _moe_blocks(moe: list[bool], recomputed: list[bool]) -> tuple[int, int]:
+    """(MoE blocks, of which recomputed) on this pipeline rank."""
+    return sum(moe), sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
+
+
 def _ep_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], seconds) -> float:
     """One micro-batch's expert-parallel collectives on this pipeline rank (expert_parallel.py): per MoE
     block's forward an all-to-all of each ep rank's token counts per expert, then the routed rows' dispatch
@@ -235,8 +240,7 @@ def _ep_seconds(cfg, s: LayoutSizes, moe: list[bool], recomputed: list[bool], se
     recomputed block's forward runs them again. Rows leave for the other ranks' experts in proportion to
     their share, and the busiest rank receives (and sends back) s.ep_imbalance times its even share,
     which the all-to-all waits for."""
-    n_moe = sum(moe)
-    n_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
+    n_moe, n_recomputed = _moe_blocks(moe, recomputed)
     routed = s.tokens * cfg.moe.top_k * cfg.d_model * s.act_bytes
     all_to_alls = 4 * n_moe + 2 * n_recomputed
     counts = n_moe + n_recomputed
@@ -251,8 +255,7 @@ def stats_all_reduces(cfg, moe: list[bool], recomputed: list[bool]) -> tuple[int
     ranks (router_stats.py): every MoE block's forward reduces its float64 sums (router probabilities
     and routed tokens per expert, the z-loss's, the tokens and the dropped ones), a recomputed block's
     forward again, and its backward their gradient."""
-    n_moe = sum(moe)
-    n_recomputed = sum(r for r, is_moe in zip(recomputed, moe) if is_moe)
+    n_moe, n_recomputed = _moe_blocks(moe, recomputed)
     return 2 * n_moe + n_recomputed, (2 * cfg.moe.n_experts + 3) * 8
 
 

@@ -44,13 +44,15 @@ def _step_one_call_per_mesh(optimizer: torch.optim.AdamW) -> None:
     parallelism puts the experts on a mesh of their own. Around each step, hooks split every group into
     one per mesh (plain tensors as one) and then put the groups back, so the groups that checkpoints
     and the schedule see stay the two built here; the state is keyed by parameter, so it is shared."""
+    built: list[list[dict]] = []  # the groups as built, while a step runs on the split ones
+
     def split(opt: torch.optim.Optimizer, args, kwargs) -> None:
-        opt.built_groups = opt.param_groups
+        built.append(opt.param_groups)
         opt.param_groups = [dict(group, params=params) for group in opt.param_groups
                             for params in _by_mesh(group["params"])]
 
     def restore(opt: torch.optim.Optimizer, args, kwargs) -> None:
-        opt.param_groups = opt.built_groups
+        opt.param_groups = built.pop()
 
     optimizer.register_step_pre_hook(split)
     optimizer.register_step_post_hook(restore)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from scifm.core.modalities import MODALITIES
 from scifm.data.documents import Document
 from scifm.data.features import Prepared, prepare_segment
@@ -52,7 +54,7 @@ class LaidOut(Protocol):
     skill: str
     n_ids: int
     item_spans: list[tuple[str, int, int]]  # each item's modality, first slot and slot count: what a cut avoids
-    ids: list[int]
+    ids: list[int] | np.ndarray  # an indexed document's are an array (collate writes either into numpy rows)
     items: list[EncodedItem]
 
 
@@ -66,18 +68,18 @@ def encode_document(doc: Document, tokenizer, enc_cfg: EncodersConfig, base_dir:
             ids.extend(tokenizer.encode_text(seg["text"]))
             continue
         assert kind in MODALITIES, kind  # Document.from_dict already rejected other types
-        append_item(ids, items, kind, prepare_segment(seg, tokenizer, enc_cfg, base_dir), tokenizer, enc_cfg)
+        ids += laid_out_item(items, len(ids), kind, prepare_segment(seg, tokenizer, enc_cfg, base_dir), tokenizer, enc_cfg)
     ids.append(tokenizer.eos_id)
     return EncodedDocument(doc.skill, ids, items)
 
 
-def append_item(ids: list[int], items: list[EncodedItem], kind: str, prepared: Prepared, tokenizer,
-                enc_cfg: EncodersConfig) -> None:
-    """Lays out a checked item's [START_X] k x [SLOT_X] [END_X] after `ids`. Shared with indexed
-    datasets (scifm.data.indexed), whose documents must come out the same."""
+def laid_out_item(items: list[EncodedItem], at: int, kind: str, prepared: Prepared, tokenizer,
+                  enc_cfg: EncodersConfig) -> tuple[int, ...]:
+    """Appends the item that starts at id `at` to `items` and returns its [START_X] k x [SLOT_X] [END_X]
+    ids. Shared with indexed datasets (scifm.data.indexed), whose documents must come out the same."""
     k = getattr(enc_cfg, kind).slots
-    items.append(EncodedItem(kind, len(ids) + 1, k, prepared))
-    ids += _marker_block(tokenizer, kind, k)
+    items.append(EncodedItem(kind, at + 1, k, prepared))
+    return _marker_block(tokenizer, kind, k)
 
 
 @functools.lru_cache(maxsize=32)

@@ -123,7 +123,7 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
     """`placeholders` (from placeholder_features) stand in for modalities without items; their
     slot_index has no rows, so they write nothing into the sequence."""
     n_rows = len(rows)
-    # filled in numpy a row at a time: a tensor per chunk cost more than the packing on short documents
+    # filled in numpy a chunk at a time: a tensor per chunk cost more than the packing on short documents
     input_ids_BS = np.full((n_rows, seq_len), tokenizer.pad_id, dtype=np.int64)
     targets_BS = input_ids_BS.copy()
     positions_BS = np.zeros((n_rows, seq_len), dtype=np.int64)
@@ -132,20 +132,18 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
     first_slots: dict[str, list[int]] = {}  # flat index of each item's first slot
     n_slots: dict[str, int] = {}  # one count per modality (its encoder's output)
     for r, row in enumerate(rows):
-        row_inputs: list[int] = []
-        row_targets: list[int] = []
+        offset = 0
         for chunk in row.chunks:
-            offset, ids = len(row_inputs), chunk.doc.ids
-            row_inputs += ids[chunk.start : chunk.stop]
-            row_targets += ids[chunk.start + 1 : chunk.stop + 1]
+            ids, end = chunk.doc.ids, offset + chunk.length  # a list, or an indexed document's array
+            input_ids_BS[r, offset:end] = ids[chunk.start : chunk.stop]
+            targets_BS[r, offset:end] = ids[chunk.start + 1 : chunk.stop + 1]
             for item in chunk.items():
                 features.setdefault(item.modality, []).append(item.features())
                 first_slots.setdefault(item.modality, []).append(r * seq_len + offset + item.slot_start - chunk.start)
                 n_slots[item.modality] = item.n_slots
-        used = len(row_inputs)
+            offset = end
+        used = offset
         lengths = np.array([chunk.length for chunk in row.chunks], dtype=np.int64)
-        input_ids_BS[r, :used] = row_inputs
-        targets_BS[r, :used] = row_targets
         positions_BS[r, :used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         doc_ids_BS[r, :used] = np.repeat(np.arange(len(lengths)), lengths)
     items = {m: collate(m, feats) for m, feats in features.items()}

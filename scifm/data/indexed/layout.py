@@ -27,7 +27,7 @@ import numpy as np
 from scifm.core.encoders_config import EncodersConfig
 from scifm.core.errors import DocumentFormatError
 from scifm.data.documents import Document
-from scifm.data.encode import EncodedItem, append_item
+from scifm.data.encode import EncodedItem, laid_out_item
 from scifm.data.features import Prepared
 from scifm.data.features.latex import check_latex
 from scifm.data.features.molecule import check_atoms_fit, mol_features, parse_molecule
@@ -107,15 +107,16 @@ class IndexedDocument:
             shift += encoder.slots - n_item_ids
         return len(self.ids) + shift, item_spans
 
-    def lay_out(self, tokenizer, enc_cfg: EncodersConfig) -> tuple[list[int], list[EncodedItem]]:
-        """The ids and items that encode_document gives its JSONL line, for a document that passed its
-        checks (measure, or its packing index row)."""
-        ids: list[int] = []
+    def lay_out(self, tokenizer, enc_cfg: EncodersConfig) -> tuple[np.ndarray, list[EncodedItem]]:
+        """The ids (int64) and items that encode_document gives its JSONL line, for a document that
+        passed its checks (measure, or its packing index row)."""
+        pieces: list = []  # stored ids between items, and each item's laid-out block
         items: list[EncodedItem] = []
         molecules = zip(self.atoms, self.bonds)
-        done = stored = 0  # stored ids laid out so far; stored graph values passed
+        done = stored = n_ids = 0  # stored ids laid out so far; stored graph values passed; ids laid out
         for kind, pos, end in self._stored_items(tokenizer):
-            ids += self.ids[done:pos].tolist()
+            pieces.append(self.ids[done:pos])
+            n_ids += pos - done
             if kind == "molecule":
                 n_atoms, n_bonds = next(molecules)
                 size = graph_size(n_atoms, n_bonds)
@@ -124,10 +125,14 @@ class IndexedDocument:
             else:  # LaTeX and protein features are the item's ids in its block's own numbering
                 local = self.ids[pos + 1 : end] - tokenizer.domain_offset(STORED[kind][0])
                 prepared = Prepared.ready({"ids": local})
-            append_item(ids, items, kind, prepared, tokenizer, enc_cfg)
+            block = laid_out_item(items, n_ids, kind, prepared, tokenizer, enc_cfg)
+            pieces.append(block)
+            n_ids += len(block)
             done = end + 1
-        ids += self.ids[done:].tolist()
-        return ids, items
+        if not pieces:
+            return self.ids, items
+        pieces.append(self.ids[done:])
+        return np.concatenate(pieces), items
 
     def _stored_items(self, tokenizer) -> zip:
         """Each stored item's kind and the positions of its START and END markers."""

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 SPLIT, SKILL, STORED_IDS = 0, 1, 2
 FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
 N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
-MOLECULES = FIRST_KIND_COLUMN + KIND_COLUMNS * STORED_KINDS.index("molecule")  # the molecule count's column
+ITEM_COUNTS = range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS)  # each kind's item count's column
+MOLECULES = ITEM_COUNTS[STORED_KINDS.index("molecule")]
 DTYPE = np.int32
 REFUSED = -1  # laid_out_lengths' mark of a document an item of which is over its encoder's max_len
 
@@ -48,7 +49,7 @@ def laid_out_lengths(index: np.ndarray, enc_cfg: EncodersConfig) -> np.ndarray:
     """Each row's laid-out length under `enc_cfg` (int64), REFUSED where an item is over its max_len."""
     lengths = index[:, STORED_IDS].astype(np.int64)
     refused = np.zeros(len(index), dtype=bool)
-    for col, kind in zip(range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS), STORED_KINDS):
+    for col, kind in zip(ITEM_COUNTS, STORED_KINDS):
         encoder = getattr(enc_cfg, kind)
         lengths += index[:, col].astype(np.int64) * encoder.slots - index[:, col + 1]
         refused |= index[:, col + 2] > encoder.max_len  # 0 where the document has none of the kind
@@ -67,7 +68,7 @@ class IndexedLayout:
         self.skill, self.n_ids, self.shard, self.pos = skill, n_ids, shard, pos
         self._doc: IndexedDocument | None = None
         self._item_spans: list[tuple[str, int, int]] | None = None
-        self._ids: list[int] | None = None
+        self._ids: list[int] | np.ndarray | None = None
         self._items: list[EncodedItem] = []
 
     def read(self) -> IndexedDocument:
@@ -83,7 +84,7 @@ class IndexedLayout:
         return self._item_spans
 
     @property
-    def ids(self) -> list[int]:
+    def ids(self) -> list[int] | np.ndarray:
         return self._ids if self._ids is not None else self._lay_out()
 
     @property
@@ -92,8 +93,11 @@ class IndexedLayout:
             self._lay_out()
         return self._items
 
-    def _lay_out(self) -> list[int]:
-        ids, self._items = self.read().lay_out(self.shard.tokenizer, self.shard.enc_cfg)
+    def _lay_out(self) -> list[int] | np.ndarray:
+        if self._doc is None and self.shard.prose_only(self.pos):  # unread, and laid out as stored
+            ids, self._items = self.shard.stored_ids(self.pos), []
+        else:
+            ids, self._items = self.read().lay_out(self.shard.tokenizer, self.shard.enc_cfg)
         self._check(len(ids))
         self._ids = ids
         return ids

@@ -23,7 +23,7 @@ from scifm.data.documents import SPLITS
 from scifm.data.indexed.files import open_packing_index, open_shard, read_sidecar
 from scifm.data.indexed.graphs import DTYPE
 from scifm.data.indexed.layout import IndexedDocument
-from scifm.data.indexed.packing_index import MOLECULES, REFUSED, SKILL, SPLIT, IndexedLayout, laid_out_lengths
+from scifm.data.indexed.packing_index import ITEM_COUNTS, MOLECULES, REFUSED, SKILL, SPLIT, IndexedLayout, laid_out_lengths
 from scifm.data.streams import Cursor, SourceSpec, changed
 
 NO_GRAPHS = np.empty(0, DTYPE)  # a document without molecules: its graphs are not read
@@ -98,6 +98,16 @@ class OpenShard:
             atoms, bonds = self._metadata(pos)[3:]
             return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), graphs[pos])
         return IndexedDocument(tokens[pos].astype(np.int64), (), (), NO_GRAPHS)
+
+    def prose_only(self, pos: int) -> bool:
+        """Whether the document holds no stored item (its packing index row counts none of any kind)."""
+        row = self.index[pos]
+        return not any(row[col] for col in ITEM_COUNTS)
+
+    def stored_ids(self, pos: int) -> np.ndarray:
+        """Its stored ids as the shard holds them (a read-only view of the map, in the stored dtype)."""
+        tokens, _, _ = self._datasets or self._open()
+        return tokens[pos]
 
     def document_id(self, pos: int) -> str:
         return self._metadata(pos)[0]

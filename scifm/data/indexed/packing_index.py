@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 SPLIT, SKILL, STORED_IDS = 0, 1, 2
 FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
 N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
-ITEM_COUNTS = range(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS)  # each kind's item count's column
-MOLECULES = ITEM_COUNTS[STORED_KINDS.index("molecule")]
+ITEM_COUNTS = slice(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS)  # each kind's item count's column
+MOLECULES = range(N_COLUMNS)[ITEM_COUNTS][STORED_KINDS.index("molecule")]
 DTYPE = np.int32
 REFUSED = -1  # laid_out_lengths' mark of a document an item of which is over its encoder's max_len
 
@@ -49,7 +49,7 @@ def laid_out_lengths(index: np.ndarray, enc_cfg: EncodersConfig) -> np.ndarray:
     """Each row's laid-out length under `enc_cfg` (int64), REFUSED where an item is over its max_len."""
     lengths = index[:, STORED_IDS].astype(np.int64)
     refused = np.zeros(len(index), dtype=bool)
-    for col, kind in zip(ITEM_COUNTS, STORED_KINDS):
+    for col, kind in zip(range(N_COLUMNS)[ITEM_COUNTS], STORED_KINDS):
         encoder = getattr(enc_cfg, kind)
         lengths += index[:, col].astype(np.int64) * encoder.slots - index[:, col + 1]
         refused |= index[:, col + 2] > encoder.max_len  # 0 where the document has none of the kind

@@ -101,8 +101,7 @@ class OpenShard:
 
     def prose_only(self, pos: int) -> bool:
         """Whether the document holds no stored item (its packing index row counts none of any kind)."""
-        row = self.index[pos]
-        return not any(row[col] for col in ITEM_COUNTS)
+        return not any(self.index[pos, ITEM_COUNTS].tolist())  # one read of the row's counts
 
     def stored_ids(self, pos: int) -> np.ndarray:
         """Its stored ids as the shard holds them (a read-only view of the map, in the stored dtype)."""

@@ -29,7 +29,7 @@ SPLIT, SKILL, STORED_IDS = 0, 1, 2
 FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
 N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
 ITEM_COUNTS = slice(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS)  # each kind's item count's column
-MOLECULES = range(N_COLUMNS)[ITEM_COUNTS][STORED_KINDS.index("molecule")]
+MOLECULES = range(N_COLUMNS)[ITEM_COUNTS][STORED_KINDS.index("molecule")]  # the molecule count's column
 DTYPE = np.int32
 REFUSED = -1  # laid_out_lengths' mark of a document an item of which is over its encoder's max_len
 

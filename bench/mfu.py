@@ -18,7 +18,7 @@ import torch
 from scifm.core.host_memory import keep_freed_host_memory
 from scifm.model.flops import TRAIN_PASSES, decoder_forward_flops
 from scifm.parallel.fsdp import apply_compile
-from text_step import VOCAB, TextBatch, build_model, model_config, scifm_step, step_arguments
+from text_step import VOCAB, TextBatch, build_model, model_config, scifm_optimizer, scifm_step, step_arguments
 
 PEAK_N = 2048
 
@@ -45,7 +45,8 @@ def main() -> None:
     if args.compile:
         models["compiled"] = copy.deepcopy(model)
         apply_compile(models["compiled"])
-    steps = {(p, mode): scifm_step(m, batch, p) for p in args.precisions for mode, m in models.items()}
+    optimizers = {mode: scifm_optimizer(m) for mode, m in models.items()}  # one per model, shared by its precisions
+    steps = {(p, mode): scifm_step(m, batch, p, optimizers[mode]) for p in args.precisions for mode, m in models.items()}
     operands = {p: (torch.randn(PEAK_N, PEAK_N, dtype=dtypes[p]), torch.randn(PEAK_N, PEAK_N, dtype=dtypes[p]))
                 for p in args.precisions}
     for (p, _), step in steps.items():  # warm-up (and compilation)

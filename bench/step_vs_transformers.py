@@ -29,8 +29,8 @@ from scifm.core.host_memory import keep_freed_host_memory
 from scifm.hf.architectures import QWEN3_MOE, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
 from scifm.parallel.fsdp import apply_compile
-from text_step import (CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_step, step_arguments,
-                       synchronize)
+from text_step import (CLIP, VOCAB, TextBatch, autocast_of, build_model, model_config, scifm_optimizer, scifm_step,
+                       step_arguments, synchronize)
 
 
 def as_transformers(model) -> torch.nn.Module:
@@ -42,8 +42,12 @@ def as_transformers(model) -> torch.nn.Module:
         return transformers.AutoModelForCausalLM.from_pretrained(hf_dir).train()
 
 
-def transformers_step(model, batch: TextBatch, precision: str):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+def transformers_optimizer(model) -> torch.optim.Optimizer:
+    """The fused AdamW that transformers' Trainer uses from torch 2.8 on."""
+    return torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
+
+
+def transformers_step(model, batch: TextBatch, precision: str, optimizer: torch.optim.Optimizer):
     device = batch.input_ids.device
     autocast = autocast_of(precision, device.type)
 
@@ -104,12 +108,16 @@ def main() -> None:
     if args.compile:
         compiled = copy.deepcopy(ours)
         apply_compile(compiled)
+    # one optimizer per model, shared by its precisions' steps: a set of moments each would not fit
+    # --shape big's two precisions into 24 GiB
+    optimizers = {"ours": scifm_optimizer(ours), "theirs": transformers_optimizer(theirs),
+                  "compiled": scifm_optimizer(compiled) if compiled is not None else None}
     steps = {}
     for precision in args.precisions:
-        steps[f"scifm {precision}"] = scifm_step(ours, batch, precision)
+        steps[f"scifm {precision}"] = scifm_step(ours, batch, precision, optimizers["ours"])
         if compiled is not None:
-            steps[f"scifm {precision} compiled"] = scifm_step(compiled, batch, precision)
-        steps[f"transformers {precision}"] = transformers_step(theirs, batch, precision)
+            steps[f"scifm {precision} compiled"] = scifm_step(compiled, batch, precision, optimizers["compiled"])
+        steps[f"transformers {precision}"] = transformers_step(theirs, batch, precision, optimizers["theirs"])
     for step in steps.values():  # warm-up: the optimizers' moments, kernel probes, the allocator
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}

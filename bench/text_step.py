@@ -77,11 +77,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str):
-    """A callable running one training step on the batch's device; the optimizer is made once, here."""
+def scifm_optimizer(model: ScientificMoE) -> torch.optim.Optimizer:
+    """The AdamW that scifm's trainer builds, with its defaults."""
+    return build_optimizer(model, TrainerConfig())
+
+
+def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str, optimizer: torch.optim.Optimizer | None = None):
+    """A callable running one training step on the batch's device. `optimizer`: one that the steps of
+    several precisions over the same model share (AdamW's moments are per parameter, so one set
+    serves them all, where a set each would hold the model's size twice more per precision); else
+    one is made here."""
     device = batch.input_ids.device
     runner = ModelRunner(model, scaled_cross_entropy, autocast_of(precision, device.type), device)
-    optimizer = build_optimizer(model, TrainerConfig())
+    optimizer = optimizer or scifm_optimizer(model)
     scale = 1.0 / float((batch.labels != IGNORE).sum())
 
     def step() -> None:

@@ -38,6 +38,8 @@ LAYOUTS = {
         ["parallel.pp=2", "parallel.pp_split=[1,3]"],  # stage 0: embeddings, encoders, 1 layer
         ["parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.tp=2", "parallel.ep=2"],  # ep spans the tp ranks
+        # the recompute replays DTensor's collectives and the experts' all-to-alls
+        ["parallel.tp=2", "parallel.ep=2", "parallel.activation_checkpoint=full"],
         # what imported Qwen3/GLM models bring: q/k norms sharded over heads, biases, partial RoPE;
         # and attention over blocks of 16 of the 64 queries (the default block exceeds these rows)
         ["parallel.tp=2", "model.qk_norm=true", "model.attention_bias=all", "model.rope_fraction=0.5",
@@ -58,6 +60,8 @@ LAYOUTS = {
         ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.ep=2"],
         ["parallel.dp_shard=2", "parallel.tp=2", "parallel.ep=4"],
         ["parallel.pp=2", "parallel.dp_shard=2", "parallel.ep=2"],
+        ["parallel.pp=2", "parallel.tp=2", "parallel.ep=2", "parallel.activation_checkpoint=selective"],
+        ["parallel.dp_replicate=2", "parallel.tp=2"],
     ],
 }
 
@@ -69,6 +73,7 @@ LAYOUTS = {
 SAME_PLACEMENT = {
     "parallel.tp=2 parallel.sequence_parallel=false parallel.loss_parallel=false",  # as tp=2
     "parallel.dp_shard=2 parallel.activation_checkpoint=selective",  # as activation_checkpoint=full
+    "parallel.tp=2 parallel.ep=2 parallel.activation_checkpoint=full",  # as tp=2 ep=2
     "parallel.dp_shard=2 parallel.mixed_precision=bf16",  # bf16 is a compute copy: the fp32 shards as dp_shard=2
     "parallel.pp=2 parallel.pp_schedule=1F1B",  # as GPipe
     "parallel.pp=2 parallel.pp_schedule=InterleavedZeroBubble parallel.pp_virtual_stages=2",  # as Interleaved1F1B

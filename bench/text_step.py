@@ -89,7 +89,7 @@ def scifm_step(model: ScientificMoE, batch: TextBatch, precision: str, optimizer
     one is made here."""
     device = batch.input_ids.device
     runner = ModelRunner(model, scaled_cross_entropy, autocast_of(precision, device.type), device)
-    optimizer = optimizer or scifm_optimizer(model)
+    optimizer = scifm_optimizer(model) if optimizer is None else optimizer
     scale = 1.0 / float((batch.labels != IGNORE).sum())
 
     def step() -> None:

@@ -88,3 +88,26 @@ def test_parameters_of_one_kind_step_as_torch_builds_them(meshes):
                    [placed(torch.randn(8, 4), meshes["dp_shard"]), placed(torch.randn(8), meshes["dp_shard"])]):
         optimizer = build_optimizer(module_of(params), TrainerConfig())
         assert optimizer.defaults["fused"] and not optimizer._optimizer_step_pre_hooks
+
+
+def test_a_step_that_raised_leaves_the_next_one_the_built_groups(meshes, monkeypatch):
+    """torch runs no post-hook after a step that raised; the next step starts from the built groups
+    again, so a checkpoint or the schedule never sees the split ones after it."""
+    params = [placed(torch.randn(8, 4), meshes["dp_shard"]), placed(torch.randn(4, 8, 8), meshes["ep"])]
+    model = module_of(params)
+    optimizer = build_optimizer(model, TrainerConfig())
+    built = [list(g["params"]) for g in optimizer.param_groups]
+    for p in model.parameters():
+        p.grad = placed(torch.randn(p.to_local().shape), p.device_mesh)
+    real = torch._fused_adamw_
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        optimizer.step()
+    monkeypatch.setattr(torch, "_fused_adamw_", real)
+    optimizer.step()
+    assert [list(g["params"]) for g in optimizer.param_groups] == built
+    assert len(optimizer.param_groups) == 2

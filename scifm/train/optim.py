@@ -47,6 +47,8 @@ def _step_one_call_per_mesh(optimizer: torch.optim.AdamW) -> None:
     built: list[list[dict]] = []  # the groups as built, while a step runs on the split ones
 
     def split(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        if built:  # a step that raised ran no post-hook: its groups are still the split ones
+            opt.param_groups = built.pop()
         built.append(opt.param_groups)
         opt.param_groups = [dict(group, params=params) for group in opt.param_groups
                             for params in _by_mesh(group["params"])]

@@ -78,8 +78,6 @@ def tokenize_main(args: argparse.Namespace) -> None:
           f"({meta['dtype']}) in {len(meta['shards'])} shard(s); sidecar {args.out}.json")
     for reason, n in meta["skipped"].items():
         print(f"  skipped {n:6d} {reason:20s} e.g. {meta['skip_examples'][reason]}")
-    if any(reason in meta["skipped"] for reason in ("table_not_indexed", "figure_not_indexed")):
-        print("note: tables and figures are not stored as token ids; train on those documents from a JSONL source")
 
 
 def params_main(overrides: list[str]) -> None:

@@ -7,6 +7,7 @@ Pixel values are floats in [0, 1].
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,25 @@ def _from_array(data: object) -> Image.Image:
     return Image.fromarray(np.rint(arr).astype(np.uint8)).convert("RGB")
 
 
-def _from_path(path: object, base_dir: Path) -> Image.Image:
+def _from_path(path: object, base_dir: Path) -> tuple[Image.Image, bytes]:
     if not isinstance(path, str) or not path:
         raise DocumentFormatError("bad_figure", "'path' must be a non-empty string")
     full = base_dir / path
     try:
-        with Image.open(full) as im:
+        data = full.read_bytes()
+    except OSError as e:
+        raise DocumentFormatError("bad_figure", f"cannot read image {full}: {type(e).__name__}: {e}") from None
+    return decoded_figure(data, str(full)), data
+
+
+def decoded_figure(data: bytes, where: str = "a stored figure") -> Image.Image:
+    """An image file's bytes decoded to RGB (the same pixels whether read from its file or from an
+    indexed dataset, which stores the bytes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             return im.convert("RGB")
     except Exception as e:  # PIL decoders raise many types (OSError, ValueError, SyntaxError, bombs)
-        raise DocumentFormatError("bad_figure", f"cannot read image {full}: {type(e).__name__}: {e}") from None
+        raise DocumentFormatError("bad_figure", f"cannot read image {where}: {type(e).__name__}: {e}") from None
 
 
 def patchify(pixels_HWC: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
@@ -73,7 +84,17 @@ def patchify(pixels_HWC: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
 
 def read_figure(seg: dict, base_dir: Path) -> Image.Image:
     """The check: the figure decoded to RGB, or the DocumentFormatError that skips the document."""
-    return _from_array(seg["array"]) if "array" in seg else _from_path(seg.get("path"), base_dir)
+    return _from_array(seg["array"]) if "array" in seg else _from_path(seg.get("path"), base_dir)[0]
+
+
+def figure_file(seg: dict, base_dir: Path) -> bytes:
+    """The check, as an indexed dataset stores a figure: its image file's bytes as they are, or an
+    inline array as a PNG (lossless, so it decodes to the pixels read_figure gives)."""
+    if "array" not in seg:
+        return _from_path(seg.get("path"), base_dir)[1]
+    out = io.BytesIO()
+    _from_array(seg["array"]).save(out, format="PNG")
+    return out.getvalue()
 
 
 def figure_features(image: Image.Image, cfg: FigureEncoderConfig) -> dict[str, np.ndarray]:

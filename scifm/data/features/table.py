@@ -39,28 +39,43 @@ def table_cells(seg: dict, max_len: int) -> tuple[list[str], int, str | None]:
     if caption is not None and not isinstance(caption, str):
         raise DocumentFormatError("bad_table", "'caption' must be a string")
     grid = [columns, *rows]
-    n_cells = len(grid) * len(columns)
+    check_cells_fit(len(grid) * len(columns), max_len)
+    return [_cell_text(v) for row in grid for v in row], len(columns), caption
+
+
+def check_cells_fit(n_cells: int, max_len: int) -> None:
     if n_cells > max_len:
         raise DocumentFormatError("too_long", f"{n_cells} cells > max_len {max_len}")
-    return [_cell_text(v) for row in grid for v in row], len(columns), caption
+
+
+def table_ids(cells: list[str], caption: str | None, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
+    """Each cell's first CELL_TOKENS text ids and the caption's first CAPTION_TOKENS: all a table's
+    features take from the tokenizer (an indexed dataset stores them)."""
+    cell_ids = [tokenizer.encode_text(text)[:CELL_TOKENS] for text in cells]
+    return cell_ids, tokenizer.encode_text(caption)[:CAPTION_TOKENS] if caption else []
 
 
 def table_features(cells: list[str], n_columns: int, caption: str | None, tokenizer: Any) -> dict[str, np.ndarray]:
     """The arrays of a table that passed `table_cells`."""
-    n_cells = len(cells)
+    cell_ids, caption_ids = table_ids(cells, caption, tokenizer)
+    lengths = np.fromiter(map(len, cell_ids), dtype=np.int64, count=len(cell_ids))
+    flat = np.fromiter((i for ids in cell_ids for i in ids), dtype=np.int64, count=int(lengths.sum()))
+    return table_arrays(lengths, flat, n_columns, np.asarray(caption_ids, dtype=np.int64))
+
+
+def table_arrays(cell_lengths: np.ndarray, flat_ids: np.ndarray, n_columns: int,
+                 caption_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The features from each cell's id count, all cells' ids one after another and the caption's ids."""
+    n_cells = len(cell_lengths)
+    cell_token_mask = np.arange(CELL_TOKENS) < cell_lengths[:, None]  # a cell's ids fill its first places
     cell_ids = np.zeros((n_cells, CELL_TOKENS), dtype=np.int64)
-    cell_token_mask = np.zeros((n_cells, CELL_TOKENS), dtype=bool)
-    for i, text in enumerate(cells):
-        ids = tokenizer.encode_text(text)[:CELL_TOKENS]
-        cell_ids[i, : len(ids)] = ids
-        cell_token_mask[i, : len(ids)] = True
+    cell_ids[cell_token_mask] = flat_ids
     cell_row, cell_col = np.divmod(np.arange(n_cells, dtype=np.int64), n_columns)
-    caption_ids = tokenizer.encode_text(caption)[:CAPTION_TOKENS] if caption else []
     return {
         "cell_ids": cell_ids,
         "cell_token_mask": cell_token_mask,
         "cell_row": cell_row,
         "cell_col": cell_col,
         "cell_header": cell_row == 0,
-        "caption_ids": np.asarray(caption_ids, dtype=np.int64),
+        "caption_ids": caption_ids.astype(np.int64),
     }

@@ -7,6 +7,8 @@
   SHARD.docs.bin/.idx     each document's [id, source, skill, its molecules' atom counts, their bond
                           counts] as UTF-8 JSON bytes (uint8), same order
   SHARD.graphs.bin/.idx   each document's molecules' graph features (graphs.py), same order
+  SHARD.payloads.bin/.idx each table's and figure's payload (payloads.py): one Megatron sequence per
+                          item, one Megatron document per scifm document, same order
   SHARD.packing.npy       the packing index (packing_index.py): per document, what packing needs of it
 SHARD is PREFIX itself, or PREFIX-00000, PREFIX-00001, ... with --docs-per-shard. The sidecar is
 written last, so shards without one are an unfinished write and never read.
@@ -29,9 +31,11 @@ from scifm.data.indexed.packing_index import DTYPE as INDEX_DTYPE, N_COLUMNS
 from scifm.tokenizers import ScientificTokenizer
 
 # 2: each document's molecules' atom counts beside its id, source and skill; 3: their graph features;
-# 4: the packing index, and each shard's skill names (the index's skill codes)
-FORMAT = "scifm-indexed/4"
-DOCS, GRAPHS = ".docs", ".graphs"  # the suffixes of a shard's metadata and molecule graph datasets
+# 4: the packing index, and each shard's skill names (the index's skill codes); 5: tables and figures
+FORMAT = "scifm-indexed/5"
+# the suffixes of a shard's metadata, molecule graph and table and figure payload datasets
+DOCS, GRAPHS, PAYLOADS = ".docs", ".graphs", ".payloads"
+PARTS = ("", DOCS, GRAPHS, PAYLOADS)
 PACKING = ".packing.npy"  # the suffix of a shard's packing index
 SIDECAR_KEYS = ("tokenizer", "shards", "documents", "tokens", "skills", "skipped")
 
@@ -56,8 +60,8 @@ def tokenizer_dir(sidecar: Path) -> Path:
 
 
 def shard_files(prefix: Path) -> list[Path]:
-    """The seven files of one shard, tokens first."""
-    return [*(Path(f"{prefix}{part}{ext}") for part in ("", DOCS, GRAPHS) for ext in (".bin", ".idx")),
+    """The nine files of one shard, tokens first."""
+    return [*(Path(f"{prefix}{part}{ext}") for part in PARTS for ext in (".bin", ".idx")),
             Path(f"{prefix}{PACKING}")]
 
 
@@ -94,9 +98,9 @@ def shard_bins(sidecar: Path) -> tuple[Path, ...]:
 
 
 class DocumentReader:
-    """One of a shard's Megatron IndexedDatasets, read a document at a time through its index's arrays
-    and its memory-mapped .bin reader, without the layers of the dataset's own __getitem__ (slices,
-    modes, a cache) that reading one document needs none of."""
+    """One of a shard's Megatron IndexedDatasets that holds one sequence per document, read a document
+    at a time through its index's arrays and its memory-mapped .bin reader, without the layers of the
+    dataset's own __getitem__ (slices, modes, a cache) that reading one document needs none of."""
 
     __slots__ = ("_dataset", "_read", "_dtype", "_pointers", "_lengths")
 
@@ -114,22 +118,43 @@ class DocumentReader:
         return self._read(self._dtype, self._lengths[pos], self._pointers[pos])
 
 
+class PayloadReader(DocumentReader):
+    """The payload dataset: one sequence per table or figure, a document's being those between its
+    Megatron document indices."""
+
+    __slots__ = ("_documents",)
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        self._documents = dataset.index.document_indices
+
+    def __len__(self) -> int:
+        return len(self._documents) - 1
+
+    def __getitem__(self, pos: int) -> tuple[np.ndarray, ...]:
+        """Its tables' and figures' payloads, in order: read-only views of the mapped file."""
+        first, stop = self._documents[pos : pos + 2].tolist()
+        return tuple(self._read(self._dtype, self._lengths[k], self._pointers[k]) for k in range(first, stop))
+
+
 def open_shard(sidecar: Path, shard: dict) -> tuple:
-    """Readers of a shard's token ids, its documents' metadata and their molecules' graphs (None in a
-    shard without molecules: Megatron cannot map the empty file)."""
+    """Readers of a shard's token ids, its documents' metadata, their molecules' graphs and their
+    tables' and figures' payloads (the last two None in a shard without any: Megatron cannot map
+    the empty file)."""
     indexed = megatron_indexed()
     prefix = sidecar.parent / shard["name"]
-    parts = ("", DOCS, GRAPHS) if shard["molecules"] else ("", DOCS)
+    present = (True, True, shard["molecules"] > 0, shard["tables"] + shard["figures"] > 0)
     try:
-        datasets = tuple(DocumentReader(indexed.IndexedDataset(f"{prefix}{part}")) for part in parts)
+        datasets = tuple((PayloadReader if part == PAYLOADS else DocumentReader)(indexed.IndexedDataset(f"{prefix}{part}"))
+                         if there else None for part, there in zip(PARTS, present))
     except (AssertionError, OSError, ValueError, struct.error) as err:  # Megatron asserts on foreign files
         raise DataError(f"{prefix}.bin: not readable as an indexed dataset ({type(err).__name__}: {err}); "
                         "write it again with `scifm data tokenize`") from None
-    held = sorted({len(dataset) for dataset in datasets})
+    held = sorted({len(dataset) for dataset in datasets if dataset is not None})
     if held != [shard["documents"]]:
         raise DataError(f"{prefix}.bin: holds {'/'.join(map(str, held))} documents, its sidecar "
                         f"{shard['documents']}; write the dataset again with `scifm data tokenize`")
-    return (*datasets, None)[:3]
+    return datasets
 
 
 def open_packing_index(sidecar: Path, shard: dict) -> np.ndarray:

@@ -1,19 +1,18 @@
 """A document as stored in an indexed dataset, and back to what the loader packs.
 
 Stored ids: [BOS], each text segment's prose ids, each latex/molecule/protein segment as
-[START_X] its ids in the tokenizer's LaTeX/SMILES/protein block [END_X], then [EOS]. Beside them,
-each molecule's atom and bond counts and its graph features (graphs.py), from its parse when it was
-stored. A stored document expands to the EncodedDocument that encode_document gives its JSONL line
-(same ids, items, skip verdicts and features) without parsing anything: the checks that do not
-depend on the run's encoders passed when it was stored; the length limits are checked against the
-stored atom counts and the items' id counts (a protein has one id per residue); LaTeX and protein
-features are the stored ids less their block's offset; and a molecule's stored graph is unpacked
-only when a rank featurizes its row. Packing measures and checks a document from its packing index
-row (packing_index.py); `measure` does the same from the stored markers, for where its items' slots
+[START_X] its ids in the tokenizer's LaTeX/SMILES/protein block [END_X], each table and figure as
+[START_X][END_X] alone, then [EOS]. Beside them, each molecule's atom and bond counts and its graph
+features (graphs.py), from its parse when it was stored, and each table's and figure's payload
+(payloads.py). A stored document expands to the EncodedDocument that encode_document gives its
+JSONL line (same ids, items, skip verdicts and features) without parsing or tokenizing anything:
+the checks that do not depend on the run's encoders passed when it was stored; the length limits are
+checked against the stored atom counts, the items' id counts (a protein has one id per residue) and
+the tables' cell counts; LaTeX and protein features are the stored ids less their block's offset;
+and a molecule's graph is unpacked, a table's arrays made and a figure decoded only when a rank
+featurizes its row. Packing measures and checks a document from its packing index row
+(packing_index.py); `measure` does the same from the stored markers, for where its items' slots
 fall when it is cut across rows, and `lay_out` makes its ids and items for a rank that collates it.
-
-Tables and figures are not token-based (cells keep their types, images their pixels) and are
-refused with a counted reason: documents holding them stay in a JSONL source.
 """
 
 from __future__ import annotations
@@ -21,23 +20,27 @@ from __future__ import annotations
 import functools
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from scifm.core.encoders_config import EncodersConfig
-from scifm.core.errors import DocumentFormatError
 from scifm.data.documents import Document
 from scifm.data.encode import EncodedItem, laid_out_item
 from scifm.data.features import Prepared
+from scifm.data.features.figure import figure_file
 from scifm.data.features.latex import check_latex
 from scifm.data.features.molecule import check_atoms_fit, mol_features, parse_molecule
 from scifm.data.features.protein import check_protein, check_residues_fit
 from scifm.data.features.sequence import check_ids_fit
+from scifm.data.features.table import check_cells_fit, table_cells
 from scifm.data.indexed.graphs import DTYPE, graph_size, packed_graph, unpacked_graph
+from scifm.data.indexed.payloads import stored_figure_features, table_cell_count, table_payload, unpacked_table
 
-# modality -> (its domain vocabulary, the segment field holding the string)
+# modality stored as token ids -> (its domain vocabulary, the segment field holding the string)
 STORED = {"latex": ("latex", "latex"), "molecule": ("smiles", "smiles"), "protein": ("protein", "sequence")}
-STORED_KINDS = tuple(STORED)
+WITH_PAYLOAD = ("table", "figure")  # stored as their markers alone, and a payload beside the ids
+STORED_KINDS = (*STORED, *WITH_PAYLOAD)
 # length limits belong to the run's encoders, applied when the loader expands a document
 NO_LENGTH_LIMIT = sys.maxsize
 
@@ -48,22 +51,33 @@ class StoredDocument:
     atoms: list[int]  # per molecule, in order
     bonds: list[int]
     graphs: np.ndarray  # the molecules' packed graphs, one after another (graphs.DTYPE)
-    items: list[tuple[str, int]]  # per item, in order: its kind and how many ids it is stored as
+    payloads: list[bytes]  # per table and figure, in order (payloads.py)
+    # per item, in order: its kind, how many ids it is stored as, and its size in what its
+    # featurizer's length check measures (atoms, ids, cells; 0 for a figure, which has no limit)
+    items: list[tuple[str, int, int]]
 
 
-def stored_document(doc: Document, tokenizer) -> StoredDocument:
-    """Raises DocumentFormatError (a counted reason) for a table, a figure or a bad item: what the
-    featurizers refuse under any encoder config (a SMILES RDKit cannot parse, letters that are no
-    amino acids, unbalanced LaTeX) is refused before it is stored."""
-    ids, atoms, bonds, graphs, items = [tokenizer.bos_id], [], [], [np.empty(0, DTYPE)], []
+def stored_document(doc: Document, tokenizer, base_dir: Path) -> StoredDocument:
+    """Raises DocumentFormatError (a counted reason) for a bad item: what the featurizers refuse
+    under any encoder config (a SMILES RDKit cannot parse, letters that are no amino acids,
+    unbalanced LaTeX, a ragged table, an image that does not decode) is refused before it is
+    stored. Figure paths are relative to `base_dir`, as in training from the JSONL file."""
+    ids, atoms, bonds, graphs, payloads, items = [tokenizer.bos_id], [], [], [np.empty(0, DTYPE)], [], []
     for seg in doc.segments:
         kind = seg["type"]
         if kind == "text":
             ids += tokenizer.encode_text(seg["text"])
             continue
-        if kind not in STORED:
-            raise DocumentFormatError(f"{kind}_not_indexed", f"a {kind} segment cannot be stored as token ids; "
-                                      f"keep documents with {kind}s in a JSONL source")
+        if kind in WITH_PAYLOAD:
+            if kind == "table":
+                cells, n_columns, caption = table_cells(seg, NO_LENGTH_LIMIT)
+                payloads.append(table_payload(cells, n_columns, caption, tokenizer))
+                items.append((kind, 0, len(cells)))
+            else:
+                payloads.append(figure_file(seg, base_dir))
+                items.append((kind, 0, 0))
+            ids += [tokenizer.start_id(kind), tokenizer.end_id(kind)]
+            continue
         if kind == "molecule":
             features = mol_features(parse_molecule(seg["smiles"], NO_LENGTH_LIMIT))
             graphs.append(packed_graph(features))
@@ -76,9 +90,9 @@ def stored_document(doc: Document, tokenizer) -> StoredDocument:
         domain, key = STORED[kind]
         item_ids = tokenizer.encode_domain(domain, seg[key])
         ids += [tokenizer.start_id(kind), *item_ids, tokenizer.end_id(kind)]
-        items.append((kind, len(item_ids)))
+        items.append((kind, len(item_ids), atoms[-1] if kind == "molecule" else len(item_ids)))
     ids.append(tokenizer.eos_id)
-    return StoredDocument(ids, atoms, bonds, np.concatenate(graphs), items)
+    return StoredDocument(ids, atoms, bonds, np.concatenate(graphs), payloads, items)
 
 
 # slots, not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__, about
@@ -92,17 +106,25 @@ class IndexedDocument:
     atoms: tuple[int, ...]  # per molecule, in order
     bonds: tuple[int, ...]
     graphs: np.ndarray  # the molecules' packed graphs, one after another
+    payloads: tuple[np.ndarray, ...]  # per table and figure, in order (payloads.py)
 
     def measure(self, tokenizer, enc_cfg: EncodersConfig) -> tuple[int, list[tuple[str, int, int]]]:
         """Its laid-out length and where its items' slots fall (what a cut across rows avoids), after
         the length checks; raises DocumentFormatError as encode_document does for the first item over
         its encoder's max_len."""
-        atoms, item_spans, shift = iter(self.atoms), [], 0  # shift: laid-out ids gained before this item
+        atoms, payloads = iter(self.atoms), iter(self.payloads)
+        item_spans, shift = [], 0  # shift: laid-out ids gained before this item
         for kind, pos, end in self._stored_items(tokenizer):
             encoder = getattr(enc_cfg, kind)
             n_item_ids = end - pos - 1
-            # what its featurizer checks: a molecule's atoms, else its ids (a protein has one per residue)
-            _check_fits(kind, next(atoms) if kind == "molecule" else n_item_ids, encoder.max_len)
+            if kind == "molecule":
+                check_atoms_fit(next(atoms), encoder.max_len)
+            elif kind == "table":
+                check_cells_fit(table_cell_count(next(payloads)), encoder.max_len)
+            elif kind == "figure":  # no length limit
+                next(payloads)
+            else:  # what its featurizer checks: its ids (a protein has one per residue)
+                _check_ids_fit(kind, n_item_ids, encoder.max_len)
             item_spans.append((kind, pos + shift + 1, encoder.slots))
             shift += encoder.slots - n_item_ids
         return len(self.ids) + shift, item_spans
@@ -112,7 +134,7 @@ class IndexedDocument:
         passed its checks (measure, or its packing index row)."""
         pieces: list = []  # stored ids between items, and each item's laid-out block
         items: list[EncodedItem] = []
-        molecules = zip(self.atoms, self.bonds)
+        molecules, payloads = zip(self.atoms, self.bonds), iter(self.payloads)
         done = stored = n_ids = 0  # stored ids laid out so far; stored graph values passed; ids laid out
         for kind, pos, end in self._stored_items(tokenizer):
             pieces.append(self.ids[done:pos])
@@ -122,6 +144,10 @@ class IndexedDocument:
                 size = graph_size(n_atoms, n_bonds)
                 prepared = Prepared(unpacked_graph, (self.graphs[stored : stored + size], n_atoms))
                 stored += size
+            elif kind == "table":
+                prepared = Prepared(unpacked_table, (next(payloads),))
+            elif kind == "figure":
+                prepared = Prepared(stored_figure_features, (next(payloads), enc_cfg.figure))
             else:  # LaTeX and protein features are the item's ids in its block's own numbering
                 local = self.ids[pos + 1 : end] - tokenizer.domain_offset(STORED[kind][0])
                 prepared = Prepared.ready({"ids": local})
@@ -156,12 +182,9 @@ def _marker_codes(tokenizer) -> np.ndarray:
     return codes
 
 
-def _check_fits(kind: str, measure: int, max_len: int) -> None:
-    """The featurizer's length check of one item (for a protein, the residues' check comes first, as in
-    featurize_protein)."""
-    if kind == "molecule":
-        check_atoms_fit(measure, max_len)
-        return
+def _check_ids_fit(kind: str, n_ids: int, max_len: int) -> None:
+    """The length check of a LaTeX or protein item (for a protein, the residues' check comes first, as
+    in featurize_protein)."""
     if kind == "protein":
-        check_residues_fit(measure, max_len)
-    check_ids_fit(measure, STORED[kind][0], max_len)
+        check_residues_fit(n_ids, max_len)
+    check_ids_fit(n_ids, STORED[kind][0], max_len)

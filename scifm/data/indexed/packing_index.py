@@ -1,14 +1,16 @@
 """The packing index: per stored document, what packing needs of it, without reading the document.
 
 `scifm data tokenize` writes beside each shard an int32 array, one row per document: its split and
-skill (codes), its stored length and, per stored kind (latex, molecule, protein), how many items it
-has, the sum of their stored ids and its largest item in what the featurizer checks (atoms for a
-molecule, ids otherwise). A stream turns the index, a block of rows at a time, into each
+skill (codes), its stored length and, per kind of item (layout.STORED_KINDS), how many items it
+has, the sum of their stored ids (none for a table or figure) and its largest item in what the
+featurizer checks (atoms for a molecule, cells for a table, ids for LaTeX and proteins; 0 for a
+figure, which has no length limit). A stream turns the index, a block of rows at a time, into each
 document's laid-out length under the run's encoders (stored length plus, per kind, items x slots
 less their ids), or REFUSED where an item is over its encoder's max_len; it passes over other splits
 and skills by their codes. Packing then gets a document as an IndexedLayout holding that length:
 only a rank that collates a row of it, or cuts it across rows (where its items' slots fall), reads
-its ids; its metadata (molecules' atom and bond counts) only where it has molecules.
+its ids; its metadata (molecules' atom and bond counts) only where it has molecules, and its
+payloads only where it has tables or figures.
 """
 
 from __future__ import annotations
@@ -29,19 +31,19 @@ SPLIT, SKILL, STORED_IDS = 0, 1, 2
 FIRST_KIND_COLUMN, KIND_COLUMNS = 3, 3  # then per kind: item count, sum of item ids, largest item
 N_COLUMNS = FIRST_KIND_COLUMN + KIND_COLUMNS * len(STORED_KINDS)
 ITEM_COUNTS = slice(FIRST_KIND_COLUMN, N_COLUMNS, KIND_COLUMNS)  # each kind's item count's column
-MOLECULES = range(N_COLUMNS)[ITEM_COUNTS][STORED_KINDS.index("molecule")]  # the molecule count's column
+MOLECULES, TABLES, FIGURES = (range(N_COLUMNS)[ITEM_COUNTS][STORED_KINDS.index(kind)]  # their count's columns
+                              for kind in ("molecule", "table", "figure"))
 DTYPE = np.int32
 REFUSED = -1  # laid_out_lengths' mark of a document an item of which is over its encoder's max_len
 
 
 def index_row(stored: StoredDocument, split: str, skill_code: int) -> list[int]:
     row = [SPLITS.index(split), skill_code, len(stored.ids)] + [0] * (N_COLUMNS - FIRST_KIND_COLUMN)
-    atoms = iter(stored.atoms)
-    for kind, n_item_ids in stored.items:
+    for kind, n_item_ids, size in stored.items:
         col = FIRST_KIND_COLUMN + KIND_COLUMNS * STORED_KINDS.index(kind)
         row[col] += 1
         row[col + 1] += n_item_ids
-        row[col + 2] = max(row[col + 2], next(atoms) if kind == "molecule" else n_item_ids)
+        row[col + 2] = max(row[col + 2], size)
     return row
 
 

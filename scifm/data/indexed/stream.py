@@ -23,7 +23,8 @@ from scifm.data.documents import SPLITS
 from scifm.data.indexed.files import open_packing_index, open_shard, read_sidecar
 from scifm.data.indexed.graphs import DTYPE
 from scifm.data.indexed.layout import IndexedDocument
-from scifm.data.indexed.packing_index import ITEM_COUNTS, MOLECULES, REFUSED, SKILL, SPLIT, IndexedLayout, laid_out_lengths
+from scifm.data.indexed.packing_index import (FIGURES, ITEM_COUNTS, MOLECULES, REFUSED, SKILL, SPLIT, TABLES, IndexedLayout,
+                                              laid_out_lengths)
 from scifm.data.streams import Cursor, SourceSpec, changed
 
 NO_GRAPHS = np.empty(0, DTYPE)  # a document without molecules: its graphs are not read
@@ -90,14 +91,15 @@ class OpenShard:
         return start + offsets, self._block_lengths[offsets], self._block_skills[offsets], self._skill_array
 
     def document(self, pos: int) -> IndexedDocument:
-        """Its ids (an int64 copy), and for a document with molecules their atom and bond counts (from
-        its metadata) and packed graphs (a view of the map: a layout holds its shard, so the map stays
-        open while the document is in use, and unpacking copies it)."""
-        tokens, docs, graphs = self._datasets or self._open()
-        if self.index[pos, MOLECULES]:
-            atoms, bonds = self._metadata(pos)[3:]
-            return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds), graphs[pos])
-        return IndexedDocument(tokens[pos].astype(np.int64), (), (), NO_GRAPHS)
+        """Its ids (an int64 copy); for a document with molecules their atom and bond counts (from its
+        metadata) and packed graphs, and for one with tables or figures their payloads (views of the
+        map: a layout holds its shard, so the map stays open while the document is in use, and
+        featurizing copies them)."""
+        tokens, _, graphs, payloads = self._datasets or self._open()
+        molecules, tables, figures = self.index[pos, [MOLECULES, TABLES, FIGURES]].tolist()
+        atoms, bonds = self._metadata(pos)[3:] if molecules else ((), ())
+        return IndexedDocument(tokens[pos].astype(np.int64), tuple(atoms), tuple(bonds),
+                               graphs[pos] if molecules else NO_GRAPHS, payloads[pos] if tables or figures else ())
 
     def prose_only(self, pos: int) -> bool:
         """Whether the document holds no stored item (its packing index row counts none of any kind)."""
@@ -105,8 +107,7 @@ class OpenShard:
 
     def stored_ids(self, pos: int) -> np.ndarray:
         """Its stored ids as the shard holds them (a read-only view of the map, in the stored dtype)."""
-        tokens, _, _ = self._datasets or self._open()
-        return tokens[pos]
+        return (self._datasets or self._open())[0][pos]
 
     def document_id(self, pos: int) -> str:
         return self._metadata(pos)[0]
@@ -121,7 +122,7 @@ class OpenShard:
 
     def _metadata(self, pos: int) -> list:
         """[id, source, skill, each molecule's atoms, each molecule's bonds]"""
-        _, docs, _ = self._datasets or self._open()
+        docs = (self._datasets or self._open())[1]
         return json.loads(docs[pos].tobytes().decode())  # str: json.loads would first sniff the bytes' encoding
 
     def _open(self) -> tuple:

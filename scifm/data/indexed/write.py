@@ -3,8 +3,10 @@
 Documents are read as the loader reads them (bytes, a line at a time), tokenized once with a saved
 tokenizer in `workers` processes (chunks of lines, a bounded number in flight, results taken in input
 order, so the bytes written do not depend on the number of workers) and appended with Megatron-Core's
-IndexedDatasetBuilder, in the id width Megatron picks for the vocabulary. A line that is not a document, a table or figure, or an item the featurizers refuse
-is skipped and counted by reason, with its first example. Every file is written under a temporary
+IndexedDatasetBuilder, in the id width Megatron picks for the vocabulary; tables and figures go
+beside them as payloads (payloads.py), a figure's path read relative to its JSONL file, as training
+reads it. A line that is not a document, or an item the featurizers refuse under any encoder, is
+skipped and counted by reason, with its first example. Every file is written under a temporary
 name and renamed at the end; the sidecar comes last and marks the dataset complete.
 """
 
@@ -24,9 +26,10 @@ import numpy as np
 from scifm.core.errors import DataError, DocumentFormatError
 from scifm.data.build_once import swap_in
 from scifm.data.documents import SPLITS, DamagedFileError, jsonl_files, parse_line, read_lines, split_of
-from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, PACKING, file_digest, megatron_indexed, shard_files,
-                                      sidecar_path, tokenizer_dir)
+from scifm.data.indexed.files import (DOCS, FORMAT, GRAPHS, PACKING, PAYLOADS, file_digest, megatron_indexed,
+                                      shard_files, sidecar_path, tokenizer_dir)
 from scifm.data.indexed.graphs import DTYPE as GRAPH_DTYPE
+from scifm.data.indexed.payloads import DTYPE as PAYLOAD_DTYPE
 from scifm.data.indexed.layout import StoredDocument, stored_document
 from scifm.data.indexed.packing_index import DTYPE as INDEX_DTYPE, N_COLUMNS, index_row
 from scifm.tokenizers import ScientificTokenizer
@@ -42,9 +45,10 @@ class _ShardWriter:
         self.tokens = indexed.IndexedDatasetBuilder(f"{self.temp}.bin", dtype=dtype)
         self.docs = indexed.IndexedDatasetBuilder(f"{self.temp}{DOCS}.bin", dtype=np.uint8)
         self.graphs = indexed.IndexedDatasetBuilder(f"{self.temp}{GRAPHS}.bin", dtype=GRAPH_DTYPE)
+        self.payloads = indexed.IndexedDatasetBuilder(f"{self.temp}{PAYLOADS}.bin", dtype=PAYLOAD_DTYPE)
         self.index_rows = array.array("i")  # flat, 4 bytes a value: a Python list per row would take about 5x
         self.skill_codes: dict[str, int] = {}  # the shard's skills, numbered in order of appearance
-        self.documents = self.n_tokens = self.molecules = 0
+        self.documents = self.n_tokens = self.molecules = self.tables = self.figures = 0
 
     def add(self, doc_id: str, source: str, skill: str, stored: StoredDocument, split: str) -> None:
         skill_code = self.skill_codes.setdefault(skill, len(self.skill_codes))
@@ -53,18 +57,23 @@ class _ShardWriter:
         record = json.dumps([doc_id, source, skill, stored.atoms, stored.bonds], ensure_ascii=False).encode("utf-8")
         self.docs.add_document(np.frombuffer(record, dtype=np.uint8), [len(record)])
         self.graphs.add_document(stored.graphs, [len(stored.graphs)])
+        self.payloads.add_document(np.frombuffer(b"".join(stored.payloads), dtype=PAYLOAD_DTYPE),
+                                   [len(payload) for payload in stored.payloads])
         self.documents += 1
         self.n_tokens += len(stored.ids)
         self.molecules += len(stored.atoms)
+        self.tables += sum(kind == "table" for kind, _, _ in stored.items)
+        self.figures += sum(kind == "figure" for kind, _, _ in stored.items)
 
     def finish(self) -> dict:
         self.tokens.finalize(f"{self.temp}.idx")
         self.docs.finalize(f"{self.temp}{DOCS}.idx")
         self.graphs.finalize(f"{self.temp}{GRAPHS}.idx")
+        self.payloads.finalize(f"{self.temp}{PAYLOADS}.idx")
         with open(f"{self.temp}{PACKING}", "wb") as fh:  # a file object: np.save would append .npy to the name
             np.save(fh, np.asarray(self.index_rows, dtype=INDEX_DTYPE).reshape(-1, N_COLUMNS))
         return {"name": self.final.name, "documents": self.documents, "tokens": self.n_tokens,
-                "molecules": self.molecules, "skills": list(self.skill_codes),
+                "molecules": self.molecules, "tables": self.tables, "figures": self.figures, "skills": list(self.skill_codes),
                 "sha256": file_digest(shard_files(self.temp))}
 
     def commit(self) -> None:
@@ -149,7 +158,7 @@ CHUNK_LINES = 256  # lines per task: enough to amortize passing them between pro
 _worker_tokenizer: ScientificTokenizer | None = None
 
 
-def _stored_documents(lines: Iterable[tuple[str, bytes]], tokenizer: ScientificTokenizer, tokenizer_path: Path,
+def _stored_documents(lines: Iterable[tuple[str, Path, bytes]], tokenizer: ScientificTokenizer, tokenizer_path: Path,
                       workers: int) -> Iterator[tuple]:
     """(where, (id, source, skill, StoredDocument) or None, skip reason or None) per line, in input order."""
     chunks = iter(lambda: list(islice(lines, CHUNK_LINES)), [])
@@ -181,25 +190,26 @@ def _load_worker_tokenizer(path: Path) -> None:
     _worker_tokenizer = ScientificTokenizer.load(path)
 
 
-def _store_chunk(chunk: list[tuple[str, bytes]], tokenizer: ScientificTokenizer | None = None) -> list[tuple]:
+def _store_chunk(chunk: list[tuple[str, Path, bytes]], tokenizer: ScientificTokenizer | None = None) -> list[tuple]:
     tokenizer = tokenizer or _worker_tokenizer
     out = []
-    for where, raw in chunk:
+    for where, base_dir, raw in chunk:
         try:
             doc = parse_line(raw)
-            out.append((where, (doc.id, doc.source, doc.skill, stored_document(doc, tokenizer)), None))
+            out.append((where, (doc.id, doc.source, doc.skill, stored_document(doc, tokenizer, base_dir)), None))
         except DocumentFormatError as err:
             out.append((where, None, err.reason))
     return out
 
 
 def _lines(files: list[Path], skips: _Skips):
-    """(where, line bytes) of every non-blank line; a damaged file is one counted skip, as in training."""
+    """(where, the directory figure paths start from, line bytes) of every non-blank line; a damaged
+    file is one counted skip, as in training."""
     for path in files:
         try:
             for lineno, raw in read_lines(path):
                 if raw.strip():
-                    yield f"{path}:{lineno}", raw
+                    yield f"{path}:{lineno}", path.parent, raw
         except DamagedFileError as err:
             skips.add(err.reason, f"{path}:{err.last_line + 1}")
 

@@ -1,6 +1,7 @@
 """Indexed datasets (issue 13): `scifm data tokenize` writes Megatron-Core .bin/.idx shards that
-Megatron itself reads back as scifm's ids; `data.sources` of kind indexed give the loader the batches
-the JSONL files give, resume exactly, and refuse a foreign tokenizer; bad input is counted."""
+Megatron itself reads back as scifm's ids, tables and figures beside them; `data.sources` of kind
+indexed give the loader the batches the JSONL files give, resume exactly, and refuse a foreign
+tokenizer; bad input is counted."""
 
 from __future__ import annotations
 
@@ -24,8 +25,11 @@ from scifm.data import loader as loader_module  # noqa: E402
 from scifm.data import lookahead  # noqa: E402
 from scifm.data.encode import EncodedDocument, encode_document  # noqa: E402
 from scifm.data.documents import jsonl_files, parse_line, read_lines, split_of  # noqa: E402
+from scifm.data.features import featurize_segment  # noqa: E402
+from scifm.data.features import table as table_module  # noqa: E402
 from scifm.data.features.molecule import featurize_molecule  # noqa: E402
 from scifm.data.indexed import layout  # noqa: E402
+from scifm.data.indexed import payloads as payloads_module  # noqa: E402
 from scifm.data.indexed.graphs import graph_size, unpacked_graph  # noqa: E402
 from scifm.data.indexed.packing_index import REFUSED, index_row, laid_out_lengths  # noqa: E402
 from scifm.data.indexed import stream as stream_module  # noqa: E402
@@ -87,6 +91,53 @@ def indexed(tmp_path_factory, token_corpus, tokenizer_dir) -> Path:
     tokenize_corpus([str(token_corpus / "chem")], tokenizer_dir, out / "chem", DOCS_PER_SHARD)
     tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, out / "latex")
     return out
+
+
+# built-in sources with tables and figures (files under the corpus's figures/), and documents made here
+MEDIA_FILES = ("matplotlib-plots.jsonl", "skimage-images.jsonl", "statsmodels-tables.jsonl")
+
+
+def made_media_docs() -> list[dict]:
+    """What the built-in sources lack: figures given inline (0..1 grayscale, 0..255 RGBA), tables with
+    captions, empty and long cells, and a document mixing a table, a figure and a molecule."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for i in range(24):
+        array = (rng.random((5 + i, 9)).round(3).tolist() if i % 2 else
+                 rng.integers(0, 256, (7, 4 + i, 4)).tolist())
+        table = {"type": "table", "columns": ["name", "value", "note"],
+                 "rows": [[f"row {r}", r * 1.5, None if r % 2 else "a long note of many words in one cell"]
+                          for r in range(1 + i % 4)]}
+        if i % 3:
+            table["caption"] = f"Table {i}: measured values of sample {i}, with notes."
+        segments = [{"type": "text", "text": f"Made document {i} shows"}, {"type": "figure", "array": array},
+                    {"type": "text", "text": " and tabulates"}, table]
+        if i % 4 == 0:
+            segments.append({"type": "molecule", "smiles": "CC(=O)Oc1ccccc1C(=O)O"})
+        docs.append({"id": f"made-{i}", "source": "made", "skill": "fig.made", "segments": segments})
+    return docs
+
+
+@pytest.fixture(scope="session")
+def media_corpus(tmp_path_factory, corpus_dir) -> Path:
+    """A JSONL directory of tables and figures: built-in files (their figures beside them) and made ones."""
+    out = tmp_path_factory.mktemp("media_corpus")
+    for name in MEDIA_FILES:
+        shutil.copy(corpus_dir / name, out / name)
+    shutil.copytree(corpus_dir / "figures", out / "figures")
+    (out / "made.jsonl").write_text("".join(json.dumps(d) + "\n" for d in made_media_docs()))
+    return out
+
+
+@pytest.fixture(scope="session")
+def media_indexed(tmp_path_factory, media_corpus, tokenizer_dir) -> Path:
+    out = tmp_path_factory.mktemp("media_indexed")
+    tokenize_corpus([str(media_corpus)], tokenizer_dir, out / "media", DOCS_PER_SHARD)
+    return out
+
+
+def media_config(make_config, path: Path, *extra: str, indexed: bool = False):
+    return user_config(make_config, f"[{{path:{path},{'kind:indexed,' if indexed else ''}name:media}}]", *extra)
 
 
 def jsonl_config(make_config, corpus: Path, *extra: str):
@@ -187,17 +238,61 @@ def test_the_stored_graphs_are_the_featurizers_arrays_of_every_smiles(indexed, t
     assert any(shard["molecules"] == 0 for shard in sidecar["shards"])  # the proteins' shards
 
 
+def test_each_table_and_figure_is_one_payload_that_gives_its_jsonl_features(media_indexed, media_corpus, tokenizer,
+                                                                           make_config):
+    """Megatron reads one sequence per table or figure, a document's between its document indices; a
+    figure read from a file is stored as the file's bytes; and unpacked, every payload gives exactly
+    the arrays its JSONL segment's featurizer gives (cells' ids, masks and grid; patches)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    enc_cfg = make_config().model.encoders
+    sidecar = json.loads((media_indexed / "media.json").read_text())
+    assert sidecar["skipped"] == {}
+    docs, seen = iter(documents(media_corpus)), Counter()
+    for shard in sidecar["shards"]:
+        stored = IndexedDataset(str(media_indexed / f"{shard['name']}.payloads"))
+        bounds = stored.document_indices.tolist()
+        assert len(bounds) == shard["documents"] + 1 and bounds[-1] == len(stored) == shard["tables"] + shard["figures"]
+        for first, stop in zip(bounds, bounds[1:]):
+            segments = [seg for seg in next(docs).segments if seg["type"] in ("table", "figure")]
+            assert stop - first == len(segments)
+            for seg, payload in zip(segments, (stored[k] for k in range(first, stop))):
+                want = featurize_segment(seg, tokenizer, enc_cfg, media_corpus)
+                if seg["type"] == "table":
+                    got = payloads_module.unpacked_table(payload)
+                else:
+                    if "path" in seg:
+                        assert payload.tobytes() == (media_corpus / seg["path"]).read_bytes()
+                    got = payloads_module.stored_figure_features(payload, enc_cfg.figure)
+                assert got.keys() == want.keys()
+                for key in want:
+                    assert got[key].dtype == want[key].dtype and np.array_equal(got[key], want[key]), (seg, key)
+                seen[seg["type"], "array" in seg, bool(seg.get("caption"))] += 1
+    assert next(docs, None) is None
+    # inline and file figures, tables with and without captions
+    assert min(seen[k] for k in [("figure", True, False), ("figure", False, False), ("table", False, True),
+                                 ("table", False, False)]) >= 8, seen
+
+
 def test_the_saved_tokenizer_has_the_fingerprint_and_another_does_not(indexed, tokenizer):
     assert ScientificTokenizer.load(indexed / "chem.tokenizer").fingerprint() == tokenizer.fingerprint()
     other = ScientificTokenizer.train(["a different corpus of prose, said twice"] * 2, vocab_size=300)
     assert other.fingerprint() != tokenizer.fingerprint()
 
 
-def test_writing_the_same_input_again_gives_the_same_bytes(indexed, token_corpus, tokenizer_dir, tmp_path):
-    # the fixture tokenized in this process; worker processes must write the same bytes
+def test_writing_the_same_input_again_gives_the_same_bytes(indexed, media_indexed, token_corpus, media_corpus,
+                                                           tokenizer_dir, tmp_path):
+    # the fixtures tokenized in this process; worker processes must write the same bytes
     tokenize_corpus([str(token_corpus / "latex.jsonl")], tokenizer_dir, tmp_path / "latex", workers=2)
-    for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx", ".graphs.bin", ".graphs.idx", ".packing.npy", ".json"):
-        assert (tmp_path / f"latex{suffix}").read_bytes() == (indexed / f"latex{suffix}").read_bytes(), suffix
+    tokenize_corpus([str(media_corpus)], tokenizer_dir, tmp_path / "media", DOCS_PER_SHARD, workers=2)
+    names = sorted(path.name for path in media_indexed.iterdir() if path.is_file())
+    assert len(names) > 9 and names == sorted(path.name for path in tmp_path.glob("media*") if path.is_file())
+    for name in ["latex.json", *(f"latex{suffix}" for suffix in (".bin", ".idx", ".docs.bin", ".docs.idx",
+                 ".graphs.bin", ".graphs.idx", ".payloads.bin", ".payloads.idx", ".packing.npy"))]:
+        assert (tmp_path / name).read_bytes() == (indexed / name).read_bytes(), name
+    for name in names:
+        if name != "media.json":  # it names its inputs' paths
+            assert (tmp_path / name).read_bytes() == (media_indexed / name).read_bytes(), name
     assert not list(tmp_path.glob("*.tmp-*")), "temporary files were left behind"
 
 
@@ -268,6 +363,44 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
     assert featurized > 0
     too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
+
+
+@pytest.mark.parametrize("limit", ["", "model.encoders.table.max_len=12"], ids=["no table over max_len", "tables over it"])
+def test_tables_and_figures_give_the_jsonl_batches_decoding_only_a_ranks_own(media_indexed, media_corpus, tokenizer,
+                                                                            make_config, limit, monkeypatch):
+    """From the payloads each of two data-parallel ranks gets the rows and features the JSONL files
+    give, skips the same tables as too long (by their stored cell counts), decodes the figures of its
+    own rows only and tokenizes no table; from JSONL every rank decodes every figure of the global
+    batch (the check that decides the rows)."""
+    calls = Counter()
+
+    def counting(name, real):
+        def wrapped(*args):
+            calls[name] += 1
+            return real(*args)
+        return wrapped
+
+    monkeypatch.setattr(payloads_module, "decoded_figure", counting("decode", payloads_module.decoded_figure))
+    monkeypatch.setattr(table_module, "table_ids", counting("tokenize", table_module.table_ids))
+    extra = ("data.seq_len=64", "data.max_bad_fraction=1.0", *([limit] if limit else []))
+    own = {"table": 0, "figure": 0}
+    for rank in (0, 1):
+        a = make_loader(media_config(make_config, media_corpus, *extra), tokenizer, batch_size=16, dp_rank=rank, dp_size=2)
+        b = make_loader(media_config(make_config, media_indexed / "media", *extra, indexed=True), tokenizer,
+                        batch_size=16, dp_rank=rank, dp_size=2)
+        for _ in range(6):
+            want = next_batch(a, ONE_AT_A_TIME)
+            calls.clear()
+            got = next_batch(b, EVERY_BATCH)
+            assert batches_equal(want, got)
+            figures = int(got.slot_index["figure"].shape[0]) if "figure" in got.slot_index else 0
+            assert (calls["decode"], calls["tokenize"]) == (figures, 0), calls
+            for kind in own:
+                own[kind] += int(got.slot_index[kind].shape[0]) if kind in got.slot_index else 0
+        assert a.skips.as_dict() == b.skips.as_dict()
+    assert min(own.values()) >= 10, own
+    too_long = b.skips.as_dict()["media"]["skipped"].get("too_long", 0)
+    assert too_long >= 3 if limit else too_long == 0, b.skips.as_dict()
 
 
 @pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
@@ -376,36 +509,42 @@ def _measured_and_laid_out(indexed_doc, tokenizer, enc):
     return laid_out
 
 
-def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(token_corpus, tokenizer, make_config):
-    """An indexed document's length checks run over its items at once, from its stored ids and from its
-    packing index row alone; at each kind's limit set to the document's largest item of that kind, and
-    one below, both get encode_document's verdict: the same laid-out ids (their number measured by the
-    row), or the same error."""
+def test_an_item_at_its_max_len_passes_and_one_over_it_is_refused_as_from_jsonl(token_corpus, media_corpus, tokenizer,
+                                                                                make_config):
+    """An indexed document's length checks run over its items at once, from its stored ids, its
+    tables' payloads and from its packing index row alone; at each kind's limit set to the document's
+    largest item of that kind, and one below, both get encode_document's verdict: the same laid-out
+    ids (their number measured by the row), or the same error."""
     base = make_config().model.encoders
-    unlimited = dataclasses.replace(base, **{kind: dataclasses.replace(getattr(base, kind), max_len=10**6) for kind in DOMAIN})
+    limited = (*DOMAIN, "table")  # a figure has no length limit
+    unlimited = dataclasses.replace(base, **{kind: dataclasses.replace(getattr(base, kind), max_len=10**6) for kind in limited})
     reached = Counter()
-    docs = [doc for path in (*(token_corpus / "chem" / name for name in CHEM_FILES), token_corpus / "latex.jsonl")
+    docs = [(doc, path.parent) for path in (*(token_corpus / "chem" / name for name in CHEM_FILES),
+                                            token_corpus / "latex.jsonl", media_corpus / "made.jsonl",
+                                            media_corpus / "statsmodels-tables.jsonl")
             for doc in documents(path)[:12]]
-    for doc in docs:
-        stored = layout.stored_document(doc, tokenizer)
-        indexed_doc = layout.IndexedDocument(np.array(stored.ids, dtype=np.int64), tuple(stored.atoms),
-                                             tuple(stored.bonds), stored.graphs)
+    for doc, base_dir in docs:
+        stored = layout.stored_document(doc, tokenizer, base_dir)
+        indexed_doc = layout.IndexedDocument(np.array(stored.ids, dtype=np.int64), tuple(stored.atoms), tuple(stored.bonds),
+                                             stored.graphs, tuple(np.frombuffer(p, np.uint8) for p in stored.payloads))
         row = np.array([index_row(stored, split_of(doc.id), 0)], dtype=np.int32)
-        # each kind's largest item, in what its featurizer checks: atoms, else ids
+        # each kind's largest item, in what its featurizer checks: atoms, cells, else ids
         sizes = Counter()
-        for item in encode_document(doc, tokenizer, unlimited, token_corpus).items:
-            feats = item.features()
-            sizes[item.modality] = max(sizes[item.modality], len(feats["atom_feats" if item.modality == "molecule" else "ids"]))
+        for item in encode_document(doc, tokenizer, unlimited, base_dir).items:
+            if item.modality in limited:
+                feats = item.features()
+                measured = {"molecule": "atom_feats", "table": "cell_ids"}.get(item.modality, "ids")
+                sizes[item.modality] = max(sizes[item.modality], len(feats[measured]))
         for kind, size in sizes.items():
             for max_len in (size, size - 1):
                 enc = dataclasses.replace(unlimited, **{kind: dataclasses.replace(getattr(base, kind), max_len=max_len)})
-                want = _verdict(lambda: encode_document(doc, tokenizer, enc, token_corpus))
+                want = _verdict(lambda: encode_document(doc, tokenizer, enc, base_dir))
                 got = _verdict(lambda: _measured_and_laid_out(indexed_doc, tokenizer, enc))
                 assert got == want, (doc.id, kind, max_len)
                 # the row alone: refused, or the laid-out length
                 assert laid_out_lengths(row, enc)[0] == (REFUSED if isinstance(want, str) else len(want[0]))
                 reached[kind, isinstance(got, str)] += 1
-    assert {key for key in reached} == {(kind, refused) for kind in DOMAIN for refused in (False, True)}, reached
+    assert {key for key in reached} == {(kind, refused) for kind in limited for refused in (False, True)}, reached
 
 
 @pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
@@ -476,14 +615,15 @@ def test_a_rank_reads_only_the_documents_of_its_own_rows_and_those_it_cuts(index
 
 
 def test_a_dataset_of_another_format_is_refused_in_one_line(indexed, tokenizer, make_config, tmp_path):
-    """A dataset written before the packing index (format 3) is named, not read without one."""
+    """A dataset written before tables and figures were stored (format 4: no payload files, a packing
+    index without their columns) is named, not misread."""
     for name in ("latex.json", "latex.bin", "latex.idx", "latex.docs.bin", "latex.docs.idx", "latex.graphs.bin",
-                 "latex.graphs.idx"):
+                 "latex.graphs.idx", "latex.packing.npy"):
         shutil.copy(indexed / name, tmp_path / name)
     shutil.copytree(indexed / "latex.tokenizer", tmp_path / "latex.tokenizer")
     sidecar = json.loads((tmp_path / "latex.json").read_text())
-    (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/3"}))
-    with pytest.raises(DataError, match=r"written in format scifm-indexed/3, this scifm reads scifm-indexed/4; "
+    (tmp_path / "latex.json").write_text(json.dumps(sidecar | {"format": "scifm-indexed/4"}))
+    with pytest.raises(DataError, match=r"written in format scifm-indexed/4, this scifm reads scifm-indexed/5; "
                                         r"write the dataset again"):
         make_loader(user_config(make_config, f"[{{path:{tmp_path / 'latex'},kind:indexed}}]"), tokenizer)
 
@@ -499,7 +639,7 @@ def _from_the_two_document_shard(*suffixes):
     (_from_the_two_document_shard(".graphs.bin", ".graphs.idx"),
      r"three.bin: holds 2/3 documents, its sidecar 3; write the dataset again"),
     (_from_the_two_document_shard(".packing.npy"),
-     r"three.packing.npy: holds an array of shape \(2, 12\) \(int32\), its sidecar says 3 documents; write the dataset again"),
+     r"three.packing.npy: holds an array of shape \(2, 18\) \(int32\), its sidecar says 3 documents; write the dataset again"),
     (lambda tmp_path: (tmp_path / "three.packing.npy").write_bytes(b"not an array"),
      r"three.packing.npy: not readable as a packing index \(ValueError: .*\); write the dataset again"),
 ], ids=["graphs of another write", "packing index of another write", "packing index not an array"])
@@ -590,11 +730,13 @@ def test_resume_after_the_dataset_was_written_again_names_the_shard(token_corpus
 
 # --- bad input ---------------------------------------------------------------------------------
 
-def test_bad_records_are_counted_and_tables_and_figures_refused(tmp_path, tokenizer_dir, capsys):
+def test_bad_records_are_counted_and_good_tables_and_figures_stored(tmp_path, tokenizer_dir, capsys):
     docs = [text_doc(i) for i in range(20)]
     docs[5]["segments"] = [{"type": "molecule", "smiles": "C1CC(("}]
     docs[7]["segments"] = [{"type": "table", "columns": ["a"], "rows": [[1]]}]
     docs[9]["segments"] = [{"type": "text", "text": "A plot:"}, {"type": "figure", "array": [[0.0, 1.0]]}]
+    docs[13]["segments"] = [{"type": "table", "columns": ["a", "b"], "rows": [[1]]}]  # a ragged row
+    docs[15]["segments"] = [{"type": "figure", "path": "nowhere.png"}]
     lines = [json.dumps(d).encode() for d in docs]
     lines[3] = b"{not json"
     lines[11] = b'{"id": "caf\xe9"}'  # Latin-1, not UTF-8
@@ -606,11 +748,13 @@ def test_bad_records_are_counted_and_tables_and_figures_refused(tmp_path, tokeni
     main(["data", "tokenize", str(tmp_path / "in"), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     sidecar = json.loads((tmp_path / "out.json").read_text())
-    assert sidecar["skipped"] == {"bad_json": 1, "bad_smiles": 1, "bad_utf8": 1, "figure_not_indexed": 1,
-                                  "table_not_indexed": 1, "truncated_file": 1}
+    assert sidecar["skipped"] == {"bad_figure": 1, "bad_json": 1, "bad_smiles": 1, "bad_table": 1, "bad_utf8": 1,
+                                  "truncated_file": 1}
     assert sidecar["skip_examples"]["bad_json"] == f"{tmp_path / 'in' / 'a.jsonl'}:4"
     assert 15 <= sidecar["documents"] < 25  # a.jsonl's 15 good documents and b's lines before the cut
-    assert "skipped      1 table_not_indexed" in out and "note: tables and figures" in out
+    assert sum(s["tables"] for s in sidecar["shards"]) == sum(s["figures"] for s in sidecar["shards"]) == 1
+    assert sidecar["skip_examples"]["bad_figure"] == f"{tmp_path / 'in' / 'a.jsonl'}:16"
+    assert "skipped      1 bad_figure" in out and "skipped      1 bad_table" in out
 
 
 def test_a_wrong_tokenizer_is_refused_in_one_line(indexed, tokenizer, make_config):

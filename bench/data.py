@@ -11,10 +11,10 @@
    dp's time over dp=1's, and the part of it that every rank spends alike whatever dp is: drawing,
    reading what packing needs and packing the global rows (PackedLoader.next_rows keeping none of
    them, timed on its own in the same rounds), which bounds how far a rank's time can fall with dp.
-   moe_1b's settings also run on the built-in sources whose documents are all token-based (text,
-   molecules, proteins, LaTeX), from their JSONL files and from indexed datasets that `scifm data
-   tokenize` wrote of them (in a temporary directory, first); those documents are short, so also
-   joined 64 at a time into paper-length ones.
+   moe_1b's settings also run on indexed datasets that `scifm data tokenize` wrote of the built-in
+   sources (in a temporary directory, first; tables and figures included); those documents are
+   short, so the sources are also joined 64 documents at a time into paper-length ones, read from
+   JSONL and from indexed datasets.
 2. Consumption: the tiny model's training step (forward, backward, AdamW; fp32, one thread) timed on
    this CPU in the same rounds; moe_1b's from its FLOPs per token at an assumed MFU of an assumed GPU
    peak (printed; --mfu, --peak-tflops). Ratio = data tokens/s / consumed tokens/s, per rank.
@@ -67,47 +67,44 @@ DP_SIZES = (1, 2, 4, 8)
 # (model preset, rows per global batch, data.seq_len): tiny as experiment=tiny trains; moe_1b with
 # rows of its max_seq_len and one row per rank at dp=8
 SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
-# documents of the token-based sources are short (about 50 tokens); papers run to thousands, so they
-# are also read joined JOIN at a time (their segments in order, as one document of ~2,600 tokens)
+# documents of the built-in sources are short (about 50 tokens); papers run to thousands, so they are
+# also read joined JOIN at a time (their segments in order, as one document of ~2,600 tokens)
 JOIN = 64
-TOKEN_BASED = {(join, kind): f"moe_1b, token-based sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
-               for join in (1, JOIN) for kind in ("JSONL", "indexed")}
+# moe_1b's settings on the built-in sources, besides the JSONL files as they are (SETTINGS' moe_1b)
+SOURCES = {(join, kind): f"moe_1b, built-in sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
+           for join, kind in ((1, "indexed"), (JOIN, "JSONL"), (JOIN, "indexed"))}
 
 
-def token_based_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], str]:
-    """data.sources of the built-in sources whose every document an indexed dataset stores, as JSONL
-    files and as indexed datasets written here (a source that would lose a table or a figure is left
-    out, so both hold the same documents), as they are and joined JOIN documents at a time."""
+def indexed_sources(specs, tokenizer, out: Path) -> dict[tuple[int, str], str]:
+    """data.sources of the built-in sources (SOURCES' keys): indexed datasets written here, and JSONL
+    files and indexed datasets of them joined JOIN documents at a time. Every document is stored, so
+    each holds what its JSONL file holds."""
     tokenizer.save(out / "tokenizer")
-    sources: dict[tuple[int, str], list[str]] = {key: [] for key in TOKEN_BASED}
-    names = []
+    sources: dict[tuple[int, str], list[str]] = {key: [] for key in SOURCES}
     for spec in specs:
         (path,) = spec.files
         for join in (1, JOIN):
             if join > 1:
                 path = joined(path, out / f"{spec.name}-joined.jsonl", join)
+                sources[join, "JSONL"].append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
             prefix = out / f"{spec.name}-{join}"
-            try:
-                sidecar = tokenize_corpus([str(path)], out / "tokenizer", prefix, workers=2)
-            except DataError:  # nothing in it can be stored
-                break
+            sidecar = tokenize_corpus([str(path)], out / "tokenizer", prefix, workers=2)
             if sidecar["skipped"]:
-                break
-            sources[join, "JSONL"].append(f"{{path:{path},name:{spec.name},weight:{spec.weight}}}")
+                raise DataError(f"{path}: `scifm data tokenize` skipped {sidecar['skipped']}; the indexed and the "
+                                "JSONL source would differ")
             sources[join, "indexed"].append(f"{{path:{prefix},kind:indexed,name:{spec.name},weight:{spec.weight}}}")
-        else:
-            names.append(spec.name)
-    print(f"token-based built-in sources: {', '.join(names)}")
     return {key: f"[{','.join(found)}]" for key, found in sources.items()}
 
 
 def joined(path: Path, out: Path, join: int) -> Path:
-    """Every `join` consecutive documents of a JSONL file as one (the first one's id, source and skill)."""
+    """Every `join` consecutive documents of a JSONL file as one (the first one's id, source and skill);
+    figure paths made absolute, since `out` is elsewhere than the file they are relative to."""
     docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     with open(out, "w", encoding="utf-8") as fh:
         for k in range(0, len(docs), join):
-            group = docs[k : k + join]
-            fh.write(json.dumps(dict(group[0], segments=[seg for d in group for seg in d["segments"]])) + "\n")
+            segments = [dict(seg, path=str(path.parent / seg["path"])) if "path" in seg else seg
+                        for d in docs[k : k + join] for seg in d["segments"]]
+            fh.write(json.dumps(dict(docs[k], segments=segments)) + "\n")
     return out
 
 
@@ -201,10 +198,10 @@ def run(args, tmp: Path) -> None:
     specs = resolve_sources(cfgs["tiny"].data)
     tokenizer = train_tokenizer(specs, cfgs["tiny"].data)
     preset, rows, seq = SETTINGS["moe_1b"]
-    for key, sources in token_based_sources(specs, tokenizer, tmp).items():
+    for key, sources in indexed_sources(specs, tokenizer, tmp).items():
         # pyhmmer-proteome has proteins over moe_1b's protein length limit, refused (and timed as documents
         # seen): over enough batches they pass the default budget of bad documents, which stops a run
-        cfgs[TOKEN_BASED[key]] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
+        cfgs[SOURCES[key]] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
                                          f"data.seq_len={seq}", f"data.sources={sources}", "data.max_bad_fraction=1.0"])
 
     def loader(cfg, dp, cls=PackedLoader):
@@ -263,7 +260,7 @@ def run(args, tmp: Path) -> None:
     moe = cfgs["moe_1b"]
     flops = decoder_flops_per_token(moe, vocab_sizes_of(tokenizer))
     consumed["moe_1b"] = args.mfu * args.peak_tflops * 1e12 / flops
-    consumed.update(dict.fromkeys(TOKEN_BASED.values(), consumed["moe_1b"]))
+    consumed.update(dict.fromkeys(SOURCES.values(), consumed["moe_1b"]))
     print(f"consumption per rank: tiny {consumed['tiny']:,.0f} tokens/s (this CPU, measured); moe_1b "
           f"{consumed['moe_1b']:,.0f} tokens/s per GPU (assumed: {flops / 1e9:.2f} GFLOP/token at seq {moe.data.seq_len}, "
           f"{args.mfu:.0%} MFU of {args.peak_tflops:.0f} TFLOP/s)")

@@ -5,7 +5,7 @@ hits both alike. Each process is as a data worker: torch, scifm's data path and 
 after warm-up batches it times --batches more in the thread's CPU time, all together (a full pass of
 the collector comes every so many batches, so a per-batch median would hide it), and counts the
 collector's full passes and their time. Two settings of bench/data.py: the tiny model's (the
-built-in corpus, JSONL) and moe_1b's on the token-based sources' indexed datasets (short documents,
+built-in corpus, JSONL) and moe_1b's on indexed datasets of the built-in sources (short documents,
 the most objects per token). Printed: medians over rounds, spreads (max / min over rounds), and
 frozen / default.
 Run: python bench/python_gc.py [--rounds 3] [--batches 40]
@@ -55,7 +55,7 @@ def child(mode: str, setting: str, overrides: list[str], tokenizer_dir: str, bat
 def settings(tmp: Path) -> tuple[dict[str, list[str]], Path]:
     """Each setting's name and config overrides, and the tokenizer (trained on the built-in corpus, as
     bench/data.py's)."""
-    from data import SETTINGS, TOKEN_BASED, token_based_sources
+    from data import SETTINGS, SOURCES, indexed_sources
 
     from scifm.config import compose_run_config
     from scifm.data.streams import resolve_sources
@@ -64,10 +64,10 @@ def settings(tmp: Path) -> tuple[dict[str, list[str]], Path]:
     tiny = compose_run_config(["experiment=tiny"])
     specs = resolve_sources(tiny.data)
     tokenizer = train_tokenizer(specs, tiny.data)
-    indexed = token_based_sources(specs, tokenizer, tmp)[1, "indexed"]
+    indexed = indexed_sources(specs, tokenizer, tmp)[1, "indexed"]
     preset, rows, seq = SETTINGS["moe_1b"]
     return {"tiny, JSONL": ["experiment=tiny"],
-            TOKEN_BASED[1, "indexed"]: ["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}", f"data.seq_len={seq}",
+            SOURCES[1, "indexed"]: ["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}", f"data.seq_len={seq}",
                           f"data.sources={indexed}"]}, tmp / "tokenizer"
 
 

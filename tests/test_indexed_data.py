@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import json
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -401,6 +402,27 @@ def test_tables_and_figures_give_the_jsonl_batches_decoding_only_a_ranks_own(med
     assert min(own.values()) >= 10, own
     too_long = b.skips.as_dict()["media"]["skipped"].get("too_long", 0)
     assert too_long >= 3 if limit else too_long == 0, b.skips.as_dict()
+
+
+def test_featurize_threads_give_the_batches_of_one_thread(media_indexed, tokenizer, make_config, monkeypatch):
+    """data.featurize_threads spreads a batch's items over threads (figures decode and resize there)
+    and collates their features in the items' order: the batches are those of the loader's own thread."""
+    threads = Counter()
+    real = layout.stored_figure_features
+
+    def recording(*args):
+        threads[threading.current_thread().name.startswith("scifm-featurize")] += 1
+        return real(*args)
+
+    monkeypatch.setattr(layout, "stored_figure_features", recording)
+    path = media_indexed / "media"
+    one = make_loader(media_config(make_config, path, "data.seq_len=64", indexed=True), tokenizer, batch_size=16)
+    three = make_loader(media_config(make_config, path, "data.seq_len=64", "data.featurize_threads=3", indexed=True),
+                        tokenizer, batch_size=16)
+    for _ in range(4):
+        assert batches_equal(one.next_batch(), three.next_batch())
+    three.close()
+    assert threads[True] > 0 and threads[True] == threads[False], threads  # each figure once per loader
 
 
 @pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])

@@ -33,6 +33,9 @@ class DataConfig:
     # training batches a worker process makes ahead of the step (scifm.data.prefetch); 0 = made on
     # the training thread when the step asks
     prefetch_batches: int = 4
+    # threads computing a batch's items' features beside the one making the batch: worth it for
+    # figures (decoding and resizing release the interpreter lock); 1 = that thread alone
+    featurize_threads: int = 1
 
     def validate(self) -> None:
         require(len(self.sources) > 0, "data.sources", "list at least one source")
@@ -55,3 +58,5 @@ class DataConfig:
         require(self.val_batches >= 1, "data.val_batches", "must be >= 1")
         require(self.prefetch_batches >= 0, "data.prefetch_batches",
                 f"must be >= 0 (0 = no worker), got {self.prefetch_batches}")
+        require(self.featurize_threads >= 1, "data.featurize_threads",
+                f"must be >= 1 (1 = no threads beside the loader's), got {self.featurize_threads}")

@@ -9,7 +9,8 @@ one is measured and checked from its packing index row, and read only by a rank 
 of it or cuts it across rows: a batch's draws are made at once and each indexed document is taken
 from its stream's blocks as a position and a length (scifm.data.lookahead), so the rows a rank does
 not keep are packed from integers, many documents at once (_pass_rows). The items' features, most
-of the featurizing, are computed in collate_rows for the rank's own rows only.
+of the featurizing, are computed in collate_rows for the rank's own rows only, in order, by
+data.featurize_threads threads where it is more than 1 (the same features, from the same items).
 `state_dict()` holds the mixture RNG, each stream's cursor and the partly emitted document, so
 a resumed run continues with exactly the next batch. It also holds what tells a changed source
 file apart (each file's size, and the hash of what each stream read of its current file; for an
@@ -20,12 +21,14 @@ data stops with the file's name instead.
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from scifm.data.config import DataConfig
 from scifm.data.documents import Document
 from scifm.data.encode import encode_document
+from scifm.data.features import Prepared
 from scifm.data.indexed.files import check_tokenizer
 from scifm.data.indexed.packing_index import REFUSED, IndexedLayout
 from scifm.data.lookahead import Lookahead
@@ -83,6 +86,8 @@ class PackedLoader:
         self.pending_fit: tuple | None = None
         self.draws_ahead = 64  # the mixture's draws a batch makes at once (scifm.data.lookahead)
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
+        self._featurizer = (ThreadPoolExecutor(cfg.featurize_threads, thread_name_prefix="scifm-featurize")
+                            if cfg.featurize_threads > 1 else None)
 
     # --- documents -> chunks ------------------------------------------------------------------
     def _encode(self, doc: Document | IndexedLayout, stream, cursor: Cursor) -> list[Chunk]:
@@ -258,10 +263,15 @@ class PackedLoader:
         """Every rank packs the global rows; only its own are laid out, and their items featurized in
         collate_rows."""
         mine = self.next_rows([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
-        return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
+        if self._featurizer is None:
+            return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
+        return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders,
+                            lambda prepared: self._featurizer.map(Prepared.features, prepared))
 
     def close(self) -> None:
-        """Nothing runs beside this loader (scifm.data.prefetch's loader has a worker to stop)."""
+        """Stops the featurizing threads, if any (scifm.data.prefetch's loader also has a worker to stop)."""
+        if self._featurizer is not None:
+            self._featurizer.shutdown(cancel_futures=True)
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 
 from scifm.data.encode import EncodedItem, LaidOut
-from scifm.data.features import collate, featurize_segment
+from scifm.data.features import Prepared, collate, featurize_segment
 from scifm.core.errors import DocumentFormatError
 
 IGNORE_INDEX = -100
@@ -119,16 +120,23 @@ def placeholder_features(tokenizer, enc_cfg) -> dict[str, dict[str, torch.Tensor
             for m, seg in PLACEHOLDER_SEGMENTS.items()}
 
 
-def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[str, dict[str, torch.Tensor]]) -> Batch:
+def features_in_turn(prepared: list[Prepared]) -> Iterable[dict]:
+    return (p.features() for p in prepared)
+
+
+def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[str, dict[str, torch.Tensor]],
+                 featurize: Callable[[list[Prepared]], Iterable[dict]] = features_in_turn) -> Batch:
     """`placeholders` (from placeholder_features) stand in for modalities without items; their
-    slot_index has no rows, so they write nothing into the sequence."""
+    slot_index has no rows, so they write nothing into the sequence. `featurize` gives the items'
+    features in order (the loader's may spread them over threads)."""
     n_rows = len(rows)
     # filled in numpy a chunk at a time: a tensor per chunk cost more than the packing on short documents
     input_ids_BS = np.full((n_rows, seq_len), tokenizer.pad_id, dtype=np.int64)
     targets_BS = input_ids_BS.copy()
     positions_BS = np.zeros((n_rows, seq_len), dtype=np.int64)
     doc_ids_BS = np.full((n_rows, seq_len), -1, dtype=np.int64)
-    features: dict[str, list[dict]] = {}
+    modalities: list[str] = []  # each item's, in order
+    prepared: list[Prepared] = []
     first_slots: dict[str, list[int]] = {}  # flat index of each item's first slot
     n_slots: dict[str, int] = {}  # one count per modality (its encoder's output)
     for r, row in enumerate(rows):
@@ -138,7 +146,8 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
             input_ids_BS[r, offset:end] = ids[chunk.start : chunk.stop]
             targets_BS[r, offset:end] = ids[chunk.start + 1 : chunk.stop + 1]
             for item in chunk.items():
-                features.setdefault(item.modality, []).append(item.features())
+                modalities.append(item.modality)
+                prepared.append(item.prepared)
                 first_slots.setdefault(item.modality, []).append(r * seq_len + offset + item.slot_start - chunk.start)
                 n_slots[item.modality] = item.n_slots
             offset = end
@@ -146,6 +155,9 @@ def collate_rows(rows: list[Row], seq_len: int, tokenizer, placeholders: dict[st
         lengths = np.array([chunk.length for chunk in row.chunks], dtype=np.int64)
         positions_BS[r, :used] = np.arange(used) - np.repeat(np.cumsum(lengths) - lengths, lengths)
         doc_ids_BS[r, :used] = np.repeat(np.arange(len(lengths)), lengths)
+    features: dict[str, list[dict]] = {}
+    for modality, computed in zip(modalities, featurize(prepared), strict=True):
+        features.setdefault(modality, []).append(computed)
     items = {m: collate(m, feats) for m, feats in features.items()}
     items.update({m: collated for m, collated in placeholders.items() if m not in items})
     slot_index = {m: torch.from_numpy(np.array(firsts)[:, None] + np.arange(n_slots[m]))

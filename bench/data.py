@@ -21,6 +21,11 @@
 3. Prefetch: the tiny step fed by batches made on the training thread, by a thread making them ahead,
    and by the worker process of data.prefetch_batches: wall time per step (what overlap gains, where
    a core is free for it) and the training thread's CPU time in next_batch (what it still pays).
+4. Featurize threads: moe_1b's settings on the built-in sources' indexed datasets (figures are most
+   of the featurizing there) with data.featurize_threads = 1 and FEATURIZE_THREADS, at dp = 1 and
+   8: wall time per batch (the pool's threads are not the measuring thread, so its CPU time would
+   leave them out), the ratio to one thread and the rate against the consumption. Run where as many
+   cores are idle as there are threads.
 As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
 collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
@@ -70,6 +75,7 @@ SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
 # documents of the built-in sources are short (about 50 tokens); papers run to thousands, so they are
 # also read joined JOIN at a time (their segments in order, as one document of ~2,600 tokens)
 JOIN = 64
+FEATURIZE_THREADS = 2  # part 4's pool, against one thread
 # moe_1b's settings on the built-in sources, besides the JSONL files as they are (SETTINGS' moe_1b)
 SOURCES = {(join, kind): f"moe_1b, built-in sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
            for join, kind in ((1, "indexed"), (JOIN, "JSONL"), (JOIN, "indexed"))}
@@ -198,17 +204,21 @@ def run(args, tmp: Path) -> None:
     specs = resolve_sources(cfgs["tiny"].data)
     tokenizer = train_tokenizer(specs, cfgs["tiny"].data)
     preset, rows, seq = SETTINGS["moe_1b"]
+    moe_sources = {}
     for key, sources in indexed_sources(specs, tokenizer, tmp).items():
         # pyhmmer-proteome has proteins over moe_1b's protein length limit, refused (and timed as documents
         # seen): over enough batches they pass the default budget of bad documents, which stops a run
-        cfgs[SOURCES[key]] = compose_run_config(["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}",
-                                         f"data.seq_len={seq}", f"data.sources={sources}", "data.max_bad_fraction=1.0"])
+        moe_sources[key] = ["experiment=tiny", f"model={preset}", f"trainer.batch_size={rows}", f"data.seq_len={seq}",
+                            f"data.sources={sources}", "data.max_bad_fraction=1.0"]
+        cfgs[SOURCES[key]] = compose_run_config(moe_sources[key])
 
     def loader(cfg, dp, cls=PackedLoader):
         return cls(cfg.data, resolve_sources(cfg.data), tokenizer, cfg.model.encoders, split="train", batch_size=cfg.trainer.batch_size,
                    seed=cfg.trainer.seed, dp_rank=0, dp_size=dp)
 
     loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
+    threaded = {(threads, dp): loader(compose_run_config([*moe_sources[1, "indexed"], f"data.featurize_threads={threads}"]), dp)
+                for dp in (1, 8) for threads in (1, FEATURIZE_THREADS)}
     tiny = cfgs["tiny"]
     step = TinyStep(tiny, tokenizer)
     step_batches = [loaders["tiny", 1].next_batch() for _ in range(args.steps)]
@@ -218,9 +228,10 @@ def run(args, tmp: Path) -> None:
                "worker process (data.prefetch_batches)": loader(ahead, 1, PrefetchingLoader)}
     for feeder in feeders.values():  # warm-up: a step each, the worker's start, the queues filled
         step(feeder.next_batch())
-    for key, ld in loaders.items():
+    for ld in [*loaders.values(), *threaded.values()]:
         ld.next_batch()
     frozen = freeze_set_up_objects()
+    threaded_wall = {key: [] for key in threaded}
 
     data_times = {key: [] for key in loaders}
     packing_times = {key: [] for key in loaders}
@@ -237,6 +248,11 @@ def run(args, tmp: Path) -> None:
             none = [False] * ld.batch_size  # the global rows, none of them this rank's
             packing_times[key].append(cpu_seconds(lambda: [ld.next_rows(none) for _ in range(args.batches)]) / args.batches)
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
+        for key, ld in threaded.items():
+            t0 = time.perf_counter()
+            for _ in range(args.batches):
+                ld.next_batch()
+            threaded_wall[key].append((time.perf_counter() - t0) / args.batches)
         step_cpu.append(sum(cpu_seconds(lambda: step(b)) for b in step_batches) / args.steps)
         for name, feeder in feeders.items():
             t0, waited = time.perf_counter(), 0.0
@@ -247,7 +263,7 @@ def run(args, tmp: Path) -> None:
                 step(batch)
             fed[name].append((time.perf_counter() - t0) / args.steps)
             fed_cpu[name].append(waited / args.steps)
-    for feeder in feeders.values():
+    for feeder in [*feeders.values(), *threaded.values()]:
         feeder.close()
 
     n_batches = args.rounds * args.batches
@@ -282,6 +298,15 @@ def run(args, tmp: Path) -> None:
         base = base or median
         print(f"  {'':34s} / training thread {median / base:.2f};  next_batch CPU on the training thread "
               f"{statistics.median(fed_cpu[name]) * 1e3:.1f} ms")
+    print(f"featurize threads, {SOURCES[1, 'indexed']} data settings (wall time per batch, rank 0 of dp):")
+    for dp in (1, 8):
+        one = statistics.median(threaded_wall[1, dp])
+        for threads in (1, FEATURIZE_THREADS):
+            times = threaded_wall[threads, dp]
+            median = statistics.median(times)
+            rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
+            print(f"  dp={dp}, data.featurize_threads={threads}: {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
+                  f"consumption  / 1 thread {median / one:.2f}  spread {max(times) / min(times):.2f}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@
    8: wall time per batch (the pool's threads are not the measuring thread, so its CPU time would
    leave them out), the ratio to one thread and the rate against the consumption. Run where as many
    cores are idle as there are threads.
+5. Sending a batch: moe_1b's indexed batches at dp = 1 pickled and unpickled as the data worker and
+   the training process do (scifm.data.prefetch), against the same batches with their figures'
+   patches as float32 in [0, 1] (as the loader made them before it kept bytes): megabytes per batch
+   and the CPU time of each side, alternated batch by batch.
 As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
 collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
@@ -38,7 +42,9 @@ the spread (max / min over rounds) are printed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import pickle
 import queue
 import statistics
 import tempfile
@@ -176,6 +182,25 @@ class ThreadFeeder:
         self.thread.join()
 
 
+def with_float_patches(batch):
+    """The batch with its figures' patches as the float32 values in [0, 1] the encoder makes of them."""
+    figure = batch.items["figure"]
+    return dataclasses.replace(batch, items={**batch.items, "figure": {**figure, "patches": figure["patches"].float() / 255.0}})
+
+
+def sending(loader: PackedLoader, n_batches: int) -> dict[str, dict[str, list[float]]]:
+    """Per variant: each batch's pickled megabytes and the CPU seconds of pickle.dumps and loads."""
+    sent = {variant: {"MB": [], "dumps": [], "loads": []} for variant in ("uint8 patches", "float32 patches")}
+    for _ in range(n_batches):
+        batch = loader.next_batch()
+        for variant, item in (("uint8 patches", batch), ("float32 patches", with_float_patches(batch))):
+            data = []
+            sent[variant]["dumps"].append(cpu_seconds(lambda: data.append(pickle.dumps(item))))
+            sent[variant]["loads"].append(cpu_seconds(lambda: pickle.loads(data[0])))
+            sent[variant]["MB"].append(len(data[0]) / 1e6)
+    return sent
+
+
 def report(label: str, times: list[float]) -> float:
     median = statistics.median(times)
     print(f"  {label:34s} median {median * 1e3:8.1f} ms  spread {max(times) / min(times):5.2f}")
@@ -265,6 +290,7 @@ def run(args, tmp: Path) -> None:
             fed_cpu[name].append(waited / args.steps)
     for feeder in [*feeders.values(), *threaded.values()]:
         feeder.close()
+    sent = sending(threaded[1, 1], args.rounds * args.batches)
 
     n_batches = args.rounds * args.batches
     print(f"built-in corpus ({args.corpus_docs or 'all'} documents per source), {args.rounds} rounds, "
@@ -300,13 +326,23 @@ def run(args, tmp: Path) -> None:
               f"{statistics.median(fed_cpu[name]) * 1e3:.1f} ms")
     print(f"featurize threads, {SOURCES[1, 'indexed']} data settings (wall time per batch, rank 0 of dp):")
     for dp in (1, 8):
-        one = statistics.median(threaded_wall[1, dp])
+        rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
         for threads in (1, FEATURIZE_THREADS):
             times = threaded_wall[threads, dp]
             median = statistics.median(times)
-            rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
+            # both read the same batches in a round, whose figures vary: the ratio is taken round by round
+            ratios = [t / one for t, one in zip(times, threaded_wall[1, dp])]
             print(f"  dp={dp}, data.featurize_threads={threads}: {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
-                  f"consumption  / 1 thread {median / one:.2f}  spread {max(times) / min(times):.2f}")
+                  f"consumption  / 1 thread {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})  "
+                  f"spread {max(times) / min(times):.2f}")
+    print(f"sending a batch from the data worker, {SOURCES[1, 'indexed']} data settings, dp=1 (medians over "
+          f"{len(sent['uint8 patches']['MB'])} batches; CPU time):")
+    base = sent["float32 patches"]
+    for variant, found in sent.items():
+        mb, dumps, loads = (statistics.median(found[key]) for key in ("MB", "dumps", "loads"))
+        print(f"  {variant:16s} {mb:7.1f} MB  pickle.dumps {dumps * 1e3:6.1f} ms  loads {loads * 1e3:6.1f} ms  "
+              f"/ float32 patches: MB {mb / statistics.median(base['MB']):.2f}, dumps + loads "
+              f"{(dumps + loads) / (statistics.median(base['dumps']) + statistics.median(base['loads'])):.2f}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 Images are converted to RGB (grayscale is replicated into three channels): plots and micrographs
 carry meaning in colour, and one channel count keeps the patch embedding a single Linear.
-Pixel values are floats in [0, 1].
+Pixel values stay bytes (0..255) up to the encoder, which scales them to [0, 1]: a batch of figures
+is a quarter of the size it would be as floats where it is collated, sent from the data worker
+(pickled) and copied to the GPU (bench/data.py, part 5).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from scifm.core.encoders_config import FigureEncoderConfig
 from scifm.core.errors import DocumentFormatError
 from scifm.core.modalities import grid_side
 
-# collate output: patches [B, N, patch_size * patch_size * CHANNELS] float32,
+# collate output: patches [B, N, patch_size * patch_size * CHANNELS] uint8,
 # patch_pos [B, N, 2] (row, col), patch_mask [B, N]
 GROUPS: Groups = {"patch_mask": ("patches", "patch_pos")}
 
@@ -79,7 +81,7 @@ def patchify(pixels_HWC: np.ndarray, patch_size: int) -> dict[str, np.ndarray]:
         .reshape(rows * cols, patch_size * patch_size * c)
     )
     pos = np.stack(np.divmod(np.arange(rows * cols, dtype=np.int64), cols), axis=1)
-    return {"patches": np.ascontiguousarray(patches, dtype=np.float32), "patch_pos": pos}
+    return {"patches": np.ascontiguousarray(patches), "patch_pos": pos}
 
 
 def read_figure(seg: dict, base_dir: Path) -> Image.Image:
@@ -101,5 +103,4 @@ def figure_features(image: Image.Image, cfg: FigureEncoderConfig) -> dict[str, n
     """The patches of a figure that `read_figure` decoded."""
     height, width = target_size(image.height, image.width, cfg)
     resized = image.resize((width, height), Image.Resampling.BICUBIC)
-    pixels_HWC = np.asarray(resized, dtype=np.float32) / 255.0
-    return patchify(pixels_HWC, cfg.patch_size)
+    return patchify(np.asarray(resized), cfg.patch_size)

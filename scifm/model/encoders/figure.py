@@ -12,7 +12,8 @@ from scifm.model.encoders.common import SlotHead, TransformerEncoder
 
 
 class FigureEncoder(nn.Module):
-    """Batch keys patches [B, N, P*P*C], patch_pos [B, N, 2], patch_mask [B, N] (collate("figure"))."""
+    """Batch keys patches [B, N, P*P*C] (uint8 pixel values), patch_pos [B, N, 2], patch_mask [B, N]
+    (collate("figure"))."""
 
     def __init__(self, cfg: FigureEncoderConfig, d_model: int):
         super().__init__()
@@ -24,5 +25,8 @@ class FigureEncoder(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         pos_BN2, mask_BN = batch["patch_pos"], batch["patch_mask"]
-        x_BND = self.patch_embed(batch["patches"]) + self.rows(pos_BN2[..., 0]) + self.cols(pos_BN2[..., 1])
+        # scaled in fp32, then to the weights' dtype (bf16 where FSDP2's parameters are): as if the
+        # loader had sent floats in [0, 1] and FSDP2 had cast them on the way in
+        pixels_BNP = (batch["patches"].float() / 255.0).to(self.patch_embed.weight.dtype)
+        x_BND = self.patch_embed(pixels_BNP) + self.rows(pos_BN2[..., 0]) + self.cols(pos_BN2[..., 1])
         return self.head(self.transformer(x_BND, mask_BN), mask_BN)

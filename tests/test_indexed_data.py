@@ -151,6 +151,14 @@ def indexed_config(make_config, prefixes: Path, *extra: str):
                                     f"{{path:{prefixes / 'latex'},kind:indexed,name:latex}}]", *extra)
 
 
+def counting(calls: Counter, name: str, real):
+    """`real`, counting its calls in calls[name]."""
+    def wrapped(*args):
+        calls[name] += 1
+        return real(*args)
+    return wrapped
+
+
 def documents(path: Path) -> list:
     return [parse_line(raw) for f in jsonl_files(path) for _, raw in read_lines(f) if raw.strip()]
 
@@ -328,6 +336,26 @@ def test_indexed_batches_equal_jsonl_batches(indexed, token_corpus, tokenizer, m
     assert modalities >= set(DOMAIN), modalities  # every stored modality reached the encoders
 
 
+def on_two_ranks(jsonl_cfg, indexed_cfg, tokenizer, batch_size: int, n_batches: int, calls: Counter, draws: int):
+    """For data-parallel ranks 0 and 1 of 2: each of n_batches batches of the indexed loader, checked
+    equal to the JSONL loader's, with `calls` cleared just before it was made; then the two loaders'
+    skips are checked equal. Yields (the indexed batch, its loader)."""
+    for rank in (0, 1):
+        a = make_loader(jsonl_cfg, tokenizer, batch_size=batch_size, dp_rank=rank, dp_size=2)
+        b = make_loader(indexed_cfg, tokenizer, batch_size=batch_size, dp_rank=rank, dp_size=2)
+        for _ in range(n_batches):
+            want = next_batch(a, ONE_AT_A_TIME)
+            calls.clear()
+            got = next_batch(b, draws)
+            assert batches_equal(want, got)
+            yield got, b
+        assert a.skips.as_dict() == b.skips.as_dict()
+
+
+def items_of(batch, modality: str) -> int:
+    return int(batch.slot_index[modality].shape[0]) if modality in batch.slot_index else 0
+
+
 @pytest.mark.parametrize("draws", [EVERY_BATCH, ONE_AT_A_TIME], ids=["drawn ahead", "one at a time"])
 @pytest.mark.parametrize("limit", ["molecule.max_len=33", "protein.max_len=150", "latex.max_len=12"])
 def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, token_corpus, tokenizer, make_config,
@@ -337,30 +365,17 @@ def test_length_limits_skip_what_they_skip_from_jsonl_on_every_rank(indexed, tok
     lines, and each of two data-parallel ranks gets the same rows and features, unpacking the stored
     graphs of its own rows' molecules only and parsing none (the graph is the work that falls with dp)."""
     calls = Counter()
-
-    def counting(name, real):
-        def wrapped(*args):
-            calls[name] += 1
-            return real(*args)
-        return wrapped
-
-    monkeypatch.setattr(Chem, "MolFromSmiles", counting("parse", Chem.MolFromSmiles))
-    monkeypatch.setattr(layout, "unpacked_graph", counting("unpack", layout.unpacked_graph))
+    monkeypatch.setattr(Chem, "MolFromSmiles", counting(calls, "parse", Chem.MolFromSmiles))
+    monkeypatch.setattr(layout, "unpacked_graph", counting(calls, "unpack", layout.unpacked_graph))
     extra = ("data.seq_len=64", f"model.encoders.{limit}", "data.max_bad_fraction=1.0")
     featurized = 0
-    for rank in (0, 1):  # 'chem' reads its molecule file, then its protein file: 32 rows reach the proteins
-        a = make_loader(jsonl_config(make_config, token_corpus, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
-        b = make_loader(indexed_config(make_config, indexed, *extra), tokenizer, batch_size=32, dp_rank=rank, dp_size=2)
-        for _ in range(8):
-            want = next_batch(a, ONE_AT_A_TIME)
-            calls.clear()
-            got = next_batch(b, draws)
-            assert batches_equal(want, got)
-            own = int(got.slot_index["molecule"].shape[0]) if "molecule" in got.slot_index else 0
-            # one unpack per molecule of this rank's rows, not one for the other rank's, and no RDKit parse
-            assert (calls["unpack"], calls["parse"]) == (own, 0), calls
-            featurized += own
-        assert a.skips.as_dict() == b.skips.as_dict()
+    # 'chem' reads its molecule file, then its protein file: 32 rows reach the proteins
+    for got, b in on_two_ranks(jsonl_config(make_config, token_corpus, *extra), indexed_config(make_config, indexed, *extra),
+                               tokenizer, 32, 8, calls, draws):
+        own = items_of(got, "molecule")
+        # one unpack per molecule of this rank's rows, not one for the other rank's, and no RDKit parse
+        assert (calls["unpack"], calls["parse"]) == (own, 0), calls
+        featurized += own
     assert featurized > 0
     too_long = sum(s["skipped"].get("too_long", 0) for s in b.skips.as_dict().values())
     assert too_long >= 3, b.skips.as_dict()  # the limit bit
@@ -374,31 +389,16 @@ def test_tables_and_figures_give_the_jsonl_batches_decoding_only_a_ranks_own(med
     own rows only and tokenizes no table; from JSONL every rank decodes every figure of the global
     batch (the check that decides the rows)."""
     calls = Counter()
-
-    def counting(name, real):
-        def wrapped(*args):
-            calls[name] += 1
-            return real(*args)
-        return wrapped
-
-    monkeypatch.setattr(payloads_module, "decoded_figure", counting("decode", payloads_module.decoded_figure))
-    monkeypatch.setattr(table_module, "table_ids", counting("tokenize", table_module.table_ids))
+    monkeypatch.setattr(payloads_module, "decoded_figure", counting(calls, "decode", payloads_module.decoded_figure))
+    monkeypatch.setattr(table_module, "table_ids", counting(calls, "tokenize", table_module.table_ids))
     extra = ("data.seq_len=64", "data.max_bad_fraction=1.0", *([limit] if limit else []))
     own = {"table": 0, "figure": 0}
-    for rank in (0, 1):
-        a = make_loader(media_config(make_config, media_corpus, *extra), tokenizer, batch_size=16, dp_rank=rank, dp_size=2)
-        b = make_loader(media_config(make_config, media_indexed / "media", *extra, indexed=True), tokenizer,
-                        batch_size=16, dp_rank=rank, dp_size=2)
-        for _ in range(6):
-            want = next_batch(a, ONE_AT_A_TIME)
-            calls.clear()
-            got = next_batch(b, EVERY_BATCH)
-            assert batches_equal(want, got)
-            figures = int(got.slot_index["figure"].shape[0]) if "figure" in got.slot_index else 0
-            assert (calls["decode"], calls["tokenize"]) == (figures, 0), calls
-            for kind in own:
-                own[kind] += int(got.slot_index[kind].shape[0]) if kind in got.slot_index else 0
-        assert a.skips.as_dict() == b.skips.as_dict()
+    for got, b in on_two_ranks(media_config(make_config, media_corpus, *extra),
+                               media_config(make_config, media_indexed / "media", *extra, indexed=True),
+                               tokenizer, 16, 6, calls, EVERY_BATCH):
+        assert (calls["decode"], calls["tokenize"]) == (items_of(got, "figure"), 0), calls
+        for kind in own:
+            own[kind] += items_of(got, kind)
     assert min(own.values()) >= 10, own
     too_long = b.skips.as_dict()["media"]["skipped"].get("too_long", 0)
     assert too_long >= 3 if limit else too_long == 0, b.skips.as_dict()

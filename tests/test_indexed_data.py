@@ -809,17 +809,23 @@ def test_cli_errors_are_one_line(tmp_path, tokenizer_dir, token_corpus, make_con
 # --- training ----------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_training_from_indexed_sources_uses_their_tokenizer_and_resumes_exactly(indexed, make_config, tmp_path):
+def test_training_from_indexed_sources_uses_their_tokenizer_and_resumes_exactly(indexed, media_indexed, make_config,
+                                                                               tmp_path):
+    """Three indexed sources, one of them of tables and figures, trained and resumed from a checkpoint
+    taken mid-way: the same losses after the resume."""
     from scifm.train.trainer import train
     from tests.helpers.run_metrics import losses
 
+    sources = (f"[{{path:{indexed / 'chem'},kind:indexed,name:chem}},{{path:{indexed / 'latex'},kind:indexed,name:latex}},"
+               f"{{path:{media_indexed / 'media'},kind:indexed,name:media,weight:2.0}}]")
     common = ("trainer.max_steps=4", "trainer.log_every=1", "trainer.val_every=100", "trainer.ckpt_every=2",
               "trainer.batch_size=2", "data.seq_len=64", "data.val_batches=1")
     full = tmp_path / "full"
-    train(indexed_config(make_config, indexed, *common), full)
+    train(user_config(make_config, sources, *common), full)
     sidecar = json.loads((indexed / "chem.json").read_text())
     assert ScientificTokenizer.load(full / "tokenizer").fingerprint() == sidecar["tokenizer"]["fingerprint"]
+    assert json.loads((full / "summary.json").read_text())["tokens_by_source"]["media"] > 0
     resumed = tmp_path / "resumed"
-    train(indexed_config(make_config, indexed, *common, f"resume={full / 'checkpoints' / 'step_2'}"), resumed)
+    train(user_config(make_config, sources, *common, f"resume={full / 'checkpoints' / 'step_2'}"), resumed)
     want, got = losses(full), losses(resumed)
     assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got), (want, got)

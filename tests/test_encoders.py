@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.resources
 from pathlib import Path
 
@@ -144,6 +145,21 @@ def test_aspect_ratio_sets_the_patch_grid():
         assert feats["patches"].shape == (rows * cols, p * p * 3)
         expected = np.array([(r, c) for r in range(rows) for c in range(cols)])
         np.testing.assert_array_equal(feats["patch_pos"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_figure_encoder_embeds_pixel_bytes_as_values_in_0_1(encoders, dtype):
+    """Patches travel as bytes (a quarter of floats' size); the patch embedding must see each byte /
+    255 as fp32 computes it, in the weights' dtype (bf16 where FSDP2's parameters are)."""
+    batch = collate("figure", [featurize("figure", seg) for seg in SEGMENTS["figure"]])
+    assert batch["patches"].dtype == torch.uint8 and int(batch["patches"].max()) > 200
+    encoder = copy.deepcopy(encoders["figure"]).to(dtype)
+    seen = []
+    encoder.patch_embed.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        encoder(batch)
+    assert torch.equal(seen[0], (batch["patches"].float() / 255.0).to(dtype))
+    assert seen[0].dtype == dtype and float(seen[0].max()) <= 1.0
 
 
 def test_molecule_features_match_rdkit():

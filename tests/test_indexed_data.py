@@ -664,14 +664,19 @@ def _from_the_two_document_shard(*suffixes):
      r"three.packing.npy: holds an array of shape \(2, 18\) \(int32\), its sidecar says 3 documents; write the dataset again"),
     (lambda tmp_path: (tmp_path / "three.packing.npy").write_bytes(b"not an array"),
      r"three.packing.npy: not readable as a packing index \(ValueError: .*\); write the dataset again"),
-], ids=["graphs of another write", "packing index of another write", "packing index not an array"])
+    (lambda tmp_path: [shutil.copy(tmp_path / f"twice{suffix}", tmp_path / f"three{suffix}")
+                       for suffix in (".payloads.bin", ".payloads.idx")],
+     r"three.payloads.bin: holds 6 tables and figures, its sidecar 3; write the dataset again"),
+], ids=["graphs of another write", "packing index of another write", "packing index not an array",
+        "payloads of another write with as many documents"])
 def test_a_shard_whose_files_disagree_is_refused_in_one_line(tokenizer, tokenizer_dir, make_config, tmp_path,
                                                               damage, error):
-    """A shard's token, metadata and graph datasets and its packing index must hold one document each
-    per document: a file from another write, or no array at all, is named, not read as the wrong
-    documents."""
-    for name, n in (("three", 3), ("two", 2)):
-        docs = [{**text_doc(i), "segments": [{"type": "molecule", "smiles": "CCO"}]} for i in range(n)]
+    """A shard's token, metadata, graph and payload datasets and its packing index must hold one
+    document each per document, and the payloads one sequence per table and figure: a file from
+    another write, or no array at all, is named, not read as the wrong documents."""
+    table = {"type": "table", "columns": ["a"], "rows": [["1"]]}
+    for name, n, tables in (("three", 3, 1), ("two", 2, 1), ("twice", 3, 2)):
+        docs = [{**text_doc(i), "segments": [{"type": "molecule", "smiles": "CCO"}, *[table] * tables]} for i in range(n)]
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
         tokenize_corpus([str(tmp_path / f"{name}.jsonl")], tokenizer_dir, tmp_path / name)
     damage(tmp_path)

@@ -131,6 +131,10 @@ class PayloadReader(DocumentReader):
     def __len__(self) -> int:
         return len(self._documents) - 1
 
+    @property
+    def n_items(self) -> int:
+        return len(self._lengths)
+
     def __getitem__(self, pos: int) -> tuple[np.ndarray, ...]:
         """Its tables' and figures' payloads, in order: read-only views of the mapped file."""
         first, stop = self._documents[pos : pos + 2].tolist()
@@ -154,6 +158,10 @@ def open_shard(sidecar: Path, shard: dict) -> tuple:
     if held != [shard["documents"]]:
         raise DataError(f"{prefix}.bin: holds {'/'.join(map(str, held))} documents, its sidecar "
                         f"{shard['documents']}; write the dataset again with `scifm data tokenize`")
+    payloads = datasets[-1]
+    if payloads is not None and payloads.n_items != shard["tables"] + shard["figures"]:
+        raise DataError(f"{prefix}{PAYLOADS}.bin: holds {payloads.n_items} tables and figures, its sidecar "
+                        f"{shard['tables'] + shard['figures']}; write the dataset again with `scifm data tokenize`")
     return datasets
 
 

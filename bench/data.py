@@ -22,7 +22,7 @@
    and by the worker process of data.prefetch_batches: wall time per step (what overlap gains, where
    a core is free for it) and the training thread's CPU time in next_batch (what it still pays).
 4. Featurize threads: moe_1b's settings on the built-in sources' indexed datasets (figures are most
-   of the featurizing there) with data.featurize_threads = 1 and FEATURIZE_THREADS, at dp = 1 and
+   of the featurizing there) with data.featurize_threads = 1 and each of --featurize-threads, at dp = 1 and
    8: wall time per batch (the pool's threads are not the measuring thread, so its CPU time would
    leave them out), the ratio to one thread and the rate against the consumption. Run where as many
    cores are idle as there are threads.
@@ -36,7 +36,7 @@ collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py
 Variants alternate within every round, so that load on the machine hits them alike; medians and
 the spread (max / min over rounds) are printed.
 
-  python bench/data.py [--rounds 5] [--corpus-docs 0]
+  python bench/data.py [--rounds 5] [--corpus-docs 0] [--featurize-threads 2 [4 ...]]
 """
 
 from __future__ import annotations
@@ -81,7 +81,6 @@ SETTINGS = {"tiny": ("tiny", 16, 256), "moe_1b": ("moe_1b", 8, 4096)}
 # documents of the built-in sources are short (about 50 tokens); papers run to thousands, so they are
 # also read joined JOIN at a time (their segments in order, as one document of ~2,600 tokens)
 JOIN = 64
-FEATURIZE_THREADS = 2  # part 4's pool, against one thread
 # moe_1b's settings on the built-in sources, besides the JSONL files as they are (SETTINGS' moe_1b)
 SOURCES = {(join, kind): f"moe_1b, built-in sources{f' joined {join} per document' if join > 1 else ''}, {kind}"
            for join, kind in ((1, "indexed"), (JOIN, "JSONL"), (JOIN, "indexed"))}
@@ -214,6 +213,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="tiny training steps per variant and round")
     parser.add_argument("--corpus-docs", type=int, default=0, help="documents per built-in source (0 = all)")
     parser.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilization of moe_1b")
+    parser.add_argument("--featurize-threads", type=int, nargs="+", default=[2],
+                        help="part 4's data.featurize_threads, each against 1 (a machine with that many idle cores)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="assumed GPU dense bf16 peak (H100/H200 SXM)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -243,7 +244,7 @@ def run(args, tmp: Path) -> None:
 
     loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
     threaded = {(threads, dp): loader(compose_run_config([*moe_sources[1, "indexed"], f"data.featurize_threads={threads}"]), dp)
-                for dp in (1, 8) for threads in (1, FEATURIZE_THREADS)}
+                for dp in (1, 8) for threads in (1, *args.featurize_threads)}
     tiny = cfgs["tiny"]
     step = TinyStep(tiny, tokenizer)
     step_batches = [loaders["tiny", 1].next_batch() for _ in range(args.steps)]
@@ -327,7 +328,7 @@ def run(args, tmp: Path) -> None:
     print(f"featurize threads, {SOURCES[1, 'indexed']} data settings (wall time per batch, rank 0 of dp):")
     for dp in (1, 8):
         rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
-        for threads in (1, FEATURIZE_THREADS):
+        for threads in (1, *args.featurize_threads):
             times = threaded_wall[threads, dp]
             median = statistics.median(times)
             # both read the same batches in a round, whose figures vary: the ratio is taken round by round

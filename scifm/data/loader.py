@@ -86,8 +86,7 @@ class PackedLoader:
         self.pending_fit: tuple | None = None
         self.draws_ahead = 64  # the mixture's draws a batch makes at once (scifm.data.lookahead)
         self.placeholders = placeholder_features(tokenizer, enc_cfg)
-        self._featurizer = (ThreadPoolExecutor(cfg.featurize_threads, thread_name_prefix="scifm-featurize")
-                            if cfg.featurize_threads > 1 else None)
+        self._featurizer: ThreadPoolExecutor | None = None  # made by the first batch that uses it
 
     # --- documents -> chunks ------------------------------------------------------------------
     def _encode(self, doc: Document | IndexedLayout, stream, cursor: Cursor) -> list[Chunk]:
@@ -263,8 +262,10 @@ class PackedLoader:
         """Every rank packs the global rows; only its own are laid out, and their items featurized in
         collate_rows."""
         mine = self.next_rows([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
-        if self._featurizer is None:
+        if self.cfg.featurize_threads == 1:
             return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
+        if self._featurizer is None:
+            self._featurizer = ThreadPoolExecutor(self.cfg.featurize_threads, thread_name_prefix="scifm-featurize")
         return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders,
                             lambda prepared: self._featurizer.map(Prepared.features, prepared))
 
@@ -272,6 +273,7 @@ class PackedLoader:
         """Stops the featurizing threads, if any (scifm.data.prefetch's loader also has a worker to stop)."""
         if self._featurizer is not None:
             self._featurizer.shutdown(cancel_futures=True)
+            self._featurizer = None
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

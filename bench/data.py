@@ -333,9 +333,10 @@ def run(args, tmp: Path) -> None:
             median = statistics.median(times)
             # both read the same batches in a round, whose figures vary: the ratio is taken round by round
             ratios = [t / one for t, one in zip(times, threaded_wall[1, dp])]
-            print(f"  dp={dp}, data.featurize_threads={threads}: {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
-                  f"consumption  / 1 thread {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})  "
-                  f"spread {max(times) / min(times):.2f}")
+            against = ("" if threads == 1 else f"  / 1 thread {statistics.median(ratios):.2f} "
+                                                f"(rounds {min(ratios):.2f} to {max(ratios):.2f})")
+            print(f"  dp={dp}, data.featurize_threads={threads}: {median * 1e3:8.1f} ms  "
+                  f"x{rank_tokens / median / consumed['moe_1b']:6.2f} consumption{against}  spread {max(times) / min(times):.2f}")
     print(f"sending a batch from the data worker, {SOURCES[1, 'indexed']} data settings, dp=1 (medians over "
           f"{len(sent['uint8 patches']['MB'])} batches; CPU time):")
     base = sent["float32 patches"]

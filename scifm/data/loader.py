@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
 
 import numpy as np
 
@@ -33,7 +34,8 @@ from scifm.data.indexed.files import check_tokenizer
 from scifm.data.indexed.packing_index import REFUSED, IndexedLayout
 from scifm.data.lookahead import Lookahead
 from scifm.data.mixture import stream_probabilities
-from scifm.data.packing import Batch, Chunk, Row, chunk_document, collate_rows, fits_a_row, placeholder_features
+from scifm.data.packing import (Batch, Chunk, Row, chunk_document, collate_rows, features_in_turn, fits_a_row,
+                                placeholder_features)
 from scifm.data.skips import SkipCounter
 from scifm.data.streams import Cursor, SourceSpec, changed, open_stream, skill_counts
 from scifm.core.errors import CheckpointError, ConfigError, DataError, DocumentFormatError
@@ -262,12 +264,15 @@ class PackedLoader:
         """Every rank packs the global rows; only its own are laid out, and their items featurized in
         collate_rows."""
         mine = self.next_rows([r % self.dp_size == self.dp_rank for r in range(self.batch_size)])
+        return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders, self._featurize)
+
+    def _featurize(self, prepared: list[Prepared]) -> Iterable[dict]:
+        """The items' features in order: on this thread, or over data.featurize_threads threads."""
         if self.cfg.featurize_threads == 1:
-            return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders)
+            return features_in_turn(prepared)
         if self._featurizer is None:
             self._featurizer = ThreadPoolExecutor(self.cfg.featurize_threads, thread_name_prefix="scifm-featurize")
-        return collate_rows(mine, self.cfg.seq_len, self.tokenizer, self.placeholders,
-                            lambda prepared: self._featurizer.map(Prepared.features, prepared))
+        return self._featurizer.map(Prepared.features, prepared)
 
     def close(self) -> None:
         """Stops the featurizing threads, if any (scifm.data.prefetch's loader also has a worker to stop)."""

@@ -30,6 +30,10 @@
    the training process do (scifm.data.prefetch), against the same batches with their figures'
    patches as float32 in [0, 1] (as the loader made them before it kept bytes): megabytes per batch
    and the CPU time of each side, alternated batch by batch.
+6. Figure resolution: moe_1b's indexed batches (part 1's) against the same batches with every figure
+   enlarged to max_side (model.encoders.figure.upscale=true, as the loader made them before; the
+   built-in figures are at most 256 pixels, moe_1b's side 448), at dp = 1 and 8: CPU time per batch,
+   the ratio taken round by round, and the patches per batch.
 As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
 collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
@@ -243,6 +247,8 @@ def run(args, tmp: Path) -> None:
                    seed=cfg.trainer.seed, dp_rank=0, dp_size=dp)
 
     loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
+    enlarged = {dp: loader(compose_run_config([*moe_sources[1, "indexed"], "model.encoders.figure.upscale=true"]), dp)
+                for dp in (1, 8)}
     threaded = {(threads, dp): loader(compose_run_config([*moe_sources[1, "indexed"], f"data.featurize_threads={threads}"]), dp)
                 for dp in (1, 8) for threads in (1, *args.featurize_threads)}
     tiny = cfgs["tiny"]
@@ -254,12 +260,14 @@ def run(args, tmp: Path) -> None:
                "worker process (data.prefetch_batches)": loader(ahead, 1, PrefetchingLoader)}
     for feeder in feeders.values():  # warm-up: a step each, the worker's start, the queues filled
         step(feeder.next_batch())
-    for ld in [*loaders.values(), *threaded.values()]:
+    for ld in [*loaders.values(), *threaded.values(), *enlarged.values()]:
         ld.next_batch()
     frozen = freeze_set_up_objects()
     threaded_wall = {key: [] for key in threaded}
 
     data_times = {key: [] for key in loaders}
+    enlarged_times = {dp: [] for dp in enlarged}
+    patches = {(variant, dp): 0 for variant in ("native", "enlarged") for dp in enlarged}
     packing_times = {key: [] for key in loaders}
     items = {key: 0 for key in loaders}
     docs = {key: 0 for key in loaders}
@@ -274,6 +282,16 @@ def run(args, tmp: Path) -> None:
             none = [False] * ld.batch_size  # the global rows, none of them this rank's
             packing_times[key].append(cpu_seconds(lambda: [ld.next_rows(none) for _ in range(args.batches)]) / args.batches)
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
+            if key[0] == SOURCES[1, "indexed"] and key[1] in enlarged:
+                patches["native", key[1]] += sum(int(b.items["figure"]["patch_mask"].sum()) for b in batches
+                                                 if "figure" in b.items)
+        for dp, ld in enlarged.items():  # right after part 1's loader of the same batches
+            batches = []
+            enlarged_times[dp].append(cpu_seconds(lambda: batches.extend(ld.next_batch() for _ in range(args.batches)))
+                                      / args.batches)
+            patches["enlarged", dp] += sum(int(b.items["figure"]["patch_mask"].sum()) for b in batches if "figure" in b.items)
+            for _ in range(args.batches):  # as part 1's loader packs, so both stay at the same batches
+                ld.next_rows([False] * ld.batch_size)
         for key, ld in threaded.items():
             t0 = time.perf_counter()
             for _ in range(args.batches):
@@ -345,6 +363,17 @@ def run(args, tmp: Path) -> None:
         print(f"  {variant:16s} {mb:7.1f} MB  pickle.dumps {dumps * 1e3:6.1f} ms  loads {loads * 1e3:6.1f} ms  "
               f"/ float32 patches: MB {mb / statistics.median(base['MB']):.2f}, dumps + loads "
               f"{(dumps + loads) / (statistics.median(base['dumps']) + statistics.median(base['loads'])):.2f}")
+
+    print(f"figure resolution, {SOURCES[1, 'indexed']} data settings (CPU time per batch, rank 0 of dp; native is part 1's):")
+    for dp in enlarged:
+        rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
+        native = data_times[SOURCES[1, "indexed"], dp]
+        ratios = [one / big for one, big in zip(native, enlarged_times[dp])]  # the same batches in a round
+        for variant, times in (("native (figure.upscale=false)", native), ("enlarged (figure.upscale=true)", enlarged_times[dp])):
+            median = statistics.median(times)
+            print(f"  dp={dp}, {variant:30s} {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
+                  f"consumption  {patches[variant.split()[0], dp] / n_batches:8,.0f} patches/batch  spread {max(times) / min(times):.2f}")
+        print(f"  dp={dp}, native / enlarged {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from rdkit import Chem
 from scifm.data.features import collate, featurize_segment
 from scifm.data.features.molecule import featurize_molecule, mol_features
 from scifm.core.errors import DocumentFormatError
-from scifm.core.encoders_config import EncodersConfig
+from scifm.core.encoders_config import EncodersConfig, FigureEncoderConfig
 from scifm.model.encoders import build_encoders
 from scifm.model.init import init_parameters
 
@@ -60,7 +60,7 @@ SEGMENTS = {
         {"columns": ["x"], "rows": [[1]]},
         {"columns": ["name", "mass"], "rows": [["H", 1.008], ["He", None]], "caption": "Atomic masses"},
     ],
-    "figure": [{"array": [[0.0, 1.0, 0.5, 0.25, 1.0, 0.0]] * 2}, {"path": "camera.png"}],  # 3x8 vs 8x8 patches
+    "figure": [{"array": [[0.0, 1.0, 0.5, 0.25, 1.0, 0.0]] * 2}, {"path": "camera.png"}],  # 1 vs 8x8 patches
 }
 
 
@@ -145,6 +145,25 @@ def test_aspect_ratio_sets_the_patch_grid():
         assert feats["patches"].shape == (rows * cols, p * p * 3)
         expected = np.array([(r, c) for r in range(rows) for c in range(cols)])
         np.testing.assert_array_equal(feats["patch_pos"], expected)
+
+
+@pytest.mark.parametrize("upscale", [False, True])
+def test_a_figure_under_max_side_is_enlarged_only_with_upscale(upscale):
+    """patch_size 8, max_side 64. Not enlarged, a 24 x 40 image is 3 x 5 patches of its own pixels
+    (no resize at whole patches) and one under a patch is one patch; enlarged, 24 x 40 fills the
+    64-pixel side (8 patches, 24 x 64 / 40 -> 5 rows) and 3 x 5 fills it too."""
+    cfg = EncodersConfig(figure=FigureEncoderConfig(upscale=upscale))
+    pixels_HW = np.random.default_rng(0).integers(0, 256, (24, 40)).astype(float)
+    tiny_HW = np.full((3, 5), 255.0)
+    grids = {}
+    for name, image in (("small", pixels_HW), ("under a patch", tiny_HW)):
+        feats = featurize_segment({"type": "figure", "array": image.tolist()}, TOK, cfg, SKIMAGE_DATA)
+        grids[name] = tuple(int(n) for n in feats["patch_pos"].max(axis=0) + 1)
+        assert feats["patches"].shape == (grids[name][0] * grids[name][1], 8 * 8 * 3)
+        if name == "small" and not upscale:
+            first_patch = feats["patches"][0].reshape(8, 8, 3)
+            np.testing.assert_array_equal(first_patch, np.repeat(pixels_HW[:8, :8, None], 3, axis=2))
+    assert grids == ({"small": (5, 8), "under a patch": (5, 8)} if upscale else {"small": (3, 5), "under a patch": (1, 1)})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

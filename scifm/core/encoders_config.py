@@ -30,7 +30,10 @@ class EncoderConfig:
 @dataclass
 class FigureEncoderConfig(EncoderConfig):
     patch_size: int = 8
-    max_side: int = 64  # images are resized so the longer side is this many pixels, aspect kept
+    max_side: int = 64  # images are resized so the longer side is at most this many pixels, aspect kept
+    # whether a smaller image is enlarged to max_side; off, it keeps its size in whole patches: enlarging
+    # gives the encoder more patches and the data path more pixels to make, and no information
+    upscale: bool = False
 
     def validate(self, prefix: str) -> None:
         super().validate(prefix)

@@ -26,9 +26,13 @@ GROUPS: Groups = {"patch_mask": ("patches", "patch_pos")}
 
 
 def target_size(height: int, width: int, cfg: FigureEncoderConfig) -> tuple[int, int]:
-    """(height, width) with the longer side at max_side and both sides multiples of patch_size."""
+    """(height, width) in whole patches, aspect kept: the longer side at max_side, or, for a smaller
+    image unless cfg.upscale, at its own length rounded to whole patches (at least one)."""
+    longer = max(height, width)
     long_cells = grid_side(cfg)
-    scale = long_cells / max(height, width)
+    if not cfg.upscale:
+        long_cells = min(long_cells, max(1, round(longer / cfg.patch_size)))
+    scale = long_cells / longer
     rows = max(1, round(height * scale))
     cols = max(1, round(width * scale))
     return rows * cfg.patch_size, cols * cfg.patch_size

@@ -33,7 +33,8 @@
 6. Figure resolution: moe_1b's indexed batches (part 1's) against the same batches with every figure
    enlarged to max_side (model.encoders.figure.upscale=true, as the loader made them before; the
    built-in figures are at most 256 pixels, moe_1b's side 448), at dp = 1 and 8: CPU time per batch,
-   the ratio taken round by round, and the patches per batch.
+   the ratio taken round by round, and the patches per batch (real ones, and the positions of the
+   batch padded to its largest figure, which the figure encoder runs over).
 As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
 collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
@@ -204,6 +205,16 @@ def sending(loader: PackedLoader, n_batches: int) -> dict[str, dict[str, list[fl
     return sent
 
 
+def count_patches(counts: list[int], batches) -> None:
+    """Adds the batches' figure patches to counts: [real ones, positions of the padded batch the
+    figure encoder runs over]."""
+    for batch in batches:
+        if "figure" in batch.items:
+            mask_BN = batch.items["figure"]["patch_mask"]
+            counts[0] += int(mask_BN.sum())
+            counts[1] += mask_BN.numel()
+
+
 def report(label: str, times: list[float]) -> float:
     median = statistics.median(times)
     print(f"  {label:34s} median {median * 1e3:8.1f} ms  spread {max(times) / min(times):5.2f}")
@@ -267,7 +278,8 @@ def run(args, tmp: Path) -> None:
 
     data_times = {key: [] for key in loaders}
     enlarged_times = {dp: [] for dp in enlarged}
-    patches = {(variant, dp): 0 for variant in ("native", "enlarged") for dp in enlarged}
+    # per variant and dp: [real patches, patch positions of the padded batch] over all batches
+    patches = {(variant, dp): [0, 0] for variant in ("native", "enlarged") for dp in enlarged}
     packing_times = {key: [] for key in loaders}
     items = {key: 0 for key in loaders}
     docs = {key: 0 for key in loaders}
@@ -283,13 +295,12 @@ def run(args, tmp: Path) -> None:
             packing_times[key].append(cpu_seconds(lambda: [ld.next_rows(none) for _ in range(args.batches)]) / args.batches)
             items[key] += sum(int(b.slot_index[m].shape[0]) for b in batches for m in b.slot_index)
             if key[0] == SOURCES[1, "indexed"] and key[1] in enlarged:
-                patches["native", key[1]] += sum(int(b.items["figure"]["patch_mask"].sum()) for b in batches
-                                                 if "figure" in b.items)
+                count_patches(patches["native", key[1]], batches)
         for dp, ld in enlarged.items():  # right after part 1's loader of the same batches
             batches = []
             enlarged_times[dp].append(cpu_seconds(lambda: batches.extend(ld.next_batch() for _ in range(args.batches)))
                                       / args.batches)
-            patches["enlarged", dp] += sum(int(b.items["figure"]["patch_mask"].sum()) for b in batches if "figure" in b.items)
+            count_patches(patches["enlarged", dp], batches)
             for _ in range(args.batches):  # as part 1's loader packs, so both stay at the same batches
                 ld.next_rows([False] * ld.batch_size)
         for key, ld in threaded.items():
@@ -371,8 +382,10 @@ def run(args, tmp: Path) -> None:
         ratios = [one / big for one, big in zip(native, enlarged_times[dp])]  # the same batches in a round
         for variant, times in (("native (figure.upscale=false)", native), ("enlarged (figure.upscale=true)", enlarged_times[dp])):
             median = statistics.median(times)
+            real, padded = patches[variant.split()[0], dp]
             print(f"  dp={dp}, {variant:30s} {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
-                  f"consumption  {patches[variant.split()[0], dp] / n_batches:8,.0f} patches/batch  spread {max(times) / min(times):.2f}")
+                  f"consumption  {real / n_batches:8,.0f} patches/batch, padded to {padded / n_batches:8,.0f}  "
+                  f"spread {max(times) / min(times):.2f}")
         print(f"  dp={dp}, native / enlarged {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})")
 
 

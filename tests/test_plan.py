@@ -91,35 +91,41 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
 
 
 def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config, tokenizer, tmp_path):
-    """The planner packs the global rows once and runs the encoders over rank 0's share on
-    FakeTensors; a real forward over the micro-batches the training loader gives rank 0 of two saves
-    the same bytes, parameters left out, and counts the same FLOPs, in fp32, under bf16 autocast and
-    with bf16 weights. Exact: the same rows, and the same kernels chosen for the same shapes."""
+    """The planner packs the global rows once and runs the encoders over each data-parallel rank's
+    share on FakeTensors; real forwards over the micro-batches the training loader gives ranks 0 and
+    1 of two save the same bytes at the fullest micro-batch of either rank, parameters left out, and
+    count the same FLOPs, the busier rank's per micro-batch, averaged, in fp32, under bf16 autocast
+    and with bf16 weights. Exact: the same rows, and the same kernels chosen for the same shapes."""
     tokenizer.save(tmp_path / "tokenizer")
     run = make_config("trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128")
     regimes = ("fp32", "bf16_autocast", "bf16_weights")
     sampler = EncoderSampler(run, str(tmp_path / "tokenizer"), steps=2, wanted={(2, regime) for regime in regimes})
-    loader = PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders, split="train",
-                          batch_size=4, seed=run.trainer.seed, dp_rank=0, dp_size=2)
-    micro = [loader.next_batch().items for _ in range(4)]
+    micro = {rank: [loader.next_batch().items for _ in range(4)]
+             for rank, loader in ((rank, PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders,
+                                                      split="train", batch_size=4, seed=run.trainer.seed, dp_rank=rank,
+                                                      dp_size=2)) for rank in (0, 1))}
     encoders = build_encoders(run.model.encoders, run.model.d_model, vocab_sizes_of(tokenizer))
     for regime in regimes:
         autocast = torch.autocast("cpu", torch.bfloat16) if regime == "bf16_autocast" else contextlib.nullcontext()
         if regime == "bf16_weights":  # FSDP2's bf16 parameters, and its cast of the inputs
             encoders = encoders.to(torch.bfloat16)
-        saved, flops = [], []
-        for items in micro:
-            if regime == "bf16_weights":
-                items = {m: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
-                         for m, batch in items.items()}
-            counter = FlopCounterMode(display=False)
-            with autocast, counter:
-                saved.append(saved_bytes(lambda: [encoders[m](items[m]) for m in encoders if m in items],
-                                         skip=list(encoders.parameters())))
-            flops.append(counter.get_total_flops())
+        saved, flops = {0: [], 1: []}, {0: [], 1: []}
+        for rank, batches in micro.items():
+            for items in batches:
+                if regime == "bf16_weights":
+                    items = {m: {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in batch.items()}
+                             for m, batch in items.items()}
+                counter = FlopCounterMode(display=False)
+                with autocast, counter:
+                    saved[rank].append(saved_bytes(lambda: [encoders[m](items[m]) for m in encoders if m in items],
+                                                   skip=list(encoders.parameters())))
+                flops[rank].append(counter.get_total_flops())
         load = sampler.load(2, regime)
-        assert len(set(saved)) > 1  # the micro-batches differ: the largest is taken
-        assert load.saved_bytes == max(saved) and load.forward_flops == pytest.approx(statistics.fmean(flops)), regime
+        assert len(set(saved[0])) > 1  # the micro-batches differ: the largest is taken
+        # rank 1 is the fuller and the busier in some micro-batches and not in others: both ranks count
+        assert max(saved[1]) > max(saved[0]) and 0 < sum(a > b for a, b in zip(flops[1], flops[0])) < 4, regime
+        assert load.saved_bytes == max(saved[0] + saved[1]), regime
+        assert load.forward_flops == pytest.approx(statistics.fmean(map(max, flops[0], flops[1]))), regime
 
 
 def test_the_encoders_sampled_flops_add_to_the_first_stages_compute(make_config, corpus_dir, tokenizer, tmp_path):

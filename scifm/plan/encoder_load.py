@@ -4,14 +4,17 @@ How many items a micro-batch holds and how long each one is belong to the data, 
 so no formula over the config can give them. The planner packs the first plan.sample_steps x
 trainer.grad_accum global micro-batches of the run's training loader (with the tokenizer
 plan.tokenizer names; the rows are the same under every layout), and for each data-parallel size
-the layouts use collates the rows its rank 0 would train on. The run's encoders run over those
-items under FakeTensorMode: shapes only, no memory and no arithmetic, yet the same kernels chosen
+the layouts use collates the rows each of its ranks would train on (every rank up to SAMPLED_RANKS,
+beyond that SAMPLED_RANKS spread evenly over them: ranks' rows differ, and a figure-dense row can
+hold many times another's encoder work). The run's encoders run over those items under FakeTensorMode: shapes only, no memory and no arithmetic, yet the same kernels chosen
 as on a real CPU tensor (SDPA's flash kernel, which keeps only its output and log-sum-exp for
 backward, as the GPU's kernels do). It counts the bytes of the tensors autograd saves that are not
 parameters, and the forward FLOPs (torch's FlopCounterMode). One micro-batch's items are held at a
 time, so a paper-scale batch costs packing once, not once per data-parallel size.
 
-Memory takes the fullest micro-batch seen: a layout has to fit the worst one. Time takes the mean.
+Memory takes the fullest micro-batch of any rank seen: a layout has to fit the worst one. Time takes,
+per micro-batch, the busiest rank's FLOPs (the others wait for it at the first collective after the
+encoders), averaged over the micro-batches.
 """
 
 from __future__ import annotations
@@ -36,12 +39,16 @@ from scifm.model.multimodal import vocab_sizes_of
 from scifm.tokenizers.scientific import ScientificTokenizer
 
 
+# data-parallel ranks measured per data-parallel size: bounds the planner's work at paper scale
+SAMPLED_RANKS = 8
+
+
 @dataclass(frozen=True)
 class EncoderLoad:
-    """The encoders over one data-parallel rank's micro-batches."""
+    """The encoders over the data-parallel ranks' micro-batches."""
 
-    saved_bytes: int  # the most any sampled micro-batch's encoders keep for backward
-    forward_flops: float  # the mean over the sampled micro-batches
+    saved_bytes: int  # the most any sampled rank's micro-batch keeps for backward
+    forward_flops: float  # per micro-batch the busiest sampled rank's, averaged over the micro-batches
 
 
 class EncoderSampler:
@@ -55,22 +62,34 @@ class EncoderSampler:
         regimes_of: dict[int, set[str]] = defaultdict(set)
         for dp_size, regime in wanted:
             regimes_of[dp_size].add(regime)
-        measured: dict[tuple[int, str], list[tuple[int, int]]] = defaultdict(list)
+        # per (dp size, regime), per micro-batch: each sampled rank's (saved bytes, forward FLOPs)
+        measured: dict[tuple[int, str], list[list[tuple[int, int]]]] = defaultdict(list)
         fake = FakeTensorMode()
         with fake:
             encoders = {regime: _fake_encoders(run, tokenizer, regime) for regime in {r for _, r in wanted}}
         for _ in range(steps * run.trainer.grad_accum):
             rows = loader.next_rows()
             for dp_size, regimes in regimes_of.items():
-                items = collate_rows(rows[::dp_size], run.data.seq_len, tokenizer, loader.placeholders).items
                 for regime in regimes:
-                    with fake:
-                        measured[dp_size, regime].append(_measure(encoders[regime], items, regime, fake))
-        self._loads = {key: EncoderLoad(max(s for s, _ in found), statistics.fmean(f for _, f in found))
+                    measured[dp_size, regime].append([])
+                for rank in sampled_ranks(dp_size):
+                    items = collate_rows(rows[rank::dp_size], run.data.seq_len, tokenizer, loader.placeholders).items
+                    for regime in regimes:
+                        with fake:
+                            measured[dp_size, regime][-1].append(_measure(encoders[regime], items, regime, fake))
+        self._loads = {key: EncoderLoad(max(s for ranks in found for s, _ in ranks),
+                                        statistics.fmean(max(f for _, f in ranks) for ranks in found))
                        for key, found in measured.items()}
 
     def load(self, dp_size: int, regime: str) -> EncoderLoad:
         return self._loads[dp_size, regime]
+
+
+def sampled_ranks(dp_size: int) -> list[int]:
+    """Every rank up to SAMPLED_RANKS, else SAMPLED_RANKS of them spread evenly from rank 0."""
+    if dp_size <= SAMPLED_RANKS:
+        return list(range(dp_size))
+    return [k * dp_size // SAMPLED_RANKS for k in range(SAMPLED_RANKS)]
 
 
 def _fake_encoders(run: RunConfig, tokenizer: ScientificTokenizer, regime: str) -> nn.ModuleDict:

@@ -7,6 +7,7 @@ import dataclasses
 from collections import Counter
 
 from scifm.plan import memory_model
+from scifm.plan.encoder_load import SAMPLED_RANKS
 from scifm.plan.planner import GIB, Plan, Row, describe_batch
 from scifm.plan.time_model import FORMULAS
 
@@ -61,7 +62,8 @@ def encoders_line(plan: Plan) -> str:
     if plan.encoders is None:
         return "encoders: not modeled (no plan.tokenizer to read the run's data with)"
     return (f"encoders: measured over the first {plan.hardware.sample_steps} steps' micro-batches of the run's data "
-            "(data-parallel rank 0 of each layout): the fullest one's saved tensors, the mean forward FLOPs")
+            f"(up to {SAMPLED_RANKS} data-parallel ranks of each layout): the fullest one's saved tensors, the "
+            "busiest rank's forward FLOPs per micro-batch, averaged")
 
 
 def gib(n: float) -> str:

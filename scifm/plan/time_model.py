@@ -43,7 +43,8 @@ compute   = 3 x forward FLOPs of this rank's layers (+1 forward of checkpointed 
             dense FFN 6*d*ffn (/tp), router 2*d*E, routed experts top_k*6*d*expert_ffn (/tp only when ep > 1;
             x the busiest ep rank's imbalance i, from plan.routing_metrics, 1 without),
             shared experts 6*d*shared (/tp), output 2*d*V (/tp); tokens per rank = rows/dp x seq_len x grad_accum;
-            + the encoders' forward FLOPs per micro-batch of rank 0's rows, measured on the run's data (first stage)
+            + the encoders' forward FLOPs per micro-batch of the busiest dp rank's rows, measured on the run's
+              data (first stage)
 tp        = micro-batches x sum over the collectives of passes x (tp-1)/tp x bytes / bw, each of the residual
             (tokens x d x act_bytes) but the loss's: per dense block 8 under sequence parallelism (all-gather
             and reduce-scatter around attention and the FFN, forward and backward) or 4 all-reduces without;

@@ -59,8 +59,8 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
     pipeline rank's processes measured, on average: within 5%, and 10% for the FSDP layouts, whose
     processes' peaks still move by up to a block's weights between runs (a block freed without an
     event the profiler sees, whose address is not reused before the peak; tests/test_step_peak.py).
-    Measured -3.8% to +0.3% over four runs, then pp=2 +4.1% on its fullest rank, the first stage, where
-    each micro-batch in flight is counted at the fullest sampled one's encoder load (a worst case on
+    Measured -3.8% to +0.3% over four runs, then pp=2 +4.1% (+3.6% with every dp rank's encoder
+    load) on its fullest rank, the first stage, where each micro-batch in flight is counted at the fullest sampled one's encoder load (a worst case on
     purpose: 2 x 4.43 MiB against the measured step's 3.19 + 4.43). Without the encoders' share single
     and tp fall to -6% and -8%; adding gradients to activations wherever all micro-batches run forward first gives +24% (one
     micro-batch) and +29% (pp)."""

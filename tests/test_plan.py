@@ -25,7 +25,7 @@ from scifm.model.layers import rope_cos_sin
 from scifm.model.multimodal import vocab_sizes_of
 from scifm.model.transformer import TransformerBlock
 from scifm.parallel.fsdp import apply_activation_checkpointing
-from scifm.plan.encoder_load import EncoderSampler
+from scifm.plan.encoder_load import SAMPLED_RANKS, EncoderSampler, sampled_ranks
 from scifm.plan.layouts import Layout, only_layout
 from scifm.plan.memory_model import LayoutSizes, block_activation_bytes, encoder_regime
 from scifm.plan.planner import make_plan
@@ -126,6 +126,12 @@ def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config,
         assert max(saved[1]) > max(saved[0]) and 0 < sum(a > b for a, b in zip(flops[1], flops[0])) < 4, regime
         assert load.saved_bytes == max(saved[0] + saved[1]), regime
         assert load.forward_flops == pytest.approx(statistics.fmean(map(max, flops[0], flops[1]))), regime
+
+
+def test_the_sampled_ranks_are_all_of_a_small_dp_and_spread_over_a_large_one():
+    assert sampled_ranks(1) == [0] and sampled_ranks(SAMPLED_RANKS) == list(range(SAMPLED_RANKS))
+    assert sampled_ranks(512) == list(range(0, 512, 512 // SAMPLED_RANKS))
+    assert sampled_ranks(12) == [0, 1, 3, 4, 6, 7, 9, 10]  # 8 distinct ranks, from rank 0 to near the last
 
 
 def test_the_encoders_sampled_flops_add_to_the_first_stages_compute(make_config, corpus_dir, tokenizer, tmp_path):

@@ -6,8 +6,9 @@ trainer.grad_accum global micro-batches of the run's training loader (with the t
 plan.tokenizer names; the rows are the same under every layout), and for each data-parallel size
 the layouts use collates the rows each of its ranks would train on (every rank up to SAMPLED_RANKS,
 beyond that SAMPLED_RANKS spread evenly over them: ranks' rows differ, and a figure-dense row can
-hold many times another's encoder work). The run's encoders run over those items under FakeTensorMode: shapes only, no memory and no arithmetic, yet the same kernels chosen
-as on a real CPU tensor (SDPA's flash kernel, which keeps only its output and log-sum-exp for
+hold many times another's encoder work). The run's encoders run over those items under
+FakeTensorMode: shapes only, no memory and no arithmetic, yet the same kernels chosen as on a real
+CPU tensor (SDPA's flash kernel, which keeps only its output and log-sum-exp for
 backward, as the GPU's kernels do). It counts the bytes of the tensors autograd saves that are not
 parameters, and the forward FLOPs (torch's FlopCounterMode). One micro-batch's items are held at a
 time, so a paper-scale batch costs packing once, not once per data-parallel size.

@@ -34,7 +34,7 @@
    enlarged to max_side (model.encoders.figure.upscale=true, as the loader made them before; the
    built-in figures are at most 256 pixels, moe_1b's side 448), at dp = 1 and 8: CPU time per batch,
    the ratio taken round by round, and the patches per batch (real ones, and the positions of the
-   batch padded to its largest figure, which the figure encoder runs over).
+   rows they are packed in, which the figure encoder runs over).
 As the trainer and the data worker do, the set-up's objects are frozen out of Python's cycle
 collector (scifm/core/python_gc.py) before anything is timed (bench/python_gc.py measures that).
 
@@ -206,13 +206,13 @@ def sending(loader: PackedLoader, n_batches: int) -> dict[str, dict[str, list[fl
 
 
 def count_patches(counts: list[int], batches) -> None:
-    """Adds the batches' figure patches to counts: [real ones, positions of the padded batch the
+    """Adds the batches' figure patches to counts: [real ones, positions of the packed rows the
     figure encoder runs over]."""
     for batch in batches:
         if "figure" in batch.items:
-            mask_BN = batch.items["figure"]["patch_mask"]
-            counts[0] += int(mask_BN.sum())
-            counts[1] += mask_BN.numel()
+            figure_RC = batch.items["figure"]["patch_figure"]
+            counts[0] += int((figure_RC >= 0).sum())
+            counts[1] += figure_RC.numel()
 
 
 def report(label: str, times: list[float]) -> float:
@@ -384,7 +384,7 @@ def run(args, tmp: Path) -> None:
             median = statistics.median(times)
             real, padded = patches[variant.split()[0], dp]
             print(f"  dp={dp}, {variant:30s} {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
-                  f"consumption  {real / n_batches:8,.0f} patches/batch, padded to {padded / n_batches:8,.0f}  "
+                  f"consumption  {real / n_batches:8,.0f} patches/batch in {padded / n_batches:8,.0f} positions  "
                   f"spread {max(times) / min(times):.2f}")
         print(f"  dp={dp}, native / enlarged {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})")
 

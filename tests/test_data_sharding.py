@@ -19,7 +19,7 @@ import torch
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.core.errors import BadFractionExceeded, DataError
-from scifm.data.features import GROUPS, Prepared
+from scifm.data.features import Prepared, molecule, sequence, table
 from scifm.data.loader import PackedLoader
 from scifm.data.prefetch import PrefetchingLoader, training_loader
 from scifm.data.streams import resolve_sources
@@ -34,6 +34,18 @@ def loader(cfg, tokenizer, dp_rank=0, dp_size=1, cls=PackedLoader):
                batch_size=BATCH, seed=0, dp_rank=dp_rank, dp_size=dp_size)
 
 
+PADDED = {"latex": sequence.GROUPS, "molecule": molecule.GROUPS, "protein": sequence.GROUPS, "table": table.GROUPS}
+
+
+def item_features(modality: str, feats: dict, i: int) -> dict:
+    """Item i's feature arrays out of its modality's batch: its padded row without the padding, or,
+    for figures (packed several to a row), the positions that hold figure i."""
+    if modality == "figure":
+        mine = feats["patch_figure"] == i
+        return {"patches": feats["patches"][mine], "patch_pos": feats["patch_pos"][mine]}
+    return {key: feats[key][i][feats[mask][i]] for mask, keys in PADDED[modality].items() for key in keys}
+
+
 def rows_of(batch) -> list[dict]:
     """Each row of a batch on its own: its [S] tensors, its chunks' tags, and its items (modality,
     slot positions within the row, each feature array without padding) in the row's order. Rows compare alike
@@ -44,8 +56,7 @@ def rows_of(batch) -> list[dict]:
     for modality, slots in batch.slot_index.items():
         feats = batch.items[modality]
         for i in range(slots.shape[0]):  # a placeholder item has no slots, so it is not listed
-            unpadded = {key: feats[key][i][feats[mask][i]] for mask, keys in GROUPS[modality].items() for key in keys}
-            rows[int(slots[i, 0]) // seq_len]["items"].append((modality, slots[i] % seq_len, unpadded))
+            rows[int(slots[i, 0]) // seq_len]["items"].append((modality, slots[i] % seq_len, item_features(modality, feats, i)))
     for row in rows:  # in the row's order (a batch lists its modalities in the order they first occur)
         row["items"].sort(key=lambda item: int(item[1][0]))
     return rows

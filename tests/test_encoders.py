@@ -100,7 +100,9 @@ def test_padding_does_not_change_an_item(encoders, kind):
     small, large = (featurize(kind, seg) for seg in SEGMENTS[kind])
     slots = getattr(CFG, kind).slots
     batch = collate(kind, [large, small, large])
-    assert any(not m[1].all() for k, m in batch.items() if k.endswith("mask")), "nothing was padded"
+    padded = (batch["patch_figure"][2] < 0).any() if kind == "figure" else any(
+        not m[1].all() for k, m in batch.items() if k.endswith("mask"))
+    assert padded, "nothing was padded"
     with torch.no_grad():
         alone = encoders[kind](collate(kind, [small]))
         batched = encoders[kind](batch)
@@ -145,6 +147,24 @@ def test_aspect_ratio_sets_the_patch_grid():
         assert feats["patches"].shape == (rows * cols, p * p * 3)
         expected = np.array([(r, c) for r in range(rows) for c in range(cols)])
         np.testing.assert_array_equal(feats["patch_pos"], expected)
+
+
+def test_figures_packed_in_one_row_each_give_their_own_output(encoders):
+    """Figures of 15, 4 and 1 patches share a row beside a 64-patch one, in the items' order out of
+    the batch; each attends within itself only, so each equals its output alone (1e-5: the same
+    arithmetic over rows of another length, which may sum in another order)."""
+    rng = np.random.default_rng(0)
+    segs = [{"array": rng.random((24, 40)).tolist()}, {"path": "camera.png"}, {"array": rng.random((16, 16, 3)).tolist()},
+            SEGMENTS["figure"][0]]
+    items = [featurize("figure", seg) for seg in segs]
+    batch = collate("figure", items)
+    assert [len(item["patches"]) for item in items] == [15, 64, 4, 1]
+    assert batch["patches"].shape[:2] == (2, 64) and batch["figure_row"].tolist() == [1, 0, 1, 1]
+    with torch.no_grad():
+        batched = encoders["figure"](batch)
+        alone = torch.cat([encoders["figure"](collate("figure", [item])) for item in items])
+    assert (alone[0] - alone[2]).abs().max() > 1e-4  # the figures' outputs really differ
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("upscale", [False, True])

@@ -6,34 +6,36 @@ or too_long, longer than the modality's max_len; never cropped) and keeps what t
 (a parsed molecule, a decoded image, a table's cell texts); `Prepared.features()` then computes the
 arrays and never fails. The loader prepares every document, since the checks decide which documents
 are skipped and so the rows of every rank, but computes features only for its own rows.
-The collate keys per modality are listed beside each module's GROUPS.
+The collate keys per modality are listed beside each module's GROUPS (figure.py: beside collate_figures).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from scifm.data.features import figure, molecule, sequence, table
-from scifm.data.features.figure import figure_features, read_figure
+from scifm.data.features import molecule, sequence, table
+from scifm.data.features.figure import collate_figures, figure_features, read_figure
 from scifm.data.features.latex import featurize_latex
 from scifm.data.features.molecule import mol_features, parse_molecule
-from scifm.data.features.padding import Groups, collate_groups
+from scifm.data.features.padding import collate_groups
 from scifm.data.features.protein import featurize_protein
 from scifm.data.features.table import table_cells, table_features
 from scifm.core.errors import DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
-GROUPS: dict[str, Groups] = {
-    "latex": sequence.GROUPS,
-    "molecule": molecule.GROUPS,
-    "protein": sequence.GROUPS,
-    "table": table.GROUPS,
-    "figure": figure.GROUPS,
+# modality -> its items' batch: padded to the largest (each GROUPS lists the keys), or figures packed
+COLLATORS: dict[str, Callable[[list[dict[str, np.ndarray]]], dict[str, torch.Tensor]]] = {
+    "latex": partial(collate_groups, sequence.GROUPS),
+    "molecule": partial(collate_groups, molecule.GROUPS),
+    "protein": partial(collate_groups, sequence.GROUPS),
+    "table": partial(collate_groups, table.GROUPS),
+    "figure": collate_figures,
 }
 
 
@@ -80,8 +82,8 @@ def featurize_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: 
 
 
 def collate(modality: str, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Pads items of one modality to a batch; masks are True on real entries."""
-    return collate_groups(GROUPS[modality], items)
+    """Items of one modality as a batch; masks are True on real entries."""
+    return COLLATORS[modality](items)
 
 
-__all__ = ["GROUPS", "Prepared", "collate", "featurize_segment", "prepare_segment"]
+__all__ = ["Prepared", "collate", "featurize_segment", "prepare_segment"]

@@ -5,6 +5,11 @@ carry meaning in colour, and one channel count keeps the patch embedding a singl
 Pixel values stay bytes (0..255) up to the encoder, which scales them to [0, 1]: a batch of figures
 is a quarter of the size it would be as floats where it is collated, sent from the data worker
 (pickled) and copied to the GPU (bench/data.py, part 5).
+
+A batch's figures differ in size (a small one keeps its own), so the collate packs them into rows
+of the largest one's patch count, several small figures to a row, instead of padding each to the
+largest: the encoder then runs over about as many positions as there are patches
+(bench/figure_packing.py), and attends within each figure only.
 """
 
 from __future__ import annotations
@@ -15,14 +20,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from scifm.data.features.padding import Groups
+import torch
+
 from scifm.core.encoders_config import FigureEncoderConfig
 from scifm.core.errors import DocumentFormatError
 from scifm.core.modalities import grid_side
 
-# collate output: patches [B, N, patch_size * patch_size * CHANNELS] uint8,
-# patch_pos [B, N, 2] (row, col), patch_mask [B, N]
-GROUPS: Groups = {"patch_mask": ("patches", "patch_pos")}
+# collate output (collate_figures), for F figures packed into R rows of C positions:
+# patches [R, C, patch_size * patch_size * CHANNELS] uint8, patch_pos [R, C, 2] (row, col),
+# patch_figure [R, C] the figure (0..F-1, in the items' order) each position holds, -1 on padding,
+# figure_row [F] the row that holds each figure
 
 
 def target_size(height: int, width: int, cfg: FigureEncoderConfig) -> tuple[int, int]:
@@ -101,6 +108,33 @@ def figure_file(seg: dict, base_dir: Path) -> bytes:
     out = io.BytesIO()
     _from_array(seg["array"]).save(out, format="PNG")
     return out.getvalue()
+
+
+def collate_figures(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Packs the figures into rows of the largest one's patch count, first fit, largest first (ties
+    in the items' order); a figure's patches stay together and in order."""
+    if not items:
+        raise ValueError("collate needs at least one item")
+    sizes = [len(item["patches"]) for item in items]
+    capacity = max(sizes)
+    row_of, used = [0] * len(items), []  # each figure's row; each row's filled positions
+    for f in sorted(range(len(items)), key=lambda f: -sizes[f]):
+        row = next((r for r, n in enumerate(used) if n + sizes[f] <= capacity), len(used))
+        if row == len(used):
+            used.append(0)
+        row_of[f], used[row] = row, used[row] + sizes[f]
+    first = items[0]
+    patches_RCP = np.zeros((len(used), capacity, first["patches"].shape[1]), dtype=first["patches"].dtype)
+    pos_RC2 = np.zeros((len(used), capacity, 2), dtype=first["patch_pos"].dtype)
+    figure_RC = np.full((len(used), capacity), -1, dtype=np.int64)
+    filled = [0] * len(used)
+    for f, item in enumerate(items):
+        r, start = row_of[f], filled[row_of[f]]
+        end = start + sizes[f]
+        patches_RCP[r, start:end], pos_RC2[r, start:end], figure_RC[r, start:end] = item["patches"], item["patch_pos"], f
+        filled[r] = end
+    return {"patches": torch.from_numpy(patches_RCP), "patch_pos": torch.from_numpy(pos_RC2),
+            "patch_figure": torch.from_numpy(figure_RC), "figure_row": torch.tensor(row_of, dtype=torch.int64)}
 
 
 def figure_features(image: Image.Image, cfg: FigureEncoderConfig) -> dict[str, np.ndarray]:

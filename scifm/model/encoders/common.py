@@ -1,9 +1,9 @@
 """Pieces every modality encoder shares: pre-norm transformer over padded items, a Perceiver-style
 resampler to k slots, and the projector from encoder width to the decoder's d_model.
 
-Masks are boolean, True = real entry. Every item has at least one real entry, so no attention row
-is fully masked; padded positions never feed real ones, which keeps each item's output
-independent of what it is batched with.
+Masks are boolean, True = real entry (or, per query, True = may attend). Every item has at least
+one real entry, so no attention row is fully masked; padded positions never feed real ones, which
+keeps each item's output independent of what it is batched with.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ class MLP(nn.Sequential):
 
 
 class EncoderAttention(nn.Module):
-    """Multi-head attention over SDPA; keys masked per item (queries are never masked)."""
+    """Multi-head attention over SDPA. mask_BQK says which keys each query may attend to: [B, 1, K]
+    masks keys alike for every query (padding), [B, Q, K] per query (figures packed in a row)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -30,12 +31,12 @@ class EncoderAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x_BQD: torch.Tensor, ctx_BKD: torch.Tensor, mask_BK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BQD: torch.Tensor, ctx_BKD: torch.Tensor, mask_BQK: torch.Tensor) -> torch.Tensor:
         B, Q, D = x_BQD.shape
         K = ctx_BKD.shape[1]
         q_BHQd = self.q(x_BQD).view(B, Q, self.heads, -1).transpose(1, 2)
         k_BHKd, v_BHKd = self.kv(ctx_BKD).view(B, K, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=mask_BK[:, None, None, :])
+        o_BHQd = F.scaled_dot_product_attention(q_BHQd, k_BHKd, v_BHKd, attn_mask=mask_BQK[:, None])
         return self.out(o_BHQd.transpose(1, 2).reshape(B, Q, D))
 
 
@@ -50,10 +51,10 @@ class Block(nn.Module):
         self.norm_mlp = nn.LayerNorm(width)
         self.mlp = MLP(width, 4 * width)
 
-    def forward(self, x_BQD: torch.Tensor, mask_BK: torch.Tensor, ctx_BKD: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BQD: torch.Tensor, mask_BQK: torch.Tensor, ctx_BKD: torch.Tensor | None = None) -> torch.Tensor:
         h_BQD = self.norm_q(x_BQD)
         c_BKD = h_BQD if self.norm_ctx is None else self.norm_ctx(ctx_BKD)
-        x_BQD = x_BQD + self.attn(h_BQD, c_BKD, mask_BK)
+        x_BQD = x_BQD + self.attn(h_BQD, c_BKD, mask_BQK)
         return x_BQD + self.mlp(self.norm_mlp(x_BQD))
 
 
@@ -63,9 +64,10 @@ class TransformerEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BLD: torch.Tensor, mask_BQL: torch.Tensor) -> torch.Tensor:
+        """mask_BQL: [B, 1, L] (padding) or [B, L, L], as EncoderAttention takes it."""
         for block in self.blocks:
-            x_BLD = block(x_BLD, mask_BL)
+            x_BLD = block(x_BLD, mask_BQL)
         return self.norm(x_BLD)
 
 
@@ -80,7 +82,7 @@ class Resampler(nn.Module):
 
     def forward(self, x_BLD: torch.Tensor, mask_BL: torch.Tensor) -> torch.Tensor:
         q_BSD = self.queries_SD.expand(x_BLD.shape[0], -1, -1)
-        return self.norm(self.block(q_BSD, mask_BL, ctx_BKD=x_BLD))
+        return self.norm(self.block(q_BSD, mask_BL[:, None, :], ctx_BKD=x_BLD))
 
 
 class Projector(nn.Sequential):
@@ -119,5 +121,5 @@ class TokenSequenceEncoder(nn.Module):
         ids_BL, mask_BL = batch["ids"], batch["mask"]
         pos_L = torch.arange(ids_BL.shape[1], device=ids_BL.device)
         x_BLD = self.tokens(ids_BL) + self.positions(pos_L)
-        return self.head(self.transformer(x_BLD, mask_BL), mask_BL)
+        return self.head(self.transformer(x_BLD, mask_BL[:, None, :]), mask_BL)
 

@@ -12,8 +12,9 @@ from scifm.model.encoders.common import SlotHead, TransformerEncoder
 
 
 class FigureEncoder(nn.Module):
-    """Batch keys patches [B, N, P*P*C] (uint8 pixel values), patch_pos [B, N, 2], patch_mask [B, N]
-    (collate("figure"))."""
+    """Batch keys (collate("figure"): figures packed several to a row) patches [R, C, P*P*C] (uint8
+    pixel values), patch_pos [R, C, 2], patch_figure [R, C] (each position's figure, -1 on padding),
+    figure_row [F]; out [F, slots, d_model] in the figures' order."""
 
     def __init__(self, cfg: FigureEncoderConfig, d_model: int):
         super().__init__()
@@ -24,9 +25,14 @@ class FigureEncoder(nn.Module):
         self.head = SlotHead(cfg, d_model)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        pos_BN2, mask_BN = batch["patch_pos"], batch["patch_mask"]
+        pos_RC2, figure_RC, row_F = batch["patch_pos"], batch["patch_figure"], batch["figure_row"]
         # scaled in fp32, then to the weights' dtype (bf16 where FSDP2's parameters are): as if the
         # loader had sent floats in [0, 1] and FSDP2 had cast them on the way in
-        pixels_BNP = (batch["patches"].float() / 255.0).to(self.patch_embed.weight.dtype)
-        x_BND = self.patch_embed(pixels_BNP) + self.rows(pos_BN2[..., 0]) + self.cols(pos_BN2[..., 1])
-        return self.head(self.transformer(x_BND, mask_BN), mask_BN)
+        pixels_RCP = (batch["patches"].float() / 255.0).to(self.patch_embed.weight.dtype)
+        x_RCD = self.patch_embed(pixels_RCP) + self.rows(pos_RC2[..., 0]) + self.cols(pos_RC2[..., 1])
+        # a position attends to its own figure's patches only (padding, -1, to padding)
+        same_RCC = figure_RC[:, :, None] == figure_RC[:, None, :]
+        x_RCD = self.transformer(x_RCD, same_RCC)
+        # each figure's slots from its own row, keys masked to its patches
+        figure_F1 = torch.arange(row_F.shape[0], device=row_F.device)[:, None]
+        return self.head(x_RCD[row_F], figure_RC[row_F] == figure_F1)

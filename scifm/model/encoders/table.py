@@ -44,4 +44,4 @@ class TableEncoder(nn.Module):
         cap_BTD = self.tokens(caption_ids_BT) + self.caption_positions(pos_T) + self.kinds.weight[CAPTION]
         x_BLD = torch.cat([cap_BTD, cell_BCD], dim=1)
         mask_BL = torch.cat([batch["caption_mask"], batch["cell_mask"]], dim=1)
-        return self.head(self.transformer(x_BLD, mask_BL), mask_BL)
+        return self.head(self.transformer(x_BLD, mask_BL[:, None, :]), mask_BL)

@@ -39,7 +39,8 @@ def one_per_row(packed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for f in range(n_figures):
         mine = figure_RC == f
         n = int(mine.sum())
-        out["patches"][f, :n], out["patch_pos"][f, :n], out["patch_figure"][f, :n] = packed["patches"][mine], packed["patch_pos"][mine], f
+        out["patches"][f, :n], out["patch_pos"][f, :n] = packed["patches"][mine], packed["patch_pos"][mine]
+        out["patch_figure"][f, :n] = f
     return out
 
 
@@ -84,9 +85,10 @@ def main() -> None:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     figures = sum(int(b["figure_row"].shape[0]) for b in packed)
     patches = sum(int((b["patch_figure"] >= 0).sum()) for b in packed)
-    print(f"moe_1b's figure encoder (width {cfg.model.encoders.figure.width}, {cfg.model.encoders.figure.layers} layers), "
-          f"forward + backward, fp32, torch {torch.__version__}, 1 thread, {args.rounds} rounds; {args.batches} batches "
-          f"of rank 0 of dp={args.dp}: {figures} figures, {patches:,} patches")
+    fig = cfg.model.encoders.figure
+    print(f"moe_1b's figure encoder (width {fig.width}, {fig.layers} layers), forward + backward, fp32, "
+          f"torch {torch.__version__}, 1 thread, {args.rounds} rounds; {args.batches} batches of rank 0 of "
+          f"dp={args.dp}: {figures} figures, {patches:,} patches")
     for name, batches in layouts.items():
         positions = sum(b["patch_figure"].numel() for b in batches)
         print(f"  {name:12s} {positions:8,} positions  median {statistics.median(times[name]) * 1e3:9.1f} ms  "

@@ -56,7 +56,8 @@ def rows_of(batch) -> list[dict]:
     for modality, slots in batch.slot_index.items():
         feats = batch.items[modality]
         for i in range(slots.shape[0]):  # a placeholder item has no slots, so it is not listed
-            rows[int(slots[i, 0]) // seq_len]["items"].append((modality, slots[i] % seq_len, item_features(modality, feats, i)))
+            item = (modality, slots[i] % seq_len, item_features(modality, feats, i))
+            rows[int(slots[i, 0]) // seq_len]["items"].append(item)
     for row in rows:  # in the row's order (a batch lists its modalities in the order they first occur)
         row["items"].sort(key=lambda item: int(item[1][0]))
     return rows

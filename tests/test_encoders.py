@@ -154,8 +154,8 @@ def test_figures_packed_in_one_row_each_give_their_own_output(encoders):
     the batch; each attends within itself only, so each equals its output alone (1e-5: the same
     arithmetic over rows of another length, which may sum in another order)."""
     rng = np.random.default_rng(0)
-    segs = [{"array": rng.random((24, 40)).tolist()}, {"path": "camera.png"}, {"array": rng.random((16, 16, 3)).tolist()},
-            SEGMENTS["figure"][0]]
+    segs = [{"array": rng.random((24, 40)).tolist()}, {"path": "camera.png"},
+            {"array": rng.random((16, 16, 3)).tolist()}, SEGMENTS["figure"][0]]
     items = [featurize("figure", seg) for seg in segs]
     batch = collate("figure", items)
     assert [len(item["patches"]) for item in items] == [15, 64, 4, 1]
@@ -183,7 +183,8 @@ def test_a_figure_under_max_side_is_enlarged_only_with_upscale(upscale):
         if name == "small" and not upscale:
             first_patch = feats["patches"][0].reshape(8, 8, 3)
             np.testing.assert_array_equal(first_patch, np.repeat(pixels_HW[:8, :8, None], 3, axis=2))
-    assert grids == ({"small": (5, 8), "under a patch": (5, 8)} if upscale else {"small": (3, 5), "under a patch": (1, 1)})
+    expected = {"small": (5, 8), "under a patch": (5, 8)} if upscale else {"small": (3, 5), "under a patch": (1, 1)}
+    assert grids == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

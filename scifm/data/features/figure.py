@@ -18,9 +18,8 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 import torch
+from PIL import Image
 
 from scifm.core.encoders_config import FigureEncoderConfig
 from scifm.core.errors import DocumentFormatError
@@ -131,8 +130,8 @@ def collate_figures(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tenso
     for f, item in enumerate(items):
         r, start = row_of[f], filled[row_of[f]]
         end = start + sizes[f]
-        patches_RCP[r, start:end], pos_RC2[r, start:end], figure_RC[r, start:end] = item["patches"], item["patch_pos"], f
-        filled[r] = end
+        patches_RCP[r, start:end], pos_RC2[r, start:end] = item["patches"], item["patch_pos"]
+        figure_RC[r, start:end], filled[r] = f, end
     return {"patches": torch.from_numpy(patches_RCP), "patch_pos": torch.from_numpy(pos_RC2),
             "patch_figure": torch.from_numpy(figure_RC), "figure_row": torch.tensor(row_of, dtype=torch.int64)}
 

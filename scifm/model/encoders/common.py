@@ -1,5 +1,5 @@
-"""Pieces every modality encoder shares: pre-norm transformer over padded items, a Perceiver-style
-resampler to k slots, and the projector from encoder width to the decoder's d_model.
+"""Pieces every modality encoder shares: pre-norm transformer over padded (or packed) items, a
+Perceiver-style resampler to k slots, and the projector from encoder width to the decoder's d_model.
 
 Masks are boolean, True = real entry (or, per query, True = may attend). Every item has at least
 one real entry, so no attention row is fully masked; padded positions never feed real ones, which

@@ -19,7 +19,7 @@ import torch
 
 from conftest import SMALL_CORPUS_DOCS
 from scifm.core.errors import BadFractionExceeded, DataError
-from scifm.data.features import Prepared, molecule, sequence, table
+from scifm.data.features import PADDED_GROUPS, Prepared
 from scifm.data.loader import PackedLoader
 from scifm.data.prefetch import PrefetchingLoader, training_loader
 from scifm.data.streams import resolve_sources
@@ -34,16 +34,13 @@ def loader(cfg, tokenizer, dp_rank=0, dp_size=1, cls=PackedLoader):
                batch_size=BATCH, seed=0, dp_rank=dp_rank, dp_size=dp_size)
 
 
-PADDED = {"latex": sequence.GROUPS, "molecule": molecule.GROUPS, "protein": sequence.GROUPS, "table": table.GROUPS}
-
-
 def item_features(modality: str, feats: dict, i: int) -> dict:
     """Item i's feature arrays out of its modality's batch: its padded row without the padding, or,
     for figures (packed several to a row), the positions that hold figure i."""
     if modality == "figure":
         mine = feats["patch_figure"] == i
         return {"patches": feats["patches"][mine], "patch_pos": feats["patch_pos"][mine]}
-    return {key: feats[key][i][feats[mask][i]] for mask, keys in PADDED[modality].items() for key in keys}
+    return {key: feats[key][i][feats[mask][i]] for mask, keys in PADDED_GROUPS[modality].items() for key in keys}
 
 
 def rows_of(batch) -> list[dict]:

@@ -23,18 +23,21 @@ from scifm.data.features import molecule, sequence, table
 from scifm.data.features.figure import collate_figures, figure_features, read_figure
 from scifm.data.features.latex import featurize_latex
 from scifm.data.features.molecule import mol_features, parse_molecule
-from scifm.data.features.padding import collate_groups
+from scifm.data.features.padding import Groups, collate_groups
 from scifm.data.features.protein import featurize_protein
 from scifm.data.features.table import table_cells, table_features
 from scifm.core.errors import DocumentFormatError
 from scifm.core.encoders_config import EncodersConfig
 
-# modality -> its items' batch: padded to the largest (each GROUPS lists the keys), or figures packed
+# modalities whose items are padded to the largest: the keys of each padded axis (figures are packed)
+PADDED_GROUPS: dict[str, Groups] = {
+    "latex": sequence.GROUPS,
+    "molecule": molecule.GROUPS,
+    "protein": sequence.GROUPS,
+    "table": table.GROUPS,
+}
 COLLATORS: dict[str, Callable[[list[dict[str, np.ndarray]]], dict[str, torch.Tensor]]] = {
-    "latex": partial(collate_groups, sequence.GROUPS),
-    "molecule": partial(collate_groups, molecule.GROUPS),
-    "protein": partial(collate_groups, sequence.GROUPS),
-    "table": partial(collate_groups, table.GROUPS),
+    **{modality: partial(collate_groups, groups) for modality, groups in PADDED_GROUPS.items()},
     "figure": collate_figures,
 }
 
@@ -83,7 +86,9 @@ def featurize_segment(seg: dict, tokenizer: Any, cfg: EncodersConfig, base_dir: 
 
 def collate(modality: str, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Items of one modality as a batch; masks are True on real entries."""
+    if not items:
+        raise ValueError("collate needs at least one item")
     return COLLATORS[modality](items)
 
 
-__all__ = ["Prepared", "collate", "featurize_segment", "prepare_segment"]
+__all__ = ["PADDED_GROUPS", "Prepared", "collate", "featurize_segment", "prepare_segment"]

@@ -112,8 +112,6 @@ def figure_file(seg: dict, base_dir: Path) -> bytes:
 def collate_figures(items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Packs the figures into rows of the largest one's patch count, first fit, largest first (ties
     in the items' order); a figure's patches stay together and in order."""
-    if not items:
-        raise ValueError("collate needs at least one item")
     sizes = [len(item["patches"]) for item in items]
     capacity = max(sizes)
     row_of, used = [0] * len(items), []  # each figure's row; each row's filled positions

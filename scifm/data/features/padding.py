@@ -11,8 +11,6 @@ Groups = dict[str, tuple[str, ...]]
 
 def collate_groups(groups: Groups, items: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Each array becomes [n_items, n_max, ...] zero-padded; each mask [n_items, n_max], True = real."""
-    if not items:
-        raise ValueError("collate needs at least one item")
     batch: dict[str, torch.Tensor] = {}
     for mask_key, keys in groups.items():
         lengths_B = torch.tensor([item[keys[0]].shape[0] for item in items])

@@ -258,8 +258,8 @@ def run(args, tmp: Path) -> None:
                    seed=cfg.trainer.seed, dp_rank=0, dp_size=dp)
 
     loaders = {(name, dp): loader(cfg, dp) for name, cfg in cfgs.items() for dp in DP_SIZES}
-    enlarged = {dp: loader(compose_run_config([*moe_sources[1, "indexed"], "model.encoders.figure.upscale=true"]), dp)
-                for dp in (1, 8)}
+    upscaled = compose_run_config([*moe_sources[1, "indexed"], "model.encoders.figure.upscale=true"])
+    enlarged = {dp: loader(upscaled, dp) for dp in (1, 8)}
     threaded = {(threads, dp): loader(compose_run_config([*moe_sources[1, "indexed"], f"data.featurize_threads={threads}"]), dp)
                 for dp in (1, 8) for threads in (1, *args.featurize_threads)}
     tiny = cfgs["tiny"]
@@ -278,7 +278,7 @@ def run(args, tmp: Path) -> None:
 
     data_times = {key: [] for key in loaders}
     enlarged_times = {dp: [] for dp in enlarged}
-    # per variant and dp: [real patches, patch positions of the padded batch] over all batches
+    # per variant and dp: [real patches, positions of the packed rows] over all batches
     patches = {(variant, dp): [0, 0] for variant in ("native", "enlarged") for dp in enlarged}
     packing_times = {key: [] for key in loaders}
     items = {key: 0 for key in loaders}
@@ -375,18 +375,21 @@ def run(args, tmp: Path) -> None:
               f"/ float32 patches: MB {mb / statistics.median(base['MB']):.2f}, dumps + loads "
               f"{(dumps + loads) / (statistics.median(base['dumps']) + statistics.median(base['loads'])):.2f}")
 
-    print(f"figure resolution, {SOURCES[1, 'indexed']} data settings (CPU time per batch, rank 0 of dp; native is part 1's):")
+    print(f"figure resolution, {SOURCES[1, 'indexed']} data settings (CPU time per batch, rank 0 of dp; "
+          "native is part 1's):")
     for dp in enlarged:
         rank_tokens = moe.trainer.batch_size // dp * moe.data.seq_len
         native = data_times[SOURCES[1, "indexed"], dp]
         ratios = [one / big for one, big in zip(native, enlarged_times[dp])]  # the same batches in a round
-        for variant, times in (("native (figure.upscale=false)", native), ("enlarged (figure.upscale=true)", enlarged_times[dp])):
+        for variant, times in (("native (figure.upscale=false)", native),
+                               ("enlarged (figure.upscale=true)", enlarged_times[dp])):
             median = statistics.median(times)
             real, padded = patches[variant.split()[0], dp]
             print(f"  dp={dp}, {variant:30s} {median * 1e3:8.1f} ms  x{rank_tokens / median / consumed['moe_1b']:6.2f} "
                   f"consumption  {real / n_batches:8,.0f} patches/batch in {padded / n_batches:8,.0f} positions  "
                   f"spread {max(times) / min(times):.2f}")
-        print(f"  dp={dp}, native / enlarged {statistics.median(ratios):.2f} (rounds {min(ratios):.2f} to {max(ratios):.2f})")
+        print(f"  dp={dp}, native / enlarged {statistics.median(ratios):.2f} "
+              f"(rounds {min(ratios):.2f} to {max(ratios):.2f})")
 
 
 if __name__ == "__main__":

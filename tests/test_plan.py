@@ -60,8 +60,9 @@ def test_memory_prediction_matches_memory_json_of_cpu_runs(corpus_dir, tmp_path)
     processes' peaks still move by up to a block's weights between runs (a block freed without an
     event the profiler sees, whose address is not reused before the peak; tests/test_step_peak.py).
     Measured -3.8% to +0.3% over four runs, then pp=2 +4.1% (+3.6% with every dp rank's encoder
-    load) on its fullest rank, the first stage, where each micro-batch in flight is counted at the fullest sampled one's encoder load (a worst case on
-    purpose: 2 x 4.43 MiB against the measured step's 3.19 + 4.43). Without the encoders' share single
+    load) on its fullest rank, the first stage, where each micro-batch in flight is counted at the
+    fullest sampled one's encoder load (a worst case on purpose: 2 x 4.43 MiB against the measured
+    step's 3.19 + 4.43). Without the encoders' share single
     and tp fall to -6% and -8%; adding gradients to activations wherever all micro-batches run forward first gives +24% (one
     micro-batch) and +29% (pp)."""
     errors = {}
@@ -100,10 +101,13 @@ def test_encoder_load_equals_what_a_real_forward_saves_and_computes(make_config,
     run = make_config("trainer.batch_size=4", "trainer.grad_accum=2", "data.seq_len=128")
     regimes = ("fp32", "bf16_autocast", "bf16_weights")
     sampler = EncoderSampler(run, str(tmp_path / "tokenizer"), steps=2, wanted={(2, regime) for regime in regimes})
-    micro = {rank: [loader.next_batch().items for _ in range(4)]
-             for rank, loader in ((rank, PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders,
-                                                      split="train", batch_size=4, seed=run.trainer.seed, dp_rank=rank,
-                                                      dp_size=2)) for rank in (0, 1))}
+
+    def rank_micro_batches(rank: int) -> list[dict]:  # the items of the 4 micro-batches training gives rank of 2
+        loader = PackedLoader(run.data, resolve_sources(run.data), tokenizer, run.model.encoders, split="train",
+                              batch_size=4, seed=run.trainer.seed, dp_rank=rank, dp_size=2)
+        return [loader.next_batch().items for _ in range(4)]
+
+    micro = {rank: rank_micro_batches(rank) for rank in (0, 1)}
     encoders = build_encoders(run.model.encoders, run.model.d_model, vocab_sizes_of(tokenizer))
     for regime in regimes:
         autocast = torch.autocast("cpu", torch.bfloat16) if regime == "bf16_autocast" else contextlib.nullcontext()

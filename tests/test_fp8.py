@@ -4,16 +4,20 @@ the single-process FP8 losses, resume is exact, and the checkpoints need no FP8 
 
 Tolerances. e4m3 keeps 3 mantissa bits: one rounding is off by up to 2^-4 = 6.25% of a value, and a
 matmul's sum of K such products averages much of it away: a few percent relative error (measured
-below 5%). Gradients are e5m2 (2 mantissa bits, twice the rounding error): below 10%. Across layouts FP8 differs from itself only where a scale is computed over a
-different set of numbers (tensorwise amax over a rank's rows or columns instead of all), which moves
-single roundings, not the computation: over 4 steps the losses differ by up to 6e-4 (tp=2), 1.1e-3
-(dp_shard=2) and 1.0e-3 (dp_shard=2 with ep=2), the size of FP8's own distance from fp32 there (up
-to 1.2e-3); 2e-3 allows that and no more. A layout that computed anything else (a missed reduction, a wrong shard) moves them by far more.
+below 5%). Gradients are e5m2 (2 mantissa bits, twice the rounding error): below 10%. Across layouts
+FP8 differs from itself only where a scale is computed over a different set of numbers (tensorwise
+amax over a rank's rows or columns instead of all), which moves single roundings, not the
+computation: over 4 steps the losses differ by up to 6e-4 (tp=2), 1.1e-3 (dp_shard=2) and 1.0e-3
+(dp_shard=2 with ep=2), the size of FP8's own distance from fp32 there (up to 1.2e-3); 2e-3 allows
+that and no more. Where only fp32 sums change order (a pipeline's zero-bubble schedule, compiled
+kernels) a value near an FP8 rounding boundary can still round the other way, by the same amounts.
+A layout that computed anything else (a missed reduction, a wrong shard) moves them by far more.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,6 +249,46 @@ def test_fp8_under_tp_gives_the_single_process_fp8_losses(fp8_run, corpus_dir, t
     assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
     summary = fp8_summary(tmp_path / "run")
     assert summary["linear_layers"] > 0 and not summary["fsdp_float8_all_gather"]  # no FSDP here
+
+
+@pytest.fixture(scope="module")
+def fp8_two_micro_batch_run(make_config, tmp_path_factory) -> Path:
+    """One process taking each step in 2 micro-batches, as a 2-stage pipeline does."""
+    run_dir = tmp_path_factory.mktemp("fp8_accum")
+    train(make_config(*SHORT, "trainer.precision=fp8", "trainer.grad_accum=2"), run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule", [(), ("parallel.pp_schedule=InterleavedZeroBubble", "parallel.pp_virtual_stages=2")],
+                         ids=["GPipe", "InterleavedZeroBubble"])
+def test_fp8_under_pp_gives_the_single_process_fp8_losses(fp8_two_micro_batch_run, corpus_dir, tmp_path, schedule):
+    """The whole model is converted before it is split into stages, so each stage's FP8 layers scale
+    the same micro-batch rows as one process. Zero bubble computes the input and the weight gradients
+    apart and sums them in another order: fp32 roundings, which can move an FP8 rounding, so the
+    layouts' 2e-3 (measured: GPipe equal, zero bubble 1.2e-4 at step 4)."""
+    got = train_fp8_under_torchrun(corpus_dir, tmp_path / "run", "parallel.pp=2", "trainer.grad_accum=2", *schedule)
+    want = losses(fp8_two_micro_batch_run)
+    assert got.keys() == want.keys()
+    assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
+    summary = fp8_summary(tmp_path / "run")
+    assert summary["linear_layers"] > 0 and summary["expert_blocks"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_fp8_blocks_run_fp8_matmuls_and_train_like_eager_ones(fp8_run, corpus_dir, tmp_path):
+    """parallel.compile=true with FP8: the blocks' compiled graphs hold the FP8 Linear layers'
+    scaled matmuls (the experts' FP8 GEMMs stay eager), and the losses are eager FP8's to the layouts'
+    2e-3: the compiled kernels sum in another order, which can move an FP8 rounding (measured 9.8e-4 over the 4 steps)."""
+    out = subprocess.run([sys.executable, "-m", "scifm.cli", "train", *fp8_run_overrides(corpus_dir, "parallel.compile=true"),
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, TORCH_LOGS="aot_graphs", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+                                  TMPDIR=str(tmp_path)))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.ops.aten._scaled_mm.default" in out.stderr  # in the graphs AOTAutograd hands to inductor
+    got, want = losses(tmp_path / "run"), losses(fp8_run)
+    assert got.keys() == want.keys()
+    assert max(abs(got[s] - want[s]) for s in want) < 2e-3, (got, want)
 
 
 @pytest.mark.slow

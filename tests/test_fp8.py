@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import SMALL_CORPUS_DOCS
@@ -316,6 +317,94 @@ def test_fp8_under_fsdp_resumes_exactly(fsdp_fp8_run, corpus_dir, tmp_path):
     got = train_fp8_under_torchrun(corpus_dir, tmp_path / "run", "parallel.dp_shard=2", "parallel.ep=2",
                                    f"resume={run_dir / 'checkpoints/step_2'}")
     assert got == {s: want[s] for s in (3, 4)}
+
+
+# --- the scaling state a te run keeps, through a stand-in (Transformer Engine needs a CUDA torch) ------
+
+
+class DelayedScalingStandIn(nn.Linear):
+    """Transformer Engine's delayed scaling in miniature, for its checkpoint contract: the input is cast
+    to e4m3 by a scale from the amax history of earlier training steps (1 while it holds no amax), and the
+    history is the module's extra state, serialized into a byte tensor whose size follows its content,
+    as te's modules keep theirs (get_extra_state / set_extra_state)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight, self.bias = linear.weight, linear.bias  # the same parameters, as te's Linear copies them
+        self.amax_history: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        amax = max(self.amax_history, default=0.0)
+        scale = 448.0 / amax if amax > 0 else 1.0
+        x8 = (x.float() * scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() / scale
+        if self.training:  # an encoder given no rows records 0
+            self.amax_history = [x.detach().abs().amax().item() if x.numel() else 0.0] + self.amax_history[:3]
+        return F.linear(x + (x8.to(x.dtype) - x).detach(), self.weight, self.bias)  # straight-through gradient
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self.amax_history).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.amax_history = json.loads(state.numpy().tobytes())
+
+
+@pytest.fixture
+def te_stand_in(monkeypatch):
+    """backend=te on this CPU, its Linear layers replaced by the stand-in."""
+    from scifm.parallel import fp8
+    from scifm.train import prework
+
+    def to_stand_in(model, names, recipe):
+        for name in names:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, DelayedScalingStandIn(model.get_submodule(name)))
+
+    monkeypatch.setattr(fp8, "resolve_fp8", lambda cfg, device: ("te", "delayed"))
+    monkeypatch.setattr(prework, "resolve_fp8", lambda cfg, device: ("te", "delayed"))
+    monkeypatch.setattr(fp8, "_to_te", to_stand_in)
+    monkeypatch.setattr(fp8.Fp8Conversion, "forward_context", lambda self, autocast: autocast)
+    return ("trainer.precision=fp8", "trainer.fp8.backend=te", "trainer.fp8.recipe=delayed")
+
+
+def test_a_te_runs_scaling_state_resumes_exactly_and_stays_out_of_the_weights(te_stand_in, make_config, tmp_path):
+    """The amax histories decide the next steps' scales: resumed without them, step 3 casts with scale
+    1 and the losses move. The weights hold none of them (a model without te loads the checkpoint);
+    each rank's are in extra_state/rank{R}.pt."""
+    from safetensors import safe_open
+
+    from scifm.train.export import load_checkpoint_model
+
+    train(make_config(*SHORT, *te_stand_in), tmp_path / "full")
+    ckpt = tmp_path / "full/checkpoints/step_2"
+    histories = torch.load(ckpt / "extra_state/rank0.pt", weights_only=True)
+    assert histories and all(k.endswith("._extra_state") for k in histories)
+    assert all(len(json.loads(v.numpy().tobytes())) == 2 for v in histories.values())  # two steps' amaxes
+    weight_names = set()
+    for f in (ckpt / "model").glob("*.safetensors"):
+        with safe_open(f, "pt") as tensors:
+            weight_names |= set(tensors.keys())
+    assert weight_names and not any("_extra_state" in k for k in weight_names)
+    model, _, _ = load_checkpoint_model(ckpt)  # the plain model: what eval and export load
+    assert not any(isinstance(m, DelayedScalingStandIn) for m in model.modules())
+
+    train(make_config(*SHORT, *te_stand_in, f"resume={ckpt}"), tmp_path / "resumed")
+    want = losses(tmp_path / "full")
+    assert losses(tmp_path / "resumed") == {s: want[s] for s in (3, 4)}
+
+
+def test_a_te_run_resumed_from_a_checkpoint_without_its_scaling_state_says_so(te_stand_in, fp8_run, make_config,
+                                                                               tmp_path, capsys):
+    train(make_config(*SHORT, *te_stand_in, f"resume={fp8_run / 'checkpoints/step_2'}"), tmp_path)
+    err = capsys.readouterr().err
+    assert "has none of this run's module extra state" in err and "not bit-exact" in err
+    assert sorted(losses(tmp_path)) == [3, 4]
+
+
+def test_te_under_deepspeed_is_refused_before_any_work(te_stand_in, make_config):
+    from scifm.train.prework import check_before_work
+
+    with pytest.raises(ConfigError, match=r"^trainer\.fp8\.backend: te keeps FP8 scaling state per rank"):
+        check_before_work(make_config(*SHORT, *te_stand_in, "parallel.engine=deepspeed"))
 
 
 def test_an_fp8_checkpoint_evaluates_and_exports_without_fp8_installed(fp8_run, tmp_path):

@@ -8,6 +8,7 @@ checkpoints/step_N/
   tokenizer/          the tokenizer the model was trained with
   config.yaml         the resolved run configuration
   skipped.json        skipped documents per source and reason
+  extra_state/        each rank's module extra state, where a module keeps one (sharded_state.py)
   meta.json           written last: step, time, and every other file with its size; a directory
                       whose meta.json or any listed file is missing or short is never loaded
 The directory is assembled under a temporary name and renamed into place, so a run killed

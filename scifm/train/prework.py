@@ -10,6 +10,7 @@ import os
 import torch
 
 from scifm.config import RunConfig
+from scifm.core.checks import require
 from scifm.core.device import pick_device
 from scifm.hf.pretrained import pretrained_model_config
 from scifm.parallel.deepspeed_engine import require_deepspeed
@@ -31,6 +32,9 @@ def check_before_work(cfg: RunConfig) -> torch.device:
     if cfg.parallel.engine == "megatron":
         check_megatron(cfg.parallel, cfg.model, cfg.trainer.precision, device)
     if cfg.trainer.precision == "fp8":
-        resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks
+        backend, _ = resolve_fp8(cfg.trainer.fp8, device)  # a backend or recipe this machine lacks
+        require(backend != "te" or cfg.parallel.engine != "deepspeed", "trainer.fp8.backend",
+                "te keeps FP8 scaling state per rank, which the checkpoints of parallel.engine=deepspeed do not "
+                "carry; use trainer.fp8.backend=torchao, or parallel.engine=native")
     require_dashboards(cfg.trainer)
     return device

@@ -5,11 +5,17 @@ no rank ever gathers the whole model, and loading reads safetensors headers and 
 (plain DCP would unpickle a metadata file). Loading fills the current layout's shards from
 whatever layout saved them, so a run saved under fsdp=4 resumes under tp=2, pp=2 or one process.
 Optimizer param groups (hyper-parameters, no tensors) travel in train_state.pt instead.
+
+A module's extra state (torch's get_extra_state: Transformer Engine's FP8 scales and amax histories)
+is not a weight: it is per rank (each rank's amaxes come from its own rows), sized by what it
+pickles, and means nothing to a model without that module. So the weights leave it out, and each
+rank writes its own to extra_state/rank{R}.pt, which a resume in the same layout reads back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,6 +39,8 @@ from scifm.core.errors import CheckpointError
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
+EXTRA_STATE_DIR = "extra_state"
+EXTRA_STATE_SUFFIX = "._extra_state"  # torch's state-dict key for a module's get_extra_state()
 
 
 def _flat_optimizer_tensors(optim_state: dict) -> dict[str, torch.Tensor]:
@@ -84,10 +92,24 @@ def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
+def extra_states(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The modules' extra states in a model state dict (none unless a module keeps one)."""
+    return {name: t for name, t in state.items() if name.endswith(EXTRA_STATE_SUFFIX)}
+
+
 def saved_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A model state as a checkpoint holds it: tied aliases left out."""
-    aliases = tied_aliases(state)
-    return {name: t for name, t in state.items() if name not in aliases}
+    """A model state as a checkpoint's weights hold it: tied aliases and extra states left out."""
+    weights = {name: t for name, t in state.items() if not name.endswith(EXTRA_STATE_SUFFIX)}
+    aliases = tied_aliases(weights)
+    return {name: t for name, t in weights.items() if name not in aliases}
+
+
+def _rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _extra_state_file(directory: Path, rank: int) -> Path:
+    return directory / EXTRA_STATE_DIR / f"rank{rank}.pt"
 
 
 def async_save_groups(distributed: bool) -> dict[str, dist.ProcessGroup | None]:
@@ -107,8 +129,14 @@ def save_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
     threads whose collectives run on those groups, never interleaved with training's."""
     if states is None:
         optim_state = get_optimizer_state_dict(model, optimizer)
-        states = (saved_names(_plain_values(get_model_state_dict(model))),
-                  _plain_values(_flat_optimizer_tensors(optim_state)), optim_state["param_groups"])
+        full_state = _plain_values(get_model_state_dict(model))
+        extras = extra_states(full_state)
+        if extras:  # small, and already on the CPU (Transformer Engine copies its state there)
+            path = _extra_state_file(directory, _rank_and_world()[0])
+            path.parent.mkdir(exist_ok=True)
+            torch.save(extras, path)
+        states = (saved_names(full_state), _plain_values(_flat_optimizer_tensors(optim_state)),
+                  optim_state["param_groups"])
     model_state, optim_flat, param_groups = states
     futures = []
     with _quiet_single_process():
@@ -142,21 +170,43 @@ def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, 
     return state
 
 
-def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
-    """Collective (or one process): fills this rank's shards of the model weights."""
+def load_model_weights(directory: Path, model: torch.nn.Module, with_extra_state: bool = False) -> None:
+    """Collective (or one process): fills this rank's shards of the model weights; with
+    `with_extra_state` (a resume) also this rank's module extra states where the checkpoint has them."""
     model_state = _plain_values(get_model_state_dict(model))
-    aliases = tied_aliases(model_state)
-    saved = {name: t for name, t in model_state.items() if name not in aliases}
+    saved = saved_names(model_state)
+    aliases = tied_aliases({name: t for name, t in model_state.items() if not name.endswith(EXTRA_STATE_SUFFIX)})
     with _quiet_single_process():
         dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
-    set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()})
+    extras = extra_states(model_state)  # loading a module's own state back changes nothing
+    if extras and with_extra_state:
+        extras = _saved_extra_states(directory, extras)
+    set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()} | extras)
+
+
+def _saved_extra_states(directory: Path, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This rank's saved extra states, if the checkpoint was written by the same layout (the same
+    ranks, each holding the same modules); else `current`, with a warning that the FP8 scaling
+    state starts anew (a layout change moves FP8 roundings anyway)."""
+    rank, world = _rank_and_world()
+    files = sorted((directory / EXTRA_STATE_DIR).glob("rank*.pt"))
+    path = _extra_state_file(directory, rank)
+    saved = torch.load(path, weights_only=True) if len(files) == world and path.is_file() else {}
+    if saved.keys() == current.keys():
+        return saved
+    if rank == 0:
+        why = "has none" if not files else f"was written by {len(files)} ranks holding other modules"
+        print(f"warning: {directory}: the checkpoint {why} of this run's module extra state (FP8 scales and "
+              "amax histories): it starts anew, so the steps after resume are not bit-exact", file=sys.stderr,
+              flush=True)
+    return current
 
 
 def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  hyperparameters: list[dict]) -> None:
     """Collective: fills this rank's shards of the model and of the optimizer state; the param
     groups' `hyperparameters` (optim.saved_hyperparameters) replace the current ones."""
-    load_model_weights(directory, model)
+    load_model_weights(directory, model, with_extra_state=True)
     _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
     optim_state = get_optimizer_state_dict(model, optimizer)
     flat = _plain_values(_flat_optimizer_tensors(optim_state))

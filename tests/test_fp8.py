@@ -400,11 +400,17 @@ def test_a_te_run_resumed_from_a_checkpoint_without_its_scaling_state_says_so(te
     assert sorted(losses(tmp_path)) == [3, 4]
 
 
-def test_te_under_deepspeed_is_refused_before_any_work(te_stand_in, make_config):
+@pytest.mark.parametrize("layout, words", [
+    (("parallel.engine=deepspeed", "parallel.dp_shard=2"), "te keeps FP8 scaling state per rank"),
+    (("parallel.tp=2",), "te's Linear is not an nn.Linear, which parallel.tp shards"),  # torch's TP styles raise
+], ids=["deepspeed", "tp"])
+def test_te_where_scifm_cannot_carry_it_is_refused_before_any_work(te_stand_in, make_config, monkeypatch, layout,
+                                                                   words):
     from scifm.train.prework import check_before_work
 
-    with pytest.raises(ConfigError, match=r"^trainer\.fp8\.backend: te keeps FP8 scaling state per rank"):
-        check_before_work(make_config(*SHORT, *te_stand_in, "parallel.engine=deepspeed"))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what each layout's two processes would see
+    with pytest.raises(ConfigError, match=rf"^trainer\.fp8\.backend: {words}"):
+        check_before_work(make_config(*SHORT, *te_stand_in, *layout))
 
 
 def test_an_fp8_checkpoint_evaluates_and_exports_without_fp8_installed(fp8_run, tmp_path):

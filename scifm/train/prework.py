@@ -36,5 +36,8 @@ def check_before_work(cfg: RunConfig) -> torch.device:
         require(backend != "te" or cfg.parallel.engine != "deepspeed", "trainer.fp8.backend",
                 "te keeps FP8 scaling state per rank, which the checkpoints of parallel.engine=deepspeed do not "
                 "carry; use trainer.fp8.backend=torchao, or parallel.engine=native")
+        require(backend != "te" or cfg.parallel.tp == 1, "trainer.fp8.backend",
+                "te's Linear is not an nn.Linear, which parallel.tp shards (te splits its layers by its own "
+                "tensor-parallel settings, which scifm does not make); use trainer.fp8.backend=torchao with tp > 1")
     require_dashboards(cfg.trainer)
     return device

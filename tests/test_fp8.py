@@ -81,6 +81,37 @@ def test_te_without_a_gpu_and_a_te_recipe_under_auto_on_cpu_say_what_would_work(
     assert resolve_fp8(Fp8Config(), CPU) == ("torchao", "tensorwise")
 
 
+@pytest.mark.parametrize("names", [("autocast",), ("fp8_autocast",)], ids=["te>=2.17", "te<2.17"])
+def test_te_forward_passes_run_under_its_fp8_autocast_with_the_recipe(monkeypatch, names):
+    """Transformer Engine needs a CUDA torch, so a module with its autocast's signature (te 2.17 renamed
+    fp8_autocast, whose recipe argument was fp8_recipe, to autocast with recipe) stands in for it."""
+    import contextlib
+    import types
+
+    from scifm.parallel.fp8 import Fp8Conversion
+
+    entered = []
+
+    def make(name, recipe_key):
+        @contextlib.contextmanager
+        def autocast(*, enabled, **kwargs):
+            entered.append((name, enabled, kwargs.pop(recipe_key), kwargs))
+            yield
+        return autocast
+
+    fake = types.ModuleType("transformer_engine.pytorch")
+    for name in names:
+        setattr(fake, name, make(name, "recipe" if name == "autocast" else "fp8_recipe"))
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", fake)
+    recipe = object()
+    context = Fp8Conversion("te", "delayed", te_recipe=recipe).forward_context(torch.autocast("cpu", enabled=False))
+    for _ in range(2):  # reusable: te's contexts are one-shot
+        with context:
+            pass
+    assert entered == [(names[0], True, recipe, {})] * 2
+
+
 def test_cli_rejects_te_on_cpu_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scifm.cli", "train", "experiment=tiny", "trainer.precision=fp8",
                           "trainer.fp8.backend=te", f"data.corpus_dir={tmp_path / 'corpus'}",

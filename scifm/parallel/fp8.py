@@ -8,7 +8,7 @@ FP8 GEMM kernels take) stays in high precision and is listed, once, in the run's
   (tensorwise, rowwise, rowwise_with_gw_hp); it keeps its `weight` parameter, so checkpoints hold
   the same high-precision master weights under the same names and need no FP8 to load.
 - te: each chosen Linear becomes Transformer Engine's Linear (same weight), and forward passes run
-  under te.fp8_autocast with the recipe (delayed, current, blockwise, mxfp8).
+  under te's FP8 autocast with the recipe (delayed, current, blockwise, mxfp8).
 - Routed experts, under either backend, through GroupedExperts.expert_gemm (so expert parallelism
   runs them unchanged): on Hopper and Blackwell GPUs as grouped FP8 GEMMs with rowwise scales
   (fp8_grouped.py); elsewhere (CPU, Ada) as a loop of per-expert torch._scaled_mm calls with
@@ -105,11 +105,13 @@ class Fp8Conversion:
     fsdp_float8_all_gather: bool = False  # FSDP2 gathers the FP8 Linear weights in float8 (torchao tensorwise)
 
     def forward_context(self, autocast):
-        """The precision context of forward passes: `autocast`, plus te.fp8_autocast under te."""
+        """The precision context of forward passes: `autocast`, plus te's FP8 autocast under te."""
         if self.backend != "te":
             return autocast
         import transformer_engine.pytorch as te
 
+        if hasattr(te, "autocast"):  # te 2.17 renamed fp8_autocast (the old name warns)
+            return _Stacked(autocast, lambda: te.autocast(enabled=True, recipe=self.te_recipe))
         return _Stacked(autocast, lambda: te.fp8_autocast(enabled=True, fp8_recipe=self.te_recipe))
 
     def after_update(self, model: nn.Module) -> None:

@@ -33,6 +33,11 @@ class CheckpointError(ScifmError):
     """A checkpoint is missing, incomplete or belongs to another configuration."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
 def exit_on_user_error(err: ScifmError) -> None:
     """The one way a command reports a user's mistake: one line on stderr, exit status 2."""
     print(f"scifm: error: {err}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from scifm.core.errors import ConfigError
+from scifm.core.errors import ConfigError, first_line
 from scifm.tokenizers import ScientificTokenizer
 from scifm.tokenizers.domain import DOMAINS
 from scifm.tokenizers.specials import BOS, EOS, PAD
@@ -83,7 +83,7 @@ def load_prose_tokenizer(hf_dir: Path, model_vocab: int) -> Tokenizer:
         bpe = Tokenizer.from_file(str(path))
     except Exception as err:  # the tokenizers library raises bare Exceptions on bad files
         raise ConfigError(f"model.init_from: {path} is not a tokenizers file "
-                          f"({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+                          f"({first_line(err)})") from None
     if bpe.get_vocab_size() > model_vocab:
         raise ConfigError(f"model.init_from: {path} has {bpe.get_vocab_size()} tokens but the model's "
                           f"vocab_size is {model_vocab}")

@@ -39,7 +39,7 @@ from scifm.core.checkpoint_files import (
     require_complete,
     step_of,
 )
-from scifm.core.errors import CheckpointError
+from scifm.core.errors import CheckpointError, first_line
 from scifm.parallel.distributed import DistContext
 from scifm.tokenizers import ScientificTokenizer
 from scifm.train.sharded_state import save_sharded, saved_shapes
@@ -198,7 +198,7 @@ def load_train_state(ckpt: Path) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: holds objects other than tensors and plain containers, which a scifm "
                               "train state never does; it was not loaded (do not load it by other means)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable ({_first_line(err)}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path}: unreadable ({first_line(err)}); the checkpoint is damaged") from None
     wrong = [k for k, t in TRAIN_STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(k), t)]
     if wrong:
         raise CheckpointError(f"{path}: {', '.join(wrong)} missing or of the wrong type; the checkpoint is damaged")
@@ -217,7 +217,7 @@ def load_tokenizer(ckpt: Path) -> ScientificTokenizer:
     try:
         return ScientificTokenizer.load(ckpt / TOKENIZER_DIR)
     except Exception as err:  # the tokenizers library raises bare Exceptions for damaged files
-        raise CheckpointError(f"{ckpt / TOKENIZER_DIR}: unreadable ({_first_line(err)}); the checkpoint is "
+        raise CheckpointError(f"{ckpt / TOKENIZER_DIR}: unreadable ({first_line(err)}); the checkpoint is "
                               "damaged") from None
 
 
@@ -225,8 +225,5 @@ def _io_error(err: BaseException) -> str:
     """The OSError behind a failed save; DCP wraps each rank's in a CheckpointException."""
     if isinstance(err, CheckpointException):
         err = next((f[0] if isinstance(f, tuple) else f for f in err.failures.values()), err)
-    return _first_line(err)
+    return first_line(err)
 
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from scifm.config import TrainerConfig, WandbConfig
-from scifm.core.errors import ConfigError
+from scifm.core.errors import ConfigError, first_line
 
 TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"  # W&B's own layout below it (offline-run-*/, latest-run)
@@ -93,8 +93,7 @@ class WandbLog:
                                   tags=list(cfg.tags), mode=cfg.mode, dir=str(run_dir), id=run_id, resume="allow",
                                   config=run_config)
         except wandb.errors.Error as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"trainer.wandb: W&B did not start ({first}); trainer.wandb.mode=offline "
+            raise ConfigError(f"trainer.wandb: W&B did not start ({first_line(err)}); trainer.wandb.mode=offline "
                               "needs no network or account") from None
         id_file.write_text(self.run.id + "\n")
 

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from scifm.config import RunConfig
 from scifm.core.checkpoint_files import require_complete
-from scifm.core.errors import CheckpointError, ConfigError
+from scifm.core.errors import CheckpointError, ConfigError, first_line
 from scifm.hf.architectures import GLM4_MOE, architecture_for, hf_config
 from scifm.hf.model_files import decoder_tensors, write_weights
 from scifm.hf.pretrained import ENCODERS_FILE, SCIFM_PART
@@ -43,8 +43,7 @@ def saved_run_config(ckpt: Path) -> RunConfig:
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path)))
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"{path}: not a scifm run configuration ({detail}); the checkpoint is damaged") from None
+        raise CheckpointError(f"{path}: not a scifm run configuration ({first_line(err)}); the checkpoint is damaged") from None
 
 
 def load_checkpoint_model(ckpt: Path) -> tuple[ScientificMoE, ScientificTokenizer, RunConfig]:

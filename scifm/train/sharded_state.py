@@ -15,6 +15,7 @@ rank writes its own to extra_state/rank{R}.pt, which a resume in the same layout
 from __future__ import annotations
 
 import contextlib
+import pickle
 import sys
 import warnings
 from concurrent.futures import Future
@@ -35,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from scifm.core.errors import CheckpointError
+from scifm.core.errors import CheckpointError, first_line
 
 MODEL_DIR = "model"
 OPTIMIZER_DIR = "optimizer"
@@ -97,11 +98,14 @@ def extra_states(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t for name, t in state.items() if name.endswith(EXTRA_STATE_SUFFIX)}
 
 
+def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in state.items() if not name.endswith(EXTRA_STATE_SUFFIX)}
+
+
 def saved_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A model state as a checkpoint's weights hold it: tied aliases and extra states left out."""
-    weights = {name: t for name, t in state.items() if not name.endswith(EXTRA_STATE_SUFFIX)}
-    aliases = tied_aliases(weights)
-    return {name: t for name, t in weights.items() if name not in aliases}
+    aliases = tied_aliases(_weights(state))
+    return {name: t for name, t in _weights(state).items() if name not in aliases}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -175,7 +179,7 @@ def load_model_weights(directory: Path, model: torch.nn.Module, with_extra_state
     `with_extra_state` (a resume) also this rank's module extra states where the checkpoint has them."""
     model_state = _plain_values(get_model_state_dict(model))
     saved = saved_names(model_state)
-    aliases = tied_aliases({name: t for name, t in model_state.items() if not name.endswith(EXTRA_STATE_SUFFIX)})
+    aliases = tied_aliases(_weights(model_state))
     with _quiet_single_process():
         dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
     extras = extra_states(model_state)  # loading a module's own state back changes nothing
@@ -186,12 +190,19 @@ def load_model_weights(directory: Path, model: torch.nn.Module, with_extra_state
 
 def _saved_extra_states(directory: Path, current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """This rank's saved extra states, if the checkpoint was written by the same layout (the same
-    ranks, each holding the same modules); else `current`, with a warning that the FP8 scaling
+    ranks, each holding the same modules); else `current`, and rank 0 says that the FP8 scaling
     state starts anew (a layout change moves FP8 roundings anyway)."""
     rank, world = _rank_and_world()
     files = sorted((directory / EXTRA_STATE_DIR).glob("rank*.pt"))
     path = _extra_state_file(directory, rank)
-    saved = torch.load(path, weights_only=True) if len(files) == world and path.is_file() else {}
+    saved = {}
+    if len(files) == world and path.is_file():
+        try:
+            saved = torch.load(path, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            raise CheckpointError(f"{path}: unreadable ({first_line(err)}); the checkpoint is damaged") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path}: not a dict of module extra states; the checkpoint is damaged")
     if saved.keys() == current.keys():
         return saved
     if rank == 0:

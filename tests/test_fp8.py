@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 
 from conftest import SMALL_CORPUS_DOCS
 from tests.helpers.torchrun import run_torchrun, train_under_torchrun
-from scifm.core.errors import ConfigError
+from scifm.core.errors import CheckpointError, ConfigError
 from scifm.model.moe import GroupedExperts
 from scifm.parallel.fp8 import apply_fp8, fp8_looped_gemm, fp8_matmul, resolve_fp8
 from scifm.parallel.fp8_config import Fp8Config
@@ -437,6 +438,13 @@ def test_a_te_runs_scaling_state_resumes_exactly_and_stays_out_of_the_weights(te
     train(make_config(*SHORT, *te_stand_in, f"resume={ckpt}"), tmp_path / "resumed")
     want = losses(tmp_path / "full")
     assert losses(tmp_path / "resumed") == {s: want[s] for s in (3, 4)}
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    path = damaged / "extra_state/rank0.pt"
+    path.write_bytes(b"\0" * path.stat().st_size)  # the size meta.json lists, so only reading it can tell
+    with pytest.raises(CheckpointError, match=r"extra_state/rank0\.pt: unreadable \(.*\); the checkpoint is damaged$"):
+        train(make_config(*SHORT, *te_stand_in, f"resume={damaged}"), tmp_path / "from_damaged")
 
 
 def test_a_te_run_resumed_from_a_checkpoint_without_its_scaling_state_says_so(te_stand_in, fp8_run, make_config,

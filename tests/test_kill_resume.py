@@ -1,7 +1,7 @@
 """Fault injection: `kill -9` at seeded random moments of training and of saving (synchronous and
 asynchronous checkpoints), then `resume=latest` until the run ends, with batches made ahead by the data worker process. Every
-trial must reproduce the uninterrupted run's losses bit for bit (CPU, fp32, one process), and its log
-must hold each step once."""
+trial must reproduce the uninterrupted run's losses bit for bit (CPU, fp32 and FP8, one process), and its
+log must hold each step once."""
 
 from __future__ import annotations
 
@@ -48,17 +48,20 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, step: int) -> flo
 
 
 @pytest.mark.slow
-def test_kill_9_anywhere_then_resume_reproduces_the_uninterrupted_losses(corpus_dir, tmp_path):
+@pytest.mark.parametrize("precision, trials", [("fp32", TRIALS), ("fp8", 1)])
+def test_kill_9_anywhere_then_resume_reproduces_the_uninterrupted_losses(corpus_dir, tmp_path, precision, trials):
+    """FP8 (torchao's tensorwise scales, recomputed each step from the weights and rows) once: what a kill
+    can lose is the same as in fp32, and FP8 matmuls emulated on a CPU make each trial slower."""
     reference = tmp_path / "reference"
-    run_to_completion(command(corpus_dir, reference))
+    run_to_completion(command(corpus_dir, reference, f"trainer.precision={precision}"))
     want = logged_losses(reference)
     assert [s for s, _ in want] == list(range(1, STEPS + 1))
     rng = random.Random(0)
     killed = 0
-    for trial in range(TRIALS):
+    for trial in range(trials):
         run_dir = tmp_path / f"trial{trial}"
         # every other trial writes its checkpoints in the background: the same guarantees
-        mode = ("trainer.async_checkpoint=true",) if trial % 2 else ()
+        mode = (f"trainer.precision={precision}",) + (("trainer.async_checkpoint=true",) if trial % 2 else ())
         proc = subprocess.Popen(command(corpus_dir, run_dir, *mode), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         # The kill point is paced by this trial's own steps, not by a clock measured elsewhere (the other
@@ -73,4 +76,4 @@ def test_kill_9_anywhere_then_resume_reproduces_the_uninterrupted_losses(corpus_
         while not (run_dir / "summary.json").exists():
             run_to_completion(command(corpus_dir, run_dir, "resume=latest", *mode))
         assert logged_losses(run_dir) == want, trial  # each step once, each loss bit-identical
-    assert killed == TRIALS  # every kill landed mid-run, not after the end
+    assert killed == trials  # every kill landed mid-run, not after the end

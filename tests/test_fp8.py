@@ -293,8 +293,9 @@ def fp8_two_micro_batch_run(make_config, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", [(), ("parallel.pp_schedule=InterleavedZeroBubble", "parallel.pp_virtual_stages=2")],
-                         ids=["GPipe", "InterleavedZeroBubble"])
+@pytest.mark.parametrize("schedule", [
+    (), ("parallel.pp_schedule=InterleavedZeroBubble", "parallel.pp_virtual_stages=2"),
+], ids=["GPipe", "InterleavedZeroBubble"])
 def test_fp8_under_pp_gives_the_single_process_fp8_losses(fp8_two_micro_batch_run, corpus_dir, tmp_path, schedule):
     """The whole model is converted before it is split into stages, so each stage's FP8 layers scale
     the same micro-batch rows as one process. Zero bubble computes the input and the weight gradients
@@ -328,11 +329,13 @@ def test_fp8_under_deepspeed_gives_the_single_process_fp8_losses_and_resumes_exa
 def test_compiled_fp8_blocks_run_fp8_matmuls_and_train_like_eager_ones(fp8_run, corpus_dir, tmp_path):
     """parallel.compile=true with FP8: the blocks' compiled graphs hold the FP8 Linear layers'
     scaled matmuls (the experts' FP8 GEMMs stay eager), and the losses are eager FP8's to the layouts'
-    2e-3: the compiled kernels sum in another order, which can move an FP8 rounding (measured 9.8e-4 over the 4 steps)."""
-    out = subprocess.run([sys.executable, "-m", "scifm.cli", "train", *fp8_run_overrides(corpus_dir, "parallel.compile=true"),
-                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, TORCH_LOGS="aot_graphs", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
-                                  TMPDIR=str(tmp_path)))
+    2e-3: the compiled kernels sum in another order, which can move an FP8 rounding (measured 9.8e-4
+    over the 4 steps)."""
+    cmd = [sys.executable, "-m", "scifm.cli", "train", *fp8_run_overrides(corpus_dir, "parallel.compile=true"),
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    env = dict(os.environ, TORCH_LOGS="aot_graphs", TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               TMPDIR=str(tmp_path))
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "torch.ops.aten._scaled_mm.default" in out.stderr  # in the graphs AOTAutograd hands to inductor
     got, want = losses(tmp_path / "run"), losses(fp8_run)
@@ -378,7 +381,7 @@ class DelayedScalingStandIn(nn.Linear):
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        self.weight, self.bias = linear.weight, linear.bias  # the same parameters, as te's Linear copies them
+        self.weight, self.bias = linear.weight, linear.bias  # the same values, as _to_te copies them into te's
         self.amax_history: list[float] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

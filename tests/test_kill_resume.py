@@ -56,6 +56,8 @@ def test_kill_9_anywhere_then_resume_reproduces_the_uninterrupted_losses(corpus_
     run_to_completion(command(corpus_dir, reference, f"trainer.precision={precision}"))
     want = logged_losses(reference)
     assert [s for s, _ in want] == list(range(1, STEPS + 1))
+    summary = json.loads((reference / "summary.json").read_text())
+    assert (precision == "fp8") == (summary.get("fp8", {}).get("linear_layers", 0) > 0)  # FP8 really ran
     rng = random.Random(0)
     killed = 0
     for trial in range(trials):

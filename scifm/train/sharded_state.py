@@ -104,8 +104,9 @@ def _weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def saved_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A model state as a checkpoint's weights hold it: tied aliases and extra states left out."""
-    aliases = tied_aliases(_weights(state))
-    return {name: t for name, t in _weights(state).items() if name not in aliases}
+    weights = _weights(state)
+    aliases = tied_aliases(weights)
+    return {name: t for name, t in weights.items() if name not in aliases}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -174,17 +175,17 @@ def read_full_tensors(directory: Path, sub: str, names: list[str]) -> dict[str, 
     return state
 
 
-def load_model_weights(directory: Path, model: torch.nn.Module, with_extra_state: bool = False) -> None:
-    """Collective (or one process): fills this rank's shards of the model weights; with
-    `with_extra_state` (a resume) also this rank's module extra states where the checkpoint has them."""
+def load_model_weights(directory: Path, model: torch.nn.Module) -> None:
+    """Collective (or one process): fills this rank's shards of the model weights, and its modules'
+    extra states where it has such modules (a te run's resume; eval and export build models without)."""
     model_state = _plain_values(get_model_state_dict(model))
     saved = saved_names(model_state)
     aliases = tied_aliases(_weights(model_state))
     with _quiet_single_process():
         dcp.load(saved, storage_reader=HuggingFaceStorageReader(str(directory / MODEL_DIR)))
-    extras = extra_states(model_state)  # loading a module's own state back changes nothing
-    if extras and with_extra_state:
-        extras = _saved_extra_states(directory, extras)
+    extras = extra_states(model_state)
+    if extras:
+        extras = _saved_extra_states(directory, extras)  # or its own, which loading back changes nothing in
     set_model_state_dict(model, saved | {alias: saved[name] for alias, name in aliases.items()} | extras)
 
 
@@ -217,7 +218,7 @@ def load_sharded(directory: Path, model: torch.nn.Module, optimizer: torch.optim
                  hyperparameters: list[dict]) -> None:
     """Collective: fills this rank's shards of the model and of the optimizer state; the param
     groups' `hyperparameters` (optim.saved_hyperparameters) replace the current ones."""
-    load_model_weights(directory, model, with_extra_state=True)
+    load_model_weights(directory, model)
     _init_optim_state(optimizer)  # AdamW creates its state lazily; loading needs the tensors to fill
     optim_state = get_optimizer_state_dict(model, optimizer)
     flat = _plain_values(_flat_optimizer_tensors(optim_state))
